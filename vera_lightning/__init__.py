@@ -1,0 +1,8 @@
+"""vera-lightning: VeRA (Vector-based Random Matrix Adaptation) for PyTorch Lightning."""
+
+from vera_lightning.config import VeraConfig
+from vera_lightning.inject import apply_vera, count_parameters, merge_vera, unload_vera, unmerge_vera
+from vera_lightning.layer import VeraLinear
+
+__all__ = ["VeraConfig", "apply_vera", "merge_vera", "unmerge_vera", "unload_vera", "VeraLinear", "count_parameters"]
+__version__ = "0.1.0"

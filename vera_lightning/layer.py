@@ -1,0 +1,246 @@
+r"""`VeraLinear`: a frozen linear layer plus a VeRA update.
+
+.. math::
+
+    h = W_0 x + b + \Lambda_b B_s \Lambda_d A_s \,\mathrm{dropout}(x)
+
+``A_s = vera_A[:, :in]`` and ``B_s = vera_B[:out, :]`` are slices of the random
+projections shared by every adapted layer (see :mod:`vera_lightning.projection`);
+``Λ_b = diag(vera_lambda_b)`` (``out`` entries, init 0) and ``Λ_d = diag(vera_lambda_d)``
+(``r`` entries, init ``d_initial``) are the only trained tensors: ``out + r`` per layer.
+
+The layer owns the base ``weight``/``bias`` itself, so the state-dict keys of the
+un-adapted model (``...q_proj.weight``) stay exactly the same after injection.
+Works for ``nn.Linear`` and ``transformers``' ``Conv1D`` (``fan_in_fan_out``).
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vera_lightning.config import VeraConfig
+from vera_lightning.projection import VeraProjections
+
+try:  # transformers is a dependency, but the layer also works without it
+    from transformers.pytorch_utils import Conv1D
+except ImportError:  # pragma: no cover
+    Conv1D = None  # type: ignore[assignment,misc]
+
+__all__ = ["VeraLinear", "SUPPORTED_LAYERS", "is_supported_layer"]
+
+SUPPORTED_LAYERS: tuple[type, ...] = (nn.Linear,) + ((Conv1D,) if Conv1D is not None else ())
+
+
+def is_supported_layer(module: nn.Module) -> bool:
+    """Whether VeRA can adapt ``module`` (``nn.Linear`` or HF ``Conv1D``)."""
+    return isinstance(module, SUPPORTED_LAYERS)
+
+
+class VeraLinear(nn.Module):
+    """A linear layer with VeRA scaling vectors over shared random projections.
+
+    Build it through :func:`vera_lightning.apply_vera`, which creates the shared
+    projections; constructing it by hand needs a :class:`VeraProjections` sized for it.
+
+    Args:
+        base: The ``nn.Linear`` or ``Conv1D`` to adapt (its parameters are taken over, not copied).
+        projections: The shared projections module (kept as an unregistered reference).
+        config: The adapter options (only read).
+        fan_in_fan_out: Whether ``base.weight`` is stored ``(in, out)``; defaults to
+            ``True`` for ``Conv1D`` and ``False`` for ``nn.Linear``, whatever ``config`` says.
+
+    Example::
+
+        >>> from vera_lightning import VeraConfig, apply_vera
+        >>> model = apply_vera(torch.nn.Sequential(torch.nn.Linear(8, 4)), VeraConfig(r=16, target_modules=["0"]))
+        >>> type(model[0]).__name__, tuple(model[0].vera_lambda_b.shape), tuple(model[0].vera_lambda_d.shape)
+        ('VeraLinear', (4,), (16,))
+    """
+
+    adapter_param_names = ("vera_lambda_b", "vera_lambda_d")
+
+    def __init__(
+        self,
+        base: nn.Module,
+        projections: VeraProjections,
+        config: VeraConfig,
+        fan_in_fan_out: Optional[bool] = None,
+    ) -> None:
+        super().__init__()
+        if not is_supported_layer(base):
+            raise TypeError(
+                f"VeRA adapts nn.Linear and transformers' Conv1D layers, got {type(base).__name__}; "
+                "remove it from target_modules"
+            )
+        is_conv1d = Conv1D is not None and isinstance(base, Conv1D)
+        if fan_in_fan_out is None:
+            fan_in_fan_out = is_conv1d
+        self.base_type: type = type(base)
+        self.fan_in_fan_out = fan_in_fan_out
+        if is_conv1d:
+            self.in_features, self.out_features = base.weight.shape
+        else:
+            self.in_features, self.out_features = base.in_features, base.out_features
+        if projections.max_in < self.in_features or projections.max_out < self.out_features:
+            raise ValueError(
+                f"projections sized ({projections.max_in} in, {projections.max_out} out) are too small for a "
+                f"layer with {self.in_features} in / {self.out_features} out features; use apply_vera, which "
+                "sizes them to the largest targeted layer"
+            )
+        self.r = projections.r
+        self.weight = base.weight
+        self.bias = base.bias
+        self._projections = (projections,)  # a tuple: a reference, not a submodule (one state-dict entry)
+        self.vera_dropout = nn.Dropout(config.vera_dropout) if config.vera_dropout > 0 else nn.Identity()
+        factory = {"device": base.weight.device}
+        # λ's of half-precision models are kept in float32, as PEFT does by default
+        # (autocast_adapter_dtype): AdamW updates of 1e-4 would vanish in bfloat16.
+        dtype = base.weight.dtype
+        if dtype in (torch.float16, torch.bfloat16) or not dtype.is_floating_point:
+            dtype = torch.float32
+        if config.init_weights:
+            lam_b = torch.zeros(self.out_features, dtype=dtype, **factory)
+            lam_d = torch.full((self.r,), float(config.d_initial), dtype=dtype, **factory)
+        else:  # as PEFT: random, so tests see a non-trivial adapter
+            lam_b = torch.ones(self.out_features, dtype=dtype, **factory)
+            lam_d = torch.randn(self.r, **factory).to(dtype)
+        self.vera_lambda_b = nn.Parameter(lam_b)
+        self.vera_lambda_d = nn.Parameter(lam_d)
+        self.merged = False
+
+    # ------------------------------------------------------------------ protocol
+    @property
+    def projections(self) -> VeraProjections:
+        """The shared projections this layer slices."""
+        return self._projections[0]
+
+    def adapter_params(self) -> dict[str, nn.Parameter]:
+        """The tensors this layer adds (the trainable λ vectors), by name."""
+        return {name: getattr(self, name) for name in self.adapter_param_names}
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}, "
+            f"bias={self.bias is not None}, fan_in_fan_out={self.fan_in_fan_out}, merged={self.merged}"
+        )
+
+    # ------------------------------------------------------------------ compute
+    def base_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The frozen layer alone (``W0 x + b``), as the original module computes it."""
+        if self.fan_in_fan_out:
+            if self.bias is None:
+                return x @ self.weight
+            out = torch.addmm(self.bias, x.reshape(-1, x.size(-1)), self.weight)
+            return out.view(*x.shape[:-1], self.out_features)
+        return F.linear(x, self.weight, self.bias)
+
+    def sliced_projections(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(A_s, B_s)`` in the λ's dtype and device."""
+        lam = self.vera_lambda_d
+        return self.projections.sliced(self.in_features, self.out_features, lam.dtype, lam.device)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        result = self.base_forward(x)
+        if self.merged:
+            return result
+        lam_d, lam_b = self.vera_lambda_d, self.vera_lambda_b
+        a_s, b_s = self.sliced_projections()
+        if x.dtype != lam_d.dtype:  # as PEFT: the adapter runs in the λ's dtype
+            x = x.to(lam_d.dtype)
+        update = lam_b * F.linear(lam_d * F.linear(self.vera_dropout(x), a_s), b_s)
+        return (result + update).to(result.dtype)
+
+    # ------------------------------------------------------------------ merge
+    def delta_weight(self) -> torch.Tensor:
+        """``diag(λ_b) B_s diag(λ_d) A_s`` laid out like ``weight`` (computed in fp32 on CPU for half types)."""
+        lam_d, lam_b = self.vera_lambda_d.detach(), self.vera_lambda_b.detach()
+        a_s, b_s = self.sliced_projections()
+        compute_dtype = lam_d.dtype
+        if lam_d.device.type == "cpu" and compute_dtype in (torch.float16, torch.bfloat16):
+            compute_dtype = torch.float32
+        a_s, b_s = a_s.to(compute_dtype), b_s.to(compute_dtype)
+        delta = (lam_b.to(compute_dtype)[:, None] * b_s) @ (lam_d.to(compute_dtype)[:, None] * a_s)
+        if self.fan_in_fan_out:
+            delta = delta.T
+        return delta.to(self.weight.dtype)
+
+    @torch.no_grad()
+    def merge(self, safe_merge: bool = False) -> None:
+        """Add the update into ``weight`` (no-op when already merged).
+
+        Args:
+            safe_merge: Compute the merged weight in a copy first and refuse to write it
+                if it has NaN/inf entries.
+
+        Raises:
+            ValueError: With ``safe_merge=True``, if the merged weight is not finite.
+        """
+        if self.merged:
+            return
+        delta = self.delta_weight()
+        if safe_merge:
+            merged = self.weight + delta
+            if not torch.isfinite(merged).all():
+                raise ValueError(
+                    f"safe_merge refused: merging this VeraLinear ({self.in_features}->{self.out_features}) "
+                    "gives non-finite weights (NaN/inf in the λ's or the base weight); the weight was left "
+                    "unchanged. Inspect vera_lambda_b/vera_lambda_d, or keep the adapter unmerged."
+                )
+            self.weight.copy_(merged)
+        else:
+            self.weight.add_(delta)
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Subtract the update from ``weight`` again (no-op when not merged)."""
+        if not self.merged:
+            return
+        self.weight.sub_(self.delta_weight())
+        self.merged = False
+
+    def to_base(self, merge: bool = True) -> nn.Module:
+        """A plain ``nn.Linear``/``Conv1D`` sharing this layer's ``weight``/``bias``.
+
+        Args:
+            merge: Fold the VeRA update into the weight first; otherwise return the
+                original (unmerged) weights.
+        """
+        if merge:
+            self.merge()
+        else:
+            self.unmerge()
+        with torch.device("meta"):
+            if Conv1D is not None and issubclass(self.base_type, Conv1D):
+                plain = self.base_type(self.out_features, self.in_features)
+            else:
+                plain = self.base_type(self.in_features, self.out_features, bias=self.bias is not None)
+        plain.weight = self.weight
+        plain.bias = self.bias
+        plain.train(self.training)
+        return plain
+
+
+def _warn_fan_in_fan_out(name: str, layer: nn.Module, config: VeraConfig) -> bool:
+    """The ``fan_in_fan_out`` to use for ``layer`` (warning when it overrides the config)."""
+    is_conv1d = Conv1D is not None and isinstance(layer, Conv1D)
+    if is_conv1d and not config.fan_in_fan_out:
+        warnings.warn(
+            f"{name} is a transformers Conv1D (weight stored in x out): using fan_in_fan_out=True for it "
+            "(your VeraConfig is unchanged; set fan_in_fan_out=True to silence this)",
+            UserWarning,
+            stacklevel=4,
+        )
+    elif not is_conv1d and config.fan_in_fan_out:
+        warnings.warn(
+            f"{name} is an nn.Linear (weight stored out x in): using fan_in_fan_out=False for it "
+            "(your VeraConfig is unchanged)",
+            UserWarning,
+            stacklevel=4,
+        )
+    return is_conv1d
