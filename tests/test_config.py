@@ -1,0 +1,83 @@
+"""Every VeraConfig validation rule, checked on its message."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+
+from vera_lightning import VeraConfig
+from vera_lightning.config import BiasMode
+
+
+def test_defaults_match_the_issue_and_peft():
+    import peft
+
+    ours = VeraConfig()
+    theirs = peft.VeraConfig()
+    for field in ("r", "target_modules", "projection_prng_key", "save_projection", "vera_dropout", "d_initial",
+                  "fan_in_fan_out", "bias", "modules_to_save", "init_weights", "layers_to_transform",
+                  "layers_pattern"):
+        assert getattr(ours, field) == getattr(theirs, field), field
+    assert ours.bias == "none" and isinstance(ours.bias, BiasMode)
+
+
+@pytest.mark.parametrize("kwargs, fragment", [
+    ({"r": 0}, "r=0: must be a positive integer"),
+    ({"r": -3}, "r=-3: must be a positive integer"),
+    ({"r": 2.5}, "r=2.5: must be a positive integer"),
+    ({"r": True}, "r=True: must be a positive integer"),
+    ({"vera_dropout": 1.0}, "vera_dropout=1.0: must be a number with 0 <= vera_dropout < 1"),
+    ({"vera_dropout": -0.1}, "vera_dropout=-0.1"),
+    ({"bias": "some"}, "bias='some': must be one of 'none', 'all', 'vera_only'"),
+    ({"layers_pattern": "layers"}, "layers_pattern='layers' requires layers_to_transform"),
+    ({"target_modules": 3}, "target_modules=3: must be a list of module names"),
+    ({"target_modules": []}, "target_modules=[]: empty"),
+    ({"layers_to_transform": "0"}, "layers_to_transform='0': must be an int or a list of ints"),
+    ({"target_modules": ".*q_proj", "layers_to_transform": [0]}, "encode the layers in the regex"),
+    ({"d_initial": "big"}, "d_initial='big': must be a number"),
+    ({"projection_prng_key": 1.5}, "projection_prng_key=1.5: must be an integer seed"),
+    ({"save_projection": "yes"}, "save_projection='yes': must be True or False"),
+    ({"modules_to_save": "classifier"}, "modules_to_save='classifier': must be a list of module names"),
+])
+def test_each_rule_has_a_clear_message(kwargs, fragment):
+    with pytest.raises(ValueError, match="Invalid VeraConfig") as info:
+        VeraConfig(**kwargs)
+    assert fragment in str(info.value)
+
+
+def test_all_problems_are_reported_at_once():
+    with pytest.raises(ValueError) as info:
+        VeraConfig(r=0, vera_dropout=2.0, bias="most", layers_pattern="h")
+    message = str(info.value)
+    for fragment in ("r=0", "vera_dropout=2.0", "bias='most'", "layers_pattern='h'"):
+        assert fragment in message
+    assert message.count("\n  - ") == 4
+
+
+def test_save_projection_false_warns_not_errors():
+    with pytest.warns(UserWarning, match="depends on regenerating them from projection_prng_key"):
+        cfg = VeraConfig(save_projection=False)
+    assert cfg.save_projection is False
+
+
+def test_no_warning_by_default():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        VeraConfig(target_modules=["q_proj"])
+
+
+def test_list_targets_become_a_set_like_collection():
+    cfg = VeraConfig(target_modules=["q_proj", "v_proj", "q_proj"])
+    assert cfg.target_modules == {"q_proj", "v_proj"}
+    assert VeraConfig(target_modules="all-linear").target_modules == "all-linear"
+
+
+def test_round_trip_through_dict():
+    cfg = VeraConfig(r=8, target_modules=["v", "q"], bias="vera_only", layers_to_transform=[1])
+    data = cfg.to_dict()
+    assert data["target_modules"] == ["q", "v"] and data["bias"] == "vera_only"
+    assert VeraConfig.from_dict(copy.deepcopy(data)) == cfg
+    with pytest.raises(ValueError, match=r"Unknown VeraConfig option\(s\) \['rank'\]"):
+        VeraConfig.from_dict({"rank": 4})

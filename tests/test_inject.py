@@ -1,0 +1,220 @@
+"""Injection, freezing, idempotency, merge/unmerge and unload."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+from conftest import TINY_MODELS, model_inputs, run, tiny_bert, tiny_gpt2, tiny_mlp, tiny_opt
+from vera_lightning import VeraConfig, VeraLinear, apply_vera, count_parameters, merge_vera, unload_vera, unmerge_vera
+from vera_lightning.inject import vera_layers
+
+
+def _random_lambdas_(model, seed=3):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, layer in vera_layers(model):
+            for p in layer.adapter_params().values():
+                p.copy_(torch.randn(p.shape, generator=g))
+
+
+def _meta_roberta(layers: int, hidden: int):
+    from transformers import RobertaConfig, RobertaModel
+
+    cfg = RobertaConfig(num_hidden_layers=layers, hidden_size=hidden, num_attention_heads=hidden // 64,
+                        intermediate_size=4 * hidden)
+    with torch.device("meta"):
+        return RobertaModel(cfg)
+
+
+@pytest.mark.parametrize("layers, hidden, r, expected", [(12, 768, 1024, 43_008), (24, 1024, 256, 61_440)])
+def test_trainable_parameters_equal_the_papers_table(layers, hidden, r, expected):
+    model = apply_vera(_meta_roberta(layers, hidden), VeraConfig(r=r, target_modules=["query", "value"]))
+    assert count_parameters(model)[0] == expected == layers * 2 * (hidden + r)
+
+
+def test_base_state_dict_keys_unchanged_and_projections_stored_once():
+    model = tiny_opt()
+    before = set(model.state_dict())
+    apply_vera(model, VeraConfig(r=8, target_modules=["q_proj", "v_proj", "fc1"]))
+    after = set(model.state_dict())
+    assert before <= after
+    added = after - before
+    assert sum(k.endswith("vera_A") for k in after) == 1 and sum(k.endswith("vera_B") for k in after) == 1
+    assert all(k.endswith(("vera_lambda_b", "vera_lambda_d", "vera_A", "vera_B")) for k in added)
+    assert sum(k.endswith("vera_lambda_b") for k in added) == 6
+    # a checkpoint of the un-adapted model loads without any remapping
+    missing, unexpected = model.load_state_dict(tiny_opt().state_dict(), strict=False)
+    assert not unexpected and all("vera" in k for k in missing)
+
+
+def test_save_projection_false_keeps_projections_out_of_the_state_dict():
+    with pytest.warns(UserWarning):
+        cfg = VeraConfig(r=8, target_modules=["q_proj"], save_projection=False)
+    model = apply_vera(tiny_opt(), cfg)
+    assert not any(k.endswith(("vera_A", "vera_B")) for k in model.state_dict())
+    assert model.vera_projections.vera_A.shape == (8, 32)
+
+
+def test_projections_sized_to_the_largest_layer_and_sliced():
+    model = apply_vera(tiny_mlp(), VeraConfig(r=6, target_modules=["fc1", "fc2", "fc3"]))
+    proj = model.vera_projections
+    assert proj.vera_A.shape == (6, 40) and proj.vera_B.shape == (40, 6)
+    a, b = model.fc3.sliced_projections()
+    assert a.shape == (6, 24) and b.shape == (5, 6)
+    assert a.data_ptr() == proj.vera_A.data_ptr() and b.data_ptr() == proj.vera_B.data_ptr()  # views, no copy
+
+
+def test_optimizer_step_changes_only_the_lambdas():
+    model = apply_vera(tiny_opt(), VeraConfig(r=8, target_modules=["q_proj", "v_proj"]))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    ids = model_inputs("opt")["input_ids"]
+    model(input_ids=ids, labels=ids).loss.backward()
+    opt.step()
+    changed = {k for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
+    assert changed == {k for k in before if k.endswith(("vera_lambda_b", "vera_lambda_d"))}
+
+
+@pytest.mark.parametrize("bias, expected_bias_keys", [
+    ("none", set()),
+    ("vera_only", {"q_proj.bias", "v_proj.bias"}),
+    ("all", "every"),
+])
+def test_bias_modes_and_modules_to_save(bias, expected_bias_keys):
+    model = apply_vera(tiny_bert(), VeraConfig(r=8, target_modules=["query", "value"], bias=bias,
+                                               modules_to_save=["classifier"]))
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert {"classifier.weight", "classifier.bias"} <= trainable
+    lambdas = {n for n in trainable if "vera_lambda" in n}
+    assert len(lambdas) == 8
+    biases = {n for n in trainable - lambdas if n.endswith("bias") and not n.startswith("classifier")}
+    if expected_bias_keys == "every":
+        assert biases == {n for n, _ in model.named_parameters() if "bias" in n and not n.startswith("classifier")}
+    elif bias == "vera_only":
+        assert biases and all(n.endswith(("query.bias", "value.bias")) for n in biases)
+    else:
+        assert biases == set()
+    assert trainable - lambdas - biases == {"classifier.weight", "classifier.bias"}
+
+
+def test_apply_twice_is_a_no_op_and_a_different_config_is_refused():
+    cfg = VeraConfig(r=8, target_modules=["q_proj", "v_proj"])
+    model = apply_vera(tiny_opt(), cfg)
+    layer = model.model.decoder.layers[0].self_attn.q_proj
+    projections = model.vera_projections
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    assert apply_vera(model, VeraConfig(r=8, target_modules=["v_proj", "q_proj"])) is model
+    assert model.model.decoder.layers[0].self_attn.q_proj is layer and model.vera_projections is projections
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    with pytest.raises(ValueError, match=r"already carries VeRA with a different config \(differs in \{'r': 16\}\)"):
+        apply_vera(model, VeraConfig(r=16, target_modules=["q_proj", "v_proj"]))
+
+
+def test_user_config_is_never_mutated():
+    cfg = VeraConfig(r=8, target_modules=["c_attn"], fan_in_fan_out=False)
+    snapshot = copy.deepcopy(cfg)
+    with pytest.warns(UserWarning, match="transformers Conv1D .* using fan_in_fan_out=True"):
+        model = apply_vera(tiny_gpt2(), cfg)
+    assert cfg == snapshot and cfg.fan_in_fan_out is False
+    assert model.transformer.h[0].attn.c_attn.fan_in_fan_out is True
+    assert model.vera_projections.config is not cfg
+
+
+def test_no_match_lists_candidates():
+    with pytest.raises(ValueError) as info:
+        apply_vera(tiny_opt(), VeraConfig(r=8, target_modules=["query"]))
+    msg = str(info.value)
+    assert "matches no nn.Linear/Conv1D in OPTForCausalLM" in msg
+    for name in ("q_proj", "k_proj", "fc1", "lm_head"):
+        assert name in msg
+
+
+def test_default_targets_from_model_type_and_error_for_plain_modules():
+    model = apply_vera(tiny_opt(), VeraConfig(r=8))
+    assert {n.rsplit(".", 1)[-1] for n, _ in vera_layers(model)} == {"q_proj", "v_proj"}
+    with pytest.raises(ValueError, match="target_modules=None and no default is known"):
+        apply_vera(tiny_mlp(), VeraConfig(r=8))
+
+
+@pytest.mark.parametrize("kind", ["opt", "gpt2", "mlp"])
+def test_merge_unmerge_idempotent_and_exact(kind):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = apply_vera(TINY_MODELS[kind][0](), VeraConfig(r=8, target_modules=TINY_MODELS[kind][1]))
+    _random_lambdas_(model)
+    base_weights = {n: l.weight.clone() for n, l in vera_layers(model)}
+    with torch.no_grad():
+        unmerged = run(model, kind)
+        merge_vera(model)
+        merged_weights = {n: l.weight.clone() for n, l in vera_layers(model)}
+        merge_vera(model)  # second merge: no-op
+        assert all(torch.equal(l.weight, merged_weights[n]) for n, l in vera_layers(model))
+        merged = run(model, kind)
+        unmerge_vera(model)
+        unmerge_vera(model)
+        restored = run(model, kind)
+    assert (merged - unmerged).abs().max().item() <= 1e-5
+    assert (restored - unmerged).abs().max().item() <= 1e-5
+    assert all(not torch.equal(merged_weights[n], base_weights[n]) for n in base_weights)
+    assert all(torch.allclose(l.weight, base_weights[n], atol=1e-6) for n, l in vera_layers(model))
+
+
+def test_safe_merge_refuses_non_finite_and_leaves_every_weight_unchanged():
+    model = apply_vera(tiny_opt(), VeraConfig(r=8, target_modules=["q_proj", "v_proj"]))
+    _random_lambdas_(model)
+    with torch.no_grad():
+        model.model.decoder.layers[1].self_attn.v_proj.vera_lambda_b[0] = float("inf")
+    before = {n: l.weight.clone() for n, l in vera_layers(model)}
+    with pytest.raises(ValueError, match=r"safe_merge refused: merging model\.decoder\.layers\.1\.self_attn\.v_proj"):
+        merge_vera(model, safe_merge=True)
+    assert all(torch.equal(l.weight, before[n]) and not l.merged for n, l in vera_layers(model))
+    layer = model.model.decoder.layers[1].self_attn.v_proj
+    with pytest.raises(ValueError, match="safe_merge refused"):
+        layer.merge(safe_merge=True)
+    assert torch.equal(layer.weight, before["model.decoder.layers.1.self_attn.v_proj"])
+
+
+@pytest.mark.parametrize("merge", [True, False])
+@pytest.mark.parametrize("kind", ["opt", "gpt2"])
+def test_unload_returns_plain_modules(kind, merge):
+    from transformers.pytorch_utils import Conv1D
+
+    torch.manual_seed(0)
+    base = TINY_MODELS[kind][0]()
+    reference = copy.deepcopy(base)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = apply_vera(base, VeraConfig(r=8, target_modules=TINY_MODELS[kind][1]))
+    _random_lambdas_(model)
+    keys = set(reference.state_dict())
+    with torch.no_grad():
+        adapted = run(model, kind)
+        unload_vera(model, merge=merge)
+        out = run(model, kind)
+        plain = run(reference, kind)
+    assert not list(vera_layers(model)) and not hasattr(model, "vera_projections")
+    assert set(model.state_dict()) == keys
+    expected_type = Conv1D if kind == "gpt2" else nn.Linear
+    names = [n for n, m in reference.named_modules() if type(m) is expected_type]
+    assert all(type(model.get_submodule(n)) is expected_type for n in names)
+    target = adapted if merge else plain
+    assert (out - target).abs().max().item() <= 1e-5
+    assert not torch.equal(adapted, plain)
+
+
+def test_vera_linear_is_the_only_adapter_module_and_init_is_a_no_op():
+    model = tiny_opt()
+    with torch.no_grad():
+        before = run(model, "opt")
+    apply_vera(model, VeraConfig(r=8, target_modules=["q_proj", "v_proj"], d_initial=0.05))
+    layer = model.model.decoder.layers[0].self_attn.q_proj
+    assert isinstance(layer, VeraLinear)
+    assert torch.equal(layer.vera_lambda_b, torch.zeros(32))
+    assert torch.equal(layer.vera_lambda_d, torch.full((8,), 0.05))
+    with torch.no_grad():
+        assert torch.equal(run(model, "opt"), before)
