@@ -1,0 +1,120 @@
+"""Keep the shared projections identical across ranks, and out of per-step traffic.
+
+* :func:`broadcast_projections` sends ``vera_A``/``vera_B`` from rank 0 once (after
+  injection, after loading an adapter or a checkpoint), on the device the process-group
+  backend needs (CPU for gloo, the current CUDA device for NCCL).
+* :func:`exclude_projections_from_ddp` lists them in DDP's parameters-and-buffers-to-ignore,
+  so ``broadcast_buffers=True`` no longer re-sends ``2·r·max_dim`` floats before every
+  forward, while other buffers (BatchNorm statistics) keep DDP's normal behaviour.
+* :func:`assert_projections_consistent` compares a checksum across ranks.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from vera_lightning.projection import VeraProjections
+
+__all__ = [
+    "projection_buffer_names",
+    "exclude_projections_from_ddp",
+    "broadcast_projections",
+    "projection_checksum",
+    "assert_projections_consistent",
+    "is_distributed",
+]
+
+
+def is_distributed() -> bool:
+    """Whether a process group with more than one rank is initialised."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def _projection_modules(model: nn.Module) -> list[tuple[str, VeraProjections]]:
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, VeraProjections)]
+
+
+def projection_buffer_names(model: nn.Module) -> list[str]:
+    """Fully qualified names of every ``vera_A``/``vera_B`` buffer in ``model``."""
+    names = []
+    for prefix, _ in _projection_modules(model):
+        names += [f"{prefix}.{b}" if prefix else b for b in ("vera_A", "vera_B")]
+    return names
+
+
+def exclude_projections_from_ddp(model: nn.Module) -> list[str]:
+    """Mark the projections as ignored by a DDP wrapper built on ``model`` later.
+
+    Must run before ``DistributedDataParallel(model)``. Names already in the ignore list
+    (set by the user) are kept. Returns the full ignore list.
+    """
+    names = projection_buffer_names(model)
+    existing = list(getattr(model, "_ddp_params_and_buffers_to_ignore", []))
+    merged = existing + [n for n in names if n not in existing]
+    torch.nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, merged)
+    return merged
+
+
+def _backend_device(tensor: torch.Tensor, group=None) -> torch.device:
+    backend = str(dist.get_backend(group)).lower()
+    if "nccl" in backend and tensor.device.type != "cuda":
+        return torch.device("cuda", torch.cuda.current_device())
+    if backend == "gloo" and tensor.device.type == "cuda":
+        return torch.device("cpu")
+    return tensor.device
+
+
+@torch.no_grad()
+def broadcast_projections(model: nn.Module, src: int = 0, group=None) -> int:
+    """Copy rank ``src``'s ``vera_A``/``vera_B`` into every rank, in place.
+
+    A no-op outside a multi-rank process group. Returns the number of bytes sent per buffer set.
+    """
+    if not is_distributed():
+        return 0
+    sent = 0
+    for _, projections in _projection_modules(model):
+        for name in ("vera_A", "vera_B"):
+            buf = getattr(projections, name)
+            device = _backend_device(buf, group)
+            wire = buf.to(device) if device != buf.device else buf
+            dist.broadcast(wire, src=src, group=group)
+            if wire is not buf:
+                buf.copy_(wire)
+            sent += buf.numel() * buf.element_size()
+    return sent
+
+
+def projection_checksum(model: nn.Module) -> float:
+    """A float64 checksum of every projection buffer (weighted so permutations differ)."""
+    total = 0.0
+    for _, projections in _projection_modules(model):
+        for buf in (projections.vera_A, projections.vera_B):
+            flat = buf.detach().double().flatten().cpu()
+            weights = torch.arange(1, flat.numel() + 1, dtype=torch.float64)
+            total += float((flat * weights).sum())
+    return total
+
+
+def assert_projections_consistent(model: nn.Module, group=None) -> None:
+    """Raise if any rank's projections differ from rank 0's (a no-op on one process).
+
+    Raises:
+        RuntimeError: Naming the ranks whose projections differ.
+    """
+    if not is_distributed():
+        return
+    mine = torch.tensor([projection_checksum(model)], dtype=torch.float64)
+    probe = torch.empty(0)
+    mine = mine.to(_backend_device(probe, group))
+    gathered = [torch.zeros_like(mine) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(gathered, mine, group=group)
+    values = [float(t) for t in gathered]
+    bad = [rank for rank, v in enumerate(values) if v != values[0]]
+    if bad:
+        raise RuntimeError(
+            f"VeRA projections differ between rank 0 and rank(s) {bad}; call "
+            "vera_lightning.distributed.broadcast_projections(model) after injecting or loading"
+        )
