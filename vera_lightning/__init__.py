@@ -1,8 +1,13 @@
 """vera-lightning: VeRA (Vector-based Random Matrix Adaptation) for PyTorch Lightning."""
 
+from vera_lightning.callback import VeraCallback
+from vera_lightning.checkpoint import load_adapter, save_adapter
 from vera_lightning.config import VeraConfig
 from vera_lightning.inject import apply_vera, count_parameters, merge_vera, unload_vera, unmerge_vera
 from vera_lightning.layer import VeraLinear
 
-__all__ = ["VeraConfig", "apply_vera", "merge_vera", "unmerge_vera", "unload_vera", "VeraLinear", "count_parameters"]
+__all__ = [
+    "VeraConfig", "apply_vera", "merge_vera", "unmerge_vera", "unload_vera", "VeraLinear", "count_parameters",
+    "VeraCallback", "save_adapter", "load_adapter",
+]
 __version__ = "0.1.0"

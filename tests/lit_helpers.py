@@ -1,0 +1,63 @@
+"""LightningModules and Trainer settings shared by the callback and checkpoint tests."""
+
+from __future__ import annotations
+
+import lightning.pytorch as pl
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+from conftest import tiny_opt
+
+
+class TinyOptModule(pl.LightningModule):
+    """A causal-LM LightningModule around a tiny OPT built from config (deterministic data)."""
+
+    def __init__(self, lr: float = 1e-2, hidden: int = 32, with_scheduler: bool = False) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.model = tiny_opt(hidden).train()
+        self.lr, self.with_scheduler = lr, with_scheduler
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids=input_ids).logits
+
+    def training_step(self, batch, batch_idx):
+        (ids,) = batch
+        loss = self.model(input_ids=ids, labels=ids).loss
+        self.log("train_loss", loss)
+        return loss
+
+    def validation_step(self, batch, batch_idx):
+        (ids,) = batch
+        self.log("val_loss", self.model(input_ids=ids, labels=ids).loss)
+
+    def configure_optimizers(self):
+        opt = torch.optim.AdamW([p for p in self.parameters() if p.requires_grad], lr=self.lr)
+        if not self.with_scheduler:
+            return opt
+        sched = torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def train_dataloader(self):
+        ids = torch.randint(0, 96, (16, 8), generator=torch.Generator().manual_seed(0))
+        return DataLoader(TensorDataset(ids), batch_size=4, shuffle=False)
+
+    def val_dataloader(self):
+        ids = torch.randint(0, 96, (4, 8), generator=torch.Generator().manual_seed(1))
+        return DataLoader(TensorDataset(ids), batch_size=4)
+
+
+def trainer_kwargs(tmp_path, **overrides):
+    """A quiet CPU Trainer configuration."""
+    kwargs = dict(
+        default_root_dir=str(tmp_path), accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+        enable_model_summary=False, enable_checkpointing=False, num_sanity_val_steps=0, limit_val_batches=0,
+        deterministic=True,
+    )
+    kwargs.update(overrides)
+    return kwargs
+
+
+def snapshot(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Detached copies of every state-dict tensor."""
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}

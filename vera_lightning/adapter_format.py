@@ -1,0 +1,243 @@
+"""PEFT's VeRA adapter format: key layout, config translation, checksums and checks.
+
+The layout is built structurally, from the model's modules and the config, for a model
+with or without VeRA applied, so an adapter can be fully checked before anything is
+injected or written (see :func:`vera_lightning.load_adapter`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any, Optional
+
+import torch
+from torch import nn
+
+from vera_lightning.config import BiasMode, VeraConfig
+from vera_lightning.inject import resolve_target_names, vera_layers
+from vera_lightning.layer import VeraLinear
+from vera_lightning.projection import VeraProjections
+
+__all__ = ["layout", "config_from_peft_dict", "peft_extra_fields", "compare_configs", "check_tensors",
+           "content_sha256", "check_projections_match_seed", "META_PROJECTION", "META_CONTENT"]
+
+META_PROJECTION = "vera_lightning.projection_sha256"
+META_CONTENT = "vera_lightning.content_sha256"
+_MODEL = "base_model.model."
+_PROJ_KEYS = {"vera_A": "base_model.vera_A", "vera_B": "base_model.vera_B"}
+# PEFT bookkeeping fields of adapter_config.json that are not VeRA options.
+_PEFT_META = {"peft_type", "task_type", "auto_mapping", "base_model_name_or_path", "revision",
+              "inference_mode", "peft_version"}
+Slot = tuple[tuple[int, ...], Optional[torch.Tensor]]
+
+
+def _modules_to_save(model: nn.Module, config: VeraConfig) -> list[tuple[str, nn.Module]]:
+    wanted, found = config.modules_to_save or [], []
+    for name, module in model.named_modules():
+        hit = name and any(name == m or name.endswith("." + m) for m in wanted)
+        if hit and not any(name.startswith(f + ".") for f, _ in found):
+            found.append((name, module))
+    return found
+
+
+def _target_layers(model: nn.Module, config: VeraConfig) -> dict[str, nn.Module]:
+    layers = dict(vera_layers(model))
+    return layers or {name: model.get_submodule(name) for name in resolve_target_names(model, config)}
+
+
+def _out_features(module: nn.Module) -> int:
+    if isinstance(module, (VeraLinear, nn.Linear)):
+        return module.out_features
+    return module.weight.shape[1]  # transformers Conv1D stores (in, out)
+
+
+def _in_features(module: nn.Module) -> int:
+    if isinstance(module, (VeraLinear, nn.Linear)):
+        return module.in_features
+    return module.weight.shape[0]
+
+
+def layout(model: nn.Module, config: VeraConfig) -> dict[str, Slot]:
+    """PEFT checkpoint key -> (shape, tensor of ``model`` or ``None`` if not injected yet).
+
+    Raises:
+        ValueError: If the config's targets match nothing in ``model``.
+    """
+    layers = _target_layers(model, config)
+    slots: dict[str, Slot] = {}
+    for name, layer in layers.items():
+        injected = isinstance(layer, VeraLinear)
+        lam_b, lam_d = (layer.vera_lambda_b, layer.vera_lambda_d) if injected else (None, None)
+        slots[f"{_MODEL}{name}.vera_lambda_b"] = ((_out_features(layer),), lam_b)
+        slots[f"{_MODEL}{name}.vera_lambda_d"] = ((config.r,), lam_d)
+    saved_modules = _modules_to_save(model, config)
+    in_saved = tuple(name + "." for name, _ in saved_modules)
+    if config.bias != BiasMode.none:
+        for key, tensor in model.state_dict(keep_vars=True).items():
+            owner, _, leaf = key.rpartition(".")
+            if leaf != "bias" or key.startswith(in_saved) or (config.bias == BiasMode.vera_only and owner not in layers):
+                continue
+            slots[f"{_MODEL}{owner}.base_layer.bias" if owner in layers else _MODEL + key] = (tuple(tensor.shape), tensor)
+    for name, module in saved_modules:
+        for key, tensor in module.state_dict(keep_vars=True).items():
+            slots[f"{_MODEL}{name}.{key}"] = (tuple(tensor.shape), tensor)
+    first = next(iter(layers.values()))
+    if isinstance(first, VeraLinear):
+        proj: Optional[VeraProjections] = first.projections
+        max_in, max_out = proj.max_in, proj.max_out
+    else:
+        proj = None
+        max_in = max(_in_features(m) for m in layers.values())
+        max_out = max(_out_features(m) for m in layers.values())
+    slots[_PROJ_KEYS["vera_A"]] = ((config.r, max_in), proj.vera_A if proj is not None else None)
+    slots[_PROJ_KEYS["vera_B"]] = ((max_out, config.r), proj.vera_B if proj is not None else None)
+    return slots
+
+
+def _ignorable(model: nn.Module, config: VeraConfig) -> set[str]:
+    """Duplicates PEFT writes with ``bias="all"`` (the frozen original and the wrapper copy of saved modules)."""
+    keys = set()
+    for name, module in _modules_to_save(model, config):
+        for key in module.state_dict(keep_vars=True):
+            keys |= {f"{_MODEL}{name}.original_module.{key}", f"{_MODEL}{name}.modules_to_save.{key}"}
+    return keys
+
+
+# ---------------------------------------------------------------------- config
+def peft_extra_fields(base_model_name_or_path: Optional[str]) -> dict[str, Any]:
+    """The bookkeeping fields PEFT expects next to the VeRA options in ``adapter_config.json``."""
+    return {"peft_type": "VERA", "task_type": None, "base_model_name_or_path": base_model_name_or_path,
+            "revision": None, "inference_mode": True, "auto_mapping": None}
+
+
+def config_from_peft_dict(data: Any, source: str) -> VeraConfig:
+    """Build a :class:`VeraConfig` from a parsed ``adapter_config.json``.
+
+    Raises:
+        ValueError: If it is not a VeRA adapter, or has options this library does not know.
+    """
+    if not isinstance(data, dict):
+        raise ValueError(f"load_adapter: {source} holds {type(data).__name__}, expected a JSON object")
+    peft_type = data.get("peft_type")
+    if peft_type != "VERA":
+        raise ValueError(
+            f"load_adapter: {source} has peft_type={peft_type!r}; this library loads VeRA adapters "
+            "(peft_type 'VERA') only; load other adapter types with peft.PeftModel.from_pretrained"
+        )
+    fields = set(VeraConfig.__dataclass_fields__)
+    unknown = {k: v for k, v in data.items() if k not in fields and k not in _PEFT_META}
+    unsupported = sorted(k for k, v in unknown.items() if v not in (None, False, [], {}, ""))
+    if unsupported:
+        raise ValueError(
+            f"load_adapter: {source} sets option(s) {unsupported} that vera_lightning does not implement "
+            f"(values {[unknown[k] for k in unsupported]}); load it with peft.PeftModel.from_pretrained instead"
+        )
+    try:
+        return VeraConfig.from_dict({k: v for k, v in data.items() if k in fields})
+    except ValueError as err:
+        raise ValueError(f"load_adapter: {source} holds an invalid VeRA config: {err}") from None
+
+
+def compare_configs(model: nn.Module, existing: VeraConfig, saved: VeraConfig) -> list[str]:
+    """Differences that make an adapter unloadable into a model already carrying VeRA."""
+    problems = []
+    for option in ("r", "projection_prng_key", "bias"):
+        if getattr(existing, option) != getattr(saved, option):
+            problems.append(
+                f"{option}: the adapter has {option}={getattr(saved, option)!r} but the model was adapted with "
+                f"{getattr(existing, option)!r}; load it into the base model without VeRA (it is then injected "
+                "from the adapter's config) or re-adapt with the adapter's options"
+            )
+    if sorted(existing.modules_to_save or []) != sorted(saved.modules_to_save or []):
+        problems.append(
+            f"modules_to_save: the adapter has {saved.modules_to_save!r}, the model {existing.modules_to_save!r}"
+        )
+    return problems
+
+
+# ---------------------------------------------------------------------- checks
+def _digest(hasher: "hashlib._Hash", key: str, tensor: torch.Tensor) -> None:
+    tensor = tensor.detach().to("cpu").contiguous()
+    hasher.update(f"{key}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+    hasher.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+
+
+def content_sha256(tensors: dict[str, torch.Tensor]) -> str:
+    """SHA-256 over every tensor's key, dtype, shape and bytes (sorted by key)."""
+    hasher = hashlib.sha256()
+    for key in sorted(tensors):
+        _digest(hasher, key, tensors[key])
+    return hasher.hexdigest()
+
+
+def _seed_draw(config: VeraConfig, max_in: int, max_out: int) -> VeraProjections:
+    return VeraProjections(config.r, max_in, max_out, config.projection_prng_key)
+
+
+def _projection_sha(proj: VeraProjections) -> str:
+    hasher = hashlib.sha256()
+    _digest(hasher, "vera_A", proj.vera_A)
+    _digest(hasher, "vera_B", proj.vera_B)
+    return hasher.hexdigest()
+
+
+def check_projections_match_seed(model: nn.Module, config: VeraConfig) -> str:
+    """SHA-256 of the projections ``projection_prng_key`` draws on this machine.
+
+    Raises:
+        ValueError: If ``save_projection=False`` but the model's projections are not that draw
+            (they would be lost: the adapter could not be restored).
+    """
+    slots = layout(model, config)
+    (shape_a, a), (shape_b, b) = slots[_PROJ_KEYS["vera_A"]], slots[_PROJ_KEYS["vera_B"]]
+    fresh = _seed_draw(config, shape_a[1], shape_b[0])
+    if not config.save_projection and a is not None:
+        candidates = [(fresh.vera_A, fresh.vera_B)]
+        candidates += [(fresh.vera_A.to(d).float(), fresh.vera_B.to(d).float()) for d in (torch.bfloat16, torch.float16)]
+        if not any(torch.equal(a.cpu().float(), x) and torch.equal(b.cpu().float(), y) for x, y in candidates):
+            raise ValueError(
+                f"save_adapter: save_projection=False but the model's vera_A/vera_B are not the ones "
+                f"projection_prng_key={config.projection_prng_key} draws here, so the adapter could not be "
+                "restored from the seed; adapt with save_projection=True"
+            )
+    return _projection_sha(fresh)
+
+
+def check_tensors(model: nn.Module, config: VeraConfig, tensors: dict, metadata: dict[str, str]) -> list[str]:
+    """Every problem that prevents loading ``tensors`` into ``model`` (empty list: all fine)."""
+    try:
+        slots = layout(model, config)
+    except ValueError as err:
+        return [f"target layers: {err}"]
+    problems = []
+    if META_CONTENT in metadata and content_sha256(tensors) != metadata[META_CONTENT]:
+        problems.append("content checksum mismatch: the safetensors data was corrupted after saving; re-save it")
+    projections = set(_PROJ_KEYS.values())
+    required = set(slots) - (set() if config.save_projection else projections)
+    missing_proj = sorted(projections & required - set(tensors))
+    if missing_proj:
+        problems.append(
+            f"save_projection=True but {missing_proj} are missing from the file; re-save the adapter with its "
+            "projections (or set save_projection=false in adapter_config.json to regenerate them from the seed)"
+        )
+    missing = sorted(required - set(tensors) - projections)
+    unexpected = sorted(set(tensors) - set(slots) - _ignorable(model, config))
+    if missing:
+        problems.append(f"the model expects tensors the adapter lacks (target names/options differ): {missing[:8]}"
+                        + (f" ... ({len(missing)} in all)" if len(missing) > 8 else ""))
+    if unexpected:
+        problems.append(f"the adapter holds tensors with no place in the model (target names differ): {unexpected[:8]}"
+                        + (f" ... ({len(unexpected)} in all)" if len(unexpected) > 8 else ""))
+    for key in sorted(set(tensors) & set(slots)):
+        shape = tuple(tensors[key].shape)
+        if shape != slots[key][0]:
+            problems.append(f"shape of {key}: adapter {shape}, model {slots[key][0]} (r or layer sizes differ)")
+    if not config.save_projection and not projections & set(tensors) and META_PROJECTION in metadata:
+        (_, max_in), (max_out, _) = slots[_PROJ_KEYS["vera_A"]][0], slots[_PROJ_KEYS["vera_B"]][0]
+        if _projection_sha(_seed_draw(config, max_in, max_out)) != metadata[META_PROJECTION]:
+            problems.append(
+                f"the projections regenerated from projection_prng_key={config.projection_prng_key} differ from "
+                "the ones the adapter was trained with (checksum recorded at save time); torch's CPU PRNG gives "
+                "other numbers here. Load the adapter where it was trained and re-save it with save_projection=True"
+            )
+    return problems

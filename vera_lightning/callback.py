@@ -1,0 +1,274 @@
+"""`VeraCallback`: add VeRA to any Lightning ``Trainer`` without touching the LightningModule.
+
+Hook placement (see Lightning's ``Trainer._run``):
+
+* ``setup`` runs before ``configure_model``, the checkpoint restore, DDP wrapping and
+  ``configure_optimizers``: inject and freeze there, and install the loader that lets a slim
+  checkpoint (adapter tensors only) be restored into the model's own frozen base.
+* ``on_fit_start`` runs after the optimizers exist: check that they hold the λ's.
+* ``on_save_checkpoint`` drops the frozen base from the ``.ckpt`` (and can write a
+  PEFT-format adapter directory next to it).
+
+The callback only wires hooks; the work is done by :mod:`vera_lightning.inject` and
+:mod:`vera_lightning.checkpoint`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+from typing import Any, Optional
+
+import lightning.pytorch as pl
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy, Strategy
+from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities.model_helpers import is_overridden
+from torch import nn
+from typing_extensions import override
+
+from vera_lightning.checkpoint import adapter_root, save_adapter
+from vera_lightning.config import VeraConfig
+from vera_lightning.inject import _candidates_hint, apply_vera, count_parameters, resolve_target_names, vera_layers
+from vera_lightning.projection import PROJECTIONS_ATTR, VeraProjections
+from vera_lightning.slim import install_slim_loading, slim_checkpoint_
+
+__all__ = ["VeraCallback", "find_vera_roots"]
+
+log = logging.getLogger(__name__)
+
+
+def find_vera_roots(module: nn.Module) -> list[tuple[str, nn.Module]]:
+    """``(name, submodule)`` of every module under ``module`` that carries VeRA projections."""
+    return [
+        (name, sub)
+        for name, sub in module.named_modules()
+        if isinstance(getattr(sub, PROJECTIONS_ATTR, None), VeraProjections)
+    ]
+
+
+def check_strategy(strategy: Strategy) -> None:
+    """Refuse strategies whose parameter handling the callback does not support.
+
+    Raises:
+        ValueError: Naming the strategy and the supported alternative.
+    """
+    name = type(strategy).__name__
+    if "DeepSpeed" in name:
+        raise ValueError(
+            f"VeraCallback does not support Trainer(strategy={name}): DeepSpeed partitions and re-creates "
+            "parameters, which breaks the shared VeRA projections and the slim adapter checkpoints. Use "
+            "strategy='ddp' (VeRA trains only out+r values per layer, so sharding the optimizer gains little)."
+        )
+    if isinstance(strategy, (SingleDeviceStrategy, DDPStrategy)):
+        return
+    raise ValueError(
+        f"VeraCallback does not support Trainer(strategy={name}) yet; use a single device or strategy='ddp' "
+        "(DDP, ddp_spawn, ddp_notebook). VeRA's trainable state is tiny, so DDP is the recommended way to scale."
+    )
+
+
+def prepare_distributed(trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    """Distributed set-up of the injected adapter (called at the end of ``setup``).
+
+    Single device: nothing to do. DDP: every rank draws the same projections from the same
+    seed on CPU, so they already agree. This is the one place where strategy-specific
+    handling (projection broadcast and consistency checks) plugs in.
+    """
+
+
+class VeraCallback(Callback):
+    """Inject VeRA in ``setup``, check the optimizer, keep checkpoints adapter-only.
+
+    Args:
+        config: The adapter options. Give either ``config`` or its fields as keywords;
+            with neither, a model already adapted in ``configure_model`` keeps its own
+            config and any other model gets ``VeraConfig()``'s defaults.
+        adapter_dir: If set, every time Lightning saves a checkpoint the adapter is also
+            written in PEFT's layout to ``<adapter_dir>/epoch=E-step=S/`` (rank 0 only).
+        slim_checkpoints: Drop the frozen base weights from Lightning ``.ckpt`` files
+            (default). Resuming rebuilds the base from the model's own construction.
+        **config_fields: :class:`~vera_lightning.VeraConfig` fields (``r``, ``target_modules``, ...).
+
+    Raises:
+        TypeError: If both ``config`` and ``config_fields`` are given, or ``config`` is not a VeraConfig.
+
+    Example::
+
+        >>> from vera_lightning import VeraCallback
+        >>> cb = VeraCallback(r=256, target_modules=["q_proj", "v_proj"])
+        >>> cb.config.r
+        256
+    """
+
+    def __init__(
+        self,
+        config: Optional[VeraConfig] = None,
+        adapter_dir: Optional[str] = None,
+        slim_checkpoints: bool = True,
+        **config_fields: Any,
+    ) -> None:
+        super().__init__()
+        if config is not None and config_fields:
+            raise TypeError(
+                f"VeraCallback got config={config!r} and fields {sorted(config_fields)}; pass one or the other "
+                "(e.g. VeraCallback(VeraConfig(r=256)) or VeraCallback(r=256))"
+            )
+        if config is not None and not isinstance(config, VeraConfig):
+            if isinstance(config, dict):
+                config = VeraConfig.from_dict(config)
+            else:
+                raise TypeError(f"VeraCallback(config=...) expects a VeraConfig, got {type(config).__name__}")
+        self._explicit = config is not None or bool(config_fields)
+        self.config: VeraConfig = config if config is not None else VeraConfig(**config_fields)
+        self.adapter_dir = os.fspath(adapter_dir) if adapter_dir is not None else None
+        self.slim_checkpoints = slim_checkpoints
+        self._ready = False
+        self._logged = False
+        self._hook_handle: Any = None
+
+    # ------------------------------------------------------------------ setup
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        check_strategy(trainer.strategy)
+        roots = find_vera_roots(pl_module)
+        if roots:
+            self._validate(pl_module, roots)
+        else:
+            self._inject(pl_module)
+        if self._hook_handle is None:
+            self._hook_handle = install_slim_loading(pl_module)
+        prepare_distributed(trainer, pl_module)
+
+    def _inject(self, pl_module: pl.LightningModule) -> None:
+        try:
+            resolve_target_names(pl_module, self.config)
+        except ValueError as err:
+            if is_overridden("configure_model", pl_module):
+                return  # the model is built in configure_model; checked once it exists (_ensure_ready)
+            raise ValueError(
+                f"VeraCallback found nothing to adapt in {type(pl_module).__name__}: {err}\nIf your LightningModule "
+                "builds its model in configure_model(), call vera_lightning.apply_vera(self.model, config) at the "
+                "end of configure_model() and pass the same config to VeraCallback."
+            ) from None
+        apply_vera(pl_module, self.config)
+        self._ready = True
+        self._log_counts(pl_module)
+
+    def _validate(self, pl_module: pl.LightningModule, roots: list[tuple[str, nn.Module]]) -> None:
+        if len(roots) > 1:
+            names = [name or "<root>" for name, _ in roots]
+            raise ValueError(
+                f"{type(pl_module).__name__} holds VeRA projections in several places {names}; apply_vera must "
+                "be called once, on one module that contains every layer to adapt"
+            )
+        existing = getattr(roots[0][1], PROJECTIONS_ATTR).config
+        if not self._explicit:
+            self.config = existing
+        elif existing.to_dict() != self.config.to_dict():
+            diff = {k: (v, self.config.to_dict()[k]) for k, v in existing.to_dict().items() if self.config.to_dict()[k] != v}
+            raise ValueError(
+                f"{type(pl_module).__name__} was adapted with a different VeraConfig than VeraCallback's "
+                f"(option: (model, callback)) {diff}; pass the same config to apply_vera and VeraCallback, "
+                "or construct VeraCallback() without options to adopt the model's"
+            )
+        if not any(True for _ in vera_layers(pl_module)):
+            raise ValueError(f"{type(pl_module).__name__} has VeRA projections but no VeraLinear layer")
+        self._ready = True
+        self._log_counts(pl_module)
+
+    def _ensure_ready(self, pl_module: pl.LightningModule) -> None:
+        """After ``configure_model``: the adapter must exist now."""
+        if self._ready:
+            return
+        roots = find_vera_roots(pl_module)
+        if not roots:
+            raise ValueError(
+                f"VeraCallback: {type(pl_module).__name__}.configure_model() ran but the model carries no VeRA "
+                f"adapter, and target_modules={self.config.target_modules!r} matched nothing before it. Call "
+                "vera_lightning.apply_vera(self.model, config) at the end of configure_model(). "
+                f"{_candidates_hint(pl_module)}"
+            )
+        self._validate(pl_module, roots)
+
+    def _log_counts(self, pl_module: pl.LightningModule) -> None:
+        if self._logged:
+            return
+        self._logged = True
+        trainable, total = count_parameters(pl_module)
+        layers = sum(1 for _ in vera_layers(pl_module))
+        rank_zero_info(
+            f"VeRA: r={self.config.r} on {layers} layers; trainable params {trainable:,} of {total:,} "
+            f"({100.0 * trainable / max(total, 1):.4f}%)"
+        )
+
+    # ------------------------------------------------------------------ checks
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._ensure_ready(pl_module)
+        check_optimizers(pl_module, trainer.optimizers)
+
+    @override
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._ensure_ready(pl_module)
+
+    @override
+    def on_test_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._ensure_ready(pl_module)
+
+    @override
+    def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._ensure_ready(pl_module)
+
+    # ------------------------------------------------------------------ checkpoints
+    @override
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
+        if self.slim_checkpoints:
+            slim_checkpoint_(checkpoint, pl_module)
+        if self.adapter_dir is not None and trainer.is_global_zero:
+            model = adapter_root(pl_module)
+            directory = os.path.join(self.adapter_dir, f"epoch={trainer.current_epoch}-step={trainer.global_step}")
+            name = getattr(getattr(model, "config", None), "_name_or_path", None) or None
+            save_adapter(model, directory, base_model_name_or_path=name)
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {"config": self.config.to_dict()}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        saved = state_dict.get("config")
+        if saved is not None and self._explicit and saved != self.config.to_dict():
+            warnings.warn(
+                "VeraCallback: the checkpoint was written with a different VeraConfig "
+                f"({saved}) than this callback's ({self.config.to_dict()}); the model's adapter was checked "
+                "against the checkpoint when it was loaded",
+                UserWarning,
+                stacklevel=2,
+            )
+
+
+def check_optimizers(pl_module: nn.Module, optimizers: list) -> None:
+    """Warn about frozen tensors in the optimizers; raise if no λ is optimized.
+
+    Raises:
+        ValueError: If no optimizer holds any VeRA λ (training would change nothing).
+    """
+    in_optimizer = {id(p) for opt in optimizers for group in opt.param_groups for p in group["params"]}
+    lambdas = [p for _, layer in vera_layers(pl_module) for p in layer.adapter_params().values()]
+    if not any(id(p) in in_optimizer for p in lambdas):
+        raise ValueError(
+            f"No VeRA λ (vera_lambda_b / vera_lambda_d) is in any of the {len(optimizers)} optimizer(s), so "
+            "training would change nothing. In configure_optimizers pass the trainable parameters, e.g. "
+            "torch.optim.AdamW([p for p in self.parameters() if p.requires_grad], lr=...)"
+        )
+    frozen = [n for n, p in pl_module.named_parameters() if id(p) in in_optimizer and not p.requires_grad]
+    if frozen:
+        shown = ", ".join(frozen[:8]) + (f", ... ({len(frozen)} in all)" if len(frozen) > 8 else "")
+        warnings.warn(
+            f"VeraCallback: the optimizer holds {len(frozen)} frozen parameter(s) ({shown}); they will not train. "
+            "Pass only trainable ones: [p for p in self.parameters() if p.requires_grad]",
+            UserWarning,
+            stacklevel=2,
+        )
