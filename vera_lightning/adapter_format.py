@@ -19,12 +19,13 @@ from vera_lightning.layer import VeraLinear
 from vera_lightning.projection import VeraProjections
 
 __all__ = ["layout", "config_from_peft_dict", "peft_extra_fields", "compare_configs", "check_tensors",
-           "content_sha256", "check_projections_match_seed", "META_PROJECTION", "META_CONTENT"]
+           "content_sha256", "check_projections_match_seed", "META_PROJECTION", "META_CONTENT", "PROJECTION_KEYS"]
 
 META_PROJECTION = "vera_lightning.projection_sha256"
 META_CONTENT = "vera_lightning.content_sha256"
 _MODEL = "base_model.model."
 _PROJ_KEYS = {"vera_A": "base_model.vera_A", "vera_B": "base_model.vera_B"}
+PROJECTION_KEYS = frozenset(_PROJ_KEYS.values())
 # PEFT bookkeeping fields of adapter_config.json that are not VeRA options.
 _PEFT_META = {"peft_type", "task_type", "auto_mapping", "base_model_name_or_path", "revision",
               "inference_mode", "peft_version"}

@@ -92,7 +92,9 @@ def save_adapter(model: nn.Module, directory: PathLike, base_model_name_or_path:
     directory = os.fspath(directory)
     _check_target_dir(directory)
     slots = fmt.layout(model, config)
-    tensors = {key: t.detach().to("cpu").contiguous().clone() for key, (_, t) in slots.items() if t is not None}
+    if not config.save_projection:
+        slots = {k: v for k, v in slots.items() if k not in fmt.PROJECTION_KEYS}
+    tensors = {key: t.detach().to("cpu").contiguous().clone() for key, (_, t) in slots.items()}
     projection_sha = fmt.check_projections_match_seed(model, config)
     metadata = {"format": "pt", fmt.META_PROJECTION: projection_sha, fmt.META_CONTENT: fmt.content_sha256(tensors)}
     payload = {**config.to_dict(), **fmt.peft_extra_fields(base_model_name_or_path)}
