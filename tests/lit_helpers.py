@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import lightning.pytorch as pl
 import torch
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
 from conftest import tiny_opt
 
@@ -12,11 +12,11 @@ from conftest import tiny_opt
 class TinyOptModule(pl.LightningModule):
     """A causal-LM LightningModule around a tiny OPT built from config (deterministic data)."""
 
-    def __init__(self, lr: float = 1e-2, hidden: int = 32, with_scheduler: bool = False) -> None:
+    def __init__(self, lr: float = 1e-2, hidden: int = 32, with_scheduler: bool = False, shuffle: bool = False) -> None:
         super().__init__()
         torch.manual_seed(0)
         self.model = tiny_opt(hidden).train()
-        self.lr, self.with_scheduler = lr, with_scheduler
+        self.lr, self.with_scheduler, self.shuffle = lr, with_scheduler, shuffle
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.model(input_ids=input_ids).logits
@@ -40,7 +40,11 @@ class TinyOptModule(pl.LightningModule):
 
     def train_dataloader(self):
         ids = torch.randint(0, 96, (16, 8), generator=torch.Generator().manual_seed(0))
-        return DataLoader(TensorDataset(ids), batch_size=4, shuffle=False)
+        data = TensorDataset(ids)
+        if self.shuffle:  # a sampler with set_epoch: the order is a function of (seed, epoch), so resumable
+            sampler = DistributedSampler(data, num_replicas=1, rank=0, shuffle=True, seed=7)
+            return DataLoader(data, batch_size=4, sampler=sampler)
+        return DataLoader(data, batch_size=4, shuffle=False)
 
     def val_dataloader(self):
         ids = torch.randint(0, 96, (4, 8), generator=torch.Generator().manual_seed(1))

@@ -27,18 +27,19 @@ def _fit(tmp_path, module, ckpt_path=None, callbacks=(), **kw):
     return trainer
 
 
-def _epoch_checkpoints(tmp_path, **vera):
+def _epoch_checkpoints(tmp_path, shuffle=False, **vera):
     """Train 2 epochs (4 steps each) saving after every epoch; return (module, trainer, ckpt dir)."""
     ckpt_dir = tmp_path / "ckpt"
     saver = ModelCheckpoint(dirpath=ckpt_dir, save_top_k=-1, every_n_epochs=1, filename="{epoch}-{step}")
-    module = TinyOptModule(with_scheduler=True)
+    module = TinyOptModule(with_scheduler=True, shuffle=shuffle)
     trainer = _fit(tmp_path, module, callbacks=[VeraCallback(r=16, target_modules=TARGETS, **vera), saver],
                    max_epochs=2, enable_checkpointing=True)
     return module, trainer, ckpt_dir
 
 
-def test_ckpt_holds_adapter_only_and_resumes_bit_exactly(tmp_path):
-    module, trainer, ckpt_dir = _epoch_checkpoints(tmp_path)
+@pytest.mark.parametrize("shuffle", [False, True])
+def test_ckpt_holds_adapter_only_and_resumes_bit_exactly(tmp_path, shuffle):
+    module, trainer, ckpt_dir = _epoch_checkpoints(tmp_path, shuffle=shuffle)
     assert sorted(os.listdir(ckpt_dir)) == ["epoch=0-step=4.ckpt", "epoch=1-step=8.ckpt"]
     ckpt = torch.load(ckpt_dir / "epoch=0-step=4.ckpt", weights_only=True)
     lambda_keys = set(_lambdas(module))
@@ -46,7 +47,7 @@ def test_ckpt_holds_adapter_only_and_resumes_bit_exactly(tmp_path):
     assert ckpt["vera_lightning"]["config"]["r"] == 16 and ckpt["vera_lightning"]["dropped"] > 0
     assert len(ckpt["optimizer_states"][0]["state"]) == len(lambda_keys)
 
-    resumed = TinyOptModule(with_scheduler=True)
+    resumed = TinyOptModule(with_scheduler=True, shuffle=shuffle)
     cb = VeraCallback(r=16, target_modules=TARGETS)
     trainer2 = _fit(tmp_path / "b", resumed, ckpt_path=ckpt_dir / "epoch=0-step=4.ckpt", callbacks=[cb], max_epochs=2)
     assert trainer2.global_step == trainer.global_step == 8
