@@ -10,6 +10,7 @@ monitored metric before and after training, writes the adapter in PEFT's layout 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import time
@@ -20,10 +21,9 @@ import hydra
 import lightning.pytorch as pl
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
 
 from vera_lightning.callback import VeraCallback
-from vera_lightning.checkpoint import save_adapter
+from vera_lightning.checkpoint import adapter_root, save_adapter
 from vera_lightning.config import VeraConfig
 from vera_lightning.data import build_datamodule
 from vera_lightning.inject import count_parameters
@@ -50,21 +50,19 @@ register_configs()
 def vera_config_from(cfg: DictConfig) -> VeraConfig:
     """The :class:`VeraConfig` of a composed config's ``vera`` node (validated by ``__post_init__``).
 
+    Keys added with ``+vera.<key>=...`` get past Hydra's schema check, so unknown keys are
+    rejected here too.
+
     Raises:
-        ValueError: With :class:`VeraConfig`'s message listing every invalid option.
+        ValueError: Naming unknown keys, or with :class:`VeraConfig`'s message listing every
+            invalid option.
     """
-    node = cfg.vera
-    try:
-        if OmegaConf.get_type(node) is VeraConfig:
-            config = OmegaConf.to_object(node)
-        else:  # a plain node (e.g. built by hand): validate through from_dict
-            config = VeraConfig.from_dict(OmegaConf.to_container(node, resolve=True))
-    except OmegaConfBaseException as error:  # from_dict/__post_init__ errors come wrapped
-        cause = error.__cause__ if isinstance(error.__cause__, (ValueError, TypeError)) else None
-        if cause is not None:
-            raise type(cause)(str(cause).replace("Invalid VeraConfig", "Invalid vera config")) from None
-        raise
-    return config
+    data = OmegaConf.to_container(cfg.vera, resolve=True)
+    names = [f.name for f in dataclasses.fields(VeraConfig)]
+    unknown = sorted(set(data) - set(names))
+    if unknown:
+        raise ValueError(f"Unknown vera option(s) {unknown} (e.g. +vera.{unknown[0]}=...); valid options are {names}")
+    return VeraConfig(**data)
 
 
 def _check_task(cfg: DictConfig) -> str:
@@ -143,7 +141,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
     adapter_dir = output_dir / "adapter"
     if trainer.is_global_zero:
-        save_adapter(model, adapter_dir, base_model_name_or_path=cfg.model.get("name_or_path") or cfg.model.name)
+        save_adapter(adapter_root(module), adapter_dir, base_model_name_or_path=cfg.model.get("name_or_path") or cfg.model.name)
     trainable, total = count_parameters(model)
     metrics.update(
         metric=after.get(metric_name, float("nan")),
