@@ -85,7 +85,8 @@ class ConfigureModelModule(TinyOptModule):
 
     def __init__(self, config=None, adapt=True):
         pl.LightningModule.__init__(self)
-        self.lr, self.with_scheduler, self.config, self.adapt, self.model = 1e-2, False, config, adapt, None
+        self.lr, self.with_scheduler, self.shuffle = 1e-2, False, False
+        self.config, self.adapt, self.model = config, adapt, None
 
     def configure_model(self):
         if self.model is not None:

@@ -37,9 +37,15 @@ def _epoch_checkpoints(tmp_path, shuffle=False, **vera):
     return module, trainer, ckpt_dir
 
 
+@pytest.fixture(scope="module")
+def epoch_run(tmp_path_factory):
+    """One 2-epoch run with per-epoch checkpoints, shared by the tests that only read its checkpoints."""
+    return _epoch_checkpoints(tmp_path_factory.mktemp("epoch_run"))
+
+
 @pytest.mark.parametrize("shuffle", [False, True])
-def test_ckpt_holds_adapter_only_and_resumes_bit_exactly(tmp_path, shuffle):
-    module, trainer, ckpt_dir = _epoch_checkpoints(tmp_path, shuffle=shuffle)
+def test_ckpt_holds_adapter_only_and_resumes_bit_exactly(tmp_path, shuffle, epoch_run):
+    module, trainer, ckpt_dir = epoch_run if not shuffle else _epoch_checkpoints(tmp_path, shuffle=True)
     assert sorted(os.listdir(ckpt_dir)) == ["epoch=0-step=4.ckpt", "epoch=1-step=8.ckpt"]
     ckpt = torch.load(ckpt_dir / "epoch=0-step=4.ckpt", weights_only=True)
     lambda_keys = set(_lambdas(module))
@@ -61,14 +67,14 @@ def test_ckpt_holds_adapter_only_and_resumes_bit_exactly(tmp_path, shuffle):
     assert all(torch.equal(base_b[k], v) for k, v in base_a.items())
 
 
-def test_resume_without_the_callback_fails_loudly(tmp_path):
-    _, _, ckpt_dir = _epoch_checkpoints(tmp_path)
+def test_resume_without_the_callback_fails_loudly(tmp_path, epoch_run):
+    _, _, ckpt_dir = epoch_run
     with pytest.raises(RuntimeError, match=r"Unexpected key\(s\) in state_dict: .*vera_lambda"):
         _fit(tmp_path / "b", TinyOptModule(with_scheduler=True), ckpt_path=ckpt_dir / "epoch=0-step=4.ckpt", max_epochs=2)
 
 
-def test_resume_with_other_config_refused_before_loading(tmp_path):
-    _, _, ckpt_dir = _epoch_checkpoints(tmp_path)
+def test_resume_with_other_config_refused_before_loading(tmp_path, epoch_run):
+    _, _, ckpt_dir = epoch_run
     module = TinyOptModule(with_scheduler=True)
     with pytest.raises(ValueError, match=r"different VeraConfig .*'r': \(16, 8\)"):
         _fit(tmp_path / "b", module, ckpt_path=ckpt_dir / "epoch=0-step=4.ckpt",
