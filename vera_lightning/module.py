@@ -15,7 +15,7 @@ from typing import Any, Mapping, Optional
 import lightning.pytorch as pl
 import torch
 from torch import nn
-from torchmetrics import MeanMetric
+from torchmetrics import MeanMetric, Metric
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 
 from vera_lightning.inject import vera_layers
@@ -95,6 +95,14 @@ class VeraTaskModule(pl.LightningModule):
         warmup = int(self.hparams.warmup_ratio * total)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, linear_warmup(warmup, total))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    @override
+    def on_validation_epoch_start(self) -> None:
+        # Fresh metric states in the current grad mode: states made under trainer.validate()'s
+        # inference mode cannot be updated by the no-grad validation inside trainer.fit().
+        for metric in self.modules():
+            if isinstance(metric, Metric):
+                metric.reset()
 
     @override
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
