@@ -153,15 +153,20 @@ def test_config_and_fields_are_exclusive():
 def test_lightning_cli_instantiates_callback(tmp_path):
     from lightning.pytorch.cli import LightningCLI
 
-    args = [
-        "fit", "--trainer.max_steps=2", "--trainer.logger=false", "--trainer.enable_checkpointing=false",
-        "--trainer.enable_progress_bar=false", "--trainer.limit_val_batches=0", f"--trainer.default_root_dir={tmp_path}",
-        "--trainer.callbacks+=vera_lightning.VeraCallback", "--trainer.callbacks.r=16",
-        "--trainer.callbacks.target_modules=[layer]",
-    ]
+    config = tmp_path / "config.yaml"
+    config.write_text(
+        "trainer:\n"
+        "  max_steps: 2\n  logger: false\n  enable_checkpointing: false\n  enable_progress_bar: false\n"
+        f"  limit_val_batches: 0\n  default_root_dir: {tmp_path}\n"
+        "  callbacks:\n"
+        "    - class_path: vera_lightning.VeraCallback\n"
+        "      init_args:\n        r: 16\n        target_modules: [layer]\n        d_initial: 0.5\n"
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        cli = LightningCLI(BoringModel, args=args, save_config_callback=None)
+        cli = LightningCLI(BoringModel, args=["fit", f"--config={config}"], save_config_callback=None)
     (callback,) = [c for c in cli.trainer.callbacks if isinstance(c, VeraCallback)]
     assert callback.config.r == 16 and callback.config.target_modules == frozenset({"layer"})
+    assert callback.config.d_initial == 0.5
     assert type(cli.model.layer).__name__ == "VeraLinear" and cli.trainer.global_step == 2
+    assert not torch.equal(cli.model.layer.vera_lambda_b, torch.zeros(2))
