@@ -290,3 +290,15 @@ def test_merged_export_loads_as_plain_transformers_model(tmp_path):
     with torch.no_grad():
         out = run(plain, "opt", inputs)
     assert (out - adapted).abs().max().item() <= 1e-5 and (adapted - run(tiny_opt(), "opt")).abs().max() > 1e-3
+
+
+def test_seed_only_save_checks_projections_come_from_the_seed(tmp_path):
+    config = _quiet_config(r=8, target_modules=["q_proj"], save_projection=False)
+    half = apply_vera(tiny_opt().to(torch.bfloat16), config)  # rounded projections are still the seed's draw
+    save_adapter(half, tmp_path / "half")
+    model = apply_vera(tiny_opt(), config)
+    with torch.no_grad():
+        model.vera_projections.vera_A.mul_(2)
+    with pytest.raises(ValueError, match=r"save_projection=False but the model's vera_A/vera_B are not the ones"):
+        save_adapter(model, tmp_path / "a")
+    assert not (tmp_path / "a").exists()

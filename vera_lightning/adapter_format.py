@@ -76,9 +76,11 @@ def layout(model: nn.Module, config: VeraConfig) -> dict[str, Slot]:
     if config.bias != BiasMode.none:
         for key, tensor in model.state_dict(keep_vars=True).items():
             owner, _, leaf = key.rpartition(".")
-            if leaf != "bias" or key.startswith(in_saved) or (config.bias == BiasMode.vera_only and owner not in layers):
+            only_adapted = config.bias == BiasMode.vera_only
+            if leaf != "bias" or key.startswith(in_saved) or (only_adapted and owner not in layers):
                 continue
-            slots[f"{_MODEL}{owner}.base_layer.bias" if owner in layers else _MODEL + key] = (tuple(tensor.shape), tensor)
+            peft_key = f"{_MODEL}{owner}.base_layer.bias" if owner in layers else _MODEL + key
+            slots[peft_key] = (tuple(tensor.shape), tensor)
     for name, module in saved_modules:
         for key, tensor in module.state_dict(keep_vars=True).items():
             slots[f"{_MODEL}{name}.{key}"] = (tuple(tensor.shape), tensor)
@@ -194,7 +196,8 @@ def check_projections_match_seed(model: nn.Module, config: VeraConfig) -> str:
     fresh = _seed_draw(config, shape_a[1], shape_b[0])
     if not config.save_projection and a is not None:
         candidates = [(fresh.vera_A, fresh.vera_B)]
-        candidates += [(fresh.vera_A.to(d).float(), fresh.vera_B.to(d).float()) for d in (torch.bfloat16, torch.float16)]
+        for half in (torch.bfloat16, torch.float16):  # half-precision models hold rounded projections
+            candidates.append((fresh.vera_A.to(half).float(), fresh.vera_B.to(half).float()))
         if not any(torch.equal(a.cpu().float(), x) and torch.equal(b.cpu().float(), y) for x, y in candidates):
             raise ValueError(
                 f"save_adapter: save_projection=False but the model's vera_A/vera_B are not the ones "

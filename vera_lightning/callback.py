@@ -167,7 +167,8 @@ class VeraCallback(Callback):
         if not self._explicit:
             self.config = existing
         elif existing.to_dict() != self.config.to_dict():
-            diff = {k: (v, self.config.to_dict()[k]) for k, v in existing.to_dict().items() if self.config.to_dict()[k] != v}
+            mine = self.config.to_dict()
+            diff = {k: (v, mine[k]) for k, v in existing.to_dict().items() if mine[k] != v}
             raise ValueError(
                 f"{type(pl_module).__name__} was adapted with a different VeraConfig than VeraCallback's "
                 f"(option: (model, callback)) {diff}; pass the same config to apply_vera and VeraCallback, "
@@ -223,7 +224,9 @@ class VeraCallback(Callback):
 
     # ------------------------------------------------------------------ checkpoints
     @override
-    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
+    def on_save_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
         if self.slim_checkpoints:
             slim_checkpoint_(checkpoint, pl_module)
         if self.adapter_dir is not None and trainer.is_global_zero:
