@@ -146,3 +146,16 @@ def test_opt125m_shaped_checkpoint_is_under_2mb(tmp_path):
     print(f"OPT-125m-shaped q,v r=256 .ckpt: {size / 1e6:.3f} MB (full model {full_bytes / 1e6:.0f} MB)")
     assert full_bytes > 450e6
     assert size < 2_000_000
+
+
+def test_validate_from_slim_checkpoint(tmp_path, epoch_run):
+    module, _, ckpt_dir = epoch_run
+    fresh = TinyOptModule()
+    trainer = pl.Trainer(callbacks=[VeraCallback(r=16, target_modules=TARGETS)],
+                         **trainer_kwargs(tmp_path, limit_val_batches=1))
+    (metrics,) = trainer.validate(fresh, ckpt_path=ckpt_dir / "epoch=1-step=8.ckpt", verbose=False)
+    expected, got = _lambdas(module), _lambdas(fresh)
+    assert all(torch.equal(got[k], expected[k]) for k in expected)
+    ids = next(iter(fresh.val_dataloader()))[0]
+    with torch.no_grad():
+        assert metrics["val_loss"] == pytest.approx(module.model.eval()(input_ids=ids, labels=ids).loss.item(), abs=1e-6)
