@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vera_lightning.config import VeraConfig
+from vera_lightning.functional import PATHS, ProjectIn, SiblingGroup, VeraUpdate
 from vera_lightning.projection import VeraProjections
 
 try:  # transformers is a dependency, but the layer also works without it
@@ -31,9 +32,13 @@ try:  # transformers is a dependency, but the layer also works without it
 except ImportError:  # pragma: no cover
     Conv1D = None  # type: ignore[assignment,misc]
 
-__all__ = ["VeraLinear", "SUPPORTED_LAYERS", "is_supported_layer"]
+__all__ = ["VeraLinear", "SUPPORTED_LAYERS", "is_supported_layer", "set_vera_path"]
 
 SUPPORTED_LAYERS: tuple[type, ...] = (nn.Linear,) + ((Conv1D,) if Conv1D is not None else ())
+
+
+def _compiling() -> bool:
+    return torch.compiler.is_compiling()
 
 
 def is_supported_layer(module: nn.Module) -> bool:
@@ -63,6 +68,10 @@ class VeraLinear(nn.Module):
     """
 
     adapter_param_names = ("vera_lambda_b", "vera_lambda_d")
+    #: Autograd path, one of :data:`vera_lightning.functional.PATHS` (set with :func:`set_vera_path`).
+    vera_path: str = "auto"
+    #: The path the last (uncompiled) forward took: "plain", "lean", "save_h" or "nograd".
+    last_path: Optional[str] = None
 
     def __init__(
         self,
@@ -148,12 +157,53 @@ class VeraLinear(nn.Module):
         result = self.base_forward(x)
         if self.merged:
             return result
+        path = self._pick_path(x)
+        if not _compiling():
+            self.last_path = path
+        if path == "plain":
+            return self._plain_update(result, x)
+        return self._fast_update(result, x, save_h=None if path == "nograd" else path == "save_h")
+
+    def _pick_path(self, x: torch.Tensor) -> str:
+        """``"plain"``, ``"lean"`` or ``"save_h"`` for this call (see :data:`functional.PATHS`)."""
+        path = self.vera_path
+        if path == "plain" or _compiling() or (self.training and isinstance(self.vera_dropout, nn.Dropout)):
+            return "plain"  # dropout: each layer draws its own mask, nothing to share or recompute
+        records = torch.is_grad_enabled() and (
+            x.requires_grad or self.vera_lambda_b.requires_grad or self.vera_lambda_d.requires_grad
+        )
+        if not records:
+            return "nograd"
+        return "lean" if path == "auto" else path
+
+    def _plain_update(self, result: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """PEFT's formulation under plain autograd (saves ``h`` and ``u`` per layer)."""
         lam_d, lam_b = self.vera_lambda_d, self.vera_lambda_b
         a_s, b_s = self.sliced_projections()
         if x.dtype != lam_d.dtype:  # as PEFT: the adapter runs in the λ's dtype
             x = x.to(lam_d.dtype)
         update = lam_b * F.linear(lam_d * F.linear(self.vera_dropout(x), a_s), b_s)
         return (result + update).to(result.dtype)
+
+    def _fast_update(self, result: torch.Tensor, x: torch.Tensor, save_h: bool) -> torch.Tensor:
+        """Same values as :meth:`_plain_update`; ``h = x A_sᵀ`` shared with siblings, lean backward."""
+        lam_d, lam_b = self.vera_lambda_d, self.vera_lambda_b
+        a_s, b_s = self.sliced_projections()
+        mode = "nograd" if save_h is None else ("save_h" if save_h else "lean")
+        cache = getattr(self.projections, "siblings", None)
+        hit = cache.lookup(x, a_s, mode) if cache is not None else None
+        if hit is not None:
+            h, group = hit
+        elif mode == "nograd":
+            h, group = F.linear(x.to(lam_d.dtype), a_s), None
+        else:
+            h, group = ProjectIn.apply(x, a_s, lam_d.dtype), SiblingGroup(a_s, lam_d.dtype)
+        if hit is None and cache is not None:
+            cache.store(x, a_s, mode, (h, group))
+        if mode == "nograd":
+            return (result + lam_b * F.linear(lam_d * h, b_s)).to(result.dtype)
+        group.members += 1
+        return VeraUpdate.apply(result, h, x, lam_b, lam_d, b_s, group, save_h)
 
     # ------------------------------------------------------------------ merge
     def delta_weight(self) -> torch.Tensor:
@@ -244,3 +294,30 @@ def _warn_fan_in_fan_out(name: str, layer: nn.Module, config: VeraConfig) -> boo
             stacklevel=4,
         )
     return is_conv1d
+
+
+def set_vera_path(model: nn.Module, path: str = "auto", share: Optional[bool] = None) -> nn.Module:
+    """Choose the autograd path of every :class:`VeraLinear` in ``model``.
+
+    Args:
+        model: An adapted model (or a single ``VeraLinear``).
+        path: ``"auto"`` (default: ``"lean"`` when training without dropout, else ``"plain"``),
+            ``"plain"`` (PEFT's autograd graph), ``"lean"`` (saves ``x``, recomputes ``x A_sᵀ``
+            in backward) or ``"save_h"`` (saves ``x A_sᵀ`` once per sibling group).
+        share: If given, turn reuse of ``x A_sᵀ`` across sibling layers on or off.
+
+    Returns:
+        ``model``.
+
+    Raises:
+        ValueError: For an unknown ``path``.
+    """
+    if path not in PATHS:
+        raise ValueError(f"vera path {path!r} is not one of {PATHS}")
+    for module in model.modules():
+        if isinstance(module, VeraLinear):
+            module.vera_path = path
+            if share is not None and hasattr(module.projections, "siblings"):
+                module.projections.siblings.enabled = share
+                module.projections.siblings.clear()
+    return model

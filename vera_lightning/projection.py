@@ -16,6 +16,8 @@ import math
 import torch
 from torch import nn
 
+from vera_lightning.sharing import SiblingCache
+
 __all__ = ["VeraProjections", "kaiming_uniform_projection", "PROJECTIONS_ATTR"]
 
 #: Attribute name of the projections module on the adapted model's root.
@@ -60,6 +62,7 @@ class VeraProjections(nn.Module):
         self.register_buffer("vera_B", vera_B, persistent=persistent)
         self.r, self.max_in, self.max_out, self.prng_key = r, max_in, max_out, prng_key
         self._cast_cache: dict[tuple[torch.dtype, torch.device], tuple] = {}
+        self.siblings = SiblingCache()  # lets q/k/v (gate/up) reuse one x A_s^T
 
     def extra_repr(self) -> str:
         return f"r={self.r}, max_in={self.max_in}, max_out={self.max_out}, prng_key={self.prng_key}"
@@ -87,4 +90,5 @@ class VeraProjections(nn.Module):
 
     def _apply(self, fn, recurse=True):  # .to()/.cuda()/.half() drop the cached casts
         self._cast_cache = {}
+        self.siblings.clear()
         return super()._apply(fn, recurse)

@@ -1,0 +1,72 @@
+"""Reuse ``h = x A_sᵀ`` across sibling layers that read the same input (q/k/v, gate/up).
+
+Every adapted layer of a model holds the same :class:`~vera_lightning.projection.VeraProjections`,
+which carries one :class:`SiblingCache`. When a layer's forward receives the very tensor object
+the previous adapted layer projected (same object, same in-place version, same ``in_features``
+so the same ``A_s`` slice, same dtype and grad mode, same autograd mode, no active dropout), it
+reuses that layer's ``h`` instead of computing it again. Autograd then accumulates the siblings'
+``grad h`` on the one :class:`~vera_lightning.functional.ProjectIn` node, so the shared part of
+the input gradient is formed once.
+
+The cache holds one entry: the last ``h``. It is replaced by the next layer with a different
+input and dropped on ``deepcopy``/pickling. Disable with ``cache.enabled = False`` (or
+:func:`vera_lightning.layer.set_vera_path` with ``share=False``).
+"""
+
+from __future__ import annotations
+
+import weakref
+from typing import Any, Optional
+
+import torch
+
+__all__ = ["SiblingCache"]
+
+
+class SiblingCache:
+    """The last ``(x, h)`` an adapted layer produced, for its siblings to reuse.
+
+    Attributes:
+        enabled: Whether sharing is allowed at all.
+        hits: How many forwards reused an ``h`` (for tests and diagnostics).
+    """
+
+    def __init__(self, enabled: bool = True) -> None:
+        self.enabled = enabled
+        self.hits = 0
+        self.clear()
+
+    def clear(self) -> None:
+        """Forget the current entry."""
+        self._x_ref: Optional[weakref.ref] = None
+        self._key: Optional[tuple] = None
+        self._value: Optional[tuple[Any, ...]] = None
+
+    @staticmethod
+    def _key_of(x: torch.Tensor, a_s: torch.Tensor, mode: str) -> tuple:
+        return (x._version, a_s.data_ptr(), tuple(a_s.shape), a_s.dtype, mode, torch.is_grad_enabled())
+
+    def lookup(self, x: torch.Tensor, a_s: torch.Tensor, mode: str) -> Optional[tuple[Any, ...]]:
+        """The value stored for this very ``x``/``A_s``/mode, or ``None``."""
+        if not self.enabled or self._x_ref is None or self._x_ref() is not x:
+            return None
+        if self._key != self._key_of(x, a_s, mode):
+            return None
+        self.hits += 1
+        return self._value
+
+    def store(self, x: torch.Tensor, a_s: torch.Tensor, mode: str, value: tuple[Any, ...]) -> None:
+        """Remember ``value`` (e.g. ``(h, group)``) for later layers reading ``x``."""
+        if not self.enabled:
+            return
+        self._x_ref, self._key, self._value = weakref.ref(x), self._key_of(x, a_s, mode), value
+
+    # An entry holds a non-leaf tensor: never copy or pickle it with the model.
+    def __deepcopy__(self, memo: dict) -> "SiblingCache":
+        return SiblingCache(self.enabled)
+
+    def __getstate__(self) -> dict:
+        return {"enabled": self.enabled}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state.get("enabled", True))
