@@ -160,6 +160,11 @@ def test_task_mismatch_names_the_fix(make_cfg):
         train(make_cfg("data=demo_text"))
 
 
+def test_frozen_fresh_classification_head_is_refused(make_cfg):
+    with pytest.raises(ValueError, match=r"vera.modules_to_save=None: .* head .*model.modules_to_save=\[classifier\]"):
+        train(make_cfg("model.modules_to_save=null", "data.max_train_samples=8", "data.max_val_samples=8"))
+
+
 def test_unfetchable_hub_model_fails_with_one_clear_message(make_cfg):
     cfg = make_cfg("model=opt125m", "model.name_or_path=vera-lightning-tests/no-such-model")
     with pytest.raises(ModelUnavailableError) as info:

@@ -27,7 +27,7 @@ from vera_lightning.checkpoint import adapter_root, save_adapter
 from vera_lightning.config import VeraConfig
 from vera_lightning.data import build_datamodule
 from vera_lightning.inject import count_parameters
-from vera_lightning.models import build_model, build_tokenizer
+from vera_lightning.models import build_model, build_tokenizer, resolve_path
 from vera_lightning.module import build_module
 
 __all__ = ["register_configs", "vera_config_from", "train"]
@@ -81,6 +81,18 @@ def _check_task(cfg: DictConfig) -> str:
     return model_task
 
 
+def _check_head_trains(task: str, model: Any, vera_config: VeraConfig) -> None:
+    """A classification head is freshly initialised: refuse to leave it frozen."""
+    if task != "classification" or vera_config.modules_to_save:
+        return
+    heads = [name for name in ("classifier", "score") if hasattr(model, name)] or ["classifier"]
+    raise ValueError(
+        f"vera.modules_to_save={vera_config.modules_to_save!r}: {type(model).__name__} gets a freshly initialised "
+        f"classification head, which would stay random and frozen. Train it with the λ's: "
+        f"model.modules_to_save=[{heads[0]}]"
+    )
+
+
 def _instantiate_dict(node: Any) -> list[Any]:
     if not node:
         return []
@@ -121,6 +133,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
     tokenizer = build_tokenizer(cfg.model)
     model = build_model(cfg.model, tokenizer, num_labels=cfg.data.get("num_labels"))
+    _check_head_trains(task, model, vera_config)
     datamodule = build_datamodule(OmegaConf.to_container(cfg.data, resolve=True), tokenizer)
     module = build_module(task, model, cfg.optim, num_labels=cfg.data.get("num_labels"))
 
@@ -141,7 +154,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
     adapter_dir = output_dir / "adapter"
     if trainer.is_global_zero:
-        save_adapter(adapter_root(module), adapter_dir, base_model_name_or_path=cfg.model.get("name_or_path") or cfg.model.name)
+        base = resolve_path(cfg.model.name_or_path) if cfg.model.get("name_or_path") else cfg.model.name
+        save_adapter(adapter_root(module), adapter_dir, base_model_name_or_path=base)
     trainable, total = count_parameters(model)
     metrics.update(
         metric=after.get(metric_name, float("nan")),
