@@ -161,7 +161,7 @@ def test_task_mismatch_names_the_fix(make_cfg):
 
 
 def test_frozen_fresh_classification_head_is_refused(make_cfg):
-    with pytest.raises(ValueError, match=r"vera.modules_to_save=None: .* head .*model.modules_to_save=\[classifier\]"):
+    with pytest.raises(ValueError, match=r"vera.modules_to_save=None: .* classification head.*model.modules_to_save=\[classifier\]"):
         train(make_cfg("model.modules_to_save=null", "data.max_train_samples=8", "data.max_val_samples=8"))
 
 
