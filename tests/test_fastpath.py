@@ -192,6 +192,15 @@ def test_no_grad_forward_is_bit_identical_and_shares():
     torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
 
 
+def test_inference_mode_forward():
+    ours, _ = _adapted("opt", targets=["q_proj", "k_proj", "v_proj"])
+    with torch.no_grad():
+        ref = _forward(ours, "opt", _embeds(ours, "opt"))
+    with torch.inference_mode():
+        out = _forward(ours, "opt", _embeds(ours, "opt").detach())
+    assert torch.equal(out, ref)
+
+
 def _saved(fn):
     storages = {}
 

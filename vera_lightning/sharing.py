@@ -48,7 +48,7 @@ class SiblingCache:
 
     def lookup(self, x: torch.Tensor, a_s: torch.Tensor, mode: str) -> Optional[tuple[Any, ...]]:
         """The value stored for this very ``x``/``A_s``/mode, or ``None``."""
-        if not self.enabled or self._x_ref is None or self._x_ref() is not x:
+        if not self.enabled or self._x_ref is None or self._x_ref() is not x or x.is_inference():
             return None
         if self._key != self._key_of(x, a_s, mode):
             return None
@@ -57,7 +57,7 @@ class SiblingCache:
 
     def store(self, x: torch.Tensor, a_s: torch.Tensor, mode: str, value: tuple[Any, ...]) -> None:
         """Remember ``value`` (e.g. ``(h, group)``) for later layers reading ``x``."""
-        if not self.enabled:
+        if not self.enabled or x.is_inference():  # inference tensors have no version counter to check
             return
         self._x_ref, self._key, self._value = weakref.ref(x), self._key_of(x, a_s, mode), value
 
