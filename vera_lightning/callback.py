@@ -22,14 +22,22 @@ from typing import Any, Optional
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy, Strategy
+from lightning.pytorch.strategies import (
+    DDPStrategy,
+    FSDPStrategy,
+    ModelParallelStrategy,
+    SingleDeviceStrategy,
+    Strategy,
+)
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from typing_extensions import override
 
 from vera_lightning.checkpoint import adapter_root, save_adapter
 from vera_lightning.config import VeraConfig
+from vera_lightning.distributed import broadcast_projections, exclude_projections_from_ddp, projection_buffer_names
 from vera_lightning.inject import _candidates_hint, apply_vera, count_parameters, resolve_target_names, vera_layers
 from vera_lightning.projection import PROJECTIONS_ATTR, VeraProjections
 from vera_lightning.slim import install_slim_loading, slim_checkpoint_
@@ -51,6 +59,10 @@ def find_vera_roots(module: nn.Module) -> list[tuple[str, nn.Module]]:
 def check_strategy(strategy: Strategy) -> None:
     """Refuse strategies whose parameter handling the callback does not support.
 
+    Supported: single device, the DDP family (``ddp``, ``ddp_spawn``, ``ddp_notebook``),
+    ``FSDPStrategy`` and ``ModelParallelStrategy`` (FSDP2; call ``apply_vera`` in
+    ``configure_model`` before ``fully_shard``).
+
     Raises:
         ValueError: Naming the strategy and the supported alternative.
     """
@@ -59,23 +71,45 @@ def check_strategy(strategy: Strategy) -> None:
         raise ValueError(
             f"VeraCallback does not support Trainer(strategy={name}): DeepSpeed partitions and re-creates "
             "parameters, which breaks the shared VeRA projections and the slim adapter checkpoints. Use "
-            "strategy='ddp' (VeRA trains only out+r values per layer, so sharding the optimizer gains little)."
+            "strategy='ddp' (VeRA trains only out+r values per layer, so sharding the optimizer gains little) "
+            "or strategy='fsdp' to shard a model too large for one device."
         )
-    if isinstance(strategy, (SingleDeviceStrategy, DDPStrategy)):
+    if isinstance(strategy, (SingleDeviceStrategy, DDPStrategy, FSDPStrategy, ModelParallelStrategy)):
         return
     raise ValueError(
-        f"VeraCallback does not support Trainer(strategy={name}) yet; use a single device or strategy='ddp' "
-        "(DDP, ddp_spawn, ddp_notebook). VeRA's trainable state is tiny, so DDP is the recommended way to scale."
+        f"VeraCallback does not support Trainer(strategy={name}); use a single device, strategy='ddp' "
+        "(DDP, ddp_spawn, ddp_notebook), 'fsdp' or ModelParallelStrategy. VeRA's trainable state is tiny, so "
+        "DDP is the recommended way to scale."
     )
 
 
 def prepare_distributed(trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-    """Distributed set-up of the injected adapter (called at the end of ``setup``).
+    """Keep the projections out of DDP's per-forward buffer broadcast (called at the end of ``setup``).
 
-    Single device: nothing to do. DDP: every rank draws the same projections from the same
-    seed on CPU, so they already agree. This is the one place where strategy-specific
-    handling (projection broadcast and consistency checks) plugs in.
+    ``setup`` runs before Lightning wraps the module in DDP, so listing the projections in
+    DDP's parameters-and-buffers-to-ignore here means ``broadcast_buffers`` never sends them;
+    other buffers (BatchNorm statistics) keep DDP's behaviour. Only λ's and
+    ``modules_to_save`` gradients are all-reduced (frozen tensors have no gradient).
     """
+    if isinstance(trainer.strategy, DDPStrategy):
+        exclude_projections_from_ddp(pl_module)
+
+
+def sync_projections(trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    """Broadcast rank 0's projections to every rank (once per Trainer entry point).
+
+    Runs at ``on_*_start``: after injection, ``configure_model``, the checkpoint restore and
+    the DDP wrap, so every rank trains against rank 0's projections even if their seeds,
+    RNG states or hardware differ. If the adapter was injected in ``configure_model`` (after
+    ``setup``), the already-built DDP wrapper is told to skip the projections too.
+    """
+    wrapper = trainer.strategy.model
+    if isinstance(wrapper, DistributedDataParallel):
+        ignored = getattr(wrapper, "parameters_to_ignore", None)
+        names = projection_buffer_names(pl_module)
+        if ignored is not None and not set(names) <= ignored:
+            ignored.update(names)
+    broadcast_projections(pl_module)
 
 
 class VeraCallback(Callback):
@@ -125,6 +159,7 @@ class VeraCallback(Callback):
         self.adapter_dir = os.fspath(adapter_dir) if adapter_dir is not None else None
         self.slim_checkpoints = slim_checkpoints
         self._ready = False
+        self._synced = False
         self._logged = False
         self._hook_handle: Any = None
 
@@ -140,6 +175,7 @@ class VeraCallback(Callback):
         if self._hook_handle is None:
             self._hook_handle = install_slim_loading(pl_module)
         prepare_distributed(trainer, pl_module)
+        self._synced = False
 
     def _inject(self, pl_module: pl.LightningModule) -> None:
         try:
@@ -205,22 +241,28 @@ class VeraCallback(Callback):
         )
 
     # ------------------------------------------------------------------ checks
+    def _start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._ensure_ready(pl_module)
+        if not self._synced:  # once per Trainer entry point (setup resets it)
+            sync_projections(trainer, pl_module)
+            self._synced = True
+
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._ensure_ready(pl_module)
+        self._start(trainer, pl_module)
         check_optimizers(pl_module, trainer.optimizers)
 
     @override
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._ensure_ready(pl_module)
+        self._start(trainer, pl_module)
 
     @override
     def on_test_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._ensure_ready(pl_module)
+        self._start(trainer, pl_module)
 
     @override
     def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._ensure_ready(pl_module)
+        self._start(trainer, pl_module)
 
     # ------------------------------------------------------------------ checkpoints
     @override
