@@ -138,9 +138,16 @@ def test_refuses_deepspeed_like_strategy():
 
     with pytest.raises(ValueError, match=r"DeepSpeedStrategy.*strategy='ddp'"):
         check_strategy(DeepSpeedStrategy(device=torch.device("cpu")))
-    with pytest.raises(ValueError, match=r"FSDPStrategy\) yet; use a single device or strategy='ddp'"):
-        check_strategy(pl.strategies.FSDPStrategy())
-    check_strategy(pl.strategies.DDPStrategy())  # supported: no error
+
+    class HomeMadeStrategy(pl.strategies.ParallelStrategy):  # an unknown parallel strategy
+        pass
+
+    HomeMadeStrategy.__abstractmethods__ = frozenset()
+    with pytest.raises(ValueError, match=r"strategy=HomeMadeStrategy\); use a single device, strategy='ddp'"):
+        check_strategy(HomeMadeStrategy())
+    for supported in (pl.strategies.DDPStrategy(), pl.strategies.FSDPStrategy(),
+                      pl.strategies.ModelParallelStrategy()):
+        check_strategy(supported)  # no error
 
 
 def test_config_and_fields_are_exclusive():
