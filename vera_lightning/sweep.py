@@ -113,6 +113,11 @@ def _plot(rows: list[dict[str, Any]], swept: list[str], metric: str, path: Path)
         ax.plot(xs, [p[1] for p in points], marker="o", label=label)
     if numeric and x_key.endswith(".r") and len({row.get(x_key) for row in rows}) > 2:
         ax.set_xscale("log", base=2)
+    if numeric:
+        ticks = sorted({row.get(x_key) for row in rows})
+        ax.set_xticks(ticks)
+        ax.set_xticklabels([str(t) for t in ticks])
+    ax.ticklabel_format(axis="y", useOffset=False)
     ax.set_xlabel(x_key)
     ax.set_ylabel(metric)
     ax.set_title(f"{metric} vs {x_key}")
