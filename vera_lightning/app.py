@@ -99,6 +99,11 @@ def _instantiate_dict(node: Any) -> list[Any]:
     return [hydra.utils.instantiate(value) for value in node.values() if value is not None]
 
 
+def _say(trainer: pl.Trainer, message: str) -> None:
+    if trainer.is_global_zero:
+        print(message, flush=True)
+
+
 def _dir_size(directory: Path) -> int:
     return sum(f.stat().st_size for f in directory.rglob("*") if f.is_file())
 
@@ -146,11 +151,11 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     if cfg.get("eval_before", True):
         before = _metrics(trainer.validate(module, datamodule=datamodule, verbose=False))
         metrics.update({f"before/{k}": v for k, v in before.items()})
-        print(f"[vera] before training: {metric_name} = {before.get(metric_name, float('nan')):.4f}")
+        _say(trainer, f"[vera] before training: {metric_name} = {before.get(metric_name, float('nan')):.4f}")
     trainer.fit(module, datamodule=datamodule)
     after = _metrics(trainer.validate(module, datamodule=datamodule, verbose=False))
     metrics.update(after)
-    print(f"[vera] after training:  {metric_name} = {after.get(metric_name, float('nan')):.4f}")
+    _say(trainer, f"[vera] after training:  {metric_name} = {after.get(metric_name, float('nan')):.4f}")
 
     adapter_dir = output_dir / "adapter"
     if trainer.is_global_zero:

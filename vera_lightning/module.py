@@ -154,7 +154,8 @@ class CausalLMModule(VeraTaskModule):
 
     @override
     def on_validation_epoch_end(self) -> None:
-        self.log("val/ppl", torch.exp(self.val_nll.compute()).clamp(max=math.exp(50)))
+        # compute() already reduced over ranks, so every rank logs the same value
+        self.log("val/ppl", torch.exp(self.val_nll.compute()).clamp(max=math.exp(50)), sync_dist=True)
 
 
 def build_module(task: str, model: nn.Module, optim: Mapping[str, Any], num_labels: Optional[int] = None):
