@@ -1,0 +1,45 @@
+"""The quality benchmark's entry point on a few dozen real SST-2 rows (2 steps per method)."""
+
+from __future__ import annotations
+
+import csv
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SST2 = ROOT.parent / "shared" / "data" / "sst2"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (SST2 / "train.tsv").is_file(), reason="needs ../shared/data/sst2")
+def test_bench_quality_writes_table_csv_and_plot(tmp_path):
+    cmd = [sys.executable, str(ROOT / "scripts" / "bench_quality.py"), "--data-dir", str(SST2), "--out",
+           str(tmp_path), "--train-rows", "40", "--dev-rows", "24", "--max-steps", "2", "--seeds", "0", "1",
+           "--methods", "head", "vera_r256", "--jobs", "2"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    table = (tmp_path / "quality.md").read_text()
+    assert "| head |" in table and "| vera_r256 |" in table and "| 2 | 770 |" in table
+    rows = list(csv.DictReader((tmp_path / "quality.csv").open()))
+    assert [r["method"] for r in rows] == ["head", "vera_r256"]
+    assert int(rows[1]["trainable_params"]) == 6 * 2 * (384 + 256) + 770  # λ's + classifier
+    assert (tmp_path / "quality.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    runs = (tmp_path / "runs.jsonl").read_text().splitlines()
+    assert len(runs) == 4
+    # a second call reuses the recorded runs instead of training again
+    again = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert again.returncode == 0 and "started" not in again.stdout
+    assert len((tmp_path / "runs.jsonl").read_text().splitlines()) == 4
+
+
+def test_bench_quality_rejects_a_missing_data_dir(tmp_path):
+    done = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_quality.py"), "--data-dir",
+                           str(tmp_path), "--out", str(tmp_path / "out")], capture_output=True, text=True)
+    assert done.returncode == 2
+    assert f"--data-dir={str(tmp_path)!r} holds no train.tsv" in done.stderr
+    assert not (tmp_path / "out").exists()
