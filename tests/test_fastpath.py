@@ -236,3 +236,33 @@ def test_bad_path_and_deepcopy_after_forward():
     _forward(ours, "opt", _embeds(ours, "opt"))  # the cache now holds a non-leaf h
     clone = copy.deepcopy(ours)
     assert clone.vera_projections.siblings.hits == 0 and clone.vera_projections.siblings.enabled
+
+
+class SharedInputNet(nn.Module):
+    """Two siblings reading the caller's tensor directly (no layer in between)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.q = nn.Linear(12, 6)
+        self.k = nn.Linear(12, 6)
+
+    def forward(self, x):
+        return self.q(x) * self.k(x)
+
+
+@pytest.mark.parametrize("requires_grad", [False, True])
+def test_same_input_object_across_steps_is_not_shared_between_passes(requires_grad):
+    torch.manual_seed(0)
+    fast = apply_vera(SharedInputNet(), VeraConfig(r=8, target_modules=["q", "k"], init_weights=False))
+    plain = set_vera_path(copy.deepcopy(fast), "plain", share=False)
+    x = torch.randn(4, 12, requires_grad=requires_grad)  # one batch object fed step after step
+    opts = [torch.optim.SGD([p for p in m.parameters() if p.requires_grad], lr=0.1) for m in (fast, plain)]
+    for _ in range(3):
+        for model, opt in zip((fast, plain), opts):
+            model(x).square().mean().backward()  # a reused graph node would fail or go stale here
+            opt.step()
+            opt.zero_grad()
+    assert fast.vera_projections.siblings.hits == 3  # k reuses q's h within each pass, never across
+    for (name, a), (_, b) in zip(vera_layers(fast), vera_layers(plain)):
+        torch.testing.assert_close(a.vera_lambda_b, b.vera_lambda_b, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(a.vera_lambda_d, b.vera_lambda_d, rtol=1e-5, atol=1e-6)

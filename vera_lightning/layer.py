@@ -191,7 +191,7 @@ class VeraLinear(nn.Module):
         a_s, b_s = self.sliced_projections()
         mode = "nograd" if save_h is None else ("save_h" if save_h else "lean")
         cache = getattr(self.projections, "siblings", None)
-        hit = cache.lookup(x, a_s, mode) if cache is not None else None
+        hit = cache.lookup(x, a_s, mode, id(self)) if cache is not None else None
         if hit is not None:
             h, group = hit
         elif mode == "nograd":
@@ -199,7 +199,7 @@ class VeraLinear(nn.Module):
         else:
             h, group = ProjectIn.apply(x, a_s, lam_d.dtype), SiblingGroup(a_s, lam_d.dtype)
         if hit is None and cache is not None:
-            cache.store(x, a_s, mode, (h, group))
+            cache.store(x, a_s, mode, (h, group), id(self))
         if mode == "nograd":
             return (result + lam_b * F.linear(lam_d * h, b_s)).to(result.dtype)
         group.members += 1

@@ -41,25 +41,33 @@ class SiblingCache:
         self._x_ref: Optional[weakref.ref] = None
         self._key: Optional[tuple] = None
         self._value: Optional[tuple[Any, ...]] = None
+        self._users: set[int] = set()
 
     @staticmethod
     def _key_of(x: torch.Tensor, a_s: torch.Tensor, mode: str) -> tuple:
         return (x._version, a_s.data_ptr(), tuple(a_s.shape), a_s.dtype, mode, torch.is_grad_enabled())
 
-    def lookup(self, x: torch.Tensor, a_s: torch.Tensor, mode: str) -> Optional[tuple[Any, ...]]:
-        """The value stored for this very ``x``/``A_s``/mode, or ``None``."""
+    def lookup(self, x: torch.Tensor, a_s: torch.Tensor, mode: str, user: int) -> Optional[tuple[Any, ...]]:
+        """The value stored for this very ``x``/``A_s``/mode, or ``None``.
+
+        ``user`` identifies the asking layer: a layer that already used the entry is running a new
+        forward pass on the same input object (e.g. a fixed batch fed to the first layer step after
+        step), so it must not reuse the previous pass's graph node.
+        """
         if not self.enabled or self._x_ref is None or self._x_ref() is not x or x.is_inference():
             return None
-        if self._key != self._key_of(x, a_s, mode):
+        if user in self._users or self._key != self._key_of(x, a_s, mode):
             return None
+        self._users.add(user)
         self.hits += 1
         return self._value
 
-    def store(self, x: torch.Tensor, a_s: torch.Tensor, mode: str, value: tuple[Any, ...]) -> None:
+    def store(self, x: torch.Tensor, a_s: torch.Tensor, mode: str, value: tuple[Any, ...], user: int) -> None:
         """Remember ``value`` (e.g. ``(h, group)``) for later layers reading ``x``."""
         if not self.enabled or x.is_inference():  # inference tensors have no version counter to check
             return
         self._x_ref, self._key, self._value = weakref.ref(x), self._key_of(x, a_s, mode), value
+        self._users = {user}
 
     # An entry holds a non-leaf tensor: never copy or pickle it with the model.
     def __deepcopy__(self, memo: dict) -> "SiblingCache":
