@@ -14,6 +14,22 @@ from vera_lightning.distributed import broadcast_projections, exclude_projection
 from vera_lightning.inject import vera_layers
 
 
+def finish(path: str, result: dict) -> None:
+    """Write ``result`` and leave without running destructors.
+
+    A Python DDP comm hook (``allreduce_hook`` uses ``fut.then(<Python callable>)``) can deadlock a
+    process at exit: the Reducer's destructor holds the GIL while joining gloo's threads, and a gloo
+    thread may still need the GIL to drop that callable. The barrier lets those threads finish
+    (the GIL is released while waiting); ``os._exit`` then skips the teardown altogether.
+    """
+    with open(path, "w") as fh:
+        json.dump(result, fh)
+        fh.flush()
+        os.fsync(fh.fileno())
+    dist.barrier()
+    os._exit(0)
+
+
 def init(rank: int, world: int, port: int) -> None:
     os.environ["MASTER_ADDR"] = "127.0.0.1"
     os.environ["MASTER_PORT"] = str(port)
@@ -107,9 +123,7 @@ def ddp_bytes_worker(rank: int, world: int, port: int, out_dir: str, ignore: boo
                                 for b in (model.vera_projections.vera_A, model.vera_projections.vera_B)),
         "bn_buffer_bytes": sum(b.numel() * b.element_size() for b in model.bn.buffers()),
     }
-    with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as fh:
-        json.dump(result, fh)
-    dist.destroy_process_group()
+    finish(os.path.join(out_dir, f"rank{rank}.json"), result)
 
 
 def _same_across_ranks(t: torch.Tensor) -> bool:
@@ -173,9 +187,8 @@ def fsdp2_worker(rank: int, world: int, port: int, out_dir: str, bf16: bool) -> 
         if "vera_lambda" in name:
             grads[name] = p.grad.full_tensor().float().tolist()
     projections_plain = all(not hasattr(b, "full_tensor") for b in model.vera_projections.buffers())
-    with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as fh:
-        json.dump({"grads": grads, "loss": float(loss), "projections_plain": projections_plain}, fh)
-    dist.destroy_process_group()
+    finish(os.path.join(out_dir, f"rank{rank}.json"),
+           {"grads": grads, "loss": float(loss), "projections_plain": projections_plain})
 
 
 def single_process_opt_grads(world: int, bf16: bool) -> dict:

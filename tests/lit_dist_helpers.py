@@ -114,3 +114,7 @@ class Recorder(pl.Callback):
         self.result["ddp_ignored"] = sorted(getattr(pl_module, "_ddp_params_and_buffers_to_ignore", []))
         with open(os.path.join(self.out_dir, f"rank{trainer.global_rank}.json"), "w") as fh:
             json.dump(self.result, fh)
+        if dist.is_initialized():
+            # let gloo's threads drop the comm hook's Python callbacks while the GIL is free, so that
+            # DDP's teardown cannot deadlock on them (see dist_workers.finish)
+            dist.barrier()
