@@ -34,7 +34,7 @@ from torch import nn
 
 from vera_lightning import adapter_format as fmt
 from vera_lightning.config import VeraConfig
-from vera_lightning.inject import apply_vera, get_vera_config, vera_layers
+from vera_lightning.inject import apply_vera, vera_layers
 from vera_lightning.slim import adapter_config_of
 
 __all__ = ["save_adapter", "load_adapter", "adapter_root", "ADAPTER_CONFIG_NAME", "ADAPTER_WEIGHTS_NAME"]
@@ -123,7 +123,7 @@ def load_adapter(model: nn.Module, directory: PathLike) -> nn.Module:
     directory = os.fspath(directory)
     config = _read_config(directory)
     tensors, metadata = _read_weights(directory)
-    existing = get_vera_config(model) or adapter_config_of(model)
+    existing = adapter_config_of(model)  # the config every VeraLinear's shared projections carry
     problems = fmt.compare_configs(model, existing, config) if existing is not None else []
     if not problems:
         problems = fmt.check_tensors(model, config, tensors, metadata)
