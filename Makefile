@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 TORCH_PIN := torch==2.13.0
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup test test-fast train bench clean
+.PHONY: setup test test-fast test-cpu-kernels train bench clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -24,6 +24,12 @@ test: $(STAMP)
 
 test-fast: $(STAMP)
 	$(PY) -m pytest tests -q -m "not slow and not distributed"
+
+# the numerics tests again with the kernels of CPUs without AVX-512 (and without AVX2):
+# rounding differs per kernel set, and a user's CPU is not the author's
+test-cpu-kernels: $(STAMP)
+	ATEN_CPU_CAPABILITY=avx2 $(PY) -m pytest tests -q -m numerics
+	ATEN_CPU_CAPABILITY=default $(PY) -m pytest tests -q -m numerics
 
 train: $(STAMP)
 	$(PY) scripts/train.py $(ARGS)

@@ -11,6 +11,8 @@ from conftest import TINY_MODELS, peft_layer, peft_vera, randomize_lambdas_, run
 from vera_lightning import VeraConfig, apply_vera, count_parameters, merge_vera
 from vera_lightning.inject import vera_layers
 
+pytestmark = pytest.mark.numerics  # also run under every ATEN_CPU_CAPABILITY by .ci/run
+
 KINDS = list(TINY_MODELS)
 
 

@@ -14,6 +14,8 @@ from vera_lightning import VeraConfig, apply_vera
 from vera_lightning.inject import vera_layers
 from vera_lightning.layer import set_vera_path
 
+pytestmark = pytest.mark.numerics  # also run under every ATEN_CPU_CAPABILITY by .ci/run
+
 FAST = [("lean", True), ("lean", False), ("save_h", True), ("save_h", False), ("auto", True)]
 
 
@@ -161,25 +163,39 @@ def test_inplace_change_of_input_breaks_sharing():
     assert model.vera_projections.siblings.hits == 0
 
 
+def _rel(a, b):
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+def assert_no_worse_than_peft(ours, theirs, reference, what, margin=1e-3):
+    """Half precision: our error against a float32 reference is at most PEFT's (x1.5) plus a margin.
+
+    A fixed tolerance between the two implementations depends on the CPU's kernels
+    (ATEN_CPU_CAPABILITY changes their rounding); their distance to the exact value does not move.
+    """
+    ours_err, peft_err = _rel(ours, reference), _rel(theirs, reference)
+    assert ours_err <= 1.5 * peft_err + margin, f"{what}: ours {ours_err:.2e} vs PEFT {peft_err:.2e} from float32"
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("path", ["lean", "save_h"])
 def test_half_precision_fast_path(dtype, path):
     ours, theirs = _adapted("llama", dtype=dtype)
+    reference = set_vera_path(copy.deepcopy(ours).float(), "plain", share=False)  # same values, float32 math
     set_vera_path(ours, path)
     names = [n for n, _ in vera_layers(ours)]
-    out_f, g_f, gx_f = _grads(ours, "llama", _embeds(ours, "llama", dtype), list(vera_layers(ours)))
-    out_t, g_t, gx_t = _grads(theirs, "llama", _embeds(ours, "llama", dtype), _peft_named(theirs, names))
+    emb = _embeds(ours, "llama", dtype)
+    out_f, g_f, gx_f = _grads(ours, "llama", emb.detach().clone().requires_grad_(True), list(vera_layers(ours)))
+    out_t, g_t, gx_t = _grads(theirs, "llama", emb.detach().clone().requires_grad_(True), _peft_named(theirs, names))
+    out_r, g_r, gx_r = _grads(reference, "llama", emb.detach().float().requires_grad_(True), list(vera_layers(reference)))
     assert out_f.dtype == dtype and torch.equal(out_f, out_t)  # forward stays bit-identical to PEFT
     assert ours.vera_projections.siblings.hits == 6
-    # PEFT sums the siblings' input gradients in half precision, we in float32 then round once:
-    # upstream gradients differ by half-precision rounding, so compare relative to the norm.
-    def rel(a, b):
-        return ((a.float() - b.float()).norm() / b.float().norm()).item()
-
-    assert rel(gx_f, gx_t) < 1e-2
+    # PEFT sums the siblings' input gradients in half precision, we in float32 then round once.
+    assert_no_worse_than_peft(gx_f, gx_t, gx_r, "grad x")
     for n in names:
         for p in ("vera_lambda_b", "vera_lambda_d"):
-            assert g_f[n][p].dtype == torch.float32 and rel(g_f[n][p], g_t[n][p]) < 1e-2, (n, p)
+            assert g_f[n][p].dtype == torch.float32
+            assert_no_worse_than_peft(g_f[n][p], g_t[n][p], g_r[n][p], f"{n}.{p}")
 
 
 def test_no_grad_forward_is_bit_identical_and_shares():

@@ -16,6 +16,8 @@ from conftest import model_inputs, peft_vera, run, tiny_bert, tiny_gpt2, tiny_op
 from vera_lightning import VeraConfig, apply_vera, load_adapter, save_adapter, unload_vera
 from vera_lightning.inject import vera_layers
 
+pytestmark = pytest.mark.numerics  # also run under every ATEN_CPU_CAPABILITY by .ci/run
+
 
 def _quiet_config(**fields):
     with warnings.catch_warnings():
