@@ -22,7 +22,7 @@ import time
 import torch
 
 from vera_lightning import merge_vera
-from vera_lightning.benchmark import (
+from bench_harness import (
     TARGET_SETS, VARIANTS, BenchShape, build_base, build_variant, make_step, saved_activation_bytes, summarize,
     time_round_robin,
 )

@@ -36,7 +36,9 @@ METHODS = {
 
 
 def compose(overrides: list[str]):
-    import vera_lightning.app  # noqa: F401  (registers the vera schema)
+    from vera_lightning.app import register_configs
+
+    register_configs()
     from hydra import compose as hydra_compose, initialize_config_dir
 
     conf = Path(__file__).resolve().parents[1] / "conf"
@@ -57,9 +59,9 @@ def run_one(spec: dict) -> dict:
 
     from vera_lightning import VeraCallback, count_parameters, save_adapter
     from vera_lightning.app import vera_config_from
-    from vera_lightning.data import build_datamodule
-    from vera_lightning.models import build_model, build_tokenizer
-    from vera_lightning.module import ClassificationModule
+    from vera_lightning.app.data import build_datamodule
+    from vera_lightning.app.models import build_model, build_tokenizer
+    from vera_lightning.app.module import ClassificationModule
 
     torch.set_num_threads(spec["threads"])
     kind, options = METHODS[spec["method"]]

@@ -1,4 +1,4 @@
-"""Regenerate the built-in demo sentiment set in ``vera_lightning/demo_data/``.
+"""Regenerate the built-in demo sentiment set in ``vera_lightning/app/demo_data/``.
 
 The sentences are the project's own text, built from hand-written templates so
 the default offline run has a sentence-classification task with no download.
@@ -54,7 +54,7 @@ def build(seed: int = 0) -> tuple[list[tuple[str, int]], list[tuple[str, int]]]:
 
 
 def main() -> None:
-    out = Path(__file__).resolve().parents[1] / "vera_lightning" / "demo_data"
+    out = Path(__file__).resolve().parents[1] / "vera_lightning" / "app" / "demo_data"
     out.mkdir(parents=True, exist_ok=True)
     train, dev = build()
     for name, rows in (("train.tsv", train), ("dev.tsv", dev)):

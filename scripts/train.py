@@ -15,7 +15,9 @@ from __future__ import annotations
 import hydra
 from omegaconf import DictConfig
 
-from vera_lightning.app import train
+from vera_lightning.app import register_configs, train
+
+register_configs()  # VeraConfig as the schema of the `vera` group, before Hydra composes
 
 
 @hydra.main(config_path="../conf", config_name="train", version_base="1.3")

@@ -19,9 +19,9 @@ from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
-from vera_lightning.app import train, vera_config_from
+from vera_lightning.app.train import register_configs, train, vera_config_from
 from vera_lightning.config import BiasMode
-from vera_lightning.models import ModelUnavailableError
+from vera_lightning.app.models import ModelUnavailableError
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
@@ -31,6 +31,8 @@ SST2 = (ROOT / ".." / "shared" / "data" / "sst2").resolve()
 @pytest.fixture
 def make_cfg(tmp_path):
     """``make_cfg(*overrides)`` -> the real conf/train.yaml composed, writing under ``tmp_path``."""
+
+    register_configs()
 
     def make(*overrides: str, return_hydra_config: bool = False):
         with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
@@ -221,8 +223,8 @@ def test_tensorboard_logger_instantiates(make_cfg, tmp_path):
 
 @pytest.mark.skipif(not SST2.is_dir(), reason=f"SST-2 not found at {SST2}")
 def test_sst2_config_reads_the_real_task(make_cfg):
-    from vera_lightning.data import build_datamodule
-    from vera_lightning.models import build_tokenizer
+    from vera_lightning.app.data import build_datamodule
+    from vera_lightning.app.models import build_tokenizer
 
     cfg = make_cfg("data=sst2", f"data.data_dir={SST2}", "data.max_train_samples=64", "data.max_val_samples=32")
     dm = build_datamodule(OmegaConf.to_container(cfg.data, resolve=True), build_tokenizer(cfg.model))

@@ -8,8 +8,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import pytest
 
-from vera_lightning.data import DEMO_DIR, TextDataModule, read_split, subsample
-from vera_lightning.models import build_tokenizer
+from vera_lightning.app.data import DEMO_DIR, TextDataModule, read_split, subsample
+from vera_lightning.app.models import build_tokenizer
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ import torch
 
 from conftest import tiny_bert, tiny_opt
 from vera_lightning import VeraConfig, apply_vera
-from vera_lightning.module import CausalLMModule, ClassificationModule, build_module, linear_warmup
+from vera_lightning.app.module import CausalLMModule, ClassificationModule, build_module, linear_warmup
 
 
 def test_linear_warmup_then_linear_decay():

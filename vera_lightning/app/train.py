@@ -1,4 +1,4 @@
-"""The training app: ``train(cfg) -> metrics`` for a composed ``conf/train.yaml``.
+"""``train(cfg) -> metrics`` for a composed ``conf/train.yaml``.
 
 ``scripts/train.py`` is the ``@hydra.main`` wrapper around :func:`train`; tests and
 notebooks call :func:`train` directly with a config composed by Hydra's compose API.
@@ -25,10 +25,10 @@ from omegaconf import DictConfig, OmegaConf
 from vera_lightning.callback import VeraCallback
 from vera_lightning.checkpoint import adapter_root, save_adapter
 from vera_lightning.config import VeraConfig
-from vera_lightning.data import build_datamodule
+from vera_lightning.app.data import build_datamodule
 from vera_lightning.inject import count_parameters
-from vera_lightning.models import build_model, build_tokenizer, resolve_path
-from vera_lightning.module import build_module
+from vera_lightning.app.models import build_model, build_tokenizer, resolve_path
+from vera_lightning.app.module import build_module
 
 __all__ = ["register_configs", "vera_config_from", "train"]
 
@@ -44,7 +44,6 @@ def register_configs() -> None:
     ConfigStore.instance().store(group="vera", name="schema", node=VeraConfig)
 
 
-register_configs()
 
 
 def vera_config_from(cfg: DictConfig) -> VeraConfig:

