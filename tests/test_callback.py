@@ -56,7 +56,7 @@ def test_setup_is_idempotent_across_stages(tmp_path):
     trainer.validate(module, verbose=False)
     trainer.test  # noqa: B018 (attribute exists; validate ran setup a second time)
     assert sum(1 for _ in vera_layers(module)) == 2
-    assert len([m for m in module.modules() if type(m).__name__ == "VeraProjections"]) == 1
+    assert len([m for m in module.modules() if type(m).__name__ == "VeraAdapter"]) == 1
     assert torch.equal(module.model.model.decoder.layers[0].self_attn.q_proj.vera_lambda_b, lam)
 
 

@@ -12,7 +12,7 @@ from torch import nn
 from conftest import TINY_MODELS, peft_layer, peft_vera, randomize_lambdas_
 from vera_lightning import VeraConfig, apply_vera
 from vera_lightning.inject import vera_layers
-from vera_lightning.layer import set_vera_path
+from vera_lightning import record_paths, set_vera_path
 
 pytestmark = pytest.mark.numerics  # also run under every ATEN_CPU_CAPABILITY by .ci/run
 
@@ -72,11 +72,12 @@ def test_fast_path_matches_plain_and_peft(kind, targets, path, share):
     set_vera_path(plain, "plain", share=False)
     set_vera_path(ours, path, share=share)
     names = [n for n, _ in vera_layers(ours)]
-    out_f, g_f, gx_f = _grads(ours, kind, _embeds(ours, kind), list(vera_layers(ours)))
-    out_p, g_p, gx_p = _grads(plain, kind, _embeds(plain, kind), list(vera_layers(plain)))
+    with record_paths() as seen:
+        out_f, g_f, gx_f = _grads(ours, kind, _embeds(ours, kind), list(vera_layers(ours)))
+        out_p, g_p, gx_p = _grads(plain, kind, _embeds(plain, kind), list(vera_layers(plain)))
     out_t, g_t, gx_t = _grads(theirs, kind, _embeds(ours, kind), _peft_named(theirs, names))
-    assert {l.last_path for _, l in vera_layers(ours)} == {"save_h" if path == "save_h" else "lean"}
-    assert {l.last_path for _, l in vera_layers(plain)} == {"plain"}
+    assert {seen[l] for _, l in vera_layers(ours)} == {"save_h" if path == "save_h" else "lean"}
+    assert {seen[l] for _, l in vera_layers(plain)} == {"plain"}
     assert torch.equal(out_f, out_p)  # same forward operations: bit-identical
     torch.testing.assert_close(out_f, out_t, rtol=0, atol=1e-6)
     for ref_grads, ref_gx in ((g_p, gx_p), (g_t, gx_t)):
@@ -106,16 +107,18 @@ def test_dropout_falls_back_to_plain_path():
     ours, theirs = _adapted("opt", targets=["q_proj", "k_proj", "v_proj"], vera_dropout=0.3)
     ours.train(), theirs.train()
     torch.manual_seed(5)
-    out = _forward(ours, "opt", _embeds(ours, "opt"))
+    with record_paths() as seen:
+        out = _forward(ours, "opt", _embeds(ours, "opt"))
     out.sum().backward()
-    assert {l.last_path for _, l in vera_layers(ours)} == {"plain"}
+    assert {seen[l] for _, l in vera_layers(ours)} == {"plain"}
     assert ours.vera_projections.siblings.hits == 0
     torch.manual_seed(5)  # same masks drawn in the same order as PEFT
     ref = _forward(theirs, "opt", _embeds(ours, "opt"))
     torch.testing.assert_close(out, ref, rtol=0, atol=1e-6)
     ours.eval()  # dropout inactive: the fast path (and sharing) come back
-    _forward(ours, "opt", _embeds(ours, "opt")).sum().backward()
-    assert {l.last_path for _, l in vera_layers(ours)} == {"lean"}
+    with record_paths() as seen:
+        _forward(ours, "opt", _embeds(ours, "opt")).sum().backward()
+    assert {seen[l] for _, l in vera_layers(ours)} == {"lean"}
     assert ours.vera_projections.siblings.hits == 4
 
 
@@ -200,10 +203,10 @@ def test_half_precision_fast_path(dtype, path):
 
 def test_no_grad_forward_is_bit_identical_and_shares():
     ours, theirs = _adapted("opt", targets=["q_proj", "k_proj", "v_proj"])
-    with torch.no_grad():
+    with torch.no_grad(), record_paths() as seen:
         a = _forward(ours, "opt", _embeds(ours, "opt"))
         b = _forward(theirs, "opt", _embeds(ours, "opt"))
-    assert {l.last_path for _, l in vera_layers(ours)} == {"nograd"}
+    assert {seen[l] for _, l in vera_layers(ours)} == {"nograd"}
     assert ours.vera_projections.siblings.hits == 4
     torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
 

@@ -124,8 +124,10 @@ def saved(tmp_path):
     src = apply_vera(tiny_opt(), VeraConfig(r=8, target_modules=["q_proj", "v_proj"]))
     _train_like_(src)
     save_adapter(src, tmp_path / "with")
-    src.vera_projections.config = _quiet_config(r=8, target_modules=["q_proj", "v_proj"], save_projection=False)
-    save_adapter(src, tmp_path / "seed")
+    torch.manual_seed(0)  # the same base, adapted without storing the projections, holding the same λ's
+    seed_only = apply_vera(tiny_opt(), _quiet_config(r=8, target_modules=["q_proj", "v_proj"], save_projection=False))
+    seed_only.load_state_dict(src.state_dict(), strict=False)
+    save_adapter(seed_only, tmp_path / "seed")
     return tmp_path
 
 

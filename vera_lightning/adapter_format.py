@@ -13,10 +13,11 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
+from vera_lightning.adapter import find_adapter, vera_layers
 from vera_lightning.config import BiasMode, VeraConfig
-from vera_lightning.inject import resolve_target_names, vera_layers
-from vera_lightning.layer import VeraLinear
-from vera_lightning.projection import VeraProjections
+from vera_lightning.inject import modules_to_save_of, resolve_target_names
+from vera_lightning.layer import VeraLinear, layer_shape
+from vera_lightning.projection import draw_projections
 
 __all__ = ["layout", "config_from_peft_dict", "peft_extra_fields", "compare_configs", "check_tensors",
            "content_sha256", "check_projections_match_seed", "META_PROJECTION", "META_CONTENT", "PROJECTION_KEYS"]
@@ -32,30 +33,9 @@ _PEFT_META = {"peft_type", "task_type", "auto_mapping", "base_model_name_or_path
 Slot = tuple[tuple[int, ...], Optional[torch.Tensor]]
 
 
-def _modules_to_save(model: nn.Module, config: VeraConfig) -> list[tuple[str, nn.Module]]:
-    wanted, found = config.modules_to_save or [], []
-    for name, module in model.named_modules():
-        hit = name and any(name == m or name.endswith("." + m) for m in wanted)
-        if hit and not any(name.startswith(f + ".") for f, _ in found):
-            found.append((name, module))
-    return found
-
-
 def _target_layers(model: nn.Module, config: VeraConfig) -> dict[str, nn.Module]:
     layers = dict(vera_layers(model))
     return layers or {name: model.get_submodule(name) for name in resolve_target_names(model, config)}
-
-
-def _out_features(module: nn.Module) -> int:
-    if isinstance(module, (VeraLinear, nn.Linear)):
-        return module.out_features
-    return module.weight.shape[1]  # transformers Conv1D stores (in, out)
-
-
-def _in_features(module: nn.Module) -> int:
-    if isinstance(module, (VeraLinear, nn.Linear)):
-        return module.in_features
-    return module.weight.shape[0]
 
 
 def layout(model: nn.Module, config: VeraConfig) -> dict[str, Slot]:
@@ -69,9 +49,9 @@ def layout(model: nn.Module, config: VeraConfig) -> dict[str, Slot]:
     for name, layer in layers.items():
         injected = isinstance(layer, VeraLinear)
         lam_b, lam_d = (layer.vera_lambda_b, layer.vera_lambda_d) if injected else (None, None)
-        slots[f"{_MODEL}{name}.vera_lambda_b"] = ((_out_features(layer),), lam_b)
+        slots[f"{_MODEL}{name}.vera_lambda_b"] = ((layer_shape(layer)[1],), lam_b)
         slots[f"{_MODEL}{name}.vera_lambda_d"] = ((config.r,), lam_d)
-    saved_modules = _modules_to_save(model, config)
+    saved_modules = modules_to_save_of(model, config.modules_to_save)
     in_saved = tuple(name + "." for name, _ in saved_modules)
     if config.bias != BiasMode.none:
         for key, tensor in model.state_dict(keep_vars=True).items():
@@ -84,23 +64,21 @@ def layout(model: nn.Module, config: VeraConfig) -> dict[str, Slot]:
     for name, module in saved_modules:
         for key, tensor in module.state_dict(keep_vars=True).items():
             slots[f"{_MODEL}{name}.{key}"] = (tuple(tensor.shape), tensor)
-    first = next(iter(layers.values()))
-    if isinstance(first, VeraLinear):
-        proj: Optional[VeraProjections] = first.projections
-        max_in, max_out = proj.max_in, proj.max_out
+    adapter = find_adapter(model) if isinstance(next(iter(layers.values())), VeraLinear) else None
+    if adapter is not None:
+        max_in, max_out = adapter.max_in, adapter.max_out
     else:
-        proj = None
-        max_in = max(_in_features(m) for m in layers.values())
-        max_out = max(_out_features(m) for m in layers.values())
-    slots[_PROJ_KEYS["vera_A"]] = ((config.r, max_in), proj.vera_A if proj is not None else None)
-    slots[_PROJ_KEYS["vera_B"]] = ((max_out, config.r), proj.vera_B if proj is not None else None)
+        shapes = [layer_shape(m) for m in layers.values()]
+        max_in, max_out = max(s[0] for s in shapes), max(s[1] for s in shapes)
+    slots[_PROJ_KEYS["vera_A"]] = ((config.r, max_in), adapter.vera_A if adapter is not None else None)
+    slots[_PROJ_KEYS["vera_B"]] = ((max_out, config.r), adapter.vera_B if adapter is not None else None)
     return slots
 
 
 def _ignorable(model: nn.Module, config: VeraConfig) -> set[str]:
     """Duplicates PEFT writes with ``bias="all"`` (the frozen original and the wrapper copy of saved modules)."""
     keys = set()
-    for name, module in _modules_to_save(model, config):
+    for name, module in modules_to_save_of(model, config.modules_to_save):
         for key in module.state_dict(keep_vars=True):
             keys |= {f"{_MODEL}{name}.original_module.{key}", f"{_MODEL}{name}.modules_to_save.{key}"}
     return keys
@@ -144,11 +122,13 @@ def config_from_peft_dict(data: Any, source: str) -> VeraConfig:
 def compare_configs(model: nn.Module, existing: VeraConfig, saved: VeraConfig) -> list[str]:
     """Differences that make an adapter unloadable into a model already carrying VeRA."""
     problems = []
+    diff = existing.diff(saved)
     for option in ("r", "projection_prng_key", "bias"):
-        if getattr(existing, option) != getattr(saved, option):
+        if option in diff:
+            mine, theirs = diff[option]
             problems.append(
-                f"{option}: the adapter has {option}={getattr(saved, option)!r} but the model was adapted with "
-                f"{getattr(existing, option)!r}; load it into the base model without VeRA (it is then injected "
+                f"{option}: the adapter has {option}={theirs!r} but the model was adapted with "
+                f"{mine!r}; load it into the base model without VeRA (it is then injected "
                 "from the adapter's config) or re-adapt with the adapter's options"
             )
     if sorted(existing.modules_to_save or []) != sorted(saved.modules_to_save or []):
@@ -173,14 +153,14 @@ def content_sha256(tensors: dict[str, torch.Tensor]) -> str:
     return hasher.hexdigest()
 
 
-def _seed_draw(config: VeraConfig, max_in: int, max_out: int) -> VeraProjections:
-    return VeraProjections(config.r, max_in, max_out, config.projection_prng_key)
+def _seed_draw(config: VeraConfig, max_in: int, max_out: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return draw_projections(config.r, max_in, max_out, config.projection_prng_key)
 
 
-def _projection_sha(proj: VeraProjections) -> str:
+def _projection_sha(projections: tuple[torch.Tensor, torch.Tensor]) -> str:
     hasher = hashlib.sha256()
-    _digest(hasher, "vera_A", proj.vera_A)
-    _digest(hasher, "vera_B", proj.vera_B)
+    _digest(hasher, "vera_A", projections[0])
+    _digest(hasher, "vera_B", projections[1])
     return hasher.hexdigest()
 
 
@@ -195,9 +175,9 @@ def check_projections_match_seed(model: nn.Module, config: VeraConfig) -> str:
     (shape_a, a), (shape_b, b) = slots[_PROJ_KEYS["vera_A"]], slots[_PROJ_KEYS["vera_B"]]
     fresh = _seed_draw(config, shape_a[1], shape_b[0])
     if not config.save_projection and a is not None:
-        candidates = [(fresh.vera_A, fresh.vera_B)]
+        candidates = [fresh]
         for half in (torch.bfloat16, torch.float16):  # half-precision models hold rounded projections
-            candidates.append((fresh.vera_A.to(half).float(), fresh.vera_B.to(half).float()))
+            candidates.append((fresh[0].to(half).float(), fresh[1].to(half).float()))
         if not any(torch.equal(a.cpu().float(), x) and torch.equal(b.cpu().float(), y) for x, y in candidates):
             raise ValueError(
                 f"save_adapter: save_projection=False but the model's vera_A/vera_B are not the ones "

@@ -32,28 +32,18 @@ from lightning.pytorch.strategies import (
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel
 from typing_extensions import override
 
+from vera_lightning.adapter import VeraAdapter, find_adapter, vera_layers
 from vera_lightning.checkpoint import adapter_root, save_adapter
 from vera_lightning.config import VeraConfig
-from vera_lightning.distributed import broadcast_projections, exclude_projections_from_ddp, projection_buffer_names
-from vera_lightning.inject import _candidates_hint, apply_vera, count_parameters, resolve_target_names, vera_layers
-from vera_lightning.projection import PROJECTIONS_ATTR, VeraProjections
+from vera_lightning.distributed import prepare_ddp, sync_projections
+from vera_lightning.inject import apply_vera, count_parameters, describe_candidates, resolve_target_names
 from vera_lightning.slim import install_slim_loading, slim_checkpoint_
 
-__all__ = ["VeraCallback", "find_vera_roots"]
+__all__ = ["VeraCallback", "check_strategy", "check_optimizers"]
 
 log = logging.getLogger(__name__)
-
-
-def find_vera_roots(module: nn.Module) -> list[tuple[str, nn.Module]]:
-    """``(name, submodule)`` of every module under ``module`` that carries VeRA projections."""
-    return [
-        (name, sub)
-        for name, sub in module.named_modules()
-        if isinstance(getattr(sub, PROJECTIONS_ATTR, None), VeraProjections)
-    ]
 
 
 def check_strategy(strategy: Strategy) -> None:
@@ -83,42 +73,14 @@ def check_strategy(strategy: Strategy) -> None:
     )
 
 
-def prepare_distributed(trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-    """Keep the projections out of DDP's per-forward buffer broadcast (called at the end of ``setup``).
-
-    ``setup`` runs before Lightning wraps the module in DDP, so listing the projections in
-    DDP's parameters-and-buffers-to-ignore here means ``broadcast_buffers`` never sends them;
-    other buffers (BatchNorm statistics) keep DDP's behaviour. Only λ's and
-    ``modules_to_save`` gradients are all-reduced (frozen tensors have no gradient).
-    """
-    if isinstance(trainer.strategy, DDPStrategy):
-        exclude_projections_from_ddp(pl_module)
-
-
-def sync_projections(trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-    """Broadcast rank 0's projections to every rank (once per Trainer entry point).
-
-    Runs at ``on_*_start``: after injection, ``configure_model``, the checkpoint restore and
-    the DDP wrap, so every rank trains against rank 0's projections even if their seeds,
-    RNG states or hardware differ. If the adapter was injected in ``configure_model`` (after
-    ``setup``), the already-built DDP wrapper is told to skip the projections too.
-    """
-    wrapper = trainer.strategy.model
-    if isinstance(wrapper, DistributedDataParallel):
-        ignored = getattr(wrapper, "parameters_to_ignore", None)
-        names = projection_buffer_names(pl_module)
-        if ignored is not None and not set(names) <= ignored:
-            ignored.update(names)
-    broadcast_projections(pl_module)
-
-
 class VeraCallback(Callback):
     """Inject VeRA in ``setup``, check the optimizer, keep checkpoints adapter-only.
 
     Args:
         config: The adapter options. Give either ``config`` or its fields as keywords;
-            with neither, a model already adapted in ``configure_model`` keeps its own
-            config and any other model gets ``VeraConfig()``'s defaults.
+            with neither (``config`` stays ``None`` until ``setup``), a model already adapted
+            in ``configure_model`` keeps its own config and any other model gets
+            ``VeraConfig()``'s defaults.
         adapter_dir: If set, every time Lightning saves a checkpoint the adapter is also
             written in PEFT's layout to ``<adapter_dir>/epoch=E-step=S/`` (rank 0 only).
         slim_checkpoints: Drop the frozen base weights from Lightning ``.ckpt`` files
@@ -150,12 +112,14 @@ class VeraCallback(Callback):
                 "(e.g. VeraCallback(VeraConfig(r=256)) or VeraCallback(r=256))"
             )
         if config is not None and not isinstance(config, VeraConfig):
-            if isinstance(config, dict):
-                config = VeraConfig.from_dict(config)
-            else:
-                raise TypeError(f"VeraCallback(config=...) expects a VeraConfig, got {type(config).__name__}")
-        self._explicit = config is not None or bool(config_fields)
-        self.config: VeraConfig = config if config is not None else VeraConfig(**config_fields)
+            raise TypeError(
+                f"VeraCallback(config=...) expects a VeraConfig, got {type(config).__name__}; pass "
+                "VeraCallback(VeraConfig(...)) or the fields as keywords, VeraCallback(r=256, ...)"
+            )
+        if config is None and config_fields:
+            config = VeraConfig(**config_fields)
+        #: The adapter options; ``None`` means "adopt the model's own adapter" (resolved in ``setup``).
+        self.config: Optional[VeraConfig] = config
         self.adapter_dir = os.fspath(adapter_dir) if adapter_dir is not None else None
         self.slim_checkpoints = slim_checkpoints
         self._ready = False
@@ -167,19 +131,20 @@ class VeraCallback(Callback):
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         check_strategy(trainer.strategy)
-        roots = find_vera_roots(pl_module)
-        if roots:
-            self._validate(pl_module, roots)
+        adapter = find_adapter(pl_module)
+        if adapter is not None:
+            self._validate(pl_module, adapter)
         else:
             self._inject(pl_module)
         if self._hook_handle is None:
             self._hook_handle = install_slim_loading(pl_module)
-        prepare_distributed(trainer, pl_module)
+        prepare_ddp(trainer.strategy, pl_module)
         self._synced = False
 
     def _inject(self, pl_module: pl.LightningModule) -> None:
+        config = self.config or VeraConfig()
         try:
-            resolve_target_names(pl_module, self.config)
+            resolve_target_names(pl_module, config)
         except ValueError as err:
             if is_overridden("configure_model", pl_module):
                 return  # the model is built in configure_model; checked once it exists (_ensure_ready)
@@ -188,23 +153,16 @@ class VeraCallback(Callback):
                 "builds its model in configure_model(), call vera_lightning.apply_vera(self.model, config) at the "
                 "end of configure_model() and pass the same config to VeraCallback."
             ) from None
-        apply_vera(pl_module, self.config)
+        self.config = config
+        apply_vera(pl_module, config)
         self._ready = True
         self._log_counts(pl_module)
 
-    def _validate(self, pl_module: pl.LightningModule, roots: list[tuple[str, nn.Module]]) -> None:
-        if len(roots) > 1:
-            names = [name or "<root>" for name, _ in roots]
-            raise ValueError(
-                f"{type(pl_module).__name__} holds VeRA projections in several places {names}; apply_vera must "
-                "be called once, on one module that contains every layer to adapt"
-            )
-        existing = getattr(roots[0][1], PROJECTIONS_ATTR).config
-        if not self._explicit:
-            self.config = existing
-        elif existing.to_dict() != self.config.to_dict():
-            mine = self.config.to_dict()
-            diff = {k: (v, mine[k]) for k, v in existing.to_dict().items() if mine[k] != v}
+    def _validate(self, pl_module: pl.LightningModule, adapter: VeraAdapter) -> None:
+        if self.config is None:
+            self.config = adapter.config
+        diff = adapter.config.diff(self.config)
+        if diff:
             raise ValueError(
                 f"{type(pl_module).__name__} was adapted with a different VeraConfig than VeraCallback's "
                 f"(option: (model, callback)) {diff}; pass the same config to apply_vera and VeraCallback, "
@@ -219,15 +177,16 @@ class VeraCallback(Callback):
         """After ``configure_model``: the adapter must exist now."""
         if self._ready:
             return
-        roots = find_vera_roots(pl_module)
-        if not roots:
+        adapter = find_adapter(pl_module)
+        if adapter is None:
+            config = self.config or VeraConfig()
             raise ValueError(
                 f"VeraCallback: {type(pl_module).__name__}.configure_model() ran but the model carries no VeRA "
-                f"adapter, and target_modules={self.config.target_modules!r} matched nothing before it. Call "
+                f"adapter, and target_modules={config.target_modules!r} matched nothing before it. Call "
                 "vera_lightning.apply_vera(self.model, config) at the end of configure_model(). "
-                f"{_candidates_hint(pl_module)}"
+                f"{describe_candidates(pl_module)}"
             )
-        self._validate(pl_module, roots)
+        self._validate(pl_module, adapter)
 
     def _log_counts(self, pl_module: pl.LightningModule) -> None:
         if self._logged:
@@ -244,7 +203,7 @@ class VeraCallback(Callback):
     def _start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._ensure_ready(pl_module)
         if not self._synced:  # once per Trainer entry point (setup resets it)
-            sync_projections(trainer, pl_module)
+            sync_projections(trainer.strategy, pl_module)
             self._synced = True
 
     @override
@@ -279,15 +238,16 @@ class VeraCallback(Callback):
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        return {"config": self.config.to_dict()}
+        return {"config": self.config.to_dict()} if self.config is not None else {}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         saved = state_dict.get("config")
-        if saved is not None and self._explicit and saved != self.config.to_dict():
+        diff = VeraConfig.from_dict(saved).diff(self.config) if saved is not None and self.config else {}
+        if diff:
             warnings.warn(
-                "VeraCallback: the checkpoint was written with a different VeraConfig "
-                f"({saved}) than this callback's ({self.config.to_dict()}); the model's adapter was checked "
+                "VeraCallback: the checkpoint was written with a different VeraConfig than this callback's "
+                f"(option: (checkpoint, callback)) {diff}; the model's adapter was checked "
                 "against the checkpoint when it was loaded",
                 UserWarning,
                 stacklevel=2,

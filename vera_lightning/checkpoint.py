@@ -33,9 +33,9 @@ import torch
 from torch import nn
 
 from vera_lightning import adapter_format as fmt
+from vera_lightning.adapter import find_adapter, vera_layers
 from vera_lightning.config import VeraConfig
-from vera_lightning.inject import apply_vera, vera_layers
-from vera_lightning.slim import adapter_config_of
+from vera_lightning.inject import apply_vera
 
 __all__ = ["save_adapter", "load_adapter", "adapter_root", "ADAPTER_CONFIG_NAME", "ADAPTER_WEIGHTS_NAME"]
 
@@ -86,9 +86,10 @@ def save_adapter(model: nn.Module, directory: PathLike, base_model_name_or_path:
         >>> sorted(os.listdir(save_adapter(net, tempfile.mkdtemp() + "/adapter")))
         ['adapter_config.json', 'adapter_model.safetensors']
     """
-    config = adapter_config_of(model)
-    if config is None:
+    adapter = find_adapter(model)
+    if adapter is None:
         raise ValueError(f"save_adapter: {type(model).__name__} carries no VeRA adapter; call apply_vera first")
+    config = adapter.config
     directory = os.fspath(directory)
     _check_target_dir(directory)
     slots = fmt.layout(model, config)
@@ -123,7 +124,8 @@ def load_adapter(model: nn.Module, directory: PathLike) -> nn.Module:
     directory = os.fspath(directory)
     config = _read_config(directory)
     tensors, metadata = _read_weights(directory)
-    existing = adapter_config_of(model)  # the config every VeraLinear's shared projections carry
+    adapter = find_adapter(model)
+    existing = adapter.config if adapter is not None else None
     problems = fmt.compare_configs(model, existing, config) if existing is not None else []
     if not problems:
         problems = fmt.check_tensors(model, config, tensors, metadata)

@@ -168,13 +168,40 @@ class VeraConfig:
             out[f.name] = value
         return out
 
+    def diff(self, other: "VeraConfig", ignore: tuple[str, ...] = ()) -> dict[str, tuple[Any, Any]]:
+        """The options on which ``self`` and ``other`` differ: ``{option: (self's value, other's value)}``.
+
+        The one comparison of configs in the library (injection, the callback, slim checkpoints and
+        adapter files all use it). Values are compared in their JSON form (sets as sorted lists).
+
+        Args:
+            other: The config to compare with.
+            ignore: Options left out of the comparison.
+
+        Example::
+
+            >>> VeraConfig(r=8).diff(VeraConfig(r=16))
+            {'r': (8, 16)}
+        """
+        mine, theirs = self.to_dict(), other.to_dict()
+        return {k: (v, theirs[k]) for k, v in mine.items() if k not in ignore and theirs[k] != v}
+
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "VeraConfig":
-        """Build from a dict, rejecting unknown keys with the list of valid ones."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - names)
+    def from_dict(cls, data: dict[str, Any], source: str = "VeraConfig", warn: bool = False) -> "VeraConfig":
+        """Build from a dict, rejecting unknown keys with the list of valid ones.
+
+        Args:
+            data: Option name -> value.
+            source: How the options are named in the message (``"vera"`` for the app's config node).
+            warn: Show the ``save_projection=False`` warning (off for configs read back from files).
+        """
+        names = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(data) - set(names))
         if unknown:
-            raise ValueError(f"Unknown VeraConfig option(s) {unknown}; valid options are {sorted(names)}")
+            example = f" (e.g. +vera.{unknown[0]}=...)" if source == "vera" else ""
+            raise ValueError(f"Unknown {source} option(s) {unknown}{example}; valid options are {names}")
+        if warn:
+            return cls(**data)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the save_projection warning was shown when the config was made
             return cls(**data)

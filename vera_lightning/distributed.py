@@ -7,17 +7,24 @@
   so ``broadcast_buffers=True`` no longer re-sends ``2·r·max_dim`` floats before every
   forward, while other buffers (BatchNorm statistics) keep DDP's normal behaviour.
 * :func:`assert_projections_consistent` compares a checksum across ranks.
+* :func:`prepare_ddp` / :func:`sync_projections` apply the two above at the right moments of a
+  Lightning run (called by :class:`~vera_lightning.VeraCallback`'s hooks).
 """
 
 from __future__ import annotations
 
+from typing import Any, Optional
+
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
-from vera_lightning.projection import VeraProjections
+from vera_lightning.adapter import VeraAdapter, locate_adapter
 
 __all__ = [
+    "prepare_ddp",
+    "sync_projections",
     "projection_buffer_names",
     "exclude_projections_from_ddp",
     "broadcast_projections",
@@ -32,16 +39,51 @@ def is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
-def _projection_modules(model: nn.Module) -> list[tuple[str, VeraProjections]]:
-    return [(name, m) for name, m in model.named_modules() if isinstance(m, VeraProjections)]
+def _located(model: nn.Module) -> Optional[tuple[str, VeraAdapter]]:
+    located = locate_adapter(model)
+    if located is None or located[1] not in set(model.modules()):
+        return None  # the adapter lives outside `model`: its owner broadcasts it
+    return located
 
 
 def projection_buffer_names(model: nn.Module) -> list[str]:
-    """Fully qualified names of every ``vera_A``/``vera_B`` buffer in ``model``."""
-    names = []
-    for prefix, _ in _projection_modules(model):
-        names += [f"{prefix}.{b}" if prefix else b for b in ("vera_A", "vera_B")]
-    return names
+    """Fully qualified names of the ``vera_A``/``vera_B`` buffers in ``model`` (none without VeRA)."""
+    located = _located(model)
+    if located is None:
+        return []
+    prefix = located[0]
+    return [f"{prefix}.{b}" if prefix else b for b in ("vera_A", "vera_B")]
+
+
+def prepare_ddp(strategy: Any, model: nn.Module) -> None:
+    """Keep the projections out of DDP's per-forward buffer broadcast (before the DDP wrap).
+
+    Lightning's ``setup`` hook runs before the module is wrapped in DDP, so listing the projections in
+    DDP's parameters-and-buffers-to-ignore there means ``broadcast_buffers`` never sends them; other
+    buffers (BatchNorm statistics) keep DDP's behaviour. Only λ's and ``modules_to_save`` gradients are
+    all-reduced (frozen tensors have no gradient). A no-op for strategies other than DDP.
+    """
+    from lightning.pytorch.strategies import DDPStrategy
+
+    if isinstance(strategy, DDPStrategy):
+        exclude_projections_from_ddp(model)
+
+
+def sync_projections(strategy: Any, model: nn.Module) -> None:
+    """Broadcast rank 0's projections to every rank (once per Trainer entry point).
+
+    Runs after injection, ``configure_model``, the checkpoint restore and the DDP wrap, so every rank
+    trains against rank 0's projections even if their seeds, RNG states or hardware differ. If the
+    adapter was injected in ``configure_model`` (after ``setup``), the already-built DDP wrapper is told
+    to skip the projections too.
+    """
+    wrapper = strategy.model
+    if isinstance(wrapper, DistributedDataParallel):
+        ignored = getattr(wrapper, "parameters_to_ignore", None)
+        names = projection_buffer_names(model)
+        if ignored is not None and not set(names) <= ignored:
+            ignored.update(names)
+    broadcast_projections(model)
 
 
 def exclude_projections_from_ddp(model: nn.Module) -> list[str]:
@@ -75,7 +117,8 @@ def broadcast_projections(model: nn.Module, src: int = 0, group=None) -> int:
     if not is_distributed():
         return 0
     sent = 0
-    for _, projections in _projection_modules(model):
+    located = _located(model)
+    for projections in [located[1]] if located is not None else []:
         for name in ("vera_A", "vera_B"):
             buf = getattr(projections, name)
             device = _backend_device(buf, group)
@@ -90,7 +133,8 @@ def broadcast_projections(model: nn.Module, src: int = 0, group=None) -> int:
 def projection_checksum(model: nn.Module) -> float:
     """A float64 checksum of every projection buffer (weighted so permutations differ)."""
     total = 0.0
-    for _, projections in _projection_modules(model):
+    located = _located(model)
+    for projections in [located[1]] if located is not None else []:
         for buf in (projections.vera_A, projections.vera_B):
             flat = buf.detach().double().flatten().cpu()
             weights = torch.arange(1, flat.numel() + 1, dtype=torch.float64)

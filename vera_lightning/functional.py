@@ -27,11 +27,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-__all__ = ["ProjectIn", "VeraUpdate", "SiblingGroup", "PATHS"]
-
-#: Autograd paths a :class:`~vera_lightning.VeraLinear` can take.
-#: ``"auto"`` picks ``"lean"`` when autograd records and the layer has no active dropout, else ``"plain"``.
-PATHS = ("auto", "plain", "lean", "save_h")
+__all__ = ["ProjectIn", "VeraUpdate", "SiblingGroup"]
 
 
 class SiblingGroup:

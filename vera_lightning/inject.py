@@ -9,17 +9,16 @@ Modules listed in ``modules_to_save`` are never adapted.
 
 from __future__ import annotations
 
-import copy
 import re
-from collections.abc import Iterator
+import warnings
 from typing import Optional
 
 import torch
 from torch import nn
 
+from vera_lightning.adapter import ADAPTER_ATTR, VeraAdapter, find_adapter, vera_layers
 from vera_lightning.config import ALL_LINEAR, BiasMode, VeraConfig
-from vera_lightning.layer import VeraLinear, _warn_fan_in_fan_out, is_supported_layer
-from vera_lightning.projection import PROJECTIONS_ATTR, VeraProjections
+from vera_lightning.layer import VeraLinear, is_conv1d, is_supported_layer, layer_shape
 
 __all__ = [
     "apply_vera",
@@ -27,8 +26,10 @@ __all__ = [
     "merge_vera",
     "unmerge_vera",
     "vera_layers",
-    "get_vera_config",
     "resolve_target_names",
+    "modules_to_save_of",
+    "in_modules_to_save",
+    "describe_candidates",
     "mark_trainable",
     "count_parameters",
     "DEFAULT_TARGET_MODULES",
@@ -49,19 +50,6 @@ DEFAULT_TARGET_MODULES: dict[str, list[str]] = {
     "bart": ["q_proj", "v_proj"],
     "t5": ["q", "v"],
 }
-
-
-def vera_layers(model: nn.Module) -> Iterator[tuple[str, VeraLinear]]:
-    """Yield ``(name, layer)`` for every :class:`VeraLinear` in ``model``."""
-    for name, module in model.named_modules():
-        if isinstance(module, VeraLinear):
-            yield name, module
-
-
-def get_vera_config(model: nn.Module) -> Optional[VeraConfig]:
-    """The config ``model`` was adapted with, or ``None`` if it carries no VeRA."""
-    projections = getattr(model, PROJECTIONS_ATTR, None)
-    return getattr(projections, "config", None)
 
 
 def _hf_model_types(model: nn.Module) -> list[str]:
@@ -87,8 +75,30 @@ def _output_heads(model: nn.Module) -> set[int]:
     return heads
 
 
-def _in_modules_to_save(name: str, modules_to_save: Optional[list[str]]) -> bool:
-    return bool(modules_to_save) and any(re.match(rf"(^|.*\.){re.escape(m)}($|\..*)", name) for m in modules_to_save)
+def _names_module(name: str, wanted: str) -> bool:
+    return name == wanted or name.endswith("." + wanted)
+
+
+def in_modules_to_save(name: str, modules_to_save: Optional[list[str]]) -> bool:
+    """Whether the module called ``name`` is, or sits inside, a module listed in ``modules_to_save``.
+
+    The one rule (PEFT's): an entry names a module whose full name equals it or ends with ``"." + entry``.
+    """
+    if not modules_to_save or not name:
+        return False
+    parts = name.split(".")
+    prefixes = (".".join(parts[:i]) for i in range(1, len(parts) + 1))
+    return any(_names_module(prefix, m) for prefix in prefixes for m in modules_to_save)
+
+
+def modules_to_save_of(model: nn.Module, modules_to_save: Optional[list[str]]) -> list[tuple[str, nn.Module]]:
+    """``(name, module)`` of the outermost modules ``modules_to_save`` names, in module order."""
+    found: list[tuple[str, nn.Module]] = []
+    for name, module in model.named_modules():
+        if name and any(_names_module(name, m) for m in modules_to_save or ()):
+            if not any(name.startswith(f + ".") for f, _ in found):
+                found.append((name, module))
+    return found
 
 
 def _layer_index_ok(name: str, config: VeraConfig) -> bool:
@@ -120,11 +130,12 @@ def _effective_targets(model: nn.Module, config: VeraConfig):
     raise ValueError(
         "VeraConfig.target_modules=None and no default is known for this model "
         f"(Hugging Face model types found: {_hf_model_types(model) or 'none'}). Name the layers to adapt, "
-        f"e.g. target_modules=['q_proj', 'v_proj'], a regex, or 'all-linear'. {_candidates_hint(model)}"
+        f"e.g. target_modules=['q_proj', 'v_proj'], a regex, or 'all-linear'. {describe_candidates(model)}"
     )
 
 
-def _candidates_hint(model: nn.Module) -> str:
+def describe_candidates(model: nn.Module) -> str:
+    """A sentence listing the layer names VeRA could adapt in ``model`` (for error messages)."""
     names = [n for n, m in model.named_modules() if is_supported_layer(m) or isinstance(m, VeraLinear)]
     if not names:
         return "The model has no nn.Linear or Conv1D layer at all."
@@ -146,7 +157,7 @@ def resolve_target_names(model: nn.Module, config: VeraConfig) -> list[str]:
     for name, module in model.named_modules():
         if not name or not (is_supported_layer(module) or isinstance(module, VeraLinear)):
             continue
-        if _in_modules_to_save(name, config.modules_to_save):
+        if in_modules_to_save(name, config.modules_to_save):
             continue
         if all_linear:
             hit = id(module) not in heads
@@ -162,7 +173,7 @@ def resolve_target_names(model: nn.Module, config: VeraConfig) -> list[str]:
         raise ValueError(
             f"VeraConfig.target_modules={sorted(targets) if not isinstance(targets, str) else targets!r} "
             f"(layers_to_transform={config.layers_to_transform!r}) matches no nn.Linear/Conv1D in "
-            f"{type(model).__name__}. {_candidates_hint(model)}"
+            f"{type(model).__name__}. {describe_candidates(model)}"
         )
     return found
 
@@ -186,10 +197,8 @@ def mark_trainable(model: nn.Module, config: VeraConfig) -> None:
         for name, param in model.named_parameters():
             if "bias" in name:
                 param.requires_grad_(True)
-    if config.modules_to_save:
-        for name, module in model.named_modules():
-            if name and any(name == m or name.endswith("." + m) for m in config.modules_to_save):
-                module.requires_grad_(True)
+    for _, module in modules_to_save_of(model, config.modules_to_save):
+        module.requires_grad_(True)
 
 
 def apply_vera(model: nn.Module, config: VeraConfig) -> nn.Module:
@@ -219,52 +228,48 @@ def apply_vera(model: nn.Module, config: VeraConfig) -> nn.Module:
     """
     if not isinstance(config, VeraConfig):
         raise TypeError(f"apply_vera expects a VeraConfig, got {type(config).__name__}")
-    existing = get_vera_config(model)
+    existing = find_adapter(model)
     if existing is not None:
-        if existing.to_dict() != config.to_dict():
-            changed = {k: v for k, v in config.to_dict().items() if existing.to_dict()[k] != v}
+        changed = existing.config.diff(config)
+        if changed:
             raise ValueError(
-                f"{type(model).__name__} already carries VeRA with a different config (differs in {changed}); "
-                "call vera_lightning.unload_vera(model) first to re-inject with new options"
+                f"{type(model).__name__} already carries VeRA with a different config (option: (model, given)) "
+                f"{changed}; call vera_lightning.unload_vera(model) first to re-inject with new options"
             )
         return model  # idempotent
-    if hasattr(model, PROJECTIONS_ATTR):
-        raise ValueError(f"{type(model).__name__} already has an attribute {PROJECTIONS_ATTR!r}; rename it")
+    if hasattr(model, ADAPTER_ATTR):
+        raise ValueError(f"{type(model).__name__} already has an attribute {ADAPTER_ATTR!r}; rename it")
     names = resolve_target_names(model, config)
     modules = {name: model.get_submodule(name) for name in names}
     if any(isinstance(m, VeraLinear) for m in modules.values()):
         raise ValueError("model holds VeraLinear layers but no vera_projections; it was not adapted by apply_vera")
-    shapes = [_in_out(m) for m in modules.values()]
-    projections = VeraProjections(
-        r=config.r,
-        max_in=max(s[0] for s in shapes),
-        max_out=max(s[1] for s in shapes),
-        prng_key=config.projection_prng_key,
-        persistent=config.save_projection,
-    )
+    shapes = [layer_shape(m) for m in modules.values()]
     weight = next(iter(modules.values())).weight
-    if weight.dtype in (torch.float16, torch.bfloat16):
-        # PEFT moves the projections to the base dtype and then upcasts the adapter to float32,
-        # so in a half-precision model they hold half-rounded values; do the same, bit for bit.
-        with torch.no_grad():
-            for buf in (projections.vera_A, projections.vera_B):
-                buf.copy_(buf.to(weight.dtype))
+    adapter = VeraAdapter(config, max_in=max(s[0] for s in shapes), max_out=max(s[1] for s in shapes),
+                          round_to=weight.dtype)
     if weight.device.type != "meta":
-        projections.to(weight.device)
-    projections.config = copy.deepcopy(config)
+        adapter.to(weight.device)
     for name, module in modules.items():
-        fan_in_fan_out = _warn_fan_in_fan_out(name, module, config)
-        _set_submodule(model, name, VeraLinear(module, projections, config, fan_in_fan_out=fan_in_fan_out))
-    setattr(model, PROJECTIONS_ATTR, projections)
+        layer = VeraLinear(module, adapter, dropout=config.vera_dropout, d_initial=config.d_initial,
+                           init_weights=config.init_weights, fan_in_fan_out=_fan_in_fan_out(name, module, config))
+        _set_submodule(model, name, layer)
+    setattr(model, ADAPTER_ATTR, adapter)
     mark_trainable(model, config)
     return model
 
 
-def _in_out(module: nn.Module) -> tuple[int, int]:
-    if isinstance(module, nn.Linear):
-        return module.in_features, module.out_features
-    in_features, out_features = module.weight.shape  # Conv1D stores (in, out)
-    return in_features, out_features
+def _fan_in_fan_out(name: str, layer: nn.Module, config: VeraConfig) -> bool:
+    """The ``fan_in_fan_out`` to use for ``layer`` (warning when it overrides the config)."""
+    conv1d = is_conv1d(layer)
+    if conv1d != config.fan_in_fan_out:
+        kind = "a transformers Conv1D (weight stored in x out)" if conv1d else "an nn.Linear (weight stored out x in)"
+        hint = "; set fan_in_fan_out=True to silence this" if conv1d else ""
+        warnings.warn(
+            f"{name} is {kind}: using fan_in_fan_out={conv1d} for it (your VeraConfig is unchanged{hint})",
+            UserWarning,
+            stacklevel=3,
+        )
+    return conv1d
 
 
 def merge_vera(model: nn.Module, safe_merge: bool = False) -> nn.Module:
@@ -307,8 +312,8 @@ def unload_vera(model: nn.Module, merge: bool = True) -> nn.Module:
     """
     for name, layer in list(vera_layers(model)):
         _set_submodule(model, name, layer.to_base(merge=merge))
-    if isinstance(getattr(model, PROJECTIONS_ATTR, None), VeraProjections):
-        delattr(model, PROJECTIONS_ATTR)
+    if isinstance(getattr(model, ADAPTER_ATTR, None), VeraAdapter):
+        delattr(model, ADAPTER_ATTR)
     return model
 
 

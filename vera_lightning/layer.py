@@ -16,29 +16,25 @@ Works for ``nn.Linear`` and ``transformers``' ``Conv1D`` (``fan_in_fan_out``).
 
 from __future__ import annotations
 
-import warnings
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vera_lightning.config import VeraConfig
-from vera_lightning.functional import PATHS, ProjectIn, SiblingGroup, VeraUpdate
-from vera_lightning.projection import VeraProjections
+from vera_lightning.paths import VeraPath, vera_update
+
+if TYPE_CHECKING:  # pragma: no cover
+    from vera_lightning.adapter import VeraAdapter
 
 try:  # transformers is a dependency, but the layer also works without it
     from transformers.pytorch_utils import Conv1D
 except ImportError:  # pragma: no cover
     Conv1D = None  # type: ignore[assignment,misc]
 
-__all__ = ["VeraLinear", "SUPPORTED_LAYERS", "is_supported_layer", "set_vera_path"]
+__all__ = ["VeraLinear", "SUPPORTED_LAYERS", "is_supported_layer", "is_conv1d", "layer_shape"]
 
 SUPPORTED_LAYERS: tuple[type, ...] = (nn.Linear,) + ((Conv1D,) if Conv1D is not None else ())
-
-
-def _compiling() -> bool:
-    return torch.compiler.is_compiling()
 
 
 def is_supported_layer(module: nn.Module) -> bool:
@@ -46,18 +42,36 @@ def is_supported_layer(module: nn.Module) -> bool:
     return isinstance(module, SUPPORTED_LAYERS)
 
 
+def is_conv1d(module: nn.Module) -> bool:
+    """Whether ``module`` is ``transformers``' ``Conv1D`` (weight stored ``(in, out)``)."""
+    return Conv1D is not None and isinstance(module, Conv1D)
+
+
+def layer_shape(module: nn.Module) -> tuple[int, int]:
+    """``(in_features, out_features)`` of an ``nn.Linear``, a ``Conv1D`` or a :class:`VeraLinear`."""
+    if isinstance(module, (nn.Linear, VeraLinear)):
+        return module.in_features, module.out_features
+    if is_conv1d(module):
+        in_features, out_features = module.weight.shape  # Conv1D stores (in, out)
+        return in_features, out_features
+    raise TypeError(f"{type(module).__name__} is not an nn.Linear, transformers Conv1D or VeraLinear")
+
+
 class VeraLinear(nn.Module):
     """A linear layer with VeRA scaling vectors over shared random projections.
 
     Build it through :func:`vera_lightning.apply_vera`, which creates the shared
-    projections; constructing it by hand needs a :class:`VeraProjections` sized for it.
+    :class:`~vera_lightning.adapter.VeraAdapter` sized for every targeted layer; the layer
+    takes plain values, as read from the config once, at injection.
 
     Args:
         base: The ``nn.Linear`` or ``Conv1D`` to adapt (its parameters are taken over, not copied).
-        projections: The shared projections module (kept as an unregistered reference).
-        config: The adapter options (only read).
-        fan_in_fan_out: Whether ``base.weight`` is stored ``(in, out)``; defaults to
-            ``True`` for ``Conv1D`` and ``False`` for ``nn.Linear``, whatever ``config`` says.
+        adapter: The model's adapter, whose projections this layer slices (an unregistered reference).
+        dropout: Dropout probability on the adapter input.
+        d_initial: Initial value of every ``vera_lambda_d`` entry.
+        init_weights: ``True``: λ_b = 0, λ_d = ``d_initial``; ``False``: λ_b = 1, λ_d ~ N(0, 1) (as PEFT).
+        fan_in_fan_out: Whether ``base.weight`` is stored ``(in, out)``; defaults to ``True`` for
+            ``Conv1D`` and ``False`` for ``nn.Linear``.
 
     Example::
 
@@ -68,16 +82,16 @@ class VeraLinear(nn.Module):
     """
 
     adapter_param_names = ("vera_lambda_b", "vera_lambda_d")
-    #: Autograd path, one of :data:`vera_lightning.functional.PATHS` (set with :func:`set_vera_path`).
-    vera_path: str = "auto"
-    #: The path the last (uncompiled) forward took: "plain", "lean", "save_h" or "nograd".
-    last_path: Optional[str] = None
+    #: Autograd path (set with :func:`vera_lightning.set_vera_path`; see :mod:`vera_lightning.paths`).
+    vera_path: VeraPath = VeraPath.auto
 
     def __init__(
         self,
         base: nn.Module,
-        projections: VeraProjections,
-        config: VeraConfig,
+        adapter: "VeraAdapter",
+        dropout: float = 0.0,
+        d_initial: float = 0.1,
+        init_weights: bool = True,
         fan_in_fan_out: Optional[bool] = None,
     ) -> None:
         super().__init__()
@@ -86,47 +100,42 @@ class VeraLinear(nn.Module):
                 f"VeRA adapts nn.Linear and transformers' Conv1D layers, got {type(base).__name__}; "
                 "remove it from target_modules"
             )
-        is_conv1d = Conv1D is not None and isinstance(base, Conv1D)
-        if fan_in_fan_out is None:
-            fan_in_fan_out = is_conv1d
         self.base_type: type = type(base)
-        self.fan_in_fan_out = fan_in_fan_out
-        if is_conv1d:
-            self.in_features, self.out_features = base.weight.shape
-        else:
-            self.in_features, self.out_features = base.in_features, base.out_features
-        if projections.max_in < self.in_features or projections.max_out < self.out_features:
+        self.fan_in_fan_out = is_conv1d(base) if fan_in_fan_out is None else fan_in_fan_out
+        self.in_features, self.out_features = layer_shape(base)
+        if adapter.max_in < self.in_features or adapter.max_out < self.out_features:
             raise ValueError(
-                f"projections sized ({projections.max_in} in, {projections.max_out} out) are too small for a "
+                f"projections sized ({adapter.max_in} in, {adapter.max_out} out) are too small for a "
                 f"layer with {self.in_features} in / {self.out_features} out features; use apply_vera, which "
                 "sizes them to the largest targeted layer"
             )
-        self.r = projections.r
+        self.r = adapter.r
         self.weight = base.weight
         self.bias = base.bias
-        self._projections = (projections,)  # a tuple: a reference, not a submodule (one state-dict entry)
-        self.vera_dropout = nn.Dropout(config.vera_dropout) if config.vera_dropout > 0 else nn.Identity()
+        self._adapter = (adapter,)  # a tuple: a reference, not a submodule (one state-dict entry)
+        self.vera_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         factory = {"device": base.weight.device}
         # λ's of half-precision models are kept in float32, as PEFT does by default
         # (autocast_adapter_dtype): AdamW updates of 1e-4 would vanish in bfloat16.
         dtype = base.weight.dtype
         if dtype in (torch.float16, torch.bfloat16) or not dtype.is_floating_point:
             dtype = torch.float32
-        if config.init_weights:
+        if init_weights:
             lam_b = torch.zeros(self.out_features, dtype=dtype, **factory)
-            lam_d = torch.full((self.r,), float(config.d_initial), dtype=dtype, **factory)
+            lam_d = torch.full((self.r,), float(d_initial), dtype=dtype, **factory)
         else:  # as PEFT: random, so tests see a non-trivial adapter
             lam_b = torch.ones(self.out_features, dtype=dtype, **factory)
             lam_d = torch.randn(self.r, **factory).to(dtype)
         self.vera_lambda_b = nn.Parameter(lam_b)
         self.vera_lambda_d = nn.Parameter(lam_d)
         self.merged = False
+        self.train(base.training)
 
     # ------------------------------------------------------------------ protocol
     @property
-    def projections(self) -> VeraProjections:
-        """The shared projections this layer slices."""
-        return self._projections[0]
+    def adapter(self) -> "VeraAdapter":
+        """The model's adapter: config and the shared projections this layer slices."""
+        return self._adapter[0]
 
     def adapter_params(self) -> dict[str, nn.Parameter]:
         """The tensors this layer adds (the trainable λ vectors), by name."""
@@ -151,59 +160,13 @@ class VeraLinear(nn.Module):
     def sliced_projections(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``(A_s, B_s)`` in the λ's dtype and device."""
         lam = self.vera_lambda_d
-        return self.projections.sliced(self.in_features, self.out_features, lam.dtype, lam.device)
+        return self.adapter.sliced(self.in_features, self.out_features, lam.dtype, lam.device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         result = self.base_forward(x)
         if self.merged:
             return result
-        path = self._pick_path(x)
-        if not _compiling():
-            self.last_path = path
-        if path == "plain":
-            return self._plain_update(result, x)
-        return self._fast_update(result, x, save_h=None if path == "nograd" else path == "save_h")
-
-    def _pick_path(self, x: torch.Tensor) -> str:
-        """``"plain"``, ``"lean"`` or ``"save_h"`` for this call (see :data:`functional.PATHS`)."""
-        path = self.vera_path
-        if path == "plain" or _compiling() or (self.training and isinstance(self.vera_dropout, nn.Dropout)):
-            return "plain"  # dropout: each layer draws its own mask, nothing to share or recompute
-        records = torch.is_grad_enabled() and (
-            x.requires_grad or self.vera_lambda_b.requires_grad or self.vera_lambda_d.requires_grad
-        )
-        if not records:
-            return "nograd"
-        return "lean" if path == "auto" else path
-
-    def _plain_update(self, result: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """PEFT's formulation under plain autograd (saves ``h`` and ``u`` per layer)."""
-        lam_d, lam_b = self.vera_lambda_d, self.vera_lambda_b
-        a_s, b_s = self.sliced_projections()
-        if x.dtype != lam_d.dtype:  # as PEFT: the adapter runs in the λ's dtype
-            x = x.to(lam_d.dtype)
-        update = lam_b * F.linear(lam_d * F.linear(self.vera_dropout(x), a_s), b_s)
-        return (result + update).to(result.dtype)
-
-    def _fast_update(self, result: torch.Tensor, x: torch.Tensor, save_h: bool) -> torch.Tensor:
-        """Same values as :meth:`_plain_update`; ``h = x A_sᵀ`` shared with siblings, lean backward."""
-        lam_d, lam_b = self.vera_lambda_d, self.vera_lambda_b
-        a_s, b_s = self.sliced_projections()
-        mode = "nograd" if save_h is None else ("save_h" if save_h else "lean")
-        cache = getattr(self.projections, "siblings", None)
-        hit = cache.lookup(x, a_s, mode, id(self)) if cache is not None else None
-        if hit is not None:
-            h, group = hit
-        elif mode == "nograd":
-            h, group = F.linear(x.to(lam_d.dtype), a_s), None
-        else:
-            h, group = ProjectIn.apply(x, a_s, lam_d.dtype), SiblingGroup(a_s, lam_d.dtype)
-        if hit is None and cache is not None:
-            cache.store(x, a_s, mode, (h, group), id(self))
-        if mode == "nograd":
-            return (result + lam_b * F.linear(lam_d * h, b_s)).to(result.dtype)
-        group.members += 1
-        return VeraUpdate.apply(result, h, x, lam_b, lam_d, b_s, group, save_h)
+        return vera_update(self, result, x)
 
     # ------------------------------------------------------------------ merge
     def delta_weight(self) -> torch.Tensor:
@@ -275,49 +238,3 @@ class VeraLinear(nn.Module):
         plain.train(self.training)
         return plain
 
-
-def _warn_fan_in_fan_out(name: str, layer: nn.Module, config: VeraConfig) -> bool:
-    """The ``fan_in_fan_out`` to use for ``layer`` (warning when it overrides the config)."""
-    is_conv1d = Conv1D is not None and isinstance(layer, Conv1D)
-    if is_conv1d and not config.fan_in_fan_out:
-        warnings.warn(
-            f"{name} is a transformers Conv1D (weight stored in x out): using fan_in_fan_out=True for it "
-            "(your VeraConfig is unchanged; set fan_in_fan_out=True to silence this)",
-            UserWarning,
-            stacklevel=4,
-        )
-    elif not is_conv1d and config.fan_in_fan_out:
-        warnings.warn(
-            f"{name} is an nn.Linear (weight stored out x in): using fan_in_fan_out=False for it "
-            "(your VeraConfig is unchanged)",
-            UserWarning,
-            stacklevel=4,
-        )
-    return is_conv1d
-
-
-def set_vera_path(model: nn.Module, path: str = "auto", share: Optional[bool] = None) -> nn.Module:
-    """Choose the autograd path of every :class:`VeraLinear` in ``model``.
-
-    Args:
-        model: An adapted model (or a single ``VeraLinear``).
-        path: ``"auto"`` (default: ``"lean"`` when training without dropout, else ``"plain"``),
-            ``"plain"`` (PEFT's autograd graph), ``"lean"`` (saves ``x``, recomputes ``x A_sᵀ``
-            in backward) or ``"save_h"`` (saves ``x A_sᵀ`` once per sibling group).
-        share: If given, turn reuse of ``x A_sᵀ`` across sibling layers on or off.
-
-    Returns:
-        ``model``.
-
-    Raises:
-        ValueError: For an unknown ``path``.
-    """
-    if path not in PATHS:
-        raise ValueError(f"vera path {path!r} is not one of {PATHS}")
-    for module in model.modules():
-        if isinstance(module, VeraLinear):
-            module.vera_path = path
-            if share is not None and hasattr(module.projections, "siblings"):
-                module.projections.siblings.enabled = share
-                module.projections.siblings.clear()
-    return model

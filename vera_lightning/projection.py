@@ -1,12 +1,9 @@
-"""The shared frozen projections ``vera_A`` (r x max_in) and ``vera_B`` (max_out x r).
+"""The seeded draw of the shared random projections ``vera_A`` (r x max_in) and ``vera_B`` (max_out x r).
 
-One :class:`VeraProjections` module is attached to the root of an adapted model, so the
-state dict holds exactly one ``vera_A`` and one ``vera_B``. Each ``VeraLinear`` keeps an
-unregistered reference to it and slices ``vera_A[:, :in]`` / ``vera_B[:out, :]``.
-
-The draw is bit-identical to PEFT's ``VeraModel._init_vera_A_vera_B``: a CPU
-``torch.Generator`` seeded with ``projection_prng_key``, Kaiming-uniform with gain
-sqrt(2) in fan-in mode, ``vera_A`` first, then ``vera_B``.
+The draw is bit-identical to PEFT's ``VeraModel._init_vera_A_vera_B``: a CPU ``torch.Generator``
+seeded with ``projection_prng_key``, Kaiming-uniform with gain sqrt(2) in fan-in mode, ``vera_A``
+first, then ``vera_B``. The projections are owned by :class:`vera_lightning.adapter.VeraAdapter`,
+which hands out the per-layer slices ``vera_A[:, :in]`` / ``vera_B[:out, :]``.
 """
 
 from __future__ import annotations
@@ -14,14 +11,11 @@ from __future__ import annotations
 import math
 
 import torch
-from torch import nn
 
-from vera_lightning.sharing import SiblingCache
+__all__ = ["kaiming_uniform_projection", "draw_projections", "PRNG_KEY_RANGE"]
 
-__all__ = ["VeraProjections", "kaiming_uniform_projection", "PROJECTIONS_ATTR"]
-
-#: Attribute name of the projections module on the adapted model's root.
-PROJECTIONS_ATTR = "vera_projections"
+#: Seeds a CPU ``torch.Generator`` accepts (negative keys wrap around: -1 draws what 2**64 - 1 draws).
+PRNG_KEY_RANGE = (-(2**63), 2**64)
 
 
 def kaiming_uniform_projection(shape: tuple[int, int], generator: torch.Generator) -> torch.Tensor:
@@ -32,63 +26,16 @@ def kaiming_uniform_projection(shape: tuple[int, int], generator: torch.Generato
         return tensor.uniform_(-bound, bound, generator=generator)
 
 
-class VeraProjections(nn.Module):
-    """Holds the shared ``vera_A``/``vera_B`` buffers and hands out slices in the dtype asked for.
-
-    Casts are cached: a bfloat16 model gets its bfloat16 copy once, not at every forward;
-    the cache is dropped when the buffers are moved, replaced or modified in place.
-
-    Args:
-        r: Rank.
-        max_in: Largest ``in_features`` among the adapted layers.
-        max_out: Largest ``out_features`` among the adapted layers.
-        prng_key: Seed of the CPU generator.
-        persistent: Whether the buffers belong in the state dict (``save_projection``).
+def draw_projections(r: int, max_in: int, max_out: int, prng_key: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(vera_A, vera_B)`` of shapes ``(r, max_in)`` and ``(max_out, r)``, float32 on the CPU.
 
     Example::
 
-        >>> p = VeraProjections(r=4, max_in=8, max_out=6, prng_key=0)
-        >>> a, b = p.sliced(in_features=5, out_features=3, dtype=torch.float32, device=torch.device("cpu"))
+        >>> a, b = draw_projections(r=4, max_in=8, max_out=6, prng_key=0)
         >>> tuple(a.shape), tuple(b.shape)
-        ((4, 5), (3, 4))
+        ((4, 8), (6, 4))
     """
-
-    def __init__(self, r: int, max_in: int, max_out: int, prng_key: int, persistent: bool = True) -> None:
-        super().__init__()
-        generator = torch.Generator(device="cpu").manual_seed(prng_key)
-        vera_A = kaiming_uniform_projection((r, max_in), generator)
-        vera_B = kaiming_uniform_projection((max_out, r), generator)
-        self.register_buffer("vera_A", vera_A, persistent=persistent)
-        self.register_buffer("vera_B", vera_B, persistent=persistent)
-        self.r, self.max_in, self.max_out, self.prng_key = r, max_in, max_out, prng_key
-        self._cast_cache: dict[tuple[torch.dtype, torch.device], tuple] = {}
-        self.siblings = SiblingCache()  # lets q/k/v (gate/up) reuse one x A_s^T
-
-    def extra_repr(self) -> str:
-        return f"r={self.r}, max_in={self.max_in}, max_out={self.max_out}, prng_key={self.prng_key}"
-
-    def full(self, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """The whole ``(vera_A, vera_B)`` in ``dtype`` on ``device`` (no copy when they already match)."""
-        a, b = self.vera_A, self.vera_B
-        if a.dtype == dtype and a.device == device:
-            return a, b
-        key = (dtype, device)
-        stamp = (id(a), a._version, id(b), b._version)
-        hit = self._cast_cache.get(key)
-        if hit is None or hit[0] != stamp:
-            with torch.no_grad():
-                hit = (stamp, a.to(device=device, dtype=dtype), b.to(device=device, dtype=dtype))
-            self._cast_cache = {key: hit}  # at most one extra copy is ever kept
-        return hit[1], hit[2]
-
-    def sliced(
-        self, in_features: int, out_features: int, dtype: torch.dtype, device: torch.device
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``vera_A[:, :in_features]`` and ``vera_B[:out_features, :]`` as views in ``dtype``."""
-        a, b = self.full(dtype, device)
-        return a[:, :in_features], b[:out_features, :]
-
-    def _apply(self, fn, recurse=True):  # .to()/.cuda()/.half() drop the cached casts
-        self._cast_cache = {}
-        self.siblings.clear()
-        return super()._apply(fn, recurse)
+    generator = torch.Generator(device="cpu").manual_seed(prng_key)
+    vera_A = kaiming_uniform_projection((r, max_in), generator)
+    vera_B = kaiming_uniform_projection((max_out, r), generator)
+    return vera_A, vera_B

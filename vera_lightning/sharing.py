@@ -1,6 +1,6 @@
 """Reuse ``h = x A_sᵀ`` across sibling layers that read the same input (q/k/v, gate/up).
 
-Every adapted layer of a model holds the same :class:`~vera_lightning.projection.VeraProjections`,
+Every adapted layer of a model holds the same :class:`~vera_lightning.adapter.VeraAdapter`,
 which carries one :class:`SiblingCache`. When a layer's forward receives the very tensor object
 the previous adapted layer projected (same object, same in-place version, same ``in_features``
 so the same ``A_s`` slice, same dtype and grad mode, same autograd mode, no active dropout), it
@@ -10,7 +10,7 @@ the input gradient is formed once.
 
 The cache holds one entry: the last ``h``. It is replaced by the next layer with a different
 input and dropped on ``deepcopy``/pickling. Disable with ``cache.enabled = False`` (or
-:func:`vera_lightning.layer.set_vera_path` with ``share=False``).
+:func:`vera_lightning.set_vera_path` with ``share=False``).
 """
 
 from __future__ import annotations

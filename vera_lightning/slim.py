@@ -16,26 +16,19 @@ strictly as usual. Any other missing key still fails the load.
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Any, Optional
+from typing import Any
 
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
+from vera_lightning.adapter import find_adapter
 from vera_lightning.config import VeraConfig
-from vera_lightning.inject import vera_layers
 
-__all__ = ["SLIM_MARK", "slim_checkpoint_", "install_slim_loading", "adapter_config_of", "kept_state_keys"]
+__all__ = ["SLIM_MARK", "slim_checkpoint_", "install_slim_loading", "kept_state_keys"]
 
 #: Key of the marker, in ``state_dict._metadata[""]`` and at the top level of the checkpoint.
 SLIM_MARK = "vera_lightning"
 _FORMAT = 1
-
-
-def adapter_config_of(module: nn.Module) -> Optional[VeraConfig]:
-    """The VeRA config of the (single) adapter inside ``module``, or ``None`` if there is none."""
-    for _, layer in vera_layers(module):
-        return getattr(layer.projections, "config", None)
-    return None
 
 
 def kept_state_keys(module: nn.Module) -> set[str]:
@@ -55,8 +48,8 @@ def slim_checkpoint_(checkpoint: dict[str, Any], module: nn.Module) -> None:
     Raises:
         ValueError: If ``module`` carries no VeRA adapter.
     """
-    config = adapter_config_of(module)
-    if config is None:
+    adapter = find_adapter(module)
+    if adapter is None:
         raise ValueError(
             f"slim checkpoint requested but {type(module).__name__} carries no VeRA adapter; "
             "add VeraCallback or call apply_vera before saving"
@@ -65,7 +58,7 @@ def slim_checkpoint_(checkpoint: dict[str, Any], module: nn.Module) -> None:
     keep = kept_state_keys(module)
     slim: OrderedDict = OrderedDict((k, v) for k, v in state.items() if k in keep)
     metadata = OrderedDict((k, dict(v)) for k, v in getattr(state, "_metadata", OrderedDict()).items())
-    marker = {"format": _FORMAT, "config": config.to_dict(), "dropped": len(state) - len(slim)}
+    marker = {"format": _FORMAT, "config": adapter.config.to_dict(), "dropped": len(state) - len(slim)}
     metadata.setdefault("", {})[SLIM_MARK] = marker
     slim._metadata = metadata  # type: ignore[attr-defined]
     checkpoint["state_dict"] = slim
@@ -78,16 +71,15 @@ def _fill_frozen_base(
     marker = local_metadata.get(SLIM_MARK)
     if marker is None:
         return  # a full state dict: nothing to do, the strict load checks it as usual
-    config = adapter_config_of(module)
-    if config is None:
+    adapter = find_adapter(module)
+    if adapter is None:
         raise ValueError(
             f"this is a slim VeRA checkpoint (adapter tensors only) but {type(module).__name__} carries no VeRA "
             "adapter; add VeraCallback to the Trainer (or call apply_vera before loading) so the adapter is "
             "injected before the checkpoint is restored"
         )
-    saved = marker.get("config", {})
-    if saved != config.to_dict():
-        diff = {k: (v, config.to_dict().get(k)) for k, v in saved.items() if config.to_dict().get(k) != v}
+    diff = VeraConfig.from_dict(marker.get("config", {})).diff(adapter.config)
+    if diff:
         raise ValueError(
             f"slim VeRA checkpoint was saved with a different VeraConfig (option: (checkpoint, model)) {diff}; "
             "use the config the checkpoint was trained with"

@@ -10,7 +10,6 @@ monitored metric before and after training, writes the adapter in PEFT's layout 
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import time
@@ -56,13 +55,7 @@ def vera_config_from(cfg: DictConfig) -> VeraConfig:
         ValueError: Naming unknown keys, or with :class:`VeraConfig`'s message listing every
             invalid option.
     """
-    data = OmegaConf.to_container(cfg.vera, resolve=True)
-    names = [f.name for f in dataclasses.fields(VeraConfig)]
-    unknown = sorted(set(data) - set(names))
-    if unknown:
-        raise ValueError(f"Unknown vera option(s) {unknown} (e.g. +vera.{unknown[0]}=...); valid options are {names}")
-    return VeraConfig(**data)
-
+    return VeraConfig.from_dict(OmegaConf.to_container(cfg.vera, resolve=True), source="vera", warn=True)
 
 def _check_task(cfg: DictConfig) -> str:
     model_task, data_task = cfg.model.task, cfg.data.task

@@ -1,0 +1,156 @@
+"""`VeraAdapter`: the one object that owns a model's VeRA adapter, and the one way to find it.
+
+An adapted model carries exactly one :class:`VeraAdapter`, attached as ``model.vera_projections``
+(the attribute name keeps the state-dict keys of 0.1.0: ``vera_projections.vera_A`` and
+``vera_projections.vera_B``). It is created with everything it needs and owns:
+
+* the :class:`~vera_lightning.VeraConfig` it was built from (a private copy, read-only);
+* the shared frozen projections ``vera_A`` (``r x max_in``) and ``vera_B`` (``max_out x r``),
+  drawn from ``projection_prng_key`` (see :mod:`vera_lightning.projection`);
+* the cache of their casts to the compute dtype, and the :class:`~vera_lightning.sharing.SiblingCache`
+  that lets q/k/v (gate/up) reuse one ``x A_sᵀ``.
+
+Every :class:`~vera_lightning.VeraLinear` holds an unregistered reference to it. Code that needs
+"the adapter of this model" calls :func:`find_adapter`; code that needs its layers calls
+:func:`vera_layers`. Nothing else looks adapters up.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Optional
+
+import torch
+from torch import nn
+
+from vera_lightning.config import VeraConfig
+from vera_lightning.projection import draw_projections
+from vera_lightning.sharing import SiblingCache
+
+if TYPE_CHECKING:  # pragma: no cover
+    from vera_lightning.layer import VeraLinear
+
+__all__ = ["VeraAdapter", "ADAPTER_ATTR", "find_adapter", "locate_adapter", "vera_layers"]
+
+#: Attribute of the adapted module that holds its :class:`VeraAdapter` (the state-dict prefix).
+ADAPTER_ATTR = "vera_projections"
+_HALF = (torch.float16, torch.bfloat16)
+
+
+class VeraAdapter(nn.Module):
+    """A model's VeRA adapter: its config, the shared projections and their caches.
+
+    Args:
+        config: The adapter options (copied: later changes to the caller's object have no effect).
+        max_in: Largest ``in_features`` among the adapted layers (width of ``vera_A``).
+        max_out: Largest ``out_features`` among the adapted layers (height of ``vera_B``).
+        round_to: A half dtype to round the projections through. PEFT moves them to the base
+            dtype before upcasting the adapter, so in a float16/bfloat16 model its projections
+            hold half-rounded values; passing the model's dtype does the same, bit for bit.
+
+    Example::
+
+        >>> adapter = VeraAdapter(VeraConfig(r=4), max_in=8, max_out=6)
+        >>> a, b = adapter.sliced(in_features=5, out_features=3, dtype=torch.float32, device=torch.device("cpu"))
+        >>> tuple(a.shape), tuple(b.shape), adapter.config.r
+        ((4, 5), (3, 4), 4)
+    """
+
+    def __init__(self, config: VeraConfig, max_in: int, max_out: int, round_to: Optional[torch.dtype] = None) -> None:
+        super().__init__()
+        if not isinstance(config, VeraConfig):
+            raise TypeError(f"VeraAdapter expects a VeraConfig, got {type(config).__name__}")
+        self._config = copy.deepcopy(config)
+        vera_A, vera_B = draw_projections(config.r, max_in, max_out, config.projection_prng_key)
+        if round_to in _HALF:
+            vera_A, vera_B = vera_A.to(round_to).float(), vera_B.to(round_to).float()
+        self.register_buffer("vera_A", vera_A, persistent=config.save_projection)
+        self.register_buffer("vera_B", vera_B, persistent=config.save_projection)
+        self.r, self.max_in, self.max_out = config.r, max_in, max_out
+        self._cast_cache: dict[tuple[torch.dtype, torch.device], tuple] = {}
+        self.siblings = SiblingCache()
+
+    @property
+    def config(self) -> VeraConfig:
+        """The options this adapter was built with (a copy owned by the adapter; do not modify)."""
+        return self._config
+
+    def extra_repr(self) -> str:
+        return (f"r={self.r}, max_in={self.max_in}, max_out={self.max_out}, "
+                f"prng_key={self._config.projection_prng_key}")
+
+    def full(self, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """The whole ``(vera_A, vera_B)`` in ``dtype`` on ``device`` (no copy when they already match).
+
+        Casts are cached: a bfloat16 model gets its bfloat16 copy once, not at every forward; the
+        cache is dropped when the buffers are moved, replaced or modified in place.
+        """
+        a, b = self.vera_A, self.vera_B
+        if a.dtype == dtype and a.device == device:
+            return a, b
+        key = (dtype, device)
+        stamp = (id(a), a._version, id(b), b._version)
+        hit = self._cast_cache.get(key)
+        if hit is None or hit[0] != stamp:
+            with torch.no_grad():
+                hit = (stamp, a.to(device=device, dtype=dtype), b.to(device=device, dtype=dtype))
+            self._cast_cache = {key: hit}  # at most one extra copy is ever kept
+        return hit[1], hit[2]
+
+    def sliced(
+        self, in_features: int, out_features: int, dtype: torch.dtype, device: torch.device
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``vera_A[:, :in_features]`` and ``vera_B[:out_features, :]`` as views in ``dtype``."""
+        a, b = self.full(dtype, device)
+        return a[:, :in_features], b[:out_features, :]
+
+    def _apply(self, fn, recurse=True):  # .to()/.cuda()/.half() drop the cached casts
+        self._cast_cache = {}
+        self.siblings.clear()
+        return super()._apply(fn, recurse)
+
+
+def vera_layers(module: nn.Module) -> Iterator[tuple[str, "VeraLinear"]]:
+    """Yield ``(name, layer)`` for every :class:`~vera_lightning.VeraLinear` in ``module``."""
+    from vera_lightning.layer import VeraLinear
+
+    for name, sub in module.named_modules():
+        if isinstance(sub, VeraLinear):
+            yield name, sub
+
+
+def locate_adapter(module: nn.Module) -> Optional[tuple[str, VeraAdapter]]:
+    """``(name, adapter)`` of the adapter serving ``module``, or ``None`` if it carries no VeRA.
+
+    The adapter is found among ``module``'s submodules; for a part of an adapted model (e.g. the
+    ``transformers`` model inside a LightningModule that was adapted as a whole) it is the one its
+    layers refer to, and its name is ``""``.
+
+    Raises:
+        ValueError: If ``module`` holds several adapters, or layers that refer to different ones.
+    """
+    found = [(name, sub) for name, sub in module.named_modules() if isinstance(sub, VeraAdapter)]
+    if len(found) > 1:
+        names = [name or "<root>" for name, _ in found]
+        raise ValueError(
+            f"{type(module).__name__} holds VeRA adapters in several places {names}; apply_vera must be called "
+            "once, on one module that contains every layer to adapt (unload_vera the others)"
+        )
+    referenced = {id(layer.adapter): layer.adapter for _, layer in vera_layers(module)}
+    if len(referenced) > 1 or (found and referenced and id(found[0][1]) not in referenced):
+        raise ValueError(
+            f"{type(module).__name__} holds VeRA layers that belong to different adapters; adapt the whole model "
+            "with one apply_vera call"
+        )
+    if found:
+        return found[0]
+    if referenced:
+        return "", next(iter(referenced.values()))
+    return None
+
+
+def find_adapter(module: nn.Module) -> Optional[VeraAdapter]:
+    """The :class:`VeraAdapter` serving ``module`` (see :func:`locate_adapter`), or ``None``."""
+    located = locate_adapter(module)
+    return located[1] if located is not None else None

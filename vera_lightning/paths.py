@@ -1,0 +1,183 @@
+"""How a :class:`~vera_lightning.VeraLinear` computes its update: the paths and the table dispatching them.
+
+Every path gives the same values as PEFT's formulation ``λ_b ⊙ (B_s (λ_d ⊙ (A_s x)))``; they
+differ in what autograd keeps for backward (see :mod:`vera_lightning.functional`):
+
+==========  ==============================================================================
+``plain``   PEFT's graph under plain autograd (saves ``h`` and ``u`` per layer); also taken
+            with active dropout (each layer draws its own mask) and under ``torch.compile``
+``lean``    saves ``x`` (shared by sibling layers), recomputes ``h = x A_sᵀ`` in backward
+``save_h``  saves ``h`` once per sibling group (faster backward, ``N x r`` more memory)
+``nograd``  autograd does not record: no custom node, ``h`` still shared by siblings
+==========  ==============================================================================
+
+``auto`` (the default) picks ``lean`` when autograd records and no dropout is active. A new
+path is one :class:`VeraPath` member and one entry in :data:`PATH_TABLE`. Tests and diagnostics
+observe the chosen paths with :class:`record_paths`; nothing is written on the layer per call.
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+from typing import TYPE_CHECKING, Callable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vera_lightning.functional import ProjectIn, SiblingGroup, VeraUpdate
+
+if TYPE_CHECKING:  # pragma: no cover
+    from vera_lightning.layer import VeraLinear
+
+__all__ = ["VeraPath", "PATHS", "PATH_TABLE", "choose_path", "vera_update", "record_paths", "set_vera_path"]
+
+
+class VeraPath(str, Enum):
+    """An autograd path of the VeRA update (compares equal to its string)."""
+
+    auto = "auto"
+    plain = "plain"
+    lean = "lean"
+    save_h = "save_h"
+    nograd = "nograd"  # chosen, never set: autograd does not record
+
+    def __str__(self) -> str:
+        return self.value
+
+
+#: The paths a user may set with :func:`set_vera_path`.
+PATHS = tuple(p.value for p in VeraPath if p is not VeraPath.nograd)
+
+
+def choose_path(layer: "VeraLinear", x: torch.Tensor) -> VeraPath:
+    """The concrete path (never ``auto``) ``layer`` takes for input ``x`` in the current grad mode."""
+    wanted = layer.vera_path
+    if wanted is VeraPath.plain or torch.compiler.is_compiling() or (
+        layer.training and isinstance(layer.vera_dropout, nn.Dropout)
+    ):
+        return VeraPath.plain  # dropout: each layer draws its own mask, nothing to share or recompute
+    records = torch.is_grad_enabled() and (
+        x.requires_grad or layer.vera_lambda_b.requires_grad or layer.vera_lambda_d.requires_grad
+    )
+    if not records:
+        return VeraPath.nograd
+    return VeraPath.lean if wanted is VeraPath.auto else wanted
+
+
+def _plain(layer: "VeraLinear", result: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """PEFT's formulation under plain autograd."""
+    lam_d, lam_b = layer.vera_lambda_d, layer.vera_lambda_b
+    a_s, b_s = layer.sliced_projections()
+    if x.dtype != lam_d.dtype:  # as PEFT: the adapter runs in the λ's dtype
+        x = x.to(lam_d.dtype)
+    update = lam_b * F.linear(lam_d * F.linear(layer.vera_dropout(x), a_s), b_s)
+    return (result + update).to(result.dtype)
+
+
+def _shared_h(layer: "VeraLinear", x: torch.Tensor, a_s: torch.Tensor, path: VeraPath):
+    """``(h, group)`` for this layer: a sibling's if it read the same ``x``, else a new one."""
+    cache, dtype = layer.adapter.siblings, layer.vera_lambda_d.dtype
+    hit = cache.lookup(x, a_s, path.value, id(layer))
+    if hit is not None:
+        return hit
+    if path is VeraPath.nograd:
+        value = (F.linear(x.to(dtype), a_s), None)
+    else:
+        value = (ProjectIn.apply(x, a_s, dtype), SiblingGroup(a_s, dtype))
+    cache.store(x, a_s, path.value, value, id(layer))
+    return value
+
+
+def _nograd(layer: "VeraLinear", result: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    a_s, b_s = layer.sliced_projections()
+    h, _ = _shared_h(layer, x, a_s, VeraPath.nograd)
+    return (result + layer.vera_lambda_b * F.linear(layer.vera_lambda_d * h, b_s)).to(result.dtype)
+
+
+def _custom(save_h: bool) -> Callable[["VeraLinear", torch.Tensor, torch.Tensor], torch.Tensor]:
+    path = VeraPath.save_h if save_h else VeraPath.lean
+
+    def update(layer: "VeraLinear", result: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        a_s, b_s = layer.sliced_projections()
+        h, group = _shared_h(layer, x, a_s, path)
+        group.members += 1
+        return VeraUpdate.apply(result, h, x, layer.vera_lambda_b, layer.vera_lambda_d, b_s, group, save_h)
+
+    update.__name__ = f"_{path.value}"
+    return update
+
+
+#: Concrete path -> ``update(layer, base_output, x) -> output``.
+PATH_TABLE: dict[VeraPath, Callable[["VeraLinear", torch.Tensor, torch.Tensor], torch.Tensor]] = {
+    VeraPath.plain: _plain,
+    VeraPath.lean: _custom(save_h=False),
+    VeraPath.save_h: _custom(save_h=True),
+    VeraPath.nograd: _nograd,
+}
+
+_recorders: list["record_paths"] = []
+
+
+def vera_update(layer: "VeraLinear", result: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``result`` (the base output) plus the VeRA update of ``x``, by the path :func:`choose_path` picks."""
+    path = choose_path(layer, x)
+    if _recorders and not torch.compiler.is_compiling():
+        for recorder in _recorders:
+            recorder[layer] = path
+    return PATH_TABLE[path](layer, result, x)
+
+
+class record_paths(dict):
+    """Context manager recording the path each layer took: ``{layer: VeraPath}`` (its last forward).
+
+    Example::
+
+        >>> from vera_lightning import VeraConfig, apply_vera
+        >>> net = apply_vera(torch.nn.Sequential(torch.nn.Linear(4, 4)), VeraConfig(r=4, target_modules=["0"]))
+        >>> with record_paths() as seen:
+        ...     _ = net(torch.randn(2, 4))
+        >>> sorted(p.value for p in seen.values())
+        ['lean']
+    """
+
+    def __enter__(self) -> "record_paths":
+        _recorders.append(self)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        _recorders.remove(self)
+
+    def __hash__(self) -> int:  # identity, so `_recorders.remove` finds this very recorder
+        return id(self)
+
+    def __eq__(self, other: object) -> bool:
+        return self is other
+
+
+def set_vera_path(model: nn.Module, path: str = "auto", share: Optional[bool] = None) -> nn.Module:
+    """Choose the autograd path of every :class:`~vera_lightning.VeraLinear` in ``model``.
+
+    Args:
+        model: An adapted model (or a single ``VeraLinear``).
+        path: ``"auto"`` (default: ``"lean"`` when training without dropout, else ``"plain"``),
+            ``"plain"`` (PEFT's autograd graph), ``"lean"`` (saves ``x``, recomputes ``x A_sᵀ``
+            in backward) or ``"save_h"`` (saves ``x A_sᵀ`` once per sibling group).
+        share: If given, turn reuse of ``x A_sᵀ`` across sibling layers on or off.
+
+    Returns:
+        ``model``.
+
+    Raises:
+        ValueError: For an unknown ``path``.
+    """
+    if path not in PATHS:
+        raise ValueError(f"vera path {path!r} is not one of {PATHS}")
+    from vera_lightning.adapter import vera_layers
+
+    for _, layer in vera_layers(model):
+        layer.vera_path = VeraPath(path)
+        if share is not None:
+            layer.adapter.siblings.enabled = share
+            layer.adapter.siblings.clear()
+    return model
