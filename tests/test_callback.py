@@ -10,7 +10,7 @@ import pytest
 import torch
 from lightning.pytorch.demos.boring_classes import BoringModel
 
-from lit_helpers import TinyOptModule, snapshot, trainer_kwargs
+from helpers.lightning import TinyOptModule, snapshot, trainer_kwargs
 from vera_lightning import VeraCallback, VeraConfig, apply_vera
 from vera_lightning.inject import vera_layers
 
@@ -91,7 +91,7 @@ class ConfigureModelModule(TinyOptModule):
     def configure_model(self):
         if self.model is not None:
             return
-        from conftest import tiny_opt
+        from helpers.models import tiny_opt
 
         torch.manual_seed(0)
         self.model = tiny_opt().train()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import tiny_opt
+from helpers.models import tiny_opt
 from vera_lightning import VeraConfig, apply_vera
 from vera_lightning.inject import vera_layers
 

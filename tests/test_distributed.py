@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-import dist_workers as W
+import helpers.dist_workers as W
 
 pytestmark = pytest.mark.distributed
 WORLD = 2

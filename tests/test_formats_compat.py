@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from lit_helpers import TinyOptModule, trainer_kwargs
+from helpers.lightning import TinyOptModule, trainer_kwargs
 from vera_lightning import VeraCallback, load_adapter
 from vera_lightning.inject import vera_layers
 

@@ -9,9 +9,12 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import TINY_MODELS, model_inputs, run, tiny_bert, tiny_gpt2, tiny_mlp, tiny_opt
-from vera_lightning import VeraConfig, VeraLinear, apply_vera, count_parameters, merge_vera, unload_vera, unmerge_vera
+from helpers.models import TINY_MODELS, run, tiny_bert, tiny_gpt2, tiny_mlp, tiny_opt
+from helpers.peft_oracle import peft_vera
+from vera_lightning import VeraConfig, apply_vera, count_parameters, unload_vera
 from vera_lightning.inject import vera_layers
+
+KINDS = list(TINY_MODELS)
 
 
 def _random_lambdas_(model, seed=3):
@@ -50,34 +53,6 @@ def test_base_state_dict_keys_unchanged_and_projections_stored_once():
     # a checkpoint of the un-adapted model loads without any remapping
     missing, unexpected = model.load_state_dict(tiny_opt().state_dict(), strict=False)
     assert not unexpected and all("vera" in k for k in missing)
-
-
-def test_save_projection_false_keeps_projections_out_of_the_state_dict():
-    with pytest.warns(UserWarning):
-        cfg = VeraConfig(r=8, target_modules=["q_proj"], save_projection=False)
-    model = apply_vera(tiny_opt(), cfg)
-    assert not any(k.endswith(("vera_A", "vera_B")) for k in model.state_dict())
-    assert model.vera_projections.vera_A.shape == (8, 32)
-
-
-def test_projections_sized_to_the_largest_layer_and_sliced():
-    model = apply_vera(tiny_mlp(), VeraConfig(r=6, target_modules=["fc1", "fc2", "fc3"]))
-    proj = model.vera_projections
-    assert proj.vera_A.shape == (6, 40) and proj.vera_B.shape == (40, 6)
-    a, b = model.fc3.sliced_projections()
-    assert a.shape == (6, 24) and b.shape == (5, 6)
-    assert a.data_ptr() == proj.vera_A.data_ptr() and b.data_ptr() == proj.vera_B.data_ptr()  # views, no copy
-
-
-def test_optimizer_step_changes_only_the_lambdas():
-    model = apply_vera(tiny_opt(), VeraConfig(r=8, target_modules=["q_proj", "v_proj"]))
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    ids = model_inputs("opt")["input_ids"]
-    model(input_ids=ids, labels=ids).loss.backward()
-    opt.step()
-    changed = {k for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
-    assert changed == {k for k in before if k.endswith(("vera_lambda_b", "vera_lambda_d"))}
 
 
 @pytest.mark.parametrize("bias, expected_bias_keys", [
@@ -141,44 +116,6 @@ def test_default_targets_from_model_type_and_error_for_plain_modules():
         apply_vera(tiny_mlp(), VeraConfig(r=8))
 
 
-@pytest.mark.parametrize("kind", ["opt", "gpt2", "mlp"])
-def test_merge_unmerge_idempotent_and_exact(kind):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        model = apply_vera(TINY_MODELS[kind][0](), VeraConfig(r=8, target_modules=TINY_MODELS[kind][1]))
-    _random_lambdas_(model)
-    base_weights = {n: l.weight.clone() for n, l in vera_layers(model)}
-    with torch.no_grad():
-        unmerged = run(model, kind)
-        merge_vera(model)
-        merged_weights = {n: l.weight.clone() for n, l in vera_layers(model)}
-        merge_vera(model)  # second merge: no-op
-        assert all(torch.equal(l.weight, merged_weights[n]) for n, l in vera_layers(model))
-        merged = run(model, kind)
-        unmerge_vera(model)
-        unmerge_vera(model)
-        restored = run(model, kind)
-    assert (merged - unmerged).abs().max().item() <= 1e-5
-    assert (restored - unmerged).abs().max().item() <= 1e-5
-    assert all(not torch.equal(merged_weights[n], base_weights[n]) for n in base_weights)
-    assert all(torch.allclose(l.weight, base_weights[n], atol=1e-6) for n, l in vera_layers(model))
-
-
-def test_safe_merge_refuses_non_finite_and_leaves_every_weight_unchanged():
-    model = apply_vera(tiny_opt(), VeraConfig(r=8, target_modules=["q_proj", "v_proj"]))
-    _random_lambdas_(model)
-    with torch.no_grad():
-        model.model.decoder.layers[1].self_attn.v_proj.vera_lambda_b[0] = float("inf")
-    before = {n: l.weight.clone() for n, l in vera_layers(model)}
-    with pytest.raises(ValueError, match=r"safe_merge refused: merging model\.decoder\.layers\.1\.self_attn\.v_proj"):
-        merge_vera(model, safe_merge=True)
-    assert all(torch.equal(l.weight, before[n]) and not l.merged for n, l in vera_layers(model))
-    layer = model.model.decoder.layers[1].self_attn.v_proj
-    with pytest.raises(ValueError, match="safe_merge refused"):
-        layer.merge(safe_merge=True)
-    assert torch.equal(layer.weight, before["model.decoder.layers.1.self_attn.v_proj"])
-
-
 @pytest.mark.parametrize("merge", [True, False])
 @pytest.mark.parametrize("kind", ["opt", "gpt2"])
 def test_unload_returns_plain_modules(kind, merge):
@@ -207,14 +144,37 @@ def test_unload_returns_plain_modules(kind, merge):
     assert not torch.equal(adapted, plain)
 
 
-def test_vera_linear_is_the_only_adapter_module_and_init_is_a_no_op():
-    model = tiny_opt()
-    with torch.no_grad():
-        before = run(model, "opt")
-    apply_vera(model, VeraConfig(r=8, target_modules=["q_proj", "v_proj"], d_initial=0.05))
-    layer = model.model.decoder.layers[0].self_attn.q_proj
-    assert isinstance(layer, VeraLinear)
-    assert torch.equal(layer.vera_lambda_b, torch.zeros(32))
-    assert torch.equal(layer.vera_lambda_d, torch.full((8,), 0.05))
-    with torch.no_grad():
-        assert torch.equal(run(model, "opt"), before)
+def _adapt_both(twin, kind, **fields):
+    base, other = twin(kind)
+    fields.setdefault("target_modules", TINY_MODELS[kind][1])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ours = apply_vera(base, VeraConfig(**fields))
+    theirs = peft_vera(other, **fields)
+    return ours, theirs
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_same_trainable_parameter_count(twin, kind):
+    fields = {"modules_to_save": ["classifier"]} if kind == "bert" else {}
+    ours, theirs = _adapt_both(twin, kind, r=16, **fields)
+    peft_trainable, _ = theirs.get_nb_trainable_parameters()
+    assert count_parameters(ours)[0] == peft_trainable
+
+
+def test_all_linear_matches_peft_on_causal_lm(twin):
+    ours, theirs = _adapt_both(twin, "opt", r=8, target_modules="all-linear")
+    peft_names = {n for n, m in theirs.base_model.model.named_modules() if hasattr(m, "vera_lambda_b")}
+    assert {n for n, _ in vera_layers(ours)} == peft_names
+    assert "lm_head" not in peft_names
+
+
+@pytest.mark.parametrize("fields", [
+    {"target_modules": r".*layers\.1\.self_attn\.(q|v)_proj"},
+    {"target_modules": ["q_proj", "fc2"], "layers_to_transform": [1]},
+    {"target_modules": ["q_proj"], "layers_to_transform": 0, "layers_pattern": "layers"},
+])
+def test_targeting_matches_peft(twin, fields):
+    ours, theirs = _adapt_both(twin, "opt", r=8, **fields)
+    peft_names = {n for n, m in theirs.base_model.model.named_modules() if hasattr(m, "vera_lambda_b")}
+    assert {n for n, _ in vera_layers(ours)} == peft_names and peft_names

@@ -12,7 +12,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from conftest import model_inputs, peft_vera, run, tiny_bert, tiny_gpt2, tiny_opt
+from helpers.models import model_inputs, run, tiny_bert, tiny_gpt2, tiny_opt
+from helpers.peft_oracle import peft_vera
 from vera_lightning import VeraConfig, apply_vera, load_adapter, save_adapter, unload_vera
 from vera_lightning.inject import vera_layers
 

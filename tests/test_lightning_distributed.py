@@ -10,7 +10,7 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.strategies import DDPStrategy
 
-from lit_dist_helpers import CONFIG, PerturbRank1, Recorder, RegressionModule
+from helpers.lightning_dist import CONFIG, PerturbRank1, Recorder, RegressionModule
 from vera_lightning import VeraCallback, VeraConfig
 
 pytestmark = pytest.mark.distributed

@@ -9,7 +9,8 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import TINY_MODELS, peft_layer, peft_vera, randomize_lambdas_
+from helpers.models import TINY_MODELS
+from helpers.peft_oracle import peft_layer, peft_vera, randomize_lambdas_
 from vera_lightning import VeraConfig, apply_vera
 from vera_lightning.inject import vera_layers
 from vera_lightning import record_paths, set_vera_path

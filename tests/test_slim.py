@@ -10,7 +10,7 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from lit_helpers import TinyOptModule, trainer_kwargs
+from helpers.lightning import TinyOptModule, trainer_kwargs
 from vera_lightning import VeraCallback, load_adapter
 from vera_lightning.inject import vera_layers
 

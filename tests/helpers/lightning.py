@@ -6,7 +6,7 @@ import lightning.pytorch as pl
 import torch
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
-from conftest import tiny_opt
+from helpers.models import tiny_opt
 
 
 class TinyOptModule(pl.LightningModule):

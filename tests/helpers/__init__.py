@@ -1,0 +1,1 @@
+"""Test helpers: tiny models, the PEFT oracle, Lightning modules, 2-process workers."""
