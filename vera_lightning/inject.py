@@ -20,6 +20,7 @@ from torch import nn
 from vera_lightning.config import ALL_LINEAR, BiasMode, VeraConfig
 from vera_lightning.layer import VeraLinear, _warn_fan_in_fan_out, is_supported_layer
 from vera_lightning.projection import PROJECTIONS_ATTR, VeraProjections
+from vera_lightning.states import check_matches, check_not_nested, check_projection_memory, check_untied
 
 __all__ = [
     "apply_vera",
@@ -95,6 +96,14 @@ def _layer_index_ok(name: str, config: VeraConfig) -> bool:
     indexes = config.layers_to_transform
     if indexes is None or (isinstance(indexes, list) and not indexes):
         return True
+    index = _layer_index(name, config)
+    if index is None:
+        return False
+    return index == indexes if isinstance(indexes, int) else index in indexes
+
+
+def _layer_index(name: str, config: VeraConfig) -> Optional[int]:
+    """The layer index in ``name`` (PEFT's rule: the number after ``layers_pattern`` or the second name part)."""
     patterns = config.layers_pattern
     if not patterns:
         match = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", name)
@@ -104,10 +113,7 @@ def _layer_index_ok(name: str, config: VeraConfig) -> bool:
             match = re.match(rf"(?:^|.*?\.){pattern}\.(?P<idx>\d+)\.", name)
             if match:
                 break
-    if match is None:
-        return False
-    index = int(match.group("idx"))
-    return index == indexes if isinstance(indexes, int) else index in indexes
+    return None if match is None else int(match.group("idx"))
 
 
 def _effective_targets(model: nn.Module, config: VeraConfig):
@@ -142,22 +148,27 @@ def resolve_target_names(model: nn.Module, config: VeraConfig) -> list[str]:
     targets = _effective_targets(model, config)
     all_linear = isinstance(targets, str) and targets.lower() == ALL_LINEAR
     heads = _output_heads(model) if all_linear else set()
-    found = []
+    found, unsupported, suffix_hits = [], [], []
     for name, module in model.named_modules():
-        if not name or not (is_supported_layer(module) or isinstance(module, VeraLinear)):
+        if not name or _in_modules_to_save(name, config.modules_to_save):
             continue
-        if _in_modules_to_save(name, config.modules_to_save):
-            continue
+        supported = is_supported_layer(module) or isinstance(module, VeraLinear)
         if all_linear:
-            hit = id(module) not in heads
+            hit = supported and id(module) not in heads
         elif isinstance(targets, str):
             hit = re.fullmatch(targets, name) is not None
         elif name in targets:
             hit = True
         else:
-            hit = any(name.endswith("." + t) for t in targets) and _layer_index_ok(name, config)
+            hit = any(name.endswith("." + t) for t in targets)
+            suffix_hits += [name] if hit else []
+            hit = hit and _layer_index_ok(name, config)
         if hit:
-            found.append(name)
+            (found if supported else unsupported).append(name)
+    layers = config.layers_to_transform
+    requested = None if layers is None or isinstance(targets, str) else ([layers] if isinstance(layers, int) else layers)
+    found = check_matches(model, found, unsupported, all_linear, requested or None,
+                          lambda n: _layer_index(n, config), suffix_hits)
     if not found:
         raise ValueError(
             f"VeraConfig.target_modules={sorted(targets) if not isinstance(targets, str) else targets!r} "
@@ -230,31 +241,35 @@ def apply_vera(model: nn.Module, config: VeraConfig) -> nn.Module:
         return model  # idempotent
     if hasattr(model, PROJECTIONS_ATTR):
         raise ValueError(f"{type(model).__name__} already has an attribute {PROJECTIONS_ATTR!r}; rename it")
+    check_not_nested(model, (VeraLinear, VeraProjections))
     names = resolve_target_names(model, config)
     modules = {name: model.get_submodule(name) for name in names}
     if any(isinstance(m, VeraLinear) for m in modules.values()):
         raise ValueError("model holds VeraLinear layers but no vera_projections; it was not adapted by apply_vera")
     shapes = [_in_out(m) for m in modules.values()]
-    projections = VeraProjections(
-        r=config.r,
-        max_in=max(s[0] for s in shapes),
-        max_out=max(s[1] for s in shapes),
-        prng_key=config.projection_prng_key,
-        persistent=config.save_projection,
-    )
+    max_in, max_out = max(s[0] for s in shapes), max(s[1] for s in shapes)
+    check_projection_memory(config.r, max_in, max_out)
+    try:
+        projections = VeraProjections(config.r, max_in, max_out, config.projection_prng_key, config.save_projection)
+    except RuntimeError as err:  # the allocator refused
+        check_projection_memory(config.r, max_in, max_out, error=err)
+        raise
     weight = next(iter(modules.values())).weight
     if weight.dtype in (torch.float16, torch.bfloat16):
         # PEFT moves the projections to the base dtype and then upcasts the adapter to float32,
         # so in a half-precision model they hold half-rounded values; do the same, bit for bit.
+        projections.round_dtype = weight.dtype
         with torch.no_grad():
             for buf in (projections.vera_A, projections.vera_B):
                 buf.copy_(buf.to(weight.dtype))
-    if weight.device.type != "meta":
-        projections.to(weight.device)
+    projections.to(weight.device)  # on meta too: to_empty re-draws them (VeraProjections._apply)
+    projections.train(model.training)
     projections.config = copy.deepcopy(config)
     for name, module in modules.items():
         fan_in_fan_out = _warn_fan_in_fan_out(name, module, config)
-        _set_submodule(model, name, VeraLinear(module, projections, config, fan_in_fan_out=fan_in_fan_out))
+        layer = VeraLinear(module, projections, config, fan_in_fan_out=fan_in_fan_out)
+        layer.train(module.training)  # the mode of the module it replaces (eval stays eval)
+        _set_submodule(model, name, layer)
     setattr(model, PROJECTIONS_ATTR, projections)
     mark_trainable(model, config)
     return model
@@ -274,6 +289,7 @@ def merge_vera(model: nn.Module, safe_merge: bool = False) -> nn.Module:
     layer is written, so a failure leaves the whole model unchanged.
     """
     layers = list(vera_layers(model))
+    check_untied(model, layers, "merge_vera")
     if safe_merge:
         with torch.no_grad():
             for name, layer in layers:
@@ -305,7 +321,10 @@ def unload_vera(model: nn.Module, merge: bool = True) -> nn.Module:
     Returns:
         The same ``model`` object, free of VeRA modules (its ``requires_grad`` flags are left as they were).
     """
-    for name, layer in list(vera_layers(model)):
+    layers = list(vera_layers(model))
+    if merge:
+        check_untied(model, layers, "unload_vera(merge=True)")
+    for name, layer in layers:
         _set_submodule(model, name, layer.to_base(merge=merge))
     if isinstance(getattr(model, PROJECTIONS_ATTR, None), VeraProjections):
         delattr(model, PROJECTIONS_ATTR)

@@ -12,11 +12,13 @@ sqrt(2) in fan-in mode, ``vera_A`` first, then ``vera_B``.
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 from torch import nn
 
 from vera_lightning.sharing import SiblingCache
+from vera_lightning.states import is_meta, materialised
 
 __all__ = ["VeraProjections", "kaiming_uniform_projection", "PROJECTIONS_ATTR"]
 
@@ -61,6 +63,7 @@ class VeraProjections(nn.Module):
         self.register_buffer("vera_A", vera_A, persistent=persistent)
         self.register_buffer("vera_B", vera_B, persistent=persistent)
         self.r, self.max_in, self.max_out, self.prng_key = r, max_in, max_out, prng_key
+        self.round_dtype: Optional[torch.dtype] = None  # half dtype the draw was rounded through (apply_vera)
         self._cast_cache: dict[tuple[torch.dtype, torch.device], tuple] = {}
         self.siblings = SiblingCache()  # lets q/k/v (gate/up) reuse one x A_s^T
 
@@ -88,7 +91,19 @@ class VeraProjections(nn.Module):
         a, b = self.full(dtype, device)
         return a[:, :in_features], b[:out_features, :]
 
+    @torch.no_grad()
+    def redraw_(self) -> None:
+        """Draw ``vera_A``/``vera_B`` from ``prng_key`` again, into the buffers (in place)."""
+        generator = torch.Generator(device="cpu").manual_seed(self.prng_key)
+        for buf, shape in ((self.vera_A, (self.r, self.max_in)), (self.vera_B, (self.max_out, self.r))):
+            fresh = kaiming_uniform_projection(shape, generator)
+            buf.copy_(fresh.to(self.round_dtype) if self.round_dtype is not None else fresh)
+
     def _apply(self, fn, recurse=True):  # .to()/.cuda()/.half() drop the cached casts
         self._cast_cache = {}
         self.siblings.clear()
-        return super()._apply(fn, recurse)
+        was_meta = is_meta(self.vera_A)
+        out = super()._apply(fn, recurse)
+        if materialised([self.vera_A, self.vera_B], was_meta):  # to_empty: meta held no values, draw them
+            self.redraw_()
+        return out
