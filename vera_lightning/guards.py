@@ -132,8 +132,11 @@ class NonFiniteGuard:
             problems.append(f"trainable tensors hold NaN/inf: {_shown(bad)}")
         return problems
 
-    def check(self, module: nn.Module, when: str) -> None:
+    def check(self, module: nn.Module, when: str) -> list[str]:
         """Raise (or warn) if anything is non-finite; resets the loss record.
+
+        Returns:
+            The problems found (only with ``on_nonfinite="warn"``; empty when all is finite).
 
         Raises:
             NonFiniteError: With ``on_nonfinite="raise"``.
@@ -141,7 +144,7 @@ class NonFiniteGuard:
         problems = self.problems(module)
         self._bad_loss = None
         if not problems:
-            return
+            return problems
         message = (
             f"VeraCallback: non-finite values {when}: " + "; ".join(problems) + ". Lower the learning rate "
             "(optim.lr), check the data and d_initial, or use gradient clipping"
@@ -149,3 +152,4 @@ class NonFiniteGuard:
         if self.on_nonfinite == "raise":
             raise NonFiniteError(message + ". Training stopped; nothing was written.")
         warnings.warn(message + " (on_nonfinite='warn': training goes on)", UserWarning, stacklevel=3)
+        return problems

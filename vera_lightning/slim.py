@@ -23,6 +23,7 @@ from torch.utils.hooks import RemovableHandle
 
 from vera_lightning.config import VeraConfig
 from vera_lightning.inject import vera_layers
+from vera_lightning.resume import config_problems, resume_problems, resume_record
 
 __all__ = ["SLIM_MARK", "slim_checkpoint_", "install_slim_loading", "adapter_config_of", "kept_state_keys"]
 
@@ -65,7 +66,8 @@ def slim_checkpoint_(checkpoint: dict[str, Any], module: nn.Module) -> None:
     keep = kept_state_keys(module)
     slim: OrderedDict = OrderedDict((k, v) for k, v in state.items() if k in keep)
     metadata = OrderedDict((k, dict(v)) for k, v in getattr(state, "_metadata", OrderedDict()).items())
-    marker = {"format": _FORMAT, "config": config.to_dict(), "dropped": len(state) - len(slim)}
+    marker = {"format": _FORMAT, "config": config.to_dict(), "dropped": len(state) - len(slim),
+              "resume": resume_record(module)}  # checked on resume (vera_lightning.resume)
     metadata.setdefault("", {})[SLIM_MARK] = marker
     slim._metadata = metadata  # type: ignore[attr-defined]
     checkpoint["state_dict"] = slim
@@ -85,13 +87,15 @@ def _fill_frozen_base(
             "adapter; add VeraCallback to the Trainer (or call apply_vera before loading) so the adapter is "
             "injected before the checkpoint is restored"
         )
-    saved = marker.get("config", {})
-    if saved != config.to_dict():
-        diff = {k: (v, config.to_dict().get(k)) for k, v in saved.items() if config.to_dict().get(k) != v}
+    diff = config_problems(marker.get("config", {}), config.to_dict())  # d_initial/init_weights may differ
+    if diff:
         raise ValueError(
             f"slim VeRA checkpoint was saved with a different VeraConfig (option: (checkpoint, model)) {diff}; "
             "use the config the checkpoint was trained with"
         )
+    problems = resume_problems(marker.get("resume"), module, config.save_projection)
+    if problems:
+        raise ValueError("this slim VeRA checkpoint does not fit the model, nothing was loaded: " + "; ".join(problems))
     for name, param in module.named_parameters(remove_duplicate=False):
         if not param.requires_grad and prefix + name not in state_dict:
             state_dict[prefix + name] = param.detach()
