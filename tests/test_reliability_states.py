@@ -89,6 +89,17 @@ def test_untie_then_merge_keeps_the_adapted_outputs():
         assert (run(model, "opt") - adapted).abs().max() < 1e-4
 
 
+def test_weights_sharing_memory_count_as_tied_only_where_they_overlap():
+    fused = torch.randn(8, 4)
+    net = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
+    net[0].weight, net[1].weight = nn.Parameter(fused[:4]), nn.Parameter(fused[4:])  # disjoint views: fine
+    merge_vera(_trained(apply_vera(net, VeraConfig(r=4, target_modules=["0"]))))
+    net = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
+    net[0].weight, net[1].weight = nn.Parameter(fused[:4]), nn.Parameter(fused[2:6])  # rows 2, 3 shared
+    with pytest.raises(ValueError, match=r"0.weight is tied to \['1.weight'\]"):
+        merge_vera(_trained(apply_vera(net, VeraConfig(r=4, target_modules=["0"]))))
+
+
 # ---------------------------------------------------------------------- eval mode
 @pytest.mark.parametrize("via", ["apply_vera", "load_adapter"])
 def test_new_layers_take_the_mode_of_the_replaced_module(tmp_path, via):
@@ -224,3 +235,23 @@ def test_huge_r_names_r_and_the_memory_it_needs():
                                          r"[0-9.]+ [GTP]iB of float32, but this machine has"):
         apply_vera(model, VeraConfig(r=10**9, target_modules=["fc1", "fc2"]))
     assert not list(vera_layers(model))
+
+
+# ---------------------------------------------------------------------- merge -> unmerge rounding
+@pytest.mark.numerics
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_merge_unmerge_restores_weights_up_to_one_rounding_step(dtype):
+    """Decision (docs/reliability.md): no copy of W0 is kept; merge adds ΔW and unmerge subtracts it
+    in the weight's dtype, so W0 comes back within one unit in the last place of max(|W0|, |W0 + ΔW|)."""
+    torch.manual_seed(0)
+    model = _trained(apply_vera(tiny_opt().to(dtype), VeraConfig(r=16, target_modules=["q_proj", "v_proj"])))
+    before = {n: layer.weight.detach().clone() for n, layer in vera_layers(model)}
+    merge_vera(model)
+    merged = {n: layer.weight.detach().clone() for n, layer in vera_layers(model)}
+    unmerge_vera(model)
+    eps = torch.finfo(dtype).eps
+    for name, layer in vera_layers(model):
+        w0, w = before[name].float(), layer.weight.detach().float()
+        big = torch.maximum(w0.abs(), merged[name].float().abs()).clamp_min(torch.finfo(dtype).tiny)
+        ulp = eps * torch.exp2(torch.floor(torch.log2(big)))
+        assert bool(((w - w0).abs() <= ulp).all()), name

@@ -57,13 +57,17 @@ def check_not_merged(layers: Iterable[tuple[str, nn.Module]], operation: str) ->
         )
 
 
-def _storage_key(param: torch.Tensor) -> Optional[int]:
-    if param.device.type == "meta":
+def _span(param: torch.Tensor) -> Optional[tuple[int, int, int]]:
+    """``(storage, first byte, end byte)`` of the memory ``param`` covers (``None`` on meta/subclasses)."""
+    if param.device.type == "meta" or param.numel() == 0:
         return None
     try:
-        return param.untyped_storage().data_ptr()
+        storage = param.untyped_storage().data_ptr()
     except (RuntimeError, NotImplementedError):  # tensor subclasses without a plain storage
         return None
+    extent = 1 + sum((size - 1) * abs(stride) for size, stride in zip(param.shape, param.stride()))
+    start = param.storage_offset() * param.element_size()
+    return storage, start, start + extent * param.element_size()
 
 
 def check_untied(model: nn.Module, layers: list[tuple[str, nn.Module]], operation: str) -> None:
@@ -75,22 +79,18 @@ def check_untied(model: nn.Module, layers: list[tuple[str, nn.Module]], operatio
     Raises:
         ValueError: Naming the tied tensors and the fix, before any layer is merged.
     """
-    names_by_id: dict[int, list[str]] = {}
-    names_by_storage: dict[int, list[str]] = {}
-    for name, param in model.named_parameters(remove_duplicate=False):
-        names_by_id.setdefault(id(param), []).append(name)
-        key = _storage_key(param)
-        if key:
-            names_by_storage.setdefault(key, []).append(name)
+    params = list(model.named_parameters(remove_duplicate=False))
+    spans = [(name, param, _span(param)) for name, param in params]
     problems = []
     for layer_name, layer in layers:
         if getattr(layer, "merged", False):
             continue
         own = f"{layer_name}.weight" if layer_name else "weight"
-        sharing = set(names_by_id.get(id(layer.weight), []))
-        key = _storage_key(layer.weight)
-        if key:
-            sharing |= set(names_by_storage.get(key, []))
+        mine = _span(layer.weight)
+        sharing = set()
+        for name, param, span in spans:  # the same tensor, or memory overlapping the weight's
+            if param is layer.weight or (mine and span and span[0] == mine[0] and span[1] < mine[2] and mine[1] < span[2]):
+                sharing.add(name)
         others = sorted(sharing - {own})
         if others:
             problems.append(f"{own} is tied to {others}")
