@@ -27,6 +27,7 @@ from torch import nn
 from vera_lightning.config import VeraConfig
 from vera_lightning.projection import draw_projections
 from vera_lightning.sharing import SiblingCache
+from vera_lightning.states import is_meta, materialised
 
 if TYPE_CHECKING:  # pragma: no cover
     from vera_lightning.layer import VeraLinear
@@ -62,14 +63,26 @@ class VeraAdapter(nn.Module):
         if not isinstance(config, VeraConfig):
             raise TypeError(f"VeraAdapter expects a VeraConfig, got {type(config).__name__}")
         self._config = copy.deepcopy(config)
-        vera_A, vera_B = draw_projections(config.r, max_in, max_out, config.projection_prng_key)
-        if round_to in _HALF:
-            vera_A, vera_B = vera_A.to(round_to).float(), vera_B.to(round_to).float()
+        self.r, self.max_in, self.max_out = config.r, max_in, max_out
+        #: The half dtype the draw was rounded through (``None``: float32 values as drawn).
+        self.round_dtype: Optional[torch.dtype] = round_to if round_to in _HALF else None
+        vera_A, vera_B = self._draw()
         self.register_buffer("vera_A", vera_A, persistent=config.save_projection)
         self.register_buffer("vera_B", vera_B, persistent=config.save_projection)
-        self.r, self.max_in, self.max_out = config.r, max_in, max_out
         self._cast_cache: dict[tuple[torch.dtype, torch.device], tuple] = {}
         self.siblings = SiblingCache()
+
+    def _draw(self) -> tuple[torch.Tensor, torch.Tensor]:
+        vera_A, vera_B = draw_projections(self.r, self.max_in, self.max_out, self._config.projection_prng_key)
+        if self.round_dtype is not None:
+            vera_A, vera_B = vera_A.to(self.round_dtype).float(), vera_B.to(self.round_dtype).float()
+        return vera_A, vera_B
+
+    @torch.no_grad()
+    def redraw_(self) -> None:
+        """Draw ``vera_A``/``vera_B`` from ``projection_prng_key`` again, into the buffers (in place)."""
+        for buf, fresh in zip((self.vera_A, self.vera_B), self._draw()):
+            buf.copy_(fresh)
 
     @property
     def config(self) -> VeraConfig:
@@ -108,7 +121,11 @@ class VeraAdapter(nn.Module):
     def _apply(self, fn, recurse=True):  # .to()/.cuda()/.half() drop the cached casts
         self._cast_cache = {}
         self.siblings.clear()
-        return super()._apply(fn, recurse)
+        was_meta = is_meta(self.vera_A)
+        out = super()._apply(fn, recurse)
+        if materialised([self.vera_A, self.vera_B], was_meta):  # to_empty: meta held no values, draw them
+            self.redraw_()
+        return out
 
 
 def vera_layers(module: nn.Module) -> Iterator[tuple[str, "VeraLinear"]]:
@@ -134,8 +151,9 @@ def locate_adapter(module: nn.Module) -> Optional[tuple[str, VeraAdapter]]:
     if len(found) > 1:
         names = [name or "<root>" for name, _ in found]
         raise ValueError(
-            f"{type(module).__name__} holds VeRA adapters in several places {names}; apply_vera must be called "
-            "once, on one module that contains every layer to adapt (unload_vera the others)"
+            f"{type(module).__name__} holds {len(found)} separate VeRA adapters ({names}), from apply_vera on "
+            "nested modules; one model carries one adapter. Unload them (vera_lightning.unload_vera) and apply one "
+            "config to the module containing every layer to adapt"
         )
     referenced = {id(layer.adapter): layer.adapter for _, layer in vera_layers(module)}
     if len(referenced) > 1 or (found and referenced and id(found[0][1]) not in referenced):

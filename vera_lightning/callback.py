@@ -36,9 +36,11 @@ from typing_extensions import override
 
 from vera_lightning.adapter import VeraAdapter, find_adapter, vera_layers
 from vera_lightning.checkpoint import adapter_root, save_adapter
-from vera_lightning.config import VeraConfig
+from vera_lightning.config import INIT_ONLY_OPTIONS, VeraConfig
 from vera_lightning.distributed import prepare_ddp, sync_projections
+from vera_lightning.guards import NonFiniteGuard
 from vera_lightning.inject import apply_vera, count_parameters, describe_candidates, resolve_target_names
+from vera_lightning.resume import guard_checkpoint_loading
 from vera_lightning.slim import install_slim_loading, slim_checkpoint_
 
 __all__ = ["VeraCallback", "check_strategy", "check_optimizers"]
@@ -85,6 +87,10 @@ class VeraCallback(Callback):
             written in PEFT's layout to ``<adapter_dir>/epoch=E-step=S/`` (rank 0 only).
         slim_checkpoints: Drop the frozen base weights from Lightning ``.ckpt`` files
             (default). Resuming rebuilds the base from the model's own construction.
+        on_nonfinite: What a NaN/inf loss or λ does (checked at the end of each training epoch and
+            before any checkpoint or adapter is written): ``"raise"`` (default) stops training with
+            :class:`~vera_lightning.guards.NonFiniteError` and writes nothing; ``"warn"`` warns and
+            goes on (adapter directories are then skipped: NaN/inf is never saved in one).
         **config_fields: :class:`~vera_lightning.VeraConfig` fields (``r``, ``target_modules``, ...).
 
     Raises:
@@ -103,6 +109,7 @@ class VeraCallback(Callback):
         config: Optional[VeraConfig] = None,
         adapter_dir: Optional[str] = None,
         slim_checkpoints: bool = True,
+        on_nonfinite: str = "raise",
         **config_fields: Any,
     ) -> None:
         super().__init__()
@@ -122,6 +129,7 @@ class VeraCallback(Callback):
         self.config: Optional[VeraConfig] = config
         self.adapter_dir = os.fspath(adapter_dir) if adapter_dir is not None else None
         self.slim_checkpoints = slim_checkpoints
+        self._guard = NonFiniteGuard(on_nonfinite)
         self._ready = False
         self._synced = False
         self._logged = False
@@ -138,6 +146,7 @@ class VeraCallback(Callback):
             self._inject(pl_module)
         if self._hook_handle is None:
             self._hook_handle = install_slim_loading(pl_module)
+        guard_checkpoint_loading(trainer.strategy)  # a truncated ckpt_path is named before Lightning reads it
         prepare_ddp(trainer.strategy, pl_module)
         self._synced = False
 
@@ -223,14 +232,29 @@ class VeraCallback(Callback):
     def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._start(trainer, pl_module)
 
+    # ------------------------------------------------------------------ non-finite values
+    @override
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        self._guard.observe_loss(outputs)  # accumulated on the loss's device: no synchronisation per step
+
+    @override
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._guard.check(pl_module, f"at the end of training epoch {trainer.current_epoch}")
+
     # ------------------------------------------------------------------ checkpoints
     @override
     def on_save_checkpoint(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
     ) -> None:
+        finite = not self._guard.check(pl_module, f"before writing the checkpoint at step {trainer.global_step}")
+        if not finite and self.adapter_dir is not None:
+            warnings.warn(f"VeraCallback: no adapter directory written at step {trainer.global_step} (NaN/inf)",
+                          UserWarning, stacklevel=2)
         if self.slim_checkpoints:
             slim_checkpoint_(checkpoint, pl_module)
-        if self.adapter_dir is not None and trainer.is_global_zero:
+        if self.adapter_dir is not None and trainer.is_global_zero and finite:
             model = adapter_root(pl_module)
             directory = os.path.join(self.adapter_dir, f"epoch={trainer.current_epoch}-step={trainer.global_step}")
             name = getattr(getattr(model, "config", None), "_name_or_path", None) or None
@@ -243,7 +267,8 @@ class VeraCallback(Callback):
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         saved = state_dict.get("config")
-        diff = VeraConfig.from_dict(saved).diff(self.config) if saved is not None and self.config else {}
+        diff = (VeraConfig.from_dict(saved).diff(self.config, ignore=INIT_ONLY_OPTIONS)
+                if saved is not None and self.config else {})
         if diff:
             warnings.warn(
                 "VeraCallback: the checkpoint was written with a different VeraConfig than this callback's "

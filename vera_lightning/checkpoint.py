@@ -17,31 +17,34 @@ other trainable bias (``bias="all"``)        ``base_model.model.<name>.bias``
 Layer names are relative to the module passed in (for a LightningModule wrapping a
 ``transformers`` model, pass the ``transformers`` model). Only safetensors is ever read.
 The header metadata (ignored by PEFT) records a SHA-256 of the seed-drawn projections and
-of the whole content, checked on load. Saving goes through a temporary directory and a
-rename, so an interrupted save leaves the previous adapter in place.
+of the whole content, checked on load. Saving is atomic and serialised (see
+:mod:`vera_lightning.atomic`): the path always holds a complete adapter, the previous one or
+the new one, whatever is killed when; loading reads both files from one version.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from typing import Any, Optional, Union
 
 import torch
 from torch import nn
 
 from vera_lightning import adapter_format as fmt
-from vera_lightning.adapter import find_adapter, vera_layers
+from vera_lightning import atomic
+from vera_lightning.adapter import VeraAdapter, find_adapter, vera_layers
 from vera_lightning.config import VeraConfig
+from vera_lightning.guards import META_FORMAT, NonFiniteError, file_problems, nonfinite_names, warn_dtype_changes
 from vera_lightning.inject import apply_vera
+from vera_lightning.states import check_not_merged, check_not_meta
 
 __all__ = ["save_adapter", "load_adapter", "adapter_root", "ADAPTER_CONFIG_NAME", "ADAPTER_WEIGHTS_NAME"]
 
 ADAPTER_CONFIG_NAME = "adapter_config.json"
 ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
-_ADAPTER_FILES = {ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME, "README.md"}
+_ADAPTER_FILES = {ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME}
+_MODEL_CARD = "README.md"  # PEFT's save_pretrained writes one; kept (never deleted) when we replace the adapter
 PathLike = Union[str, "os.PathLike[str]"]
 
 
@@ -86,18 +89,26 @@ def save_adapter(model: nn.Module, directory: PathLike, base_model_name_or_path:
         >>> sorted(os.listdir(save_adapter(net, tempfile.mkdtemp() + "/adapter")))
         ['adapter_config.json', 'adapter_model.safetensors']
     """
-    adapter = find_adapter(model)
+    directory = _target_path(directory)
+    adapter = _adapter_of(model, "save_adapter")
     if adapter is None:
         raise ValueError(f"save_adapter: {type(model).__name__} carries no VeRA adapter; call apply_vera first")
     config = adapter.config
-    directory = os.fspath(directory)
-    _check_target_dir(directory)
+    check_not_meta(model, f"save_adapter({directory!r})")
     slots = fmt.layout(model, config)
     if not config.save_projection:
         slots = {k: v for k, v in slots.items() if k not in fmt.PROJECTION_KEYS}
     tensors = {key: t.detach().to("cpu").contiguous().clone() for key, (_, t) in slots.items()}
+    bad = nonfinite_names(sorted(tensors.items()))
+    if bad:
+        raise NonFiniteError(
+            f"save_adapter({directory!r}) refused, nothing was written: NaN/inf in {bad[:6]}"
+            + (f" ... ({len(bad)} in all)" if len(bad) > 6 else "") + "; the adapter is broken (training diverged?). "
+            "Lower the learning rate or restore an earlier adapter"
+        )
     projection_sha = fmt.check_projections_match_seed(model, config)
-    metadata = {"format": "pt", fmt.META_PROJECTION: projection_sha, fmt.META_CONTENT: fmt.content_sha256(tensors)}
+    metadata = {"format": "pt", META_FORMAT: "1", fmt.META_PROJECTION: projection_sha,
+                fmt.META_CONTENT: fmt.content_sha256(tensors)}
     payload = {**config.to_dict(), **fmt.peft_extra_fields(base_model_name_or_path)}
     _atomic_write(directory, payload, tensors, metadata)
     return directory
@@ -122,61 +133,96 @@ def load_adapter(model: nn.Module, directory: PathLike) -> nn.Module:
         ValueError: Naming every problem found in the adapter (one error, model unchanged).
     """
     directory = os.fspath(directory)
-    config = _read_config(directory)
-    tensors, metadata = _read_weights(directory)
-    adapter = find_adapter(model)
+    directory = os.fspath(directory)
+    adapter = _adapter_of(model, f"load_adapter({directory!r})")
+    check_not_merged(list(vera_layers(model)), f"load_adapter({directory!r})")
+    check_not_meta(model, f"load_adapter({directory!r})")
+    files = _read_files(directory)
+    config = _read_config(directory, files[ADAPTER_CONFIG_NAME])
+    tensors, metadata = _read_weights(directory, files)
     existing = adapter.config if adapter is not None else None
     problems = fmt.compare_configs(model, existing, config) if existing is not None else []
     if not problems:
-        problems = fmt.check_tensors(model, config, tensors, metadata)
+        problems = file_problems(tensors, metadata, fmt.META_CONTENT, fmt.META_PROJECTION)
+        problems += fmt.check_tensors(model, config, tensors, metadata)
     if problems:
         raise ValueError(
             f"load_adapter({directory!r}) refused, the model was not changed:\n  - " + "\n  - ".join(problems)
         )
     if existing is None:
         apply_vera(model, config)
+    converted = []
     with torch.no_grad():
         for key, (_, target) in fmt.layout(model, existing or config).items():
             if key in tensors:
+                if tensors[key].dtype != target.dtype:
+                    converted.append((key, tensors[key].dtype, target.dtype))
                 target.copy_(tensors[key].to(target.dtype))
+    warn_dtype_changes(converted, directory)
     return model
 
 
+def _adapter_of(model: nn.Module, operation: str) -> Optional[VeraAdapter]:
+    try:
+        return find_adapter(model)
+    except ValueError as err:  # several adapters: a file holds one
+        raise ValueError(f"{operation} refused: {err}") from None
+
+
 # ---------------------------------------------------------------------- reading
-def _read_config(directory: str) -> VeraConfig:
-    if not os.path.isdir(directory):
-        raise FileNotFoundError(f"load_adapter: {directory!r} is not a directory (expected an adapter directory)")
+_PICKLES = ("adapter_model.bin", "adapter_model.pt")
+
+
+def _read_files(directory: str) -> dict[str, Optional[bytes]]:
+    """Both files (and whether pickles are there) from one version of the directory."""
+    try:
+        return atomic.read_files(directory, (ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME) + _PICKLES)
+    except (FileNotFoundError, NotADirectoryError):
+        raise FileNotFoundError(
+            f"load_adapter: {directory!r} is not a directory (expected an adapter directory holding "
+            f"{ADAPTER_CONFIG_NAME} and {ADAPTER_WEIGHTS_NAME})"
+        ) from None
+    except atomic.NotRegularFileError as err:
+        raise ValueError(f"load_adapter: {err}") from None
+
+
+def _read_config(directory: str, raw: Optional[bytes]) -> VeraConfig:
     path = os.path.join(directory, ADAPTER_CONFIG_NAME)
-    if not os.path.isfile(path):
+    if raw is None:
         raise FileNotFoundError(
             f"load_adapter: {path} is missing; an adapter directory holds {ADAPTER_CONFIG_NAME} and "
             f"{ADAPTER_WEIGHTS_NAME} (as written by save_adapter or PEFT's save_pretrained)"
         )
     try:
-        with open(path, encoding="utf-8") as fh:
-            data = json.load(fh)
+        data = json.loads(raw.decode("utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ValueError(f"load_adapter: {path} is not valid JSON ({err}); re-save the adapter") from None
     return fmt.config_from_peft_dict(data, path)
 
 
-def _read_weights(directory: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+def _header_metadata(raw: bytes) -> dict[str, str]:
+    size = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8 : 8 + size].decode("utf-8"))
+    return dict(header.get("__metadata__") or {})
+
+
+def _read_weights(directory: str, files: dict[str, Optional[bytes]]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     path = os.path.join(directory, ADAPTER_WEIGHTS_NAME)
-    if not os.path.isfile(path):
-        pickled = [n for n in ("adapter_model.bin", "adapter_model.pt") if os.path.exists(os.path.join(directory, n))]
+    raw = files[ADAPTER_WEIGHTS_NAME]
+    if raw is None:
+        pickled = [n for n in _PICKLES if files.get(n) is not None]
         hint = (
             f" It holds {pickled[0]}, a pickle, which is never loaded (it can run arbitrary code); re-save the "
             "adapter with safe_serialization=True" if pickled else ""
         )
         raise FileNotFoundError(f"load_adapter: {path} is missing.{hint}")
-    from safetensors import SafetensorError, safe_open
-    from safetensors.torch import load_file
+    from safetensors import SafetensorError
+    from safetensors.torch import load
 
-    try:
-        with safe_open(path, framework="pt") as fh:
-            metadata = dict(fh.metadata() or {})
-        tensors = load_file(path)
-    except (SafetensorError, OSError, RuntimeError, ValueError) as err:
+    try:  # metadata and tensors from the same bytes: a writer replacing the file cannot mix two versions
+        tensors = load(raw)
+        metadata = _header_metadata(raw)
+    except (SafetensorError, OSError, RuntimeError, ValueError, AttributeError) as err:
         raise ValueError(
             f"load_adapter: {path} is truncated or corrupted and could not be read ({err}); re-save the adapter"
         ) from None
@@ -184,43 +230,52 @@ def _read_weights(directory: str) -> tuple[dict[str, torch.Tensor], dict[str, st
 
 
 # ---------------------------------------------------------------------- writing
+def _target_path(directory: PathLike) -> str:
+    if not isinstance(directory, (str, os.PathLike)):
+        raise TypeError(f"save_adapter: directory={directory!r} must be a path (str or os.PathLike)")
+    path = os.fspath(directory)
+    if not path or not str(path).strip():
+        raise ValueError(f"save_adapter: directory={path!r} is empty; give the directory to write, e.g. 'adapter'")
+    return os.path.realpath(path) if os.path.islink(path) else path  # a symlink: save into its target
+
+
 def _check_target_dir(directory: str) -> None:
-    if os.path.exists(directory):
+    if os.path.lexists(directory):
         if not os.path.isdir(directory):
             raise ValueError(f"save_adapter: {directory!r} exists and is not a directory; choose another path")
-        foreign = sorted(set(os.listdir(directory)) - _ADAPTER_FILES)
+        entries = set(os.listdir(directory))
+        foreign = entries - _ADAPTER_FILES
+        if entries & _ADAPTER_FILES:
+            foreign.discard(_MODEL_CARD)  # the model card of a PEFT-written adapter: carried over, not deleted
         if foreign:
             raise ValueError(
-                f"save_adapter refuses to replace {directory!r}: it holds {foreign[:5]}, which are not adapter "
-                f"files ({sorted(_ADAPTER_FILES)}); choose an empty or new directory"
+                f"save_adapter refuses to replace {directory!r}: it holds {sorted(foreign)[:5]}, which are not adapter "
+                f"files ({sorted(_ADAPTER_FILES)}); nothing was changed. Choose an empty or new directory"
             )
 
 
 def _atomic_write(directory: str, config: dict[str, Any], tensors: dict, metadata: dict[str, str]) -> None:
-    from safetensors.torch import save_file
+    """Check the target, then replace it atomically under the save lock (:mod:`vera_lightning.atomic`)."""
 
-    parent = os.path.dirname(os.path.abspath(directory))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(directory)}.tmp-", dir=parent)
-    try:
-        save_file(tensors, os.path.join(tmp, ADAPTER_WEIGHTS_NAME), metadata=metadata)
-        with open(os.path.join(tmp, ADAPTER_CONFIG_NAME), "w", encoding="utf-8") as fh:
+    def fill(staging: str) -> None:
+        from safetensors.torch import save_file
+
+        save_file(tensors, os.path.join(staging, ADAPTER_WEIGHTS_NAME), metadata=metadata)
+        with open(os.path.join(staging, ADAPTER_CONFIG_NAME), "w", encoding="utf-8") as fh:
             json.dump(config, fh, indent=2, sort_keys=True)
             fh.write("\n")
-        for name in (ADAPTER_WEIGHTS_NAME, ADAPTER_CONFIG_NAME):
-            with open(os.path.join(tmp, name), "rb") as fh:
-                os.fsync(fh.fileno())
-        if os.path.isdir(directory):
-            old = tmp + ".old"
-            os.rename(directory, old)  # the previous adapter survives here until the new one is in place
-            try:
-                os.rename(tmp, directory)
-            except OSError:
-                os.rename(old, directory)
-                raise
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, directory)
-    finally:
-        if os.path.isdir(tmp):
-            shutil.rmtree(tmp, ignore_errors=True)
+
+    existed = os.path.isdir(directory)
+    try:
+        os.makedirs(os.path.dirname(os.path.abspath(directory)), exist_ok=True)
+        with atomic.locked(directory):
+            atomic.clean_leftovers(directory, _ADAPTER_FILES)
+            _check_target_dir(directory)
+            atomic.replace_directory(directory, fill, carry=(_MODEL_CARD,))
+    except TimeoutError:
+        raise
+    except OSError as err:
+        kept = "still holds the previous adapter" if existed else "was not created"
+        message = (f"save_adapter could not write {directory!r}: {err.strerror or err}. Nothing was changed: "
+                   f"{directory!r} {kept}. Check that the location is writable and has free space")
+        raise (type(err)(err.errno, message) if err.errno else type(err)(message)) from None

@@ -9,14 +9,20 @@ that adapters travel between the two libraries.
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 import warnings
 from dataclasses import dataclass
 from enum import Enum
 from typing import Any, Optional
 
-__all__ = ["VeraConfig", "BiasMode", "ALL_LINEAR"]
+__all__ = ["VeraConfig", "BiasMode", "ALL_LINEAR", "INIT_ONLY_OPTIONS"]
 
 ALL_LINEAR = "all-linear"
+
+#: Options that only set the λ's initial values: a resumed run (whose λ's come from the checkpoint)
+#: may differ in them (``VeraConfig.diff(..., ignore=INIT_ONLY_OPTIONS)``).
+INIT_ONLY_OPTIONS = ("d_initial", "init_weights")
 
 
 class BiasMode(str, Enum):
@@ -28,6 +34,17 @@ class BiasMode(str, Enum):
 
     def __str__(self) -> str:  # "none", not "BiasMode.none", in messages and JSON
         return self.value
+
+
+_F32_MAX = 3.4028234663852886e38
+
+
+def _finite_f32(value: Any) -> bool:
+    """Finite and representable in float32 (what the λ's are stored in)."""
+    try:
+        return math.isfinite(float(value)) and abs(float(value)) <= _F32_MAX
+    except OverflowError:  # an int beyond float's range
+        return False
 
 
 def _is_int(value: Any) -> bool:
@@ -96,10 +113,16 @@ class VeraConfig:
             problems.append(f"r={self.r!r}: must be a positive integer (e.g. r=256)")
         if not _is_number(self.vera_dropout) or not 0.0 <= self.vera_dropout < 1.0:
             problems.append(f"vera_dropout={self.vera_dropout!r}: must be a number with 0 <= vera_dropout < 1")
-        if not _is_number(self.d_initial):
-            problems.append(f"d_initial={self.d_initial!r}: must be a number (the paper recommends <= 0.1)")
-        if not _is_int(self.projection_prng_key):
-            problems.append(f"projection_prng_key={self.projection_prng_key!r}: must be an integer seed")
+        if not _is_number(self.d_initial) or not _finite_f32(self.d_initial):
+            problems.append(
+                f"d_initial={self.d_initial!r}: must be a finite number with |d_initial| <= {_F32_MAX:.3g} "
+                "(the λ's are float32; the paper recommends <= 0.1)"
+            )
+        if not _is_int(self.projection_prng_key) or not -(2**63) <= self.projection_prng_key < 2**64:
+            problems.append(
+                f"projection_prng_key={self.projection_prng_key!r}: must be an integer seed in [-2**63, 2**64) "
+                "(torch.Generator's range; a negative key k draws the same projections as 2**64 + k), e.g. 0"
+            )
         for flag in ("save_projection", "fan_in_fan_out", "init_weights"):
             if not isinstance(getattr(self, flag), bool):
                 problems.append(f"{flag}={getattr(self, flag)!r}: must be True or False")
@@ -114,6 +137,14 @@ class VeraConfig:
             problems.append(
                 f"target_modules={targets!r}: must be a list of module names, a regex string or 'all-linear'"
             )
+        elif isinstance(targets, str) and targets.lower() != ALL_LINEAR:
+            try:
+                re.compile(targets)
+            except re.error as err:
+                problems.append(
+                    f"target_modules={targets!r}: not a valid regular expression ({err}); a single string is a regex "
+                    "matched against full module names (e.g. '.*(q_proj|v_proj)'); pass a list for plain names"
+                )
         elif _str_list(targets):
             if len(targets) == 0:
                 problems.append("target_modules=[]: empty; name at least one module, e.g. ['q_proj', 'v_proj']")

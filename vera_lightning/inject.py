@@ -16,9 +16,10 @@ from typing import Optional
 import torch
 from torch import nn
 
-from vera_lightning.adapter import ADAPTER_ATTR, VeraAdapter, find_adapter, vera_layers
+from vera_lightning.adapter import ADAPTER_ATTR, VeraAdapter, locate_adapter, vera_layers
 from vera_lightning.config import ALL_LINEAR, BiasMode, VeraConfig
 from vera_lightning.layer import VeraLinear, is_conv1d, is_supported_layer, layer_shape
+from vera_lightning.states import check_matches, check_projection_memory, check_untied
 
 __all__ = [
     "apply_vera",
@@ -105,6 +106,14 @@ def _layer_index_ok(name: str, config: VeraConfig) -> bool:
     indexes = config.layers_to_transform
     if indexes is None or (isinstance(indexes, list) and not indexes):
         return True
+    index = _layer_index(name, config)
+    if index is None:
+        return False
+    return index == indexes if isinstance(indexes, int) else index in indexes
+
+
+def _layer_index(name: str, config: VeraConfig) -> Optional[int]:
+    """The layer index in ``name`` (PEFT's rule: the number after ``layers_pattern`` or the second name part)."""
     patterns = config.layers_pattern
     if not patterns:
         match = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", name)
@@ -114,10 +123,7 @@ def _layer_index_ok(name: str, config: VeraConfig) -> bool:
             match = re.match(rf"(?:^|.*?\.){pattern}\.(?P<idx>\d+)\.", name)
             if match:
                 break
-    if match is None:
-        return False
-    index = int(match.group("idx"))
-    return index == indexes if isinstance(indexes, int) else index in indexes
+    return None if match is None else int(match.group("idx"))
 
 
 def _effective_targets(model: nn.Module, config: VeraConfig):
@@ -153,22 +159,27 @@ def resolve_target_names(model: nn.Module, config: VeraConfig) -> list[str]:
     targets = _effective_targets(model, config)
     all_linear = isinstance(targets, str) and targets.lower() == ALL_LINEAR
     heads = _output_heads(model) if all_linear else set()
-    found = []
+    found, unsupported, suffix_hits = [], [], []
     for name, module in model.named_modules():
-        if not name or not (is_supported_layer(module) or isinstance(module, VeraLinear)):
+        if not name or in_modules_to_save(name, config.modules_to_save):
             continue
-        if in_modules_to_save(name, config.modules_to_save):
-            continue
+        supported = is_supported_layer(module) or isinstance(module, VeraLinear)
         if all_linear:
-            hit = id(module) not in heads
+            hit = supported and id(module) not in heads
         elif isinstance(targets, str):
             hit = re.fullmatch(targets, name) is not None
         elif name in targets:
             hit = True
         else:
-            hit = any(name.endswith("." + t) for t in targets) and _layer_index_ok(name, config)
+            hit = any(name.endswith("." + t) for t in targets)
+            suffix_hits += [name] if hit else []
+            hit = hit and _layer_index_ok(name, config)
         if hit:
-            found.append(name)
+            (found if supported else unsupported).append(name)
+    layers = config.layers_to_transform
+    requested = None if layers is None or isinstance(targets, str) else ([layers] if isinstance(layers, int) else layers)
+    found = check_matches(model, found, unsupported, all_linear, requested or None,
+                          lambda n: _layer_index(n, config), suffix_hits)
     if not found:
         raise ValueError(
             f"VeraConfig.target_modules={sorted(targets) if not isinstance(targets, str) else targets!r} "
@@ -228,8 +239,16 @@ def apply_vera(model: nn.Module, config: VeraConfig) -> nn.Module:
     """
     if not isinstance(config, VeraConfig):
         raise TypeError(f"apply_vera expects a VeraConfig, got {type(config).__name__}")
-    existing = find_adapter(model)
-    if existing is not None:
+    located = locate_adapter(model)
+    if located is not None:
+        where, existing = located
+        if where != ADAPTER_ATTR:
+            inside = f"at {where!r}" if where else "applied to an enclosing module"
+            raise ValueError(
+                f"apply_vera refused: {type(model).__name__} already holds VeRA modules of another adapter ({inside}); "
+                "one model carries one adapter. Apply a single config to the module containing every layer to adapt, "
+                "or call vera_lightning.unload_vera on the adapted module first"
+            )
         changed = existing.config.diff(config)
         if changed:
             raise ValueError(
@@ -244,11 +263,16 @@ def apply_vera(model: nn.Module, config: VeraConfig) -> nn.Module:
     if any(isinstance(m, VeraLinear) for m in modules.values()):
         raise ValueError("model holds VeraLinear layers but no vera_projections; it was not adapted by apply_vera")
     shapes = [layer_shape(m) for m in modules.values()]
+    max_in, max_out = max(s[0] for s in shapes), max(s[1] for s in shapes)
+    check_projection_memory(config.r, max_in, max_out)
     weight = next(iter(modules.values())).weight
-    adapter = VeraAdapter(config, max_in=max(s[0] for s in shapes), max_out=max(s[1] for s in shapes),
-                          round_to=weight.dtype)
-    if weight.device.type != "meta":
-        adapter.to(weight.device)
+    try:
+        adapter = VeraAdapter(config, max_in=max_in, max_out=max_out, round_to=weight.dtype)
+    except RuntimeError as err:  # the allocator refused
+        check_projection_memory(config.r, max_in, max_out, error=err)
+        raise
+    adapter.to(weight.device)  # on meta too: to_empty re-draws them (VeraAdapter._apply)
+    adapter.train(model.training)
     for name, module in modules.items():
         layer = VeraLinear(module, adapter, dropout=config.vera_dropout, d_initial=config.d_initial,
                            init_weights=config.init_weights, fan_in_fan_out=_fan_in_fan_out(name, module, config))
@@ -279,6 +303,7 @@ def merge_vera(model: nn.Module, safe_merge: bool = False) -> nn.Module:
     layer is written, so a failure leaves the whole model unchanged.
     """
     layers = list(vera_layers(model))
+    check_untied(model, layers, "merge_vera")
     if safe_merge:
         with torch.no_grad():
             for name, layer in layers:
@@ -310,7 +335,10 @@ def unload_vera(model: nn.Module, merge: bool = True) -> nn.Module:
     Returns:
         The same ``model`` object, free of VeRA modules (its ``requires_grad`` flags are left as they were).
     """
-    for name, layer in list(vera_layers(model)):
+    layers = list(vera_layers(model))
+    if merge:
+        check_untied(model, layers, "unload_vera(merge=True)")
+    for name, layer in layers:
         _set_submodule(model, name, layer.to_base(merge=merge))
     if isinstance(getattr(model, ADAPTER_ATTR, None), VeraAdapter):
         delattr(model, ADAPTER_ATTR)

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vera_lightning.paths import VeraPath, vera_update
+from vera_lightning.states import is_meta, materialised
 
 if TYPE_CHECKING:  # pragma: no cover
     from vera_lightning.adapter import VeraAdapter
@@ -129,7 +130,26 @@ class VeraLinear(nn.Module):
         self.vera_lambda_b = nn.Parameter(lam_b)
         self.vera_lambda_d = nn.Parameter(lam_d)
         self.merged = False
-        self.train(base.training)
+        self.train(base.training)  # the mode of the module it replaces (eval stays eval)
+        self._lambda_init = (init_weights, float(d_initial))  # re-applied by to_empty (see _apply)
+
+    @torch.no_grad()
+    def reset_lambdas_(self) -> None:
+        """Set the λ's to their initial values again (λ_b = 0, λ_d = ``d_initial``; PEFT's test init otherwise)."""
+        init_weights, d_initial = self._lambda_init
+        if init_weights:
+            self.vera_lambda_b.zero_()
+            self.vera_lambda_d.fill_(d_initial)
+        else:
+            self.vera_lambda_b.fill_(1.0)
+            self.vera_lambda_d.copy_(torch.randn(self.r).to(self.vera_lambda_d))
+
+    def _apply(self, fn, recurse=True):
+        was_meta = is_meta(self.vera_lambda_b)
+        out = super()._apply(fn, recurse)
+        if materialised([self.vera_lambda_b, self.vera_lambda_d], was_meta):  # to_empty: meta held no values
+            self.reset_lambdas_()
+        return out
 
     # ------------------------------------------------------------------ protocol
     @property

@@ -22,7 +22,8 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from vera_lightning.adapter import find_adapter
-from vera_lightning.config import VeraConfig
+from vera_lightning.config import INIT_ONLY_OPTIONS, VeraConfig
+from vera_lightning.resume import resume_problems, resume_record
 
 __all__ = ["SLIM_MARK", "slim_checkpoint_", "install_slim_loading", "kept_state_keys"]
 
@@ -58,7 +59,8 @@ def slim_checkpoint_(checkpoint: dict[str, Any], module: nn.Module) -> None:
     keep = kept_state_keys(module)
     slim: OrderedDict = OrderedDict((k, v) for k, v in state.items() if k in keep)
     metadata = OrderedDict((k, dict(v)) for k, v in getattr(state, "_metadata", OrderedDict()).items())
-    marker = {"format": _FORMAT, "config": adapter.config.to_dict(), "dropped": len(state) - len(slim)}
+    marker = {"format": _FORMAT, "config": adapter.config.to_dict(), "dropped": len(state) - len(slim),
+              "resume": resume_record(module)}  # checked on resume (vera_lightning.resume)
     metadata.setdefault("", {})[SLIM_MARK] = marker
     slim._metadata = metadata  # type: ignore[attr-defined]
     checkpoint["state_dict"] = slim
@@ -78,12 +80,16 @@ def _fill_frozen_base(
             "adapter; add VeraCallback to the Trainer (or call apply_vera before loading) so the adapter is "
             "injected before the checkpoint is restored"
         )
-    diff = VeraConfig.from_dict(marker.get("config", {})).diff(adapter.config)
+    # d_initial/init_weights only set initial values, which a resumed run takes from the checkpoint
+    diff = VeraConfig.from_dict(marker.get("config", {})).diff(adapter.config, ignore=INIT_ONLY_OPTIONS)
     if diff:
         raise ValueError(
             f"slim VeRA checkpoint was saved with a different VeraConfig (option: (checkpoint, model)) {diff}; "
             "use the config the checkpoint was trained with"
         )
+    problems = resume_problems(marker.get("resume"), module, adapter.config.save_projection)
+    if problems:
+        raise ValueError("this slim VeRA checkpoint does not fit the model, nothing was loaded: " + "; ".join(problems))
     for name, param in module.named_parameters(remove_duplicate=False):
         if not param.requires_grad and prefix + name not in state_dict:
             state_dict[prefix + name] = param.detach()

@@ -21,6 +21,8 @@ import lightning.pytorch as pl
 import torch
 from torch.utils.data import DataLoader
 
+from vera_lightning.app.checks import undecodable_line
+
 __all__ = ["DEMO_DIR", "FORMATS", "read_split", "subsample", "TextDataModule", "build_datamodule"]
 
 #: The built-in demo data (the project's own sentences, see ``scripts/make_demo_data.py``).
@@ -42,6 +44,13 @@ def _data_dir(cfg: Mapping[str, Any]) -> Path:
 def _read_table(path: Path, text_field: str, label_field: Optional[str]) -> list[dict[str, Any]]:
     delimiter = "\t" if path.suffix.lower() in (".tsv", ".tab") else ","
     quoting = csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL  # GLUE TSVs contain bare quotes
+    try:
+        return _read_rows(path, delimiter, quoting, text_field, label_field)
+    except UnicodeDecodeError as err:
+        raise undecodable_line(path, err) from None
+
+
+def _read_rows(path: Path, delimiter: str, quoting: int, text_field: str, label_field: Optional[str]) -> list:
     with path.open(encoding="utf-8", newline="") as handle:
         reader = csv.DictReader(handle, delimiter=delimiter, quoting=quoting)
         header = reader.fieldnames or []
@@ -99,7 +108,10 @@ def read_split(cfg: Mapping[str, Any], split: str) -> list[dict[str, Any]]:
     if not path.is_file():
         raise FileNotFoundError(f"data.{split}_file={cfg[f'{split}_file']!r}: {path} does not exist")
     if fmt == "text":
-        lines = path.read_text(encoding="utf-8").splitlines()
+        try:
+            lines = path.read_text(encoding="utf-8").splitlines()
+        except UnicodeDecodeError as err:
+            raise undecodable_line(path, err) from None
         return [{"text": line} for line in lines if line.strip()]
     label_field = cfg.get("label_field") if cfg.get("task") == "classification" else None
     return _read_table(path, cfg.get("text_field", "sentence"), label_field)

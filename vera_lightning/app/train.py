@@ -24,6 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 from vera_lightning.callback import VeraCallback
 from vera_lightning.checkpoint import adapter_root, save_adapter
 from vera_lightning.config import VeraConfig
+from vera_lightning.app.checks import check_run_config
 from vera_lightning.app.data import build_datamodule
 from vera_lightning.inject import count_parameters
 from vera_lightning.app.models import build_model, build_tokenizer, resolve_path
@@ -121,10 +122,11 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         ValueError: For an inconsistent config (the message names the option and the fix).
         ModelUnavailableError: If a hub model cannot be fetched (offline).
     """
+    check_run_config(cfg)  # missing (???) and invalid values, before any work
+    vera_config = vera_config_from(cfg)
     start = time.perf_counter()
     output_dir = Path(cfg.paths.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    vera_config = vera_config_from(cfg)
     task = _check_task(cfg)
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
 

@@ -1,0 +1,93 @@
+"""The app refuses bad values at startup, naming the key, the value and the fix, before any work or
+any file is written (issue 10, items 6, 8, 12 and the max_steps/max_length/devices decisions)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from vera_lightning.app.checks import check_run_config
+from vera_lightning.app.data import read_split
+from vera_lightning.app.train import register_configs, train
+
+CONF = Path(__file__).resolve().parents[1] / "conf"
+
+
+@pytest.fixture
+def make_cfg(tmp_path):
+    register_configs()
+
+    def make(*overrides: str):
+        with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+            return compose("train", overrides=[f"paths.output_dir={tmp_path / 'run'}", *overrides])
+
+    return make
+
+
+def _refused(make_cfg, tmp_path, overrides, match):
+    with pytest.raises(ValueError, match=match):
+        train(make_cfg(*overrides))
+    assert not (tmp_path / "run").exists()  # refused before any work: not even the run directory
+
+
+@pytest.mark.parametrize("data", ["sst2", "table"])
+def test_data_without_data_dir_is_refused_not_trained_on_the_demo_set(make_cfg, tmp_path, data):
+    cfg = make_cfg(f"data={data}")
+    assert OmegaConf.is_missing(cfg.data, "data_dir")  # the ??? marker survives the composition
+    _refused(make_cfg, tmp_path, [f"data={data}"],
+             rf"data.data_dir is required with data={data} \(it is \?\?\? there\): add data.data_dir=\.\.\.")
+
+
+def test_demo_configs_still_default_to_the_built_in_data(make_cfg):
+    cfg = make_cfg()
+    assert cfg.data.name == "demo_sentiment" and cfg.data.data_dir is None
+    assert set(make_cfg("data=sst2", "data.data_dir=/x").data) == set(cfg.data)  # same keys as the demo config
+
+
+@pytest.mark.parametrize("overrides,match", [
+    (["seed=abc"], r"seed='abc': must be an integer"),
+    (["optim.lr=abc"], r"optim.lr='abc': must be a finite number > 0"),
+    (["optim.head_lr=-1"], r"optim.head_lr=-1: must be a finite number > 0"),
+    (["trainer.max_steps=0"], r"trainer.max_steps=0: must be -1 .* 0 would train nothing"),
+    (["trainer.max_epochs=0"], r"trainer.max_epochs=0: must be a positive integer"),
+    (["data.max_length=0"], r"data.max_length=0: must be a positive integer"),
+    (["vera.d_initial=nan"], r"d_initial=nan: must be a finite number"),
+    (["vera.d_initial=1e308"], r"d_initial=1e\+308: must be a finite number"),
+    (["vera.projection_prng_key=18446744073709551616"], r"projection_prng_key=18446744073709551616: .*\[-2\*\*63"),
+])
+def test_bad_values_name_the_key(make_cfg, tmp_path, overrides, match):
+    _refused(make_cfg, tmp_path, ["experiment=smoke", *overrides], match)
+
+
+def test_several_problems_are_reported_at_once(make_cfg):
+    with pytest.raises(ValueError, match=r"(?s)seed='abc'.*optim.lr='x'"):
+        check_run_config(make_cfg("seed=abc", "optim.lr=x"))
+
+
+def test_three_cpu_devices_are_allowed(make_cfg):
+    """Decision: trainer.devices=3 on CPU is a valid 3-process DDP run (gloo); nothing refuses it."""
+    from hydra.utils import instantiate
+    from lightning.pytorch.strategies import DDPStrategy
+
+    cfg = make_cfg("trainer.devices=3")
+    check_run_config(cfg)
+    trainer = instantiate(cfg.trainer, logger=False)
+    assert trainer.num_devices == 3 and isinstance(trainer.strategy, DDPStrategy)
+
+
+@pytest.mark.parametrize("fmt,suffix", [("table", ".tsv"), ("text", ".txt")])
+def test_non_utf8_file_names_the_file_and_line(tmp_path, fmt, suffix):
+    path = tmp_path / f"train{suffix}"
+    path.write_bytes(("sentence\tlabel\n" if fmt == "table" else "") .encode() + b"good\t1\nna\xefve caf\xe9\t0\n")
+    cfg = {"format": fmt, "data_dir": str(tmp_path), "train_file": path.name, "task": "classification",
+           "text_field": "sentence", "label_field": "label"}
+    line = 3 if fmt == "table" else 2
+    with pytest.raises(ValueError, match=rf"train{suffix}:{line}: not UTF-8 \(byte 0xef at column 3\)"):
+        read_split(cfg, "train")
