@@ -15,7 +15,7 @@ from torch import nn
 
 from vera_lightning.adapter import find_adapter, vera_layers
 from vera_lightning.config import BiasMode, VeraConfig
-from vera_lightning.inject import modules_to_save_of, resolve_target_names
+from vera_lightning.targets import modules_to_save_of, resolve_target_names
 from vera_lightning.layer import VeraLinear, layer_shape
 from vera_lightning.projection import draw_projections
 

@@ -39,7 +39,8 @@ from vera_lightning.checkpoint import adapter_root, save_adapter
 from vera_lightning.config import INIT_ONLY_OPTIONS, VeraConfig
 from vera_lightning.distributed import prepare_ddp, sync_projections
 from vera_lightning.guards import NonFiniteGuard
-from vera_lightning.inject import apply_vera, count_parameters, describe_candidates, resolve_target_names
+from vera_lightning.inject import apply_vera, count_parameters
+from vera_lightning.targets import describe_candidates, resolve_target_names
 from vera_lightning.resume import guard_checkpoint_loading
 from vera_lightning.slim import install_slim_loading, slim_checkpoint_
 

@@ -1,25 +1,20 @@
-"""Find the layers a :class:`VeraConfig` targets, swap in :class:`VeraLinear`, freeze, unload.
+"""Swap :class:`VeraLinear` into the layers a :class:`VeraConfig` targets, freeze, merge, unload.
 
-Target matching follows PEFT: a list of names matches a module whose full name equals
-a name or ends with ``"." + name`` (then ``layers_to_transform`` filters by layer
-index); a string is a regex that must match the full module name; ``"all-linear"``
-takes every ``nn.Linear``/``Conv1D`` except a model's output-embedding head.
-Modules listed in ``modules_to_save`` are never adapted.
+Which layers are targeted is decided by :mod:`vera_lightning.targets` (PEFT's matching rules).
 """
 
 from __future__ import annotations
 
-import re
 import warnings
-from typing import Optional
 
 import torch
 from torch import nn
 
 from vera_lightning.adapter import ADAPTER_ATTR, VeraAdapter, locate_adapter, vera_layers
-from vera_lightning.config import ALL_LINEAR, BiasMode, VeraConfig
-from vera_lightning.layer import VeraLinear, is_conv1d, is_supported_layer, layer_shape
-from vera_lightning.states import check_matches, check_projection_memory, check_untied
+from vera_lightning.config import BiasMode, VeraConfig
+from vera_lightning.layer import VeraLinear, is_conv1d, layer_shape
+from vera_lightning.states import check_projection_memory, check_untied
+from vera_lightning.targets import modules_to_save_of, resolve_target_names
 
 __all__ = [
     "apply_vera",
@@ -27,167 +22,9 @@ __all__ = [
     "merge_vera",
     "unmerge_vera",
     "vera_layers",
-    "resolve_target_names",
-    "modules_to_save_of",
-    "in_modules_to_save",
-    "describe_candidates",
     "mark_trainable",
     "count_parameters",
-    "DEFAULT_TARGET_MODULES",
 ]
-
-#: Default targets per Hugging Face ``model_type`` when ``target_modules`` is None (PEFT's choices).
-DEFAULT_TARGET_MODULES: dict[str, list[str]] = {
-    "opt": ["q_proj", "v_proj"],
-    "gpt2": ["c_attn"],
-    "bert": ["query", "value"],
-    "roberta": ["query", "value"],
-    "xlm-roberta": ["query", "value"],
-    "llama": ["q_proj", "v_proj"],
-    "mistral": ["q_proj", "v_proj"],
-    "gemma": ["q_proj", "v_proj"],
-    "qwen2": ["q_proj", "v_proj"],
-    "phi": ["q_proj", "v_proj"],
-    "bart": ["q_proj", "v_proj"],
-    "t5": ["q", "v"],
-}
-
-
-def _hf_model_types(model: nn.Module) -> list[str]:
-    types = []
-    for module in model.modules():
-        model_type = getattr(getattr(module, "config", None), "model_type", None)
-        if isinstance(model_type, str) and model_type not in types:
-            types.append(model_type)
-    return types
-
-
-def _output_heads(model: nn.Module) -> set[int]:
-    heads = set()
-    for module in model.modules():
-        getter = getattr(module, "get_output_embeddings", None)
-        if callable(getter) and hasattr(module, "config"):
-            try:
-                head = getter()
-            except (AttributeError, NotImplementedError):
-                head = None
-            if isinstance(head, nn.Module):
-                heads.add(id(head))
-    return heads
-
-
-def _names_module(name: str, wanted: str) -> bool:
-    return name == wanted or name.endswith("." + wanted)
-
-
-def in_modules_to_save(name: str, modules_to_save: Optional[list[str]]) -> bool:
-    """Whether the module called ``name`` is, or sits inside, a module listed in ``modules_to_save``.
-
-    The one rule (PEFT's): an entry names a module whose full name equals it or ends with ``"." + entry``.
-    """
-    if not modules_to_save or not name:
-        return False
-    parts = name.split(".")
-    prefixes = (".".join(parts[:i]) for i in range(1, len(parts) + 1))
-    return any(_names_module(prefix, m) for prefix in prefixes for m in modules_to_save)
-
-
-def modules_to_save_of(model: nn.Module, modules_to_save: Optional[list[str]]) -> list[tuple[str, nn.Module]]:
-    """``(name, module)`` of the outermost modules ``modules_to_save`` names, in module order."""
-    found: list[tuple[str, nn.Module]] = []
-    for name, module in model.named_modules():
-        if name and any(_names_module(name, m) for m in modules_to_save or ()):
-            if not any(name.startswith(f + ".") for f, _ in found):
-                found.append((name, module))
-    return found
-
-
-def _layer_index_ok(name: str, config: VeraConfig) -> bool:
-    indexes = config.layers_to_transform
-    if indexes is None or (isinstance(indexes, list) and not indexes):
-        return True
-    index = _layer_index(name, config)
-    if index is None:
-        return False
-    return index == indexes if isinstance(indexes, int) else index in indexes
-
-
-def _layer_index(name: str, config: VeraConfig) -> Optional[int]:
-    """The layer index in ``name`` (PEFT's rule: the number after ``layers_pattern`` or the second name part)."""
-    patterns = config.layers_pattern
-    if not patterns:
-        match = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", name)
-    else:
-        match = None
-        for pattern in [patterns] if isinstance(patterns, str) else patterns:
-            match = re.match(rf"(?:^|.*?\.){pattern}\.(?P<idx>\d+)\.", name)
-            if match:
-                break
-    return None if match is None else int(match.group("idx"))
-
-
-def _effective_targets(model: nn.Module, config: VeraConfig):
-    targets = config.target_modules
-    if targets is not None:
-        return targets
-    for model_type in _hf_model_types(model):
-        if model_type in DEFAULT_TARGET_MODULES:
-            return frozenset(DEFAULT_TARGET_MODULES[model_type])
-    raise ValueError(
-        "VeraConfig.target_modules=None and no default is known for this model "
-        f"(Hugging Face model types found: {_hf_model_types(model) or 'none'}). Name the layers to adapt, "
-        f"e.g. target_modules=['q_proj', 'v_proj'], a regex, or 'all-linear'. {describe_candidates(model)}"
-    )
-
-
-def describe_candidates(model: nn.Module) -> str:
-    """A sentence listing the layer names VeRA could adapt in ``model`` (for error messages)."""
-    names = [n for n, m in model.named_modules() if is_supported_layer(m) or isinstance(m, VeraLinear)]
-    if not names:
-        return "The model has no nn.Linear or Conv1D layer at all."
-    short = sorted({n.rsplit(".", 1)[-1] for n in names})
-    examples = ", ".join(names[:6]) + (", ..." if len(names) > 6 else "")
-    return f"Candidate layer names: {short} (full names: {examples})."
-
-
-def resolve_target_names(model: nn.Module, config: VeraConfig) -> list[str]:
-    """Names of the modules ``config`` adapts in ``model``, in module order.
-
-    Raises:
-        ValueError: If nothing matches (the message lists the candidate layer names).
-    """
-    targets = _effective_targets(model, config)
-    all_linear = isinstance(targets, str) and targets.lower() == ALL_LINEAR
-    heads = _output_heads(model) if all_linear else set()
-    found, unsupported, suffix_hits = [], [], []
-    for name, module in model.named_modules():
-        if not name or in_modules_to_save(name, config.modules_to_save):
-            continue
-        supported = is_supported_layer(module) or isinstance(module, VeraLinear)
-        if all_linear:
-            hit = supported and id(module) not in heads
-        elif isinstance(targets, str):
-            hit = re.fullmatch(targets, name) is not None
-        elif name in targets:
-            hit = True
-        else:
-            hit = any(name.endswith("." + t) for t in targets)
-            suffix_hits += [name] if hit else []
-            hit = hit and _layer_index_ok(name, config)
-        if hit:
-            (found if supported else unsupported).append(name)
-    layers = config.layers_to_transform
-    requested = None if layers is None or isinstance(targets, str) else ([layers] if isinstance(layers, int) else layers)
-    found = check_matches(model, found, unsupported, all_linear, requested or None,
-                          lambda n: _layer_index(n, config), suffix_hits)
-    if not found:
-        raise ValueError(
-            f"VeraConfig.target_modules={sorted(targets) if not isinstance(targets, str) else targets!r} "
-            f"(layers_to_transform={config.layers_to_transform!r}) matches no nn.Linear/Conv1D in "
-            f"{type(model).__name__}. {describe_candidates(model)}"
-        )
-    return found
-
 
 def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
