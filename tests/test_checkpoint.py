@@ -1,4 +1,4 @@
-"""Adapter directories: PEFT round trips both ways, bad input, atomic saving, merged export."""
+"""save_adapter/load_adapter (checkpoint.py): PEFT interop both ways, file layout, bad files, atomic saves."""
 
 from __future__ import annotations
 
