@@ -16,7 +16,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from vera_lightning.adapter import ADAPTER_ATTR, VeraAdapter, find_adapter, vera_layers
+from vera_lightning.adapter import ADAPTER_ATTR, DEFAULT_ADAPTER, VeraAdapter, find_adapter, vera_layers
 from vera_lightning.config import ALL_LINEAR, BiasMode, VeraConfig
 from vera_lightning.layer import VeraLinear, is_conv1d, is_supported_layer, layer_shape
 
@@ -201,7 +201,7 @@ def mark_trainable(model: nn.Module, config: VeraConfig) -> None:
         module.requires_grad_(True)
 
 
-def apply_vera(model: nn.Module, config: VeraConfig) -> nn.Module:
+def apply_vera(model: nn.Module, config: VeraConfig, adapter_name: str = DEFAULT_ADAPTER) -> nn.Module:
     """Adapt ``model`` in place with VeRA and freeze all but the adapter.
 
     The shared projections are drawn once, sized to the largest targeted layer, and
@@ -211,13 +211,16 @@ def apply_vera(model: nn.Module, config: VeraConfig) -> nn.Module:
     Args:
         model: Any ``nn.Module`` holding ``nn.Linear``/``Conv1D`` layers.
         config: The adapter options.
+        adapter_name: Name of this (primary) adapter; more are added with
+            :func:`vera_lightning.add_adapter` (see :mod:`vera_lightning.named`).
 
     Returns:
         The same ``model`` object.
 
     Raises:
-        ValueError: If no layer matches (listing the candidates), or if ``model`` already
-            carries VeRA with a different config.
+        ValueError: If no layer matches (listing the candidates), if ``model`` already
+            carries VeRA with a different config under ``adapter_name``, or carries VeRA
+            without an adapter of that name (use ``add_adapter``).
 
     Example::
 
@@ -228,9 +231,17 @@ def apply_vera(model: nn.Module, config: VeraConfig) -> nn.Module:
     """
     if not isinstance(config, VeraConfig):
         raise TypeError(f"apply_vera expects a VeraConfig, got {type(config).__name__}")
+    from vera_lightning.named import check_adapter_name
+
+    check_adapter_name(adapter_name, "apply_vera")
     existing = find_adapter(model)
     if existing is not None:
-        changed = existing.config.diff(config)
+        if adapter_name not in existing.names:
+            raise ValueError(
+                f"apply_vera: {type(model).__name__} already carries VeRA adapters {existing.names}; add "
+                f"{adapter_name!r} with vera_lightning.add_adapter(model, {adapter_name!r}, config)"
+            )
+        changed = existing.config_of(adapter_name).diff(config)
         if changed:
             raise ValueError(
                 f"{type(model).__name__} already carries VeRA with a different config (option: (model, given)) "
@@ -246,7 +257,7 @@ def apply_vera(model: nn.Module, config: VeraConfig) -> nn.Module:
     shapes = [layer_shape(m) for m in modules.values()]
     weight = next(iter(modules.values())).weight
     adapter = VeraAdapter(config, max_in=max(s[0] for s in shapes), max_out=max(s[1] for s in shapes),
-                          round_to=weight.dtype)
+                          round_to=weight.dtype, name=adapter_name)
     if weight.device.type != "meta":
         adapter.to(weight.device)
     for name, module in modules.items():
