@@ -9,8 +9,9 @@ import lightning.pytorch as pl
 import pytest
 import torch
 
-from conftest import TINY_MODELS, model_inputs, run, tiny_bert, tiny_opt
+from conftest import TINY_MODELS, model_inputs, run, tiny_opt
 from lit_helpers import TinyOptModule, snapshot, trainer_kwargs
+from named_helpers import NAMES, named_config, multi_adapter_model, randomize_named
 from vera_lightning import (
     VeraCallback, VeraConfig, add_adapter, apply_vera, delete_adapter, disable_adapter, find_adapter, load_adapter,
     merge_vera, save_adapter, set_adapter, unmerge_vera,
@@ -19,46 +20,9 @@ from vera_lightning.inject import vera_layers
 
 pytestmark = pytest.mark.numerics
 
-NAMES = ("default", "task_b", "task_c")
-
-
-def _config(kind, **fields):
-    fields = {"r": 8, "target_modules": TINY_MODELS[kind][1], "init_weights": False, **fields}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return VeraConfig(**fields)
-
-
-def _randomize(model, name, seed):
-    """Random λ's for adapter ``name``; returns ``{layer: (λ_b, λ_d)}`` copies."""
-    adapter, g = find_adapter(model), torch.Generator().manual_seed(seed)
-    values = {}
-    with torch.no_grad():
-        for layer_name, layer in vera_layers(model):
-            pair = []
-            for attr in adapter.lambda_names(name):
-                param = getattr(layer, attr)
-                param.copy_(torch.randn(param.shape, generator=g).to(param.dtype))
-                pair.append(param.detach().clone())
-            values[layer_name] = tuple(pair)
-    return values
-
-
-def _multi(kind, names=NAMES, **fields):
-    """(base copy, model holding ``names`` with random λ's, {name: λ values})."""
-    torch.manual_seed(0)
-    base = TINY_MODELS[kind][0]()
-    pristine = copy.deepcopy(base)
-    model = apply_vera(base, _config(kind, **fields), adapter_name=names[0])
-    for name in names[1:]:
-        add_adapter(model, name, _config(kind, **fields))
-    values = {name: _randomize(model, name, seed) for seed, name in enumerate(names, start=1)}
-    return pristine, model, values
-
-
 def _alone(pristine, kind, values, **fields):
     """A separately adapted model with the given λ's."""
-    model = apply_vera(copy.deepcopy(pristine), _config(kind, **fields))
+    model = apply_vera(copy.deepcopy(pristine), named_config(kind, **fields))
     with torch.no_grad():
         for layer_name, layer in vera_layers(model):
             layer.vera_lambda_b.copy_(values[layer_name][0])
@@ -74,7 +38,7 @@ def _lambdas_of(model, name):
 
 @pytest.mark.parametrize("kind", ["opt", "gpt2", "bert", "llama", "mlp"])
 def test_each_named_adapter_equals_its_own_model(kind):
-    pristine, model, values = _multi(kind)
+    pristine, model, values = multi_adapter_model(kind)
     inputs = model_inputs(kind)
     outputs = []
     for name in NAMES:
@@ -99,7 +63,7 @@ def test_each_named_adapter_equals_its_own_model(kind):
 def test_named_adapters_match_peft_multi_adapter(kind):
     import peft
 
-    pristine, model, values = _multi(kind)
+    pristine, model, values = multi_adapter_model(kind)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         fields = {"r": 8, "target_modules": TINY_MODELS[kind][1], "init_weights": False}
@@ -122,9 +86,9 @@ def test_named_adapters_match_peft_multi_adapter(kind):
 def test_bfloat16_model_named_adapter_equals_its_own_model():
     torch.manual_seed(0)
     pristine = tiny_opt().to(torch.bfloat16)
-    model = apply_vera(copy.deepcopy(pristine), _config("opt"))
-    add_adapter(model, "task_c", _config("opt"))
-    values = _randomize(model, "task_c", seed=3)
+    model = apply_vera(copy.deepcopy(pristine), named_config("opt"))
+    add_adapter(model, "task_c", named_config("opt"))
+    values = randomize_named(model, "task_c", seed=3)
     set_adapter(model, "task_c")
     alone = _alone(pristine, "opt", values)
     assert all(p.dtype == torch.float32 for n, p in model.named_parameters() if "vera_lambda" in n)
@@ -134,7 +98,7 @@ def test_bfloat16_model_named_adapter_equals_its_own_model():
 
 @pytest.mark.parametrize("kind", ["opt", "gpt2", "bert"])
 def test_disable_adapter_is_the_base_model_exactly(kind):
-    pristine, model, _ = _multi(kind)
+    pristine, model, _ = multi_adapter_model(kind)
     inputs = model_inputs(kind)
     with torch.no_grad():
         base = run(pristine, kind, inputs)
@@ -150,7 +114,7 @@ def test_disable_adapter_is_the_base_model_exactly(kind):
 
 
 def test_disable_adapter_refuses_merged_layers_and_nesting():
-    _, model, _ = _multi("opt")
+    _, model, _ = multi_adapter_model("opt")
     merge_vera(model)
     with pytest.raises(ValueError, match=r"disable_adapter: layers .* are merged .*unmerge_vera"):
         with disable_adapter(model):
@@ -164,7 +128,7 @@ def test_disable_adapter_refuses_merged_layers_and_nesting():
 
 
 def test_training_one_adapter_leaves_the_others_bit_identical():
-    _, model, _ = _multi("opt")
+    _, model, _ = multi_adapter_model("opt")
     model.train()
     set_adapter(model, "task_b")
     trainable = sorted(n for n, p in model.named_parameters() if p.requires_grad)
@@ -198,7 +162,7 @@ def test_lightning_trains_the_active_named_adapter(tmp_path):
 
 
 def test_state_dict_layout_and_reload():
-    _, model, values = _multi("opt", names=("default", "task_b"))
+    _, model, values = multi_adapter_model("opt", names=("default", "task_b"))
     keys = [k for k in model.state_dict() if "vera" in k]
     layer = "model.decoder.layers.0.self_attn.q_proj"
     assert {f"{layer}.vera_lambda_b", f"{layer}.vera_lambda_d", f"{layer}.vera_lambda_b_task_b",
@@ -206,8 +170,8 @@ def test_state_dict_layout_and_reload():
     assert {"vera_projections.vera_A", "vera_projections.vera_B"} <= set(keys)
     assert len(keys) == 2 + 4 * 4
     torch.manual_seed(0)
-    fresh = apply_vera(tiny_opt(), _config("opt"))
-    add_adapter(fresh, "task_b", _config("opt"))
+    fresh = apply_vera(tiny_opt(), named_config("opt"))
+    add_adapter(fresh, "task_b", named_config("opt"))
     fresh.load_state_dict(model.state_dict())
     set_adapter(fresh, "task_b")
     set_adapter(model, "task_b")
@@ -218,10 +182,10 @@ def test_state_dict_layout_and_reload():
 def test_primary_adapter_with_another_name_keeps_the_layout(tmp_path):
     torch.manual_seed(0)
     pristine = tiny_opt()
-    model = apply_vera(copy.deepcopy(pristine), _config("opt"), adapter_name="task_a")
+    model = apply_vera(copy.deepcopy(pristine), named_config("opt"), adapter_name="task_a")
     assert find_adapter(model).names == ["task_a"] and find_adapter(model).active == "task_a"
     assert "model.decoder.layers.0.self_attn.q_proj.vera_lambda_b" in model.state_dict()
-    apply_vera(model, _config("opt"), adapter_name="task_a")  # idempotent
+    apply_vera(model, named_config("opt"), adapter_name="task_a")  # idempotent
     save_adapter(model, tmp_path / "a")
     other = load_adapter(copy.deepcopy(pristine), tmp_path / "a", adapter_name="task_a")
     assert find_adapter(other).names == ["task_a"]
@@ -230,18 +194,18 @@ def test_primary_adapter_with_another_name_keeps_the_layout(tmp_path):
 
 
 def test_delete_adapter_removes_its_lambdas():
-    _, model, _ = _multi("opt")
+    _, model, _ = multi_adapter_model("opt")
     delete_adapter(model, "task_b")
     assert find_adapter(model).names == ["default", "task_c"]
     assert not any("task_b" in k for k in model.state_dict())
-    add_adapter(model, "task_b", _config("opt"))  # the name is free again
+    add_adapter(model, "task_b", named_config("opt"))  # the name is free again
     assert find_adapter(model).names == ["default", "task_c", "task_b"]
 
 
 def test_active_adapter_dropout_follows_its_config():
     torch.manual_seed(0)
-    model = apply_vera(tiny_opt(), _config("opt"))
-    add_adapter(model, "drop", _config("opt", vera_dropout=0.25))
+    model = apply_vera(tiny_opt(), named_config("opt"))
+    add_adapter(model, "drop", named_config("opt", vera_dropout=0.25))
     layer = next(layer for _, layer in vera_layers(model))
     assert isinstance(layer.vera_dropout, torch.nn.Identity)
     set_adapter(model, "drop")
@@ -254,7 +218,7 @@ def test_active_adapter_dropout_follows_its_config():
 def test_ours_to_peft_several_named_adapters(tmp_path):
     import peft
 
-    pristine, model, _ = _multi("bert", modules_to_save=None)
+    pristine, model, _ = multi_adapter_model("bert", modules_to_save=None)
     save_adapter(model, tmp_path / "root", adapter_name="default")
     for name in NAMES[1:]:
         save_adapter(model, tmp_path / "root" / name, adapter_name=name)
@@ -299,10 +263,10 @@ def test_peft_to_ours_reads_save_pretrained_subfolders(tmp_path):
 
 
 def test_load_into_existing_named_adapter_and_save_round_trip(tmp_path):
-    pristine, model, _ = _multi("opt")
+    pristine, model, _ = multi_adapter_model("opt")
     save_adapter(model, tmp_path / "c", adapter_name="task_c")
     expected = _lambdas_of(model, "task_c")
-    _randomize(model, "task_c", seed=99)
+    randomize_named(model, "task_c", seed=99)
     load_adapter(model, tmp_path / "c", adapter_name="task_c")
     got = _lambdas_of(model, "task_c")
     assert all(torch.equal(got[k], v) for k, v in expected.items())
@@ -315,19 +279,19 @@ def test_load_into_existing_named_adapter_and_save_round_trip(tmp_path):
 
 # ---------------------------------------------------------------------- errors
 def test_unknown_invalid_and_colliding_names():
-    _, model, _ = _multi("opt")
+    _, model, _ = multi_adapter_model("opt")
     before = snapshot(model)
     for call in (lambda: set_adapter(model, "nope"), lambda: delete_adapter(model, "nope"),
                  lambda: save_adapter(model, "/tmp/never-written", adapter_name="nope")):
         with pytest.raises(ValueError, match=r"no VeRA adapter named 'nope'; the model holds \['default', 'task_b', 'task_c'\]"):
             call()
     with pytest.raises(ValueError, match="already holds an adapter named 'task_b'"):
-        add_adapter(model, "task_b", _config("opt"))
+        add_adapter(model, "task_b", named_config("opt"))
     with pytest.raises(ValueError, match=r"already carries VeRA adapters .*add_adapter\(model, 'other'"):
-        apply_vera(model, _config("opt"), adapter_name="other")
+        apply_vera(model, named_config("opt"), adapter_name="other")
     for bad in ("", "a.b", "x/y", 3, "n" * 65):
         with pytest.raises(ValueError, match="adapter name .* is not valid"):
-            add_adapter(model, bad, _config("opt"))
+            add_adapter(model, bad, named_config("opt"))
     with pytest.raises(ValueError, match="'default' is the primary adapter .*unload_vera"):
         delete_adapter(model, "default")
     set_adapter(model, "task_b")
@@ -339,9 +303,9 @@ def test_unknown_invalid_and_colliding_names():
 
 
 def test_adapters_that_do_not_fit_are_refused_with_every_problem():
-    _, model, _ = _multi("opt")
+    _, model, _ = multi_adapter_model("opt")
     before = snapshot(model)
-    bad = _config("opt", r=16, projection_prng_key=3, target_modules=["q_proj"], bias="all")
+    bad = named_config("opt", r=16, projection_prng_key=3, target_modules=["q_proj"], bias="all")
     with pytest.raises(ValueError) as err:
         add_adapter(model, "bad", bad)
     text = str(err.value)
@@ -350,14 +314,14 @@ def test_adapters_that_do_not_fit_are_refused_with_every_problem():
     assert "projection_prng_key=3" in text and "use projection_prng_key=0" in text
     assert "bias='all'" in text and "missing ['model.decoder.layers.0.self_attn.v_proj'" in text
     with pytest.raises(ValueError, match="modules_to_save=.*only the primary adapter"):
-        add_adapter(model, "head", _config("opt", modules_to_save=["lm_head"]))
+        add_adapter(model, "head", named_config("opt", modules_to_save=["lm_head"]))
     with pytest.raises(TypeError, match="expects a VeraConfig"):
         add_adapter(model, "x", {"r": 8})
     assert find_adapter(model).names == list(NAMES) and set(model.state_dict()) == set(before)
 
 
 def test_set_adapter_refuses_while_merged():
-    _, model, _ = _multi("opt")
+    _, model, _ = multi_adapter_model("opt")
     merge_vera(model)
     with pytest.raises(ValueError, match=r"set_adapter: layers .* are merged \(their weights hold adapter 'default'"):
         set_adapter(model, "task_b")
@@ -369,7 +333,7 @@ def test_set_adapter_refuses_while_merged():
 def test_load_refuses_files_whose_projections_or_shapes_do_not_fit(tmp_path):
     from safetensors.torch import load_file, save_file
 
-    pristine, model, _ = _multi("opt")
+    pristine, model, _ = multi_adapter_model("opt")
     save_adapter(model, tmp_path / "a", adapter_name="task_b")
     before = snapshot(model)
     path = tmp_path / "a" / "adapter_model.safetensors"
@@ -379,12 +343,12 @@ def test_load_refuses_files_whose_projections_or_shapes_do_not_fit(tmp_path):
     with pytest.raises(ValueError, match="base_model.vera_A differs from the projections the model's adapters share"):
         load_adapter(model, tmp_path / "a", adapter_name="new")
     torch.manual_seed(0)
-    bigger = apply_vera(tiny_opt(hidden=64), _config("opt"))
+    bigger = apply_vera(tiny_opt(hidden=64), named_config("opt"))
     save_adapter(bigger, tmp_path / "big")
     with pytest.raises(ValueError, match=r"(?s)load_adapter\(.*adapter_name='big'\) refused.*shape of base_model.vera_A"):
         load_adapter(model, tmp_path / "big", adapter_name="big")
     torch.manual_seed(0)
-    other_r = apply_vera(tiny_opt(), _config("opt", r=4))
+    other_r = apply_vera(tiny_opt(), named_config("opt", r=4))
     save_adapter(other_r, tmp_path / "r4")
     with pytest.raises(ValueError, match="r=4: every adapter of a model shares"):
         load_adapter(model, tmp_path / "r4", adapter_name="r4")
