@@ -4,7 +4,6 @@ written, a slim ``.ckpt`` is checked against the model it resumes into (issue 10
 from __future__ import annotations
 
 import os
-import shutil
 import warnings
 
 import lightning.pytorch as pl

@@ -4,7 +4,10 @@ An adapted model carries exactly one :class:`VeraAdapter`, attached as ``model.v
 (the attribute name keeps the state-dict keys of 0.1.0: ``vera_projections.vera_A`` and
 ``vera_projections.vera_B``). It is created with everything it needs and owns:
 
-* the :class:`~vera_lightning.VeraConfig` it was built from (a private copy, read-only);
+* the registry of named adapters (``names`` -> :class:`~vera_lightning.VeraConfig`, private copies,
+  read-only), the ``primary`` one (built by ``apply_vera``; its λ's are each layer's own
+  ``vera_lambda_b``/``vera_lambda_d``) and the ``active`` one (``config`` is the active adapter's);
+  see :mod:`vera_lightning.named`;
 * the shared frozen projections ``vera_A`` (``r x max_in``) and ``vera_B`` (``max_out x r``),
   drawn from ``projection_prng_key`` (see :mod:`vera_lightning.projection`);
 * the cache of their casts to the compute dtype, and the :class:`~vera_lightning.sharing.SiblingCache`
@@ -25,6 +28,7 @@ import torch
 from torch import nn
 
 from vera_lightning.config import VeraConfig
+from vera_lightning.paths import VeraPath
 from vera_lightning.projection import draw_projections
 from vera_lightning.sharing import SiblingCache
 from vera_lightning.states import is_meta, materialised
@@ -32,10 +36,14 @@ from vera_lightning.states import is_meta, materialised
 if TYPE_CHECKING:  # pragma: no cover
     from vera_lightning.layer import VeraLinear
 
-__all__ = ["VeraAdapter", "ADAPTER_ATTR", "find_adapter", "locate_adapter", "vera_layers"]
+__all__ = ["VeraAdapter", "ADAPTER_ATTR", "DEFAULT_ADAPTER", "find_adapter", "locate_adapter", "vera_layers"]
 
 #: Attribute of the adapted module that holds its :class:`VeraAdapter` (the state-dict prefix).
 ADAPTER_ATTR = "vera_projections"
+#: Name of the adapter ``apply_vera`` builds unless told otherwise (PEFT's default name).
+DEFAULT_ADAPTER = "default"
+#: λ parameter names of the primary adapter (the layer's own); other adapters get ``<name>_<adapter>``.
+PRIMARY_LAMBDAS = ("vera_lambda_b", "vera_lambda_d")
 _HALF = (torch.float16, torch.bfloat16)
 
 
@@ -49,6 +57,7 @@ class VeraAdapter(nn.Module):
         round_to: A half dtype to round the projections through. PEFT moves them to the base
             dtype before upcasting the adapter, so in a float16/bfloat16 model its projections
             hold half-rounded values; passing the model's dtype does the same, bit for bit.
+        name: Name of this first (primary) adapter in the registry.
 
     Example::
 
@@ -58,7 +67,10 @@ class VeraAdapter(nn.Module):
         ((4, 5), (3, 4), 4)
     """
 
-    def __init__(self, config: VeraConfig, max_in: int, max_out: int, round_to: Optional[torch.dtype] = None) -> None:
+    def __init__(
+        self, config: VeraConfig, max_in: int, max_out: int, round_to: Optional[torch.dtype] = None,
+        name: str = DEFAULT_ADAPTER,
+    ) -> None:
         super().__init__()
         if not isinstance(config, VeraConfig):
             raise TypeError(f"VeraAdapter expects a VeraConfig, got {type(config).__name__}")
@@ -66,6 +78,12 @@ class VeraAdapter(nn.Module):
         self.r, self.max_in, self.max_out = config.r, max_in, max_out
         #: The half dtype the draw was rounded through (``None``: float32 values as drawn).
         self.round_dtype: Optional[torch.dtype] = round_to if round_to in _HALF else None
+        self._configs: dict[str, VeraConfig] = {name: self._config}
+        self.primary, self._active = name, name
+        #: A path every layer takes while ``disable_adapter``/``adapter_batch`` is open (``None``: chosen per call).
+        self.forced_path: Optional[VeraPath] = None
+        #: Per-row λ's of the open ``adapter_batch`` (see :mod:`vera_lightning.batching`).
+        self.batch: Optional[object] = None
         vera_A, vera_B = self._draw()
         self.register_buffer("vera_A", vera_A, persistent=config.save_projection)
         self.register_buffer("vera_B", vera_B, persistent=config.save_projection)
@@ -86,12 +104,64 @@ class VeraAdapter(nn.Module):
 
     @property
     def config(self) -> VeraConfig:
-        """The options this adapter was built with (a copy owned by the adapter; do not modify)."""
-        return self._config
+        """The options of the active adapter (a copy owned by the registry; do not modify)."""
+        return self._configs[self._active]
+
+    # ------------------------------------------------------------------ registry of named adapters
+    @property
+    def active(self) -> str:
+        """Name of the adapter the layers' forward uses (see :func:`vera_lightning.set_adapter`)."""
+        return self._active
+
+    @property
+    def names(self) -> list[str]:
+        """Names of the adapters the model holds, the primary first, then in the order they were added."""
+        return list(self._configs)
+
+    def config_of(self, name: str) -> VeraConfig:
+        """The options of adapter ``name``.
+
+        Raises:
+            ValueError: If the model holds no adapter of that name (the message lists the names it holds).
+        """
+        if not isinstance(name, str) or name not in self._configs:
+            raise ValueError(f"no VeRA adapter named {name!r}; the model holds {self.names}")
+        return self._configs[name]
+
+    def lambda_names(self, name: str) -> tuple[str, str]:
+        """Per-layer parameter names of adapter ``name``'s ``(λ_b, λ_d)``.
+
+        The primary adapter's are each layer's own ``vera_lambda_b``/``vera_lambda_d`` (the 0.1.0 and
+        PEFT-compatible state-dict layout); any other adapter's are ``vera_lambda_b_<name>`` /
+        ``vera_lambda_d_<name>`` on the same layer.
+        """
+        self.config_of(name)
+        if name == self.primary:
+            return PRIMARY_LAMBDAS
+        return f"{PRIMARY_LAMBDAS[0]}_{name}", f"{PRIMARY_LAMBDAS[1]}_{name}"
+
+    def register(self, name: str, config: VeraConfig) -> None:
+        """Add ``name`` to the registry (a copy of ``config``); the layers' λ's are made by the caller."""
+        if name in self._configs:
+            raise ValueError(f"a VeRA adapter named {name!r} already exists; the model holds {self.names}")
+        self._configs[name] = copy.deepcopy(config)
+
+    def unregister(self, name: str) -> None:
+        """Remove ``name`` (neither the primary nor the active adapter) from the registry."""
+        self.config_of(name)
+        if name in (self.primary, self._active):
+            raise ValueError(f"cannot unregister the primary or active VeRA adapter {name!r}")
+        del self._configs[name]
+
+    def activate(self, name: str) -> None:
+        """Record ``name`` as the active adapter (the layers are switched by ``set_adapter``)."""
+        self.config_of(name)
+        self._active = name
 
     def extra_repr(self) -> str:
+        named = f", adapters={self.names}, active={self._active!r}" if len(self._configs) > 1 else ""
         return (f"r={self.r}, max_in={self.max_in}, max_out={self.max_out}, "
-                f"prng_key={self._config.projection_prng_key}")
+                f"prng_key={self._config.projection_prng_key}{named}")
 
     def full(self, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """The whole ``(vera_A, vera_B)`` in ``dtype`` on ``device`` (no copy when they already match).

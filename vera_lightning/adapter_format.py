@@ -38,17 +38,22 @@ def _target_layers(model: nn.Module, config: VeraConfig) -> dict[str, nn.Module]
     return layers or {name: model.get_submodule(name) for name in resolve_target_names(model, config)}
 
 
-def layout(model: nn.Module, config: VeraConfig) -> dict[str, Slot]:
+def layout(model: nn.Module, config: VeraConfig, adapter_name: Optional[str] = None) -> dict[str, Slot]:
     """PEFT checkpoint key -> (shape, tensor of ``model`` or ``None`` if not injected yet).
+
+    ``adapter_name`` picks whose λ's fill the λ slots (default: the primary adapter's, the layers'
+    own ``vera_lambda_b``/``_d``); the keys are the same for every adapter, as in PEFT's files.
 
     Raises:
         ValueError: If the config's targets match nothing in ``model``.
     """
     layers = _target_layers(model, config)
     slots: dict[str, Slot] = {}
+    owner = find_adapter(model) if adapter_name is not None else None
+    lam_names = owner.lambda_names(adapter_name) if owner is not None else ("vera_lambda_b", "vera_lambda_d")
     for name, layer in layers.items():
         injected = isinstance(layer, VeraLinear)
-        lam_b, lam_d = (layer.vera_lambda_b, layer.vera_lambda_d) if injected else (None, None)
+        lam_b, lam_d = (getattr(layer, lam_names[0]), getattr(layer, lam_names[1])) if injected else (None, None)
         slots[f"{_MODEL}{name}.vera_lambda_b"] = ((layer_shape(layer)[1],), lam_b)
         slots[f"{_MODEL}{name}.vera_lambda_d"] = ((config.r,), lam_d)
     saved_modules = modules_to_save_of(model, config.modules_to_save)

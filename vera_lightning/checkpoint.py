@@ -33,7 +33,7 @@ from torch import nn
 
 from vera_lightning import adapter_format as fmt
 from vera_lightning import atomic
-from vera_lightning.adapter import VeraAdapter, find_adapter, vera_layers
+from vera_lightning.adapter import DEFAULT_ADAPTER, VeraAdapter, find_adapter, vera_layers
 from vera_lightning.config import VeraConfig
 from vera_lightning.guards import META_FORMAT, NonFiniteError, file_problems, nonfinite_names, warn_dtype_changes
 from vera_lightning.inject import apply_vera
@@ -64,7 +64,10 @@ def adapter_root(module: nn.Module) -> nn.Module:
     return module
 
 
-def save_adapter(model: nn.Module, directory: PathLike, base_model_name_or_path: Optional[str] = None) -> str:
+def save_adapter(
+    model: nn.Module, directory: PathLike, base_model_name_or_path: Optional[str] = None,
+    adapter_name: Optional[str] = None,
+) -> str:
     """Write the VeRA adapter of ``model`` to ``directory`` in PEFT's layout.
 
     Args:
@@ -72,6 +75,8 @@ def save_adapter(model: nn.Module, directory: PathLike, base_model_name_or_path:
             ``transformers`` model, not a LightningModule wrapping it, for PEFT interop).
         directory: Target directory; created, or replaced if it holds only adapter files.
         base_model_name_or_path: Recorded in ``adapter_config.json`` (PEFT uses it to find the base).
+        adapter_name: Which named adapter to write (default: the active one). The file has the same
+            keys for every name (PEFT's layout); see :mod:`vera_lightning.named`.
 
     Returns:
         The directory path.
@@ -93,9 +98,10 @@ def save_adapter(model: nn.Module, directory: PathLike, base_model_name_or_path:
     adapter = _adapter_of(model, "save_adapter")
     if adapter is None:
         raise ValueError(f"save_adapter: {type(model).__name__} carries no VeRA adapter; call apply_vera first")
-    config = adapter.config
+    name = adapter.active if adapter_name is None else adapter_name
+    config = adapter.config_of(name)
     check_not_meta(model, f"save_adapter({directory!r})")
-    slots = fmt.layout(model, config)
+    slots = fmt.layout(model, config, name)
     if not config.save_projection:
         slots = {k: v for k, v in slots.items() if k not in fmt.PROJECTION_KEYS}
     tensors = {key: t.detach().to("cpu").contiguous().clone() for key, (_, t) in slots.items()}
@@ -114,7 +120,7 @@ def save_adapter(model: nn.Module, directory: PathLike, base_model_name_or_path:
     return directory
 
 
-def load_adapter(model: nn.Module, directory: PathLike) -> nn.Module:
+def load_adapter(model: nn.Module, directory: PathLike, adapter_name: Optional[str] = None) -> nn.Module:
     """Load a VeRA adapter directory (ours or PEFT's ``save_pretrained``) into ``model``.
 
     A model without VeRA is adapted first with the saved config. Everything is checked
@@ -123,7 +129,11 @@ def load_adapter(model: nn.Module, directory: PathLike) -> nn.Module:
 
     Args:
         model: The base model (with or without VeRA already applied).
-        directory: A directory holding ``adapter_config.json`` and ``adapter_model.safetensors``.
+        directory: A directory holding ``adapter_config.json`` and ``adapter_model.safetensors``,
+            or PEFT's ``save_pretrained`` root, whose subfolder ``<adapter_name>`` is then read.
+        adapter_name: The named adapter to load into (default: the active one, or ``"default"`` for
+            a model without VeRA). A name the model does not hold yet is added (see
+            :func:`vera_lightning.add_adapter` for what must match); an existing one is overwritten.
 
     Returns:
         The same ``model``.
@@ -137,9 +147,23 @@ def load_adapter(model: nn.Module, directory: PathLike) -> nn.Module:
     adapter = _adapter_of(model, f"load_adapter({directory!r})")
     check_not_merged(list(vera_layers(model)), f"load_adapter({directory!r})")
     check_not_meta(model, f"load_adapter({directory!r})")
+    if adapter_name is not None:
+        from vera_lightning.named import check_adapter_name
+
+        check_adapter_name(adapter_name, "load_adapter")
+    name = adapter_name or (adapter.active if adapter is not None else DEFAULT_ADAPTER)
+    directory = _adapter_directory(directory, name)
     files = _read_files(directory)
     config = _read_config(directory, files[ADAPTER_CONFIG_NAME])
     tensors, metadata = _read_weights(directory, files)
+    if adapter is not None and (name != adapter.primary or len(adapter.names) > 1):
+        from vera_lightning.named import load_named
+
+        problems = file_problems(tensors, metadata, fmt.META_CONTENT, fmt.META_PROJECTION)
+        if problems:
+            raise ValueError(f"load_adapter({directory!r}, adapter_name={name!r}) refused, the model was not "
+                             "changed:\n  - " + "\n  - ".join(problems))
+        return load_named(model, adapter, name, config, tensors, metadata, directory)
     existing = adapter.config if adapter is not None else None
     problems = fmt.compare_configs(model, existing, config) if existing is not None else []
     if not problems:
@@ -150,7 +174,7 @@ def load_adapter(model: nn.Module, directory: PathLike) -> nn.Module:
             f"load_adapter({directory!r}) refused, the model was not changed:\n  - " + "\n  - ".join(problems)
         )
     if existing is None:
-        apply_vera(model, config)
+        apply_vera(model, config, adapter_name=name)
     converted = []
     with torch.no_grad():
         for key, (_, target) in fmt.layout(model, existing or config).items():
@@ -171,6 +195,14 @@ def _adapter_of(model: nn.Module, operation: str) -> Optional[VeraAdapter]:
 
 # ---------------------------------------------------------------------- reading
 _PICKLES = ("adapter_model.bin", "adapter_model.pt")
+
+
+def _adapter_directory(directory: str, name: str) -> str:
+    """PEFT's ``save_pretrained`` writes adapters other than ``"default"`` to ``<root>/<name>/``."""
+    sub = os.path.join(directory, name)
+    if name != DEFAULT_ADAPTER and os.path.isfile(os.path.join(sub, ADAPTER_CONFIG_NAME)):
+        return sub
+    return directory
 
 
 def _read_files(directory: str) -> dict[str, Optional[bytes]]:

@@ -10,7 +10,7 @@ import warnings
 import torch
 from torch import nn
 
-from vera_lightning.adapter import ADAPTER_ATTR, VeraAdapter, locate_adapter, vera_layers
+from vera_lightning.adapter import ADAPTER_ATTR, DEFAULT_ADAPTER, VeraAdapter, locate_adapter, vera_layers
 from vera_lightning.config import BiasMode, VeraConfig
 from vera_lightning.layer import VeraLinear, is_conv1d, layer_shape
 from vera_lightning.states import check_projection_memory, check_untied
@@ -49,7 +49,7 @@ def mark_trainable(model: nn.Module, config: VeraConfig) -> None:
         module.requires_grad_(True)
 
 
-def apply_vera(model: nn.Module, config: VeraConfig) -> nn.Module:
+def apply_vera(model: nn.Module, config: VeraConfig, adapter_name: str = DEFAULT_ADAPTER) -> nn.Module:
     """Adapt ``model`` in place with VeRA and freeze all but the adapter.
 
     The shared projections are drawn once, sized to the largest targeted layer, and
@@ -59,13 +59,16 @@ def apply_vera(model: nn.Module, config: VeraConfig) -> nn.Module:
     Args:
         model: Any ``nn.Module`` holding ``nn.Linear``/``Conv1D`` layers.
         config: The adapter options.
+        adapter_name: Name of this (primary) adapter; more are added with
+            :func:`vera_lightning.add_adapter` (see :mod:`vera_lightning.named`).
 
     Returns:
         The same ``model`` object.
 
     Raises:
-        ValueError: If no layer matches (listing the candidates), or if ``model`` already
-            carries VeRA with a different config.
+        ValueError: If no layer matches (listing the candidates), if ``model`` already
+            carries VeRA with a different config under ``adapter_name``, or carries VeRA
+            without an adapter of that name (use ``add_adapter``).
 
     Example::
 
@@ -76,6 +79,9 @@ def apply_vera(model: nn.Module, config: VeraConfig) -> nn.Module:
     """
     if not isinstance(config, VeraConfig):
         raise TypeError(f"apply_vera expects a VeraConfig, got {type(config).__name__}")
+    from vera_lightning.named import check_adapter_name
+
+    check_adapter_name(adapter_name, "apply_vera")
     located = locate_adapter(model)
     if located is not None:
         where, existing = located
@@ -86,7 +92,12 @@ def apply_vera(model: nn.Module, config: VeraConfig) -> nn.Module:
                 "one model carries one adapter. Apply a single config to the module containing every layer to adapt, "
                 "or call vera_lightning.unload_vera on the adapted module first"
             )
-        changed = existing.config.diff(config)
+        if adapter_name not in existing.names:
+            raise ValueError(
+                f"apply_vera: {type(model).__name__} already carries VeRA adapters {existing.names}; add "
+                f"{adapter_name!r} with vera_lightning.add_adapter(model, {adapter_name!r}, config)"
+            )
+        changed = existing.config_of(adapter_name).diff(config)
         if changed:
             raise ValueError(
                 f"{type(model).__name__} already carries VeRA with a different config (option: (model, given)) "
@@ -104,7 +115,7 @@ def apply_vera(model: nn.Module, config: VeraConfig) -> nn.Module:
     check_projection_memory(config.r, max_in, max_out)
     weight = next(iter(modules.values())).weight
     try:
-        adapter = VeraAdapter(config, max_in=max_in, max_out=max_out, round_to=weight.dtype)
+        adapter = VeraAdapter(config, max_in=max_in, max_out=max_out, round_to=weight.dtype, name=adapter_name)
     except RuntimeError as err:  # the allocator refused
         check_projection_memory(config.r, max_in, max_out, error=err)
         raise

@@ -83,6 +83,9 @@ class VeraLinear(nn.Module):
     """
 
     adapter_param_names = ("vera_lambda_b", "vera_lambda_d")
+    #: Parameter names of the λ's the forward uses: the layer's own (the primary adapter's), or a named
+    #: adapter's after :func:`vera_lightning.set_adapter` (see :mod:`vera_lightning.named`).
+    active_lambda_names: tuple[str, str] = adapter_param_names
     #: Autograd path (set with :func:`vera_lightning.set_vera_path`; see :mod:`vera_lightning.paths`).
     vera_path: VeraPath = VeraPath.auto
 
@@ -157,9 +160,14 @@ class VeraLinear(nn.Module):
         """The model's adapter: config and the shared projections this layer slices."""
         return self._adapter[0]
 
+    def lambdas(self) -> tuple[nn.Parameter, nn.Parameter]:
+        """``(λ_b, λ_d)`` of the active adapter (the only λ's the forward and ``merge`` read)."""
+        name_b, name_d = self.active_lambda_names
+        return getattr(self, name_b), getattr(self, name_d)
+
     def adapter_params(self) -> dict[str, nn.Parameter]:
-        """The tensors this layer adds (the trainable λ vectors), by name."""
-        return {name: getattr(self, name) for name in self.adapter_param_names}
+        """The trainable tensors of the active adapter (its λ vectors), by their role."""
+        return dict(zip(self.adapter_param_names, self.lambdas()))
 
     def extra_repr(self) -> str:
         return (
@@ -191,7 +199,7 @@ class VeraLinear(nn.Module):
     # ------------------------------------------------------------------ merge
     def delta_weight(self) -> torch.Tensor:
         """``diag(λ_b) B_s diag(λ_d) A_s`` laid out like ``weight`` (computed in fp32 on CPU for half types)."""
-        lam_d, lam_b = self.vera_lambda_d.detach(), self.vera_lambda_b.detach()
+        lam_b, lam_d = (lam.detach() for lam in self.lambdas())
         a_s, b_s = self.sliced_projections()
         compute_dtype = lam_d.dtype
         if lam_d.device.type == "cpu" and compute_dtype in (torch.float16, torch.bfloat16):

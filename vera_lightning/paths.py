@@ -9,11 +9,16 @@ differ in what autograd keeps for backward (see :mod:`vera_lightning.functional`
 ``lean``    saves ``x`` (shared by sibling layers), recomputes ``h = x A_sᵀ`` in backward
 ``save_h``  saves ``h`` once per sibling group (faster backward, ``N x r`` more memory)
 ``nograd``  autograd does not record: no custom node, ``h`` still shared by siblings
+``mixed``   per-row λ's of several named adapters (``adapter_batch``, :mod:`vera_lightning.batching`)
+``off``     no update at all: the base layer's output (``disable_adapter``)
 ==========  ==============================================================================
 
 ``auto`` (the default) picks ``lean`` when autograd records and no dropout is active. A new
 path is one :class:`VeraPath` member and one entry in :data:`PATH_TABLE`. Tests and diagnostics
 observe the chosen paths with :class:`record_paths`; nothing is written on the layer per call.
+``mixed`` and ``off`` are forced on every layer while their context is open
+(``VeraAdapter.forced_path``); the ``mixed`` entry is registered by :mod:`vera_lightning.batching`.
+Every path reads the active adapter's λ's through ``layer.lambdas()``.
 """
 
 from __future__ import annotations
@@ -41,25 +46,29 @@ class VeraPath(str, Enum):
     lean = "lean"
     save_h = "save_h"
     nograd = "nograd"  # chosen, never set: autograd does not record
+    mixed = "mixed"  # forced by adapter_batch, never set
+    off = "off"  # forced by disable_adapter, never set
 
     def __str__(self) -> str:
         return self.value
 
 
 #: The paths a user may set with :func:`set_vera_path`.
-PATHS = tuple(p.value for p in VeraPath if p is not VeraPath.nograd)
+PATHS = tuple(p.value for p in VeraPath if p not in (VeraPath.nograd, VeraPath.mixed, VeraPath.off))
 
 
 def choose_path(layer: "VeraLinear", x: torch.Tensor) -> VeraPath:
     """The concrete path (never ``auto``) ``layer`` takes for input ``x`` in the current grad mode."""
+    forced = layer.adapter.forced_path
+    if forced is not None:
+        return forced
     wanted = layer.vera_path
     if wanted is VeraPath.plain or torch.compiler.is_compiling() or (
         layer.training and isinstance(layer.vera_dropout, nn.Dropout)
     ):
         return VeraPath.plain  # dropout: each layer draws its own mask, nothing to share or recompute
-    records = torch.is_grad_enabled() and (
-        x.requires_grad or layer.vera_lambda_b.requires_grad or layer.vera_lambda_d.requires_grad
-    )
+    lam_b, lam_d = layer.lambdas()
+    records = torch.is_grad_enabled() and (x.requires_grad or lam_b.requires_grad or lam_d.requires_grad)
     if not records:
         return VeraPath.nograd
     return VeraPath.lean if wanted is VeraPath.auto else wanted
@@ -67,7 +76,7 @@ def choose_path(layer: "VeraLinear", x: torch.Tensor) -> VeraPath:
 
 def _plain(layer: "VeraLinear", result: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """PEFT's formulation under plain autograd."""
-    lam_d, lam_b = layer.vera_lambda_d, layer.vera_lambda_b
+    lam_b, lam_d = layer.lambdas()
     a_s, b_s = layer.sliced_projections()
     if x.dtype != lam_d.dtype:  # as PEFT: the adapter runs in the λ's dtype
         x = x.to(lam_d.dtype)
@@ -92,7 +101,8 @@ def _shared_h(layer: "VeraLinear", x: torch.Tensor, a_s: torch.Tensor, path: Ver
 def _nograd(layer: "VeraLinear", result: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     a_s, b_s = layer.sliced_projections()
     h, _ = _shared_h(layer, x, a_s, VeraPath.nograd)
-    return (result + layer.vera_lambda_b * F.linear(layer.vera_lambda_d * h, b_s)).to(result.dtype)
+    lam_b, lam_d = layer.lambdas()
+    return (result + lam_b * F.linear(lam_d * h, b_s)).to(result.dtype)
 
 
 def _custom(save_h: bool) -> Callable[["VeraLinear", torch.Tensor, torch.Tensor], torch.Tensor]:
@@ -102,10 +112,16 @@ def _custom(save_h: bool) -> Callable[["VeraLinear", torch.Tensor, torch.Tensor]
         a_s, b_s = layer.sliced_projections()
         h, group = _shared_h(layer, x, a_s, path)
         group.members += 1
-        return VeraUpdate.apply(result, h, x, layer.vera_lambda_b, layer.vera_lambda_d, b_s, group, save_h)
+        lam_b, lam_d = layer.lambdas()
+        return VeraUpdate.apply(result, h, x, lam_b, lam_d, b_s, group, save_h)
 
     update.__name__ = f"_{path.value}"
     return update
+
+
+def _off(layer: "VeraLinear", result: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """The adapter is disabled: the base output, untouched."""
+    return result
 
 
 #: Concrete path -> ``update(layer, base_output, x) -> output``.
@@ -114,7 +130,8 @@ PATH_TABLE: dict[VeraPath, Callable[["VeraLinear", torch.Tensor, torch.Tensor], 
     VeraPath.lean: _custom(save_h=False),
     VeraPath.save_h: _custom(save_h=True),
     VeraPath.nograd: _nograd,
-}
+    VeraPath.off: _off,
+}  # VeraPath.mixed: registered by vera_lightning.batching
 
 _recorders: list["record_paths"] = []
 

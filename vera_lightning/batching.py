@@ -1,0 +1,167 @@
+r"""Mixed-adapter batches: ``with adapter_batch(model, names): model(...)``, row ``i`` served by ``names[i]``.
+
+Every adapter of a model shares ``A_s``/``B_s``, so for a batch whose rows use different adapters
+
+.. math::
+
+    y_i = W_0 x_i + b + \lambda_{b}^{(i)} \odot B_s \big(\lambda_{d}^{(i)} \odot A_s x_i\big)
+
+needs one ``h = x A_sᵀ`` for the whole batch (shared by sibling layers, as in the other paths), one
+``(λ_d ⊙ h) B_sᵀ`` for the whole batch, and two per-row scalings. When the block opens, each layer's
+λ's of the adapters named in the batch are stacked into a table (row 0: zeros, the base model, for
+``None``) and gathered once into per-row tensors ``(rows, out)`` / ``(rows, r)``; the forward then
+only broadcasts them (the ``mixed`` path of :mod:`vera_lightning.paths`). Its cost per token does not
+depend on how many distinct adapters the batch holds, and the per-row arithmetic is the ``nograd``
+path's, so row ``i`` equals adapter ``names[i]``'s own output over the same batch bit for bit (and a
+``None`` row the base model's).
+
+Choices, and why:
+
+* **Rows are the leading dimension** of every adapted layer's input. ``generate()`` of a causal LM keeps
+  the batch's rows in place at every step (prefill and each cached incremental step; padding is the
+  caller's: left padding for decoder-only models), so the mapping set at the start holds throughout.
+  Beam search and ``num_return_sequences > 1`` expand rows; a layer that sees another number of rows
+  (or a model that flattens tokens into the first dimension) raises an error naming the cause, never
+  mixes adapters up.
+* **Inference only.** The λ's are gathered when the block opens, as constants: if autograd records
+  while an adapter in the batch has trainable λ's, the forward refuses (no gradient would reach them).
+  Train one adapter at a time with :func:`vera_lightning.set_adapter`.
+* Merged layers are refused (their weight holds one adapter's update), as is nesting inside
+  ``disable_adapter`` or another ``adapter_batch``. Active dropout (training mode) is applied per layer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vera_lightning.adapter import VeraAdapter, vera_layers
+from vera_lightning.named import forcing, refuse_merged, require_adapter
+from vera_lightning.paths import PATH_TABLE, VeraPath
+
+if TYPE_CHECKING:  # pragma: no cover
+    from vera_lightning.layer import VeraLinear
+
+__all__ = ["adapter_batch", "MixedBatch", "mixed_update"]
+
+
+class MixedBatch:
+    """The per-row λ's of an open :func:`adapter_batch` block.
+
+    Attributes:
+        names: The adapter of each row (``None``: the base model).
+        lambdas: ``id(layer) -> (λ_b rows (rows, out), λ_d rows (rows, r))``.
+        trainable: Adapters of the batch whose λ's require grad.
+    """
+
+    __slots__ = ("names", "lambdas", "trainable")
+
+    def __init__(self, adapter: VeraAdapter, layers: list["VeraLinear"], names: list[Optional[str]]) -> None:
+        distinct = list(dict.fromkeys(n for n in names if n is not None))
+        slot = {name: i + 1 for i, name in enumerate(distinct)}
+        index = torch.tensor([0 if n is None else slot[n] for n in names], dtype=torch.long)
+        self.names = names
+        self.lambdas: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        trainable = set()
+        with torch.no_grad():
+            for layer in layers:
+                pairs = [tuple(getattr(layer, attr) for attr in adapter.lambda_names(n)) for n in distinct]
+                trainable |= {n for n, pair in zip(distinct, pairs) if any(p.requires_grad for p in pair)}
+                like_b, like_d = layer.vera_lambda_b, layer.vera_lambda_d
+                table_b = torch.stack([torch.zeros_like(like_b)] + [b for b, _ in pairs])  # (1 + K, out)
+                table_d = torch.stack([torch.zeros_like(like_d)] + [d for _, d in pairs])  # (1 + K, r)
+                rows = index.to(like_b.device)
+                self.lambdas[id(layer)] = (table_b.index_select(0, rows), table_d.index_select(0, rows))
+        self.trainable = sorted(trainable)
+
+
+def _check_rows(layer: "VeraLinear", x: torch.Tensor, batch: MixedBatch) -> None:
+    rows = len(batch.names)
+    if x.dim() < 2 or x.shape[0] != rows:
+        raise ValueError(
+            f"adapter_batch: the block maps {rows} rows to adapters, but a VeRA layer ({layer.in_features}->"
+            f"{layer.out_features}) got an input of shape {tuple(x.shape)}. Rows must be the first dimension of every "
+            "adapted layer's input and keep their number: generate() with num_beams > 1 or num_return_sequences > 1 "
+            "expands rows (not supported: use greedy or sampling with one sequence per row), and models that flatten "
+            "tokens into the first dimension cannot be served per row"
+        )
+    if batch.trainable and torch.is_grad_enabled():
+        raise ValueError(
+            f"adapter_batch: adapters {batch.trainable} have trainable λ's and autograd is recording, but inside "
+            "adapter_batch the λ's are constants (no gradient would reach them). Serve under torch.no_grad() or "
+            "torch.inference_mode(), and train one adapter at a time with set_adapter"
+        )
+
+
+def mixed_update(layer: "VeraLinear", result: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``result`` plus row ``i``'s adapter update, for every row (the ``mixed`` entry of ``PATH_TABLE``)."""
+    batch: MixedBatch = layer.adapter.batch  # type: ignore[assignment]
+    lambdas = batch.lambdas.get(id(layer))
+    if lambdas is None:
+        raise ValueError("adapter_batch: this VeRA layer is outside the module the block was opened on; open "
+                         "adapter_batch on the whole adapted model")
+    _check_rows(layer, x, batch)
+    lam_b, lam_d = lambdas
+    a_s, b_s = layer.sliced_projections()
+    dtype = lam_d.dtype
+    if layer.training and isinstance(layer.vera_dropout, nn.Dropout):
+        h = F.linear(layer.vera_dropout(x.to(dtype)), a_s)  # each layer draws its own mask: nothing to share
+    else:
+        cache, mode = layer.adapter.siblings, VeraPath.mixed.value
+        hit = cache.lookup(x, a_s, mode, id(layer))
+        if hit is None:
+            h = F.linear(x.to(dtype), a_s)
+            cache.store(x, a_s, mode, (h,), id(layer))
+        else:
+            h = hit[0]
+    shape = (x.shape[0],) + (1,) * (x.dim() - 2) + (-1,)
+    return (result + lam_b.view(shape) * F.linear(lam_d.view(shape) * h, b_s)).to(result.dtype)
+
+
+PATH_TABLE[VeraPath.mixed] = mixed_update
+
+
+@contextmanager
+def adapter_batch(model: nn.Module, names: Sequence[Optional[str]]) -> Iterator[nn.Module]:
+    """``with adapter_batch(model, names): model(...)``: row ``i`` of the batch uses adapter ``names[i]``.
+
+    Args:
+        model: A model holding named VeRA adapters (see :mod:`vera_lightning.named`).
+        names: One entry per row of the batch: an adapter name, or ``None`` for the base model.
+
+    Yields:
+        ``model``.
+
+    Raises:
+        ValueError: For unknown names, an empty list, merged layers or a nested block; inside the block,
+            for inputs whose first dimension is not the rows (see the module docstring).
+
+    Example::
+
+        >>> from vera_lightning import VeraConfig, add_adapter, apply_vera
+        >>> cfg = VeraConfig(r=4, target_modules=["0"], init_weights=False)
+        >>> net = add_adapter(apply_vera(torch.nn.Sequential(torch.nn.Linear(8, 4)), cfg), "b", cfg)
+        >>> with torch.no_grad(), adapter_batch(net, ["default", None, "b"]):
+        ...     y = net(torch.randn(3, 8))
+        >>> tuple(y.shape)
+        (3, 4)
+    """
+    adapter = require_adapter(model, "adapter_batch")
+    if isinstance(names, (str, bytes)) or not isinstance(names, Sequence):
+        raise ValueError(f"adapter_batch: names must be a list with one adapter name (or None) per row, got {names!r}")
+    names = list(names)
+    if not names:
+        raise ValueError("adapter_batch: names is empty; give one adapter name (or None for the base model) per row")
+    unknown = sorted({repr(n) for n in names if n is not None and (not isinstance(n, str) or n not in adapter.names)})
+    if unknown:
+        raise ValueError(f"adapter_batch: unknown adapter name(s) {', '.join(unknown)}; the model holds "
+                         f"{adapter.names} (None selects the base model)")
+    refuse_merged(model, "adapter_batch", "their weight holds one adapter's update for every row")
+    batch = MixedBatch(adapter, [layer for _, layer in vera_layers(model)], names)
+    with forcing(adapter, VeraPath.mixed, "adapter_batch", batch):
+        yield model

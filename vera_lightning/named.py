@@ -1,0 +1,314 @@
+"""Several named VeRA adapters on one model: add, switch, delete, disable, load.
+
+Every adapter of a model shares the one :class:`~vera_lightning.adapter.VeraAdapter` (attached as
+``model.vera_projections``), which owns the registry (name -> config, the primary and the active
+name) and the one stored ``vera_A``/``vera_B``. Choices, and why:
+
+* **Where the λ's live.** The *primary* adapter (the one ``apply_vera`` builds, ``"default"`` unless
+  named otherwise) keeps each layer's own ``vera_lambda_b``/``vera_lambda_d``, so a single-adapter
+  model, its state dict, its slim checkpoints and PEFT interop are exactly those of 0.1.0. Every other
+  adapter ``<name>`` gets two parameters of its own on each adapted layer,
+  ``vera_lambda_b_<name>`` (``out``) and ``vera_lambda_d_<name>`` (``r``); no dict of adapters is
+  threaded through the forward. A layer reads the *active* adapter's pair through ``layer.lambdas()``
+  (the same two attribute reads as before, by name), so every autograd path of :mod:`vera_lightning.paths`
+  serves every adapter, and the primary adapter's forward is PEFT's, bit for bit.
+* **What must match.** Adapters share the primary adapter's projections, so an added adapter must
+  have the same ``r`` and ``projection_prng_key`` and adapt exactly the same layers (hence the same
+  projection sizes); anything else is refused with the differences listed (give such an adapter its
+  own model). Biases and ``modules_to_save`` are base-model tensors every adapter would share, so only
+  the primary adapter may train them; added adapters must use ``bias="none"`` and no
+  ``modules_to_save`` (per-adapter heads are not supported). Per-adapter options that do fit are kept:
+  ``vera_dropout`` (the layers' dropout follows the active adapter), ``d_initial``/``init_weights``
+  (used when the λ's are made) and ``save_projection`` (used when saving).
+* **Training.** :func:`set_adapter` applies ``apply_vera``'s freezing rule for the adapter it
+  activates: its λ's train, every other adapter's λ's are frozen (so they stay bit-identical), and the
+  primary adapter's biases/``modules_to_save`` train only while it is active. Build the optimizer
+  after ``set_adapter``; ``VeraCallback`` then adopts the active adapter (``adapter.config`` is the
+  active adapter's config).
+* **States.** ``set_adapter`` refuses while layers are merged (their weights hold the previous
+  adapter's update: ``unmerge_vera`` first); ``disable_adapter`` refuses merged layers too (the base
+  weights are not recoverable bit for bit). The primary adapter cannot be deleted (``unload_vera``
+  removes VeRA altogether), nor can the active one.
+* **Names** are 1-64 characters from ``[A-Za-z0-9_-]`` (they become parameter names and, in PEFT's
+  ``save_pretrained`` layout, folder names).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any, Optional
+
+import torch
+from torch import nn
+
+from vera_lightning import adapter_format as fmt
+from vera_lightning.adapter import VeraAdapter, find_adapter, vera_layers
+from vera_lightning.config import BiasMode, VeraConfig
+from vera_lightning.inject import mark_trainable, resolve_target_names
+from vera_lightning.paths import VeraPath
+
+__all__ = ["add_adapter", "set_adapter", "delete_adapter", "disable_adapter", "check_adapter_name",
+           "compatibility_problems", "load_named", "forcing", "require_adapter", "refuse_merged"]
+
+_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
+_HALF = (torch.float16, torch.bfloat16)
+
+
+def check_adapter_name(name: Any, where: str) -> None:
+    """Raise unless ``name`` is a valid adapter name (1-64 characters of ``[A-Za-z0-9_-]``)."""
+    if not isinstance(name, str) or not _NAME.fullmatch(name):
+        raise ValueError(
+            f"{where}: adapter name {name!r} is not valid; use 1-64 letters, digits, '_' or '-' (it becomes part of "
+            "parameter names and of PEFT's folder names), e.g. 'task_a'"
+        )
+
+
+def require_adapter(model: nn.Module, where: str) -> VeraAdapter:
+    """The model's :class:`VeraAdapter`, or a ``ValueError`` saying to call ``apply_vera`` first."""
+    adapter = find_adapter(model)
+    if adapter is None:
+        raise ValueError(f"{where}: {type(model).__name__} carries no VeRA adapter; call apply_vera(model, config) first")
+    return adapter
+
+
+def refuse_merged(model: nn.Module, where: str, why: str) -> None:
+    """Raise if any VeRA layer of ``model`` is merged (naming the layers and ``unmerge_vera``)."""
+    merged = [name for name, layer in vera_layers(model) if layer.merged]
+    if merged:
+        shown = ", ".join(merged[:4]) + (f", ... ({len(merged)} in all)" if len(merged) > 4 else "")
+        raise ValueError(f"{where}: layers {shown} are merged ({why}); call vera_lightning.unmerge_vera(model) first")
+
+
+def compatibility_problems(model: nn.Module, adapter: VeraAdapter, config: VeraConfig) -> list[str]:
+    """Why ``config`` cannot be an added (non-primary) adapter of ``model``; empty when it can."""
+    primary = adapter.config_of(adapter.primary)
+    problems = []
+    for option in ("r", "projection_prng_key"):
+        mine, theirs = getattr(primary, option), getattr(config, option)
+        if mine != theirs:
+            problems.append(
+                f"{option}={theirs!r}: every adapter of a model shares the projections of the primary adapter "
+                f"{adapter.primary!r} ({option}={mine!r}); use {option}={mine!r}, or adapt a separate copy of the "
+                "base model for this adapter"
+            )
+    if config.bias != BiasMode.none:
+        problems.append(
+            f"bias={config.bias.value!r}: biases are base tensors shared by every adapter, only the primary adapter "
+            "may train them; use bias='none'"
+        )
+    if config.modules_to_save:
+        problems.append(
+            f"modules_to_save={config.modules_to_save!r}: one set of these modules would be shared by every adapter "
+            "(per-adapter heads are not supported); only the primary adapter may carry modules_to_save"
+        )
+    have = [name for name, _ in vera_layers(model)]
+    try:
+        wanted = resolve_target_names(model, config)
+    except ValueError as err:
+        problems.append(f"target_modules: {err}")
+    else:
+        missing, extra = sorted(set(have) - set(wanted)), sorted(set(wanted) - set(have))
+        if missing or extra:
+            problems.append(
+                f"target_modules={_show(config.target_modules)} selects other layers than the primary adapter's "
+                f"({_show(primary.target_modules)}): missing {missing[:4]}, extra {extra[:4]}; every adapter of a model "
+                "adapts exactly the same layers (same projection sizes)"
+            )
+    return problems
+
+
+def _show(targets: Any) -> Any:
+    return sorted(targets) if isinstance(targets, (set, frozenset)) else targets
+
+
+def _new_lambdas(layer: nn.Module, config: VeraConfig) -> tuple[nn.Parameter, nn.Parameter]:
+    """Fresh λ's for ``layer`` as ``VeraLinear`` makes them (same dtype and device as its own), frozen."""
+    like = layer.vera_lambda_b
+    factory = {"dtype": like.dtype, "device": like.device}
+    if config.init_weights:
+        lam_b = torch.zeros(layer.out_features, **factory)
+        lam_d = torch.full((layer.r,), float(config.d_initial), **factory)
+    else:
+        lam_b = torch.ones(layer.out_features, **factory)
+        lam_d = torch.randn(layer.r, device=like.device).to(like.dtype)
+    return nn.Parameter(lam_b, requires_grad=False), nn.Parameter(lam_d, requires_grad=False)
+
+
+def add_adapter(model: nn.Module, name: str, config: VeraConfig) -> nn.Module:
+    """Add a VeRA adapter ``name`` to an adapted ``model`` (frozen and inactive, as in PEFT).
+
+    Args:
+        model: A model adapted with :func:`vera_lightning.apply_vera`.
+        name: The new adapter's name (1-64 characters of ``[A-Za-z0-9_-]``).
+        config: Its options: same ``r``, ``projection_prng_key`` and adapted layers as the primary
+            adapter, ``bias="none"``, no ``modules_to_save`` (see the module docstring).
+
+    Returns:
+        ``model``.
+
+    Raises:
+        ValueError: For an invalid or existing name, or a config that does not fit (every problem at
+            once; the model is not changed).
+
+    Example::
+
+        >>> from vera_lightning import VeraConfig, apply_vera, set_adapter
+        >>> net = apply_vera(torch.nn.Sequential(torch.nn.Linear(8, 4)), VeraConfig(r=4, target_modules=["0"]))
+        >>> net = set_adapter(add_adapter(net, "task_b", VeraConfig(r=4, target_modules=["0"])), "task_b")
+        >>> sorted(n for n, p in net.named_parameters() if p.requires_grad)
+        ['0.vera_lambda_b_task_b', '0.vera_lambda_d_task_b']
+    """
+    check_adapter_name(name, "add_adapter")
+    if not isinstance(config, VeraConfig):
+        raise TypeError(f"add_adapter expects a VeraConfig, got {type(config).__name__}")
+    adapter = require_adapter(model, "add_adapter")
+    if name in adapter.names:
+        raise ValueError(f"add_adapter: the model already holds an adapter named {name!r} (it holds {adapter.names}); "
+                         "choose another name, or delete_adapter(model, name) first")
+    problems = compatibility_problems(model, adapter, config)
+    if problems:
+        raise ValueError(f"add_adapter({name!r}) refused, the model was not changed:\n  - " + "\n  - ".join(problems))
+    adapter.register(name, config)
+    name_b, name_d = adapter.lambda_names(name)
+    for _, layer in vera_layers(model):
+        lam_b, lam_d = _new_lambdas(layer, config)
+        layer.register_parameter(name_b, lam_b)
+        layer.register_parameter(name_d, lam_d)
+    return model
+
+
+def _set_dropout(layer: nn.Module, p: float) -> None:
+    current = layer.vera_dropout
+    if (p == 0 and isinstance(current, nn.Identity)) or (isinstance(current, nn.Dropout) and current.p == p):
+        return
+    layer.vera_dropout = (nn.Dropout(p) if p > 0 else nn.Identity()).train(layer.training)
+
+
+def set_adapter(model: nn.Module, name: str) -> nn.Module:
+    """Make ``name`` the adapter every layer's forward uses, and the only one that trains.
+
+    Applies ``apply_vera``'s freezing rule for ``name``: its λ's (and, for the primary adapter, its
+    trainable biases and ``modules_to_save``) get ``requires_grad=True``, everything else ``False``.
+    Build the optimizer afterwards.
+
+    Returns:
+        ``model``.
+
+    Raises:
+        ValueError: For an unknown name, or while layers are merged with another adapter.
+    """
+    adapter = require_adapter(model, "set_adapter")
+    config = adapter.config_of(name)
+    if name != adapter.active:
+        refuse_merged(model, "set_adapter", f"their weights hold adapter {adapter.active!r}'s update")
+    names = adapter.lambda_names(name)
+    for _, layer in vera_layers(model):
+        layer.active_lambda_names = names
+        _set_dropout(layer, config.vera_dropout)
+    adapter.activate(name)
+    adapter.siblings.clear()
+    mark_trainable(model, config)
+    return model
+
+
+def delete_adapter(model: nn.Module, name: str) -> nn.Module:
+    """Remove adapter ``name`` and its λ's from every layer.
+
+    Raises:
+        ValueError: For an unknown name, the primary adapter (``unload_vera`` removes VeRA altogether)
+            or the active one (``set_adapter`` to another first).
+    """
+    adapter = require_adapter(model, "delete_adapter")
+    adapter.config_of(name)
+    if name == adapter.primary:
+        raise ValueError(
+            f"delete_adapter: {name!r} is the primary adapter (its λ's are the layers' own vera_lambda_b/_d) and stays "
+            "while the model carries VeRA; vera_lightning.unload_vera(model, merge=False) removes VeRA altogether"
+        )
+    if name == adapter.active:
+        raise ValueError(f"delete_adapter: {name!r} is the active adapter; call set_adapter(model, <another>) first "
+                         f"(the model holds {adapter.names})")
+    for attr in adapter.lambda_names(name):
+        for _, layer in vera_layers(model):
+            delattr(layer, attr)
+    adapter.unregister(name)
+    return model
+
+
+@contextmanager
+def forcing(adapter: VeraAdapter, path: VeraPath, where: str, batch: Optional[object] = None) -> Iterator[None]:
+    """Force ``path`` on every layer of ``adapter`` (with ``batch`` as its state) for the ``with`` block."""
+    if adapter.forced_path is not None:
+        raise ValueError(f"{where} cannot be opened while another disable_adapter/adapter_batch block is open "
+                         f"(the layers take the {adapter.forced_path.value!r} path); close that block first")
+    adapter.forced_path, adapter.batch = path, batch
+    adapter.siblings.clear()
+    try:
+        yield
+    finally:
+        adapter.forced_path, adapter.batch = None, None
+        adapter.siblings.clear()
+
+
+@contextmanager
+def disable_adapter(model: nn.Module) -> Iterator[nn.Module]:
+    """``with disable_adapter(model): ...`` runs the base model: every VeRA layer returns ``W0 x + b`` exactly.
+
+    Raises:
+        ValueError: If layers are merged (their base weights cannot be recovered bit for bit), or
+            inside another ``disable_adapter``/``adapter_batch`` block.
+    """
+    adapter = require_adapter(model, "disable_adapter")
+    refuse_merged(model, "disable_adapter", "the base weights cannot be recovered bit for bit")
+    with forcing(adapter, VeraPath.off, "disable_adapter"):
+        yield model
+
+
+# ---------------------------------------------------------------------- loading into a named adapter
+def _projection_problems(adapter: VeraAdapter, tensors: dict[str, torch.Tensor]) -> list[str]:
+    problems = []
+    for key, mine in (("base_model.vera_A", adapter.vera_A), ("base_model.vera_B", adapter.vera_B)):
+        if key not in tensors or tuple(tensors[key].shape) != tuple(mine.shape):
+            continue  # absence and shapes are checked by check_tensors
+        theirs, ours = tensors[key].float(), mine.detach().to("cpu", torch.float32)
+        if not any(torch.equal(t, ours) for t in [theirs] + [theirs.to(h).float() for h in _HALF]):
+            problems.append(
+                f"{key} differs from the projections the model's adapters share (drawn with the same "
+                "projection_prng_key elsewhere, or trained with other projections); load this adapter into a separate "
+                "copy of the base model"
+            )
+    return problems
+
+
+def load_named(
+    model: nn.Module, adapter: VeraAdapter, name: str, config: VeraConfig, tensors: dict[str, torch.Tensor],
+    metadata: dict[str, str], source: str,
+) -> nn.Module:
+    """Load a read adapter file into adapter ``name`` of a model holding (or about to hold) several adapters.
+
+    Called by :func:`vera_lightning.load_adapter`. The shared projections are never overwritten: the
+    file's must equal the model's. A new name is added with ``config``; an existing one keeps its config
+    (as a single-adapter load does) and gets the file's tensors.
+
+    Raises:
+        ValueError: Naming every problem; the model is not changed.
+    """
+    known = name in adapter.names
+    if known and name == adapter.primary:
+        problems = fmt.compare_configs(model, adapter.config_of(name), config)
+    else:
+        problems = compatibility_problems(model, adapter, config)
+    if not problems:
+        problems = fmt.check_tensors(model, config, tensors, metadata) + _projection_problems(adapter, tensors)
+    if problems:
+        raise ValueError(f"load_adapter({source!r}, adapter_name={name!r}) refused, the model was not changed:\n  - "
+                         + "\n  - ".join(problems))
+    if not known:
+        add_adapter(model, name, config)
+    with torch.no_grad():
+        for key, (_, target) in fmt.layout(model, adapter.config_of(name), name).items():
+            if key in tensors and key not in fmt.PROJECTION_KEYS:
+                target.copy_(tensors[key].to(target.dtype))
+    return model
