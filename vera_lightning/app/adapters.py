@@ -139,7 +139,9 @@ def _load_checkpoint(module: nn.Module, path: Path) -> None:
     try:
         module.load_state_dict(state, strict=True)
     except RuntimeError as err:
-        raise ValueError(str(err).replace("\n\t", "\n  ").strip()) from None
+        head, *problems = [line.strip() for line in str(err).strip().splitlines() if line.strip()]
+        shown = problems[:6] + ([f"... ({len(problems)} problems in all)"] if len(problems) > 6 else [])
+        raise ValueError("\n  ".join([head, *shown])) from None
 
 
 def attach_adapter(parts: Components, source: Optional[AdapterSource], model_cfg: Mapping[str, Any]) -> str:

@@ -97,6 +97,7 @@ def _generate(model, tokenizer, prompts: list[str], cfg: DictConfig, device, han
     seed = int(settings.get("seed", cfg.seed))
     for index, prompt in enumerate(prompts):
         encoded = tokenizer(prompt, return_tensors="pt").to(device)
+        encoded = {k: encoded[k] for k in ("input_ids", "attention_mask")}  # no token_type_ids for a decoder
         if kwargs["do_sample"]:
             torch.manual_seed(seed + index)
         out = model.generate(**encoded, **kwargs)
