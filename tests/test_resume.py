@@ -131,3 +131,24 @@ def test_slurm_preemption_signal_checkpoints_requeues_and_the_requeued_job_resum
     assert "hpc_ckpt_1.ckpt" in requeued.stdout + requeued.stderr  # Lightning: "Restoring states from ..."
     assert "[vera] before training" not in requeued.stdout
     assert json.loads((run_dir / "summary.json").read_text())["steps"] == 16
+
+
+def test_slurm_launcher_asks_for_sigusr1_and_requeue(tmp_path):
+    from hydra import compose, initialize_config_dir
+    from hydra.utils import instantiate
+    from submitit.slurm.slurm import _make_sbatch_string
+
+    from app_helpers import CONF
+    from vera_lightning.app import register_configs
+
+    register_configs()
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose("train", overrides=["hydra/launcher=slurm", "trainer=ddp", "trainer.num_nodes=2",
+                                          "hydra.launcher.signal_delay_s=300"], return_hydra_config=True)
+    params = instantiate(cfg.hydra.launcher).params  # what hydra-submitit-launcher hands to submitit
+    sbatch = _make_sbatch_string(command="python train.py", folder=str(tmp_path), nodes=params["nodes"],
+                                 signal_delay_s=params["signal_delay_s"],
+                                 additional_parameters=params["additional_parameters"])
+    lines = sbatch.splitlines()
+    # Lightning's requeue signal, not submitit's USR2, sent signal_delay_s before the end; the job may be requeued
+    assert "#SBATCH --signal=USR1@300" in lines and "#SBATCH --requeue" in lines and "#SBATCH --nodes=2" in lines

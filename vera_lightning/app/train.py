@@ -6,6 +6,10 @@ A run builds the model, data and LightningModule the config names, adds
 :class:`~vera_lightning.VeraCallback` (inject + freeze in ``setup``), reports the
 monitored metric before and after training, writes the adapter in PEFT's layout to
 ``<output_dir>/adapter`` and ``summary.json`` next to it, and returns the metrics.
+
+``ckpt_path=last|PATH`` resumes an interrupted run (:mod:`~vera_lightning.app.resume`);
+loggers also get the composed config and the adapter as an artifact
+(:mod:`~vera_lightning.app.trackers`).
 """
 
 from __future__ import annotations
