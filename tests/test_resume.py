@@ -62,6 +62,15 @@ def test_epoch_boundary_resume_gives_the_lambdas_of_an_uninterrupted_run(tmp_pat
     assert not _same(_lambdas(tmp_path / "control" / "adapter"), _lambdas(tmp_path / "whole" / "adapter"))
 
 
+def test_last_ckpt_is_the_newest_state_even_without_a_new_best(tmp_path):
+    # mode=max on a falling loss: only the first epoch is "best"; last.ckpt must still follow training
+    train(compose_app("train", tmp_path / "run", *LONG, "trainer.max_epochs=2", "callbacks.model_checkpoint.mode=max"))
+    checkpoints = tmp_path / "run" / "checkpoints"
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["best.ckpt", "last.ckpt"]
+    assert torch.load(checkpoints / "best.ckpt", weights_only=True)["global_step"] == 4
+    assert torch.load(checkpoints / "last.ckpt", weights_only=True)["global_step"] == 8
+
+
 def test_ckpt_path_names_a_missing_checkpoint_before_any_work(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"ckpt_path=last: .*run/checkpoints/last.ckpt does not exist\. "
                                                 r"Run the command again with hydra.run.dir="):

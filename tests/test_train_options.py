@@ -28,7 +28,7 @@ def test_early_stopping_monitors_the_optimized_metric(tmp_path):
     assert (cfg.callbacks.early_stopping.monitor, cfg.callbacks.early_stopping.mode) == ("val/loss", "min")
     classifier = compose_app("train", tmp_path / "cls", "callbacks=[default,early_stopping]").callbacks
     assert (classifier.early_stopping.monitor, classifier.early_stopping.mode) == ("val/acc", "max")
-    assert classifier.model_checkpoint.save_last is True
+    assert classifier.last_checkpoint.filename == "last" and classifier.last_checkpoint.monitor is None
 
 
 def test_early_stopping_stops(tmp_path):
