@@ -17,9 +17,10 @@ from __future__ import annotations
 import csv
 import json
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import IO, Any, Iterator, Mapping
 
 import torch
+from torch import nn
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
@@ -76,7 +77,8 @@ def _batches(items: list[str], size: int) -> Iterator[list[str]]:
 
 
 @torch.inference_mode()
-def _classify(model, tokenizer, texts: list[str], cfg: DictConfig, device, handle, bar) -> None:
+def _classify(model: nn.Module, tokenizer: Any, texts: list[str], cfg: DictConfig, device: torch.device,
+              handle: IO[str], bar: tqdm) -> None:
     writer = csv.writer(handle, delimiter="\t", lineterminator="\n")
     writer.writerow(["input", "label", "probability"])
     max_length = int(cfg.data.get("max_length", 128))
@@ -91,7 +93,8 @@ def _classify(model, tokenizer, texts: list[str], cfg: DictConfig, device, handl
 
 
 @torch.inference_mode()
-def _generate(model, tokenizer, prompts: list[str], cfg: DictConfig, device, handle, bar) -> None:
+def _generate(model: nn.Module, tokenizer: Any, prompts: list[str], cfg: DictConfig, device: torch.device,
+              handle: IO[str], bar: tqdm) -> None:
     settings = OmegaConf.to_container(cfg.generate, resolve=True) if cfg.get("generate") else {}
     kwargs = generation_kwargs(settings, tokenizer)
     seed = int(settings.get("seed", cfg.seed))
