@@ -28,6 +28,8 @@ __all__ = ["DEMO_DIR", "FORMATS", "read_split", "subsample", "TextDataModule", "
 #: The built-in demo data (the project's own sentences, see ``scripts/make_demo_data.py``).
 DEMO_DIR = Path(__file__).resolve().parent / "demo_data"
 FORMATS = ("table", "text", "hf")
+#: The splits each Lightning stage reads (evaluation never needs the training file).
+STAGE_SPLITS = {"fit": ("train", "val"), "validate": ("val",)}
 
 
 def _data_dir(cfg: Mapping[str, Any]) -> Path:
@@ -154,6 +156,8 @@ class TextDataModule(pl.LightningDataModule):
             raise ValueError(f"data.task={self.task!r}: must be 'classification' or 'causal_lm'")
         self.seed = int(self.cfg.get("seed") or 0)
         self.splits: dict[str, list[dict[str, Any]]] = {}
+        self._train_generator: Optional[torch.Generator] = None
+        self._resume_generator: Optional[torch.Tensor] = None
 
     def _encode(self, records: list[dict[str, Any]]) -> list[dict[str, Any]]:
         encoded = self.tokenizer(
@@ -177,10 +181,14 @@ class TextDataModule(pl.LightningDataModule):
             )
 
     def setup(self, stage: Optional[str] = None) -> None:
-        """Read, subsample and tokenise both splits (once)."""
-        if self.splits:
-            return
-        for split in ("train", "val"):
+        """Read, subsample and tokenise the splits ``stage`` needs, each once.
+
+        ``"fit"`` (and ``None``) needs train and val; ``"validate"`` only val, so evaluating
+        needs no training file.
+        """
+        for split in STAGE_SPLITS.get(stage, ("train", "val")):
+            if split in self.splits:
+                continue
             records = subsample(read_split(self.cfg, split), self.cfg.get(f"max_{split}_samples"), self.seed)
             if not records:
                 raise ValueError(f"the {split} split of data={self.cfg.get('name')!r} is empty")
@@ -203,6 +211,11 @@ class TextDataModule(pl.LightningDataModule):
 
     def _loader(self, split: str, batch_size: int, shuffle: bool) -> DataLoader:
         generator = torch.Generator().manual_seed(self.seed)
+        if shuffle:
+            if self._resume_generator is not None:  # restored from a checkpoint: continue the same order
+                generator.set_state(self._resume_generator)
+                self._resume_generator = None
+            self._train_generator = generator
         return DataLoader(
             self.splits[split],
             batch_size=batch_size,
@@ -218,6 +231,20 @@ class TextDataModule(pl.LightningDataModule):
     def val_dataloader(self) -> DataLoader:
         size = int(self.cfg.get("eval_batch_size") or self.cfg.get("batch_size", 16))
         return self._loader("val", size, shuffle=False)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The shuffle generator's state, saved in Lightning checkpoints.
+
+        Restored by :meth:`load_state_dict`, it makes a run resumed from an epoch-boundary
+        checkpoint see the same batch order as an uninterrupted one.
+        """
+        if self._train_generator is None:
+            return {}
+        return {"train_generator": self._train_generator.get_state()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Continue the shuffle order of a checkpointed run (see :meth:`state_dict`)."""
+        self._resume_generator = state_dict.get("train_generator")
 
 
 def build_datamodule(data_cfg: Mapping[str, Any], tokenizer) -> TextDataModule:

@@ -6,6 +6,10 @@ A run builds the model, data and LightningModule the config names, adds
 :class:`~vera_lightning.VeraCallback` (inject + freeze in ``setup``), reports the
 monitored metric before and after training, writes the adapter in PEFT's layout to
 ``<output_dir>/adapter`` and ``summary.json`` next to it, and returns the metrics.
+
+``ckpt_path=last|PATH`` resumes an interrupted run (:mod:`~vera_lightning.app.resume`);
+loggers also get the composed config and the adapter as an artifact
+(:mod:`~vera_lightning.app.trackers`).
 """
 
 from __future__ import annotations
@@ -18,78 +22,27 @@ from typing import Any
 
 import hydra
 import lightning.pytorch as pl
-from hydra.core.config_store import ConfigStore
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
+from vera_lightning.app import trackers
+from vera_lightning.app.build import (
+    base_model_id,
+    build_components,
+    check_head_trains,
+    check_task,
+    instantiate_dict,
+    register_configs,
+    vera_config_from,
+)
+from vera_lightning.app.checks import check_run_config
+from vera_lightning.app.resume import RngState, keep_csv_history, resolve_ckpt_path, slurm_checkpoint
 from vera_lightning.callback import VeraCallback
 from vera_lightning.checkpoint import adapter_root, save_adapter
-from vera_lightning.config import VeraConfig
-from vera_lightning.app.checks import check_run_config
-from vera_lightning.app.data import build_datamodule
 from vera_lightning.inject import count_parameters
-from vera_lightning.app.models import build_model, build_tokenizer, resolve_path
-from vera_lightning.app.module import build_module
 
 __all__ = ["register_configs", "vera_config_from", "train"]
 
 log = logging.getLogger(__name__)
-
-
-def register_configs() -> None:
-    """Register :class:`VeraConfig` as the schema of the ``vera`` group (``vera/schema``).
-
-    ``conf/vera/*.yaml`` start with ``defaults: [schema, _self_]``, so Hydra validates every
-    key and type against the dataclass when the config is composed. Idempotent.
-    """
-    ConfigStore.instance().store(group="vera", name="schema", node=VeraConfig)
-
-
-
-
-def vera_config_from(cfg: DictConfig) -> VeraConfig:
-    """The :class:`VeraConfig` of a composed config's ``vera`` node (validated by ``__post_init__``).
-
-    Keys added with ``+vera.<key>=...`` get past Hydra's schema check, so unknown keys are
-    rejected here too.
-
-    Raises:
-        ValueError: Naming unknown keys, or with :class:`VeraConfig`'s message listing every
-            invalid option.
-    """
-    return VeraConfig.from_dict(OmegaConf.to_container(cfg.vera, resolve=True), source="vera", warn=True)
-
-def _check_task(cfg: DictConfig) -> str:
-    model_task, data_task = cfg.model.task, cfg.data.task
-    if model_task != data_task:
-        raise ValueError(
-            f"model={cfg.model.name} is a {model_task} model but data={cfg.data.name} is a {data_task} task. "
-            + (
-                "Pick classification data (data=demo_sentiment, data=sst2 data.data_dir=DIR, data=table) "
-                if model_task == "classification"
-                else "Pick text data (data=demo_text, or data.format=text with data.data_dir=DIR) "
-            )
-            + "or a model for that task (classification: minilm, roberta_base; causal_lm: tiny_opt, opt125m, "
-            "gpt2, llama)."
-        )
-    return model_task
-
-
-def _check_head_trains(task: str, model: Any, vera_config: VeraConfig) -> None:
-    """A classification head is freshly initialised: refuse to leave it frozen."""
-    if task != "classification" or vera_config.modules_to_save:
-        return
-    heads = [name for name in ("classifier", "score") if hasattr(model, name)] or ["classifier"]
-    raise ValueError(
-        f"vera.modules_to_save={vera_config.modules_to_save!r}: {type(model).__name__} gets a freshly initialised "
-        f"classification head, which would stay random and frozen. Train it with the λ's: "
-        f"model.modules_to_save=[{heads[0]}]"
-    )
-
-
-def _instantiate_dict(node: Any) -> list[Any]:
-    if not node:
-        return []
-    return [hydra.utils.instantiate(value) for value in node.values() if value is not None]
 
 
 def _say(trainer: pl.Trainer, message: str) -> None:
@@ -123,38 +76,41 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         ModelUnavailableError: If a hub model cannot be fetched (offline).
     """
     check_run_config(cfg)  # missing (???) and invalid values, before any work
-    vera_config = vera_config_from(cfg)
     start = time.perf_counter()
     output_dir = Path(cfg.paths.output_dir)
+    vera_config = vera_config_from(cfg)
+    check_task(cfg)
+    ckpt_path = resolve_ckpt_path(cfg)  # checked before any work
     output_dir.mkdir(parents=True, exist_ok=True)
-    task = _check_task(cfg)
-    pl.seed_everything(cfg.seed, workers=True, verbose=False)
 
-    tokenizer = build_tokenizer(cfg.model)
-    model = build_model(cfg.model, tokenizer, num_labels=cfg.data.get("num_labels"))
-    _check_head_trains(task, model, vera_config)
-    datamodule = build_datamodule(OmegaConf.to_container(cfg.data, resolve=True), tokenizer)
-    module = build_module(task, model, cfg.optim, num_labels=cfg.data.get("num_labels"))
+    parts = build_components(cfg)
+    task, model, module, datamodule = parts.task, parts.model, parts.module, parts.datamodule
+    check_head_trains(task, model, vera_config)
 
-    callbacks = [VeraCallback(vera_config), *_instantiate_dict(cfg.get("callbacks"))]
-    loggers = _instantiate_dict(cfg.get("logger"))
+    callbacks = [VeraCallback(vera_config), RngState(), *instantiate_dict(cfg.get("callbacks"))]
+    loggers = instantiate_dict(cfg.get("logger"))
+    resuming = ckpt_path is not None or slurm_checkpoint(output_dir) is not None
+    if resuming:
+        keep_csv_history(loggers)  # Lightning's CSV logger would delete the interrupted run's metrics.csv
+    trackers.log_config(loggers, cfg)
     trainer: pl.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
 
     metric_name = cfg.optimized_metric
     metrics: dict[str, Any] = {}
-    if cfg.get("eval_before", True):
+    if cfg.get("eval_before", True) and not resuming:
         before = _metrics(trainer.validate(module, datamodule=datamodule, verbose=False))
         metrics.update({f"before/{k}": v for k, v in before.items()})
         _say(trainer, f"[vera] before training: {metric_name} = {before.get(metric_name, float('nan')):.4f}")
-    trainer.fit(module, datamodule=datamodule)
+    if ckpt_path is not None:
+        _say(trainer, f"[vera] resuming from {ckpt_path}")
+    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     after = _metrics(trainer.validate(module, datamodule=datamodule, verbose=False))
     metrics.update(after)
     _say(trainer, f"[vera] after training:  {metric_name} = {after.get(metric_name, float('nan')):.4f}")
 
     adapter_dir = output_dir / "adapter"
     if trainer.is_global_zero:
-        base = resolve_path(cfg.model.name_or_path) if cfg.model.get("name_or_path") else cfg.model.name
-        save_adapter(adapter_root(module), adapter_dir, base_model_name_or_path=base)
+        save_adapter(adapter_root(module), adapter_dir, base_model_name_or_path=base_model_id(cfg.model))
     trainable, total = count_parameters(model)
     metrics.update(
         metric=after.get(metric_name, float("nan")),
@@ -167,7 +123,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         wall_time_s=round(time.perf_counter() - start, 2),
     )
     if trainer.is_global_zero:
+        trackers.log_adapter(loggers, adapter_dir, metrics)
         _write_summary(cfg, output_dir, metrics)
+    trackers.close(loggers)
     return metrics
 
 

