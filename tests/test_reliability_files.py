@@ -197,6 +197,36 @@ def test_reader_racing_a_writer_always_reads_one_complete_version(tmp_path):
     assert errors == [] and seen <= {0.5, 0.25}
 
 
+def test_a_save_landing_between_the_readers_two_reads_is_not_a_checksum_mismatch(tmp_path, monkeypatch):
+    """Deterministic version of the race: a writer replaces the adapter right after the reader has read
+    the first part (0.1.0: the header's checksum; now: adapter_config.json) and before the tensors."""
+    import safetensors.torch
+
+    models = [_adapter(0.5), _adapter(0.25)]
+    save_adapter(models[0], tmp_path / "a")
+    fired = []
+
+    def writer_strikes():
+        if not fired:
+            fired.append(True)
+            save_adapter(models[1], tmp_path / "a")
+
+    real_load_file, real_read_one = safetensors.torch.load_file, atomic._read_one
+
+    def load_file(*args, **kwargs):  # how 0.1.0 read the tensors, after reading the header separately
+        writer_strikes()
+        return real_load_file(*args, **kwargs)
+
+    def read_one(dir_fd, name, *args):  # how the reader reads each file now
+        if name == WEIGHTS:
+            writer_strikes()
+        return real_read_one(dir_fd, name, *args)
+
+    monkeypatch.setattr(safetensors.torch, "load_file", load_file)
+    monkeypatch.setattr(atomic, "_read_one", read_one)
+    assert _loaded_value(tmp_path / "a") == 0.25 and fired  # the version published while it was read
+
+
 def test_lock_held_too_long_is_a_clear_timeout(tmp_path):
     (tmp_path / "a").mkdir()
     with atomic.locked(str(tmp_path / "a")):

@@ -115,7 +115,7 @@ class VeraConfig:
             problems.append(f"vera_dropout={self.vera_dropout!r}: must be a number with 0 <= vera_dropout < 1")
         if not _is_number(self.d_initial) or not _finite_f32(self.d_initial):
             problems.append(
-                f"d_initial={self.d_initial!r}: must be a finite number with |d_initial| <= {_F32_MAX:.3g} "
+                f"d_initial={self.d_initial!r}: must be a number, finite, with |d_initial| <= {_F32_MAX:.3g} "
                 "(the λ's are float32; the paper recommends <= 0.1)"
             )
         if not _is_int(self.projection_prng_key) or not -(2**63) <= self.projection_prng_key < 2**64:

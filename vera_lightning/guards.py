@@ -22,7 +22,7 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-__all__ = ["NonFiniteError", "NonFiniteGuard", "nonfinite_names", "file_problems", "warn_dtype_changes",
+__all__ = ["NonFiniteError", "NonFiniteGuard", "all_finite", "nonfinite_names", "file_problems", "warn_dtype_changes",
            "ON_NONFINITE", "META_FORMAT"]
 
 #: Header key marking a file written by vera_lightning (with the checksums of adapter_format).
@@ -40,14 +40,24 @@ def _shown(names: list[str], limit: int = 6) -> str:
     return ", ".join(names[:limit]) + (f", ... ({len(names)} in all)" if len(names) > limit else "")
 
 
+def all_finite(tensor: torch.Tensor) -> bool:
+    """Whether every entry is finite.
+
+    A finite sum proves it (a NaN or an infinity cannot be cancelled by finite values), and a sum
+    is ~100x cheaper than ``isfinite`` on the CPU; only a non-finite sum (NaN/inf, or an overflow
+    of large finite values) needs the element-wise check.
+    """
+    tensor = tensor.detach()
+    return bool(torch.isfinite(tensor.sum())) or bool(torch.isfinite(tensor).all())
+
+
 def nonfinite_names(tensors: Iterable[tuple[str, torch.Tensor]]) -> list[str]:
     """Names of the floating-point tensors holding a NaN or an infinity."""
-    bad = []
-    for name, tensor in tensors:
-        if tensor is not None and tensor.is_floating_point() and tensor.device.type != "meta":
-            if not bool(torch.isfinite(tensor.detach()).all()):
-                bad.append(name)
-    return bad
+    return [
+        name for name, tensor in tensors
+        if tensor is not None and tensor.is_floating_point() and tensor.device.type != "meta"
+        and tensor.numel() and not all_finite(tensor)
+    ]
 
 
 def file_problems(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str], content_key: str,
