@@ -3,9 +3,13 @@
 Every source is read into a list of records (``{"text": ..., "label": ...}``), subsampled
 deterministically (``max_train_samples``/``max_val_samples`` with ``seed``) and tokenised
 with the model's tokenizer; batches are padded dynamically to their longest sequence.
+Sentence pairs (``text_pair_field``) are tokenised as a pair (``[CLS] a [SEP] b [SEP]`` with
+``token_type_ids``) and truncated ``longest_first``, so both sides survive; with
+``problem_type: regression`` the label column holds floats (one output, MSE loss).
 
 * ``format: table``  GLUE-style ``.tsv``/``.csv`` files in ``data_dir`` with a header row
-  (``text_field``, ``label_field``); ``data_dir: null`` is the built-in demo sentiment set.
+  (``text_field``, optional ``text_pair_field``, ``label_field``); ``data_dir: null`` is the
+  built-in demo sentiment set.
 * ``format: text``   one example per line in ``.txt`` files, for causal LM.
 * ``format: hf``     ``datasets.load_dataset(hf_name, hf_subset)`` (needs network and ``datasets``).
 """
@@ -13,6 +17,7 @@ with the model's tokenizer; batches are padded dynamically to their longest sequ
 from __future__ import annotations
 
 import csv
+import math
 import random
 from pathlib import Path
 from typing import Any, Mapping, Optional
@@ -39,30 +44,70 @@ def _data_dir(cfg: Mapping[str, Any]) -> Path:
     return directory
 
 
-def _read_table(path: Path, text_field: str, label_field: Optional[str]) -> list[dict[str, Any]]:
+#: data.<option> -> the record key its column fills.
+COLUMN_OPTIONS = {"text_field": "text", "text_pair_field": "text_pair", "label_field": "label"}
+
+
+def _is_regression(cfg: Mapping[str, Any]) -> bool:
+    return cfg.get("problem_type") == "regression"
+
+
+def _columns(cfg: Mapping[str, Any]) -> dict[str, str]:
+    """``{option: column}`` for the columns a ``data`` config reads (labels only for labelled tasks)."""
+    columns = {"text_field": cfg.get("text_field") or "sentence"}
+    if cfg.get("text_pair_field"):
+        columns["text_pair_field"] = cfg["text_pair_field"]
+    if cfg.get("task") == "classification" and cfg.get("label_field"):
+        columns["label_field"] = cfg["label_field"]
+    return columns
+
+
+def _label(value: Optional[str], regression: bool, where: str, column: str) -> Any:
+    try:
+        label = float(value) if regression else int(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        kind = "a number" if regression else "an integer class id; convert the labels to 0..num_labels-1"
+        raise ValueError(f"{where}: label {value!r} in column {column!r} is not {kind}") from None
+    if regression and not math.isfinite(label):
+        raise ValueError(f"{where}: label {value!r} in column {column!r} is not finite; fix or drop that row")
+    return label
+
+
+def _read_table(path: Path, columns: Mapping[str, str], regression: bool = False) -> list[dict[str, Any]]:
+    """Read a ``.tsv``/``.csv`` file with a header into records.
+
+    Args:
+        path: The file.
+        columns: ``{data option: column name}`` (see :data:`COLUMN_OPTIONS`).
+        regression: Parse labels as floats instead of integer class ids.
+
+    Raises:
+        ValueError: Naming the file, each missing column with its option, and the header.
+    """
     delimiter = "\t" if path.suffix.lower() in (".tsv", ".tab") else ","
     quoting = csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL  # GLUE TSVs contain bare quotes
     with path.open(encoding="utf-8", newline="") as handle:
         reader = csv.DictReader(handle, delimiter=delimiter, quoting=quoting)
         header = reader.fieldnames or []
-        wanted = [f for f in (text_field, label_field) if f]
-        missing = [f for f in wanted if f not in header]
+        missing = {option: column for option, column in columns.items() if column not in header}
         if missing:
             raise ValueError(
-                f"{path}: column(s) {missing} not in the header {header}; set data.text_field / data.label_field "
-                "to the right column names"
+                f"{path}: column(s) {list(missing.values())} not in the header {header}; set "
+                + ", ".join(f"data.{option} (now {column!r})" for option, column in missing.items())
+                + " to the right column names"
             )
         records = []
         for line, row in enumerate(reader, start=2):
-            record: dict[str, Any] = {"text": row[text_field]}
-            if label_field:
-                try:
-                    record["label"] = int(row[label_field])
-                except (TypeError, ValueError):
-                    raise ValueError(
-                        f"{path}:{line}: label {row[label_field]!r} in column {label_field!r} is not an integer "
-                        "class id; convert the labels to 0..num_labels-1"
-                    ) from None
+            record: dict[str, Any] = {}
+            for option, column in columns.items():
+                key = COLUMN_OPTIONS[option]
+                value = row[column]
+                if key == "label":
+                    record[key] = _label(value, regression, f"{path}:{line}", column)
+                elif value is None:
+                    raise ValueError(f"{path}:{line}: the row has no {column!r} field (too few columns)")
+                else:
+                    record[key] = value
             records.append(record)
     return records
 
@@ -76,10 +121,15 @@ def _read_hf(cfg: Mapping[str, Any], split: str) -> list[dict[str, Any]]:
             "`pip install datasets`, or use local files with data.format=table / data.format=text"
         ) from None
     dataset = datasets.load_dataset(cfg["hf_name"], cfg.get("hf_subset"), split=split)
-    label_field = cfg.get("label_field") if cfg.get("task") == "classification" else None
+    columns = _columns(cfg)
+    regression = _is_regression(cfg)
     return [
-        {"text": row[cfg["text_field"]], **({"label": int(row[label_field])} if label_field else {})}
-        for row in dataset
+        {
+            COLUMN_OPTIONS[option]: _label(row[column], regression, f"{cfg['hf_name']}[{i}]", column)
+            if option == "label_field" else row[column]
+            for option, column in columns.items()
+        }
+        for i, row in enumerate(dataset)
     ]
 
 
@@ -101,8 +151,7 @@ def read_split(cfg: Mapping[str, Any], split: str) -> list[dict[str, Any]]:
     if fmt == "text":
         lines = path.read_text(encoding="utf-8").splitlines()
         return [{"text": line} for line in lines if line.strip()]
-    label_field = cfg.get("label_field") if cfg.get("task") == "classification" else None
-    return _read_table(path, cfg.get("text_field", "sentence"), label_field)
+    return _read_table(path, _columns(cfg), regression=_is_regression(cfg))
 
 
 def subsample(records: list, limit: Optional[int], seed: int) -> list:
@@ -144,8 +193,13 @@ class TextDataModule(pl.LightningDataModule):
         self.splits: dict[str, list[dict[str, Any]]] = {}
 
     def _encode(self, records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        # a pair is truncated longest-first: tokens come off the longer side, so both sides survive
+        pairs = [r["text_pair"] for r in records] if records and "text_pair" in records[0] else None
         encoded = self.tokenizer(
-            [r["text"] for r in records], truncation=True, max_length=int(self.cfg.get("max_length", 128))
+            [r["text"] for r in records],
+            pairs,
+            truncation="longest_first",
+            max_length=int(self.cfg.get("max_length", 128)),
         )
         items = []
         for i, record in enumerate(records):
@@ -156,6 +210,13 @@ class TextDataModule(pl.LightningDataModule):
         return items
 
     def _check_labels(self, split: str, records: list[dict[str, Any]]) -> None:
+        if _is_regression(self.cfg):
+            if self.cfg.get("num_labels") not in (None, 1):
+                raise ValueError(
+                    f"data.problem_type='regression' predicts one value but data.num_labels="
+                    f"{self.cfg.get('num_labels')!r}; set data.num_labels=1"
+                )
+            return  # float labels, checked finite when read
         num_labels = int(self.cfg.get("num_labels") or 0)
         bad = sorted({r["label"] for r in records if not 0 <= r["label"] < num_labels})
         if bad:
@@ -182,7 +243,8 @@ class TextDataModule(pl.LightningDataModule):
         features = [{k: v for k, v in item.items() if k != "labels"} for item in items]
         batch = dict(self.tokenizer.pad(features, return_tensors="pt"))
         if labels is not None:
-            batch["labels"] = torch.tensor(labels, dtype=torch.long)
+            dtype = torch.float32 if _is_regression(self.cfg) else torch.long
+            batch["labels"] = torch.tensor(labels, dtype=dtype)
         else:
             lm_labels = batch["input_ids"].clone()
             lm_labels[batch["attention_mask"] == 0] = -100

@@ -22,10 +22,9 @@ import lightning.pytorch as pl
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
-from vera_lightning.callback import VeraCallback
-from vera_lightning.checkpoint import adapter_root, save_adapter
 from vera_lightning.config import VeraConfig
 from vera_lightning.app.data import build_datamodule
+from vera_lightning.app.finetune import check_method, prepare, save_trained
 from vera_lightning.inject import count_parameters
 from vera_lightning.app.models import build_model, build_tokenizer, resolve_path
 from vera_lightning.app.module import build_module
@@ -80,9 +79,9 @@ def _check_task(cfg: DictConfig) -> str:
     return model_task
 
 
-def _check_head_trains(task: str, model: Any, vera_config: VeraConfig) -> None:
+def _check_head_trains(task: str, model: Any, vera_config: VeraConfig, method: str = "vera") -> None:
     """A classification head is freshly initialised: refuse to leave it frozen."""
-    if task != "classification" or vera_config.modules_to_save:
+    if task != "classification" or vera_config.modules_to_save or method == "full":
         return
     heads = [name for name in ("classifier", "score") if hasattr(model, name)] or ["classifier"]
     raise ValueError(
@@ -90,6 +89,15 @@ def _check_head_trains(task: str, model: Any, vera_config: VeraConfig) -> None:
         f"classification head, which would stay random and frozen. Train it with the λ's: "
         f"model.modules_to_save=[{heads[0]}]"
     )
+
+
+def _check_monitored(metric_name: str, logged: list[str]) -> None:
+    """Refuse, before any work, to monitor a metric the run never logs."""
+    if metric_name not in logged:
+        raise ValueError(
+            f"optimized_metric={metric_name!r} is not logged by this task (it logs {logged}); set optimized_metric "
+            "to one of them (and monitor_mode=max|min), or `monitor:`/`monitor_mode:` in the data group"
+        )
 
 
 def _instantiate_dict(node: Any) -> list[Any]:
@@ -133,15 +141,20 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     output_dir.mkdir(parents=True, exist_ok=True)
     vera_config = vera_config_from(cfg)
     task = _check_task(cfg)
+    method = check_method(cfg.get("finetune", "vera"))
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
 
+    data_cfg = OmegaConf.to_container(cfg.data, resolve=True)
     tokenizer = build_tokenizer(cfg.model)
-    model = build_model(cfg.model, tokenizer, num_labels=cfg.data.get("num_labels"))
-    _check_head_trains(task, model, vera_config)
-    datamodule = build_datamodule(OmegaConf.to_container(cfg.data, resolve=True), tokenizer)
-    module = build_module(task, model, cfg.optim, num_labels=cfg.data.get("num_labels"))
+    model = build_model(cfg.model, tokenizer, num_labels=data_cfg.get("num_labels"),
+                        problem_type=data_cfg.get("problem_type"))
+    _check_head_trains(task, model, vera_config, method)
+    datamodule = build_datamodule(data_cfg, tokenizer)
+    module = build_module(task, model, cfg.optim, num_labels=data_cfg.get("num_labels"),
+                          metrics=data_cfg.get("metrics"), problem_type=data_cfg.get("problem_type"))
+    _check_monitored(cfg.optimized_metric, module.metric_names)
 
-    callbacks = [VeraCallback(vera_config), *_instantiate_dict(cfg.get("callbacks"))]
+    callbacks = [*prepare(method, model, vera_config), *_instantiate_dict(cfg.get("callbacks"))]
     loggers = _instantiate_dict(cfg.get("logger"))
     trainer: pl.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
 
@@ -159,11 +172,12 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     adapter_dir = output_dir / "adapter"
     if trainer.is_global_zero:
         base = resolve_path(cfg.model.name_or_path) if cfg.model.get("name_or_path") else cfg.model.name
-        save_adapter(adapter_root(module), adapter_dir, base_model_name_or_path=base)
+        save_trained(method, module, adapter_dir, base_model_name_or_path=base)
     trainable, total = count_parameters(model)
     metrics.update(
         metric=after.get(metric_name, float("nan")),
         metric_name=metric_name,
+        finetune=method,
         trainable_params=trainable,
         total_params=total,
         adapter_dir=str(adapter_dir),
