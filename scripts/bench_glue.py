@@ -125,16 +125,17 @@ def run_one(spec: dict) -> dict:
     torch.set_num_threads(spec["threads"])
     with tempfile.TemporaryDirectory() as work:
         cfg = compose([*spec["overrides"], f"paths.output_dir={work}", *QUIET])
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         if METHODS[spec["method"]][0] == "lora":
             result = train_lora(cfg, r=8)
         else:
             result = train(cfg)
-        wall = time.perf_counter() - start
+        wall, cpu = time.perf_counter() - start, time.process_time() - cpu
     metrics = {k: v for k, v in result.items() if k.startswith("val/")}
     return {"task": spec["task"], "method": spec["method"], "seed": spec["seed"], "metric_name": cfg.optimized_metric,
             "metric": float(result["metric"]), "metrics": metrics, "trainable_params": int(result["trainable_params"]),
             "saved_bytes": int(result["adapter_bytes"]), "steps": int(result["steps"]), "wall_s": round(wall, 1),
+            "cpu_s": round(cpu, 1), "threads": spec["threads"],
             "signature": spec["signature"]}
 
 
@@ -165,7 +166,7 @@ def plan(args) -> tuple[list[dict], list[dict]]:
     runs_file = Path(args.out) / "runs.jsonl"
     recorded = [json.loads(x) for x in runs_file.read_text().splitlines() if x.strip()] if runs_file.exists() else []
     budget = _budget(args)
-    threads = max(1, (os.cpu_count() or 2) // max(1, args.jobs))
+    threads = args.threads or max(1, (os.cpu_count() or 2) // max(1, args.jobs))
     done, todo = [], []
     for task in args.tasks:
         for method in args.methods:
@@ -227,6 +228,7 @@ def main(argv=None) -> None:
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     parser.add_argument("--seeds", nargs="+", type=int, default=None, help="default: 0-2 for VeRA/LoRA, 0 otherwise")
     parser.add_argument("--jobs", type=int, default=2, help="worker processes (threads each = cores / jobs)")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads per run (0: cores / jobs)")
     parser.add_argument("--limit", type=int, default=None, help="run at most this many missing runs now")
     parser.add_argument("--lora-lr", type=float, default=5e-4, help="LoRA's A/B learning rate")
     parser.add_argument("--train-rows", type=int, default=0, help="0: the experiment's per-task budget")

@@ -28,6 +28,7 @@ def cells(records: list[dict]) -> dict[tuple[str, str], dict]:
         out[key] = {"mean": statistics.mean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
                     "seeds": sorted(r["seed"] for r in rs), "trainable": rs[0]["trainable_params"],
                     "saved": rs[0]["saved_bytes"], "wall": statistics.mean(r["wall_s"] for r in rs),
+                    "cpu": statistics.mean(r.get("cpu_s", float("nan")) for r in rs),
                     "metric": rs[0]["metric_name"], "values": values}
     return out
 
@@ -116,10 +117,10 @@ def render(records: list[dict], missing: list[dict], out: Path, command: str) ->
     report = table(records) + "\n" + status(records, missing, command)
     (out / "glue.md").write_text(report)
     with (out / "glue.csv").open("w") as fh:
-        fh.write("task,method,metric,mean,std,seeds,trainable_params,saved_bytes,wall_s\n")
+        fh.write("task,method,metric,mean,std,seeds,trainable_params,saved_bytes,wall_s,cpu_s\n")
         for (task, method), c in sorted(cells(records).items()):
             fh.write(f"{task},{method},{c['metric']},{c['mean']:.4f},{c['std']:.4f},{' '.join(map(str, c['seeds']))},"
-                     f"{c['trainable']},{c['saved']},{c['wall']:.1f}\n")
+                     f"{c['trainable']},{c['saved']},{c['wall']:.1f},{c['cpu']:.1f}\n")
     if records:
         plot(records, out / "glue.png")
     return report

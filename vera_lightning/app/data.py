@@ -16,8 +16,6 @@ Sentence pairs (``text_pair_field``) are tokenised as a pair (``[CLS] a [SEP] b 
 
 from __future__ import annotations
 
-import csv
-import math
 import random
 from pathlib import Path
 from typing import Any, Mapping, Optional
@@ -25,6 +23,15 @@ from typing import Any, Mapping, Optional
 import lightning.pytorch as pl
 import torch
 from torch.utils.data import DataLoader
+
+from vera_lightning.app.tables import (
+    COLUMN_OPTIONS,
+    check_columns,
+    columns_of,
+    is_regression,
+    parse_label,
+    read_table,
+)
 
 __all__ = ["DEMO_DIR", "FORMATS", "read_split", "subsample", "TextDataModule", "build_datamodule"]
 
@@ -44,74 +51,6 @@ def _data_dir(cfg: Mapping[str, Any]) -> Path:
     return directory
 
 
-#: data.<option> -> the record key its column fills.
-COLUMN_OPTIONS = {"text_field": "text", "text_pair_field": "text_pair", "label_field": "label"}
-
-
-def _is_regression(cfg: Mapping[str, Any]) -> bool:
-    return cfg.get("problem_type") == "regression"
-
-
-def _columns(cfg: Mapping[str, Any]) -> dict[str, str]:
-    """``{option: column}`` for the columns a ``data`` config reads (labels only for labelled tasks)."""
-    columns = {"text_field": cfg.get("text_field") or "sentence"}
-    if cfg.get("text_pair_field"):
-        columns["text_pair_field"] = cfg["text_pair_field"]
-    if cfg.get("task") == "classification" and cfg.get("label_field"):
-        columns["label_field"] = cfg["label_field"]
-    return columns
-
-
-def _label(value: Optional[str], regression: bool, where: str, column: str) -> Any:
-    try:
-        label = float(value) if regression else int(value)  # type: ignore[arg-type]
-    except (TypeError, ValueError):
-        kind = "a number" if regression else "an integer class id; convert the labels to 0..num_labels-1"
-        raise ValueError(f"{where}: label {value!r} in column {column!r} is not {kind}") from None
-    if regression and not math.isfinite(label):
-        raise ValueError(f"{where}: label {value!r} in column {column!r} is not finite; fix or drop that row")
-    return label
-
-
-def _read_table(path: Path, columns: Mapping[str, str], regression: bool = False) -> list[dict[str, Any]]:
-    """Read a ``.tsv``/``.csv`` file with a header into records.
-
-    Args:
-        path: The file.
-        columns: ``{data option: column name}`` (see :data:`COLUMN_OPTIONS`).
-        regression: Parse labels as floats instead of integer class ids.
-
-    Raises:
-        ValueError: Naming the file, each missing column with its option, and the header.
-    """
-    delimiter = "\t" if path.suffix.lower() in (".tsv", ".tab") else ","
-    quoting = csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL  # GLUE TSVs contain bare quotes
-    with path.open(encoding="utf-8", newline="") as handle:
-        reader = csv.DictReader(handle, delimiter=delimiter, quoting=quoting)
-        header = reader.fieldnames or []
-        missing = {option: column for option, column in columns.items() if column not in header}
-        if missing:
-            raise ValueError(
-                f"{path}: column(s) {list(missing.values())} not in the header {header}; set "
-                + ", ".join(f"data.{option} (now {column!r})" for option, column in missing.items())
-                + " to the right column names"
-            )
-        records = []
-        for line, row in enumerate(reader, start=2):
-            record: dict[str, Any] = {}
-            for option, column in columns.items():
-                key = COLUMN_OPTIONS[option]
-                value = row[column]
-                if key == "label":
-                    record[key] = _label(value, regression, f"{path}:{line}", column)
-                elif value is None:
-                    raise ValueError(f"{path}:{line}: the row has no {column!r} field (too few columns)")
-                else:
-                    record[key] = value
-            records.append(record)
-    return records
-
-
 def _read_hf(cfg: Mapping[str, Any], split: str) -> list[dict[str, Any]]:
     try:
         import datasets
@@ -121,11 +60,11 @@ def _read_hf(cfg: Mapping[str, Any], split: str) -> list[dict[str, Any]]:
             "`pip install datasets`, or use local files with data.format=table / data.format=text"
         ) from None
     dataset = datasets.load_dataset(cfg["hf_name"], cfg.get("hf_subset"), split=split)
-    columns = _columns(cfg)
-    regression = _is_regression(cfg)
+    columns = columns_of(cfg)
+    regression = is_regression(cfg)
     return [
         {
-            COLUMN_OPTIONS[option]: _label(row[column], regression, f"{cfg['hf_name']}[{i}]", column)
+            COLUMN_OPTIONS[option]: parse_label(row[column], regression, f"{cfg['hf_name']}[{i}]", column)
             if option == "label_field" else row[column]
             for option, column in columns.items()
         }
@@ -151,7 +90,7 @@ def read_split(cfg: Mapping[str, Any], split: str) -> list[dict[str, Any]]:
     if fmt == "text":
         lines = path.read_text(encoding="utf-8").splitlines()
         return [{"text": line} for line in lines if line.strip()]
-    return _read_table(path, _columns(cfg), regression=_is_regression(cfg))
+    return read_table(path, columns_of(cfg), regression=is_regression(cfg))
 
 
 def subsample(records: list, limit: Optional[int], seed: int) -> list:
@@ -210,7 +149,7 @@ class TextDataModule(pl.LightningDataModule):
         return items
 
     def _check_labels(self, split: str, records: list[dict[str, Any]]) -> None:
-        if _is_regression(self.cfg):
+        if is_regression(self.cfg):
             if self.cfg.get("num_labels") not in (None, 1):
                 raise ValueError(
                     f"data.problem_type='regression' predicts one value but data.num_labels="
@@ -243,7 +182,7 @@ class TextDataModule(pl.LightningDataModule):
         features = [{k: v for k, v in item.items() if k != "labels"} for item in items]
         batch = dict(self.tokenizer.pad(features, return_tensors="pt"))
         if labels is not None:
-            dtype = torch.float32 if _is_regression(self.cfg) else torch.long
+            dtype = torch.float32 if is_regression(self.cfg) else torch.long
             batch["labels"] = torch.tensor(labels, dtype=dtype)
         else:
             lm_labels = batch["input_ids"].clone()
@@ -271,5 +210,7 @@ class TextDataModule(pl.LightningDataModule):
 
 
 def build_datamodule(data_cfg: Mapping[str, Any], tokenizer) -> TextDataModule:
-    """The DataModule for a composed ``data`` config (see ``conf/data/``)."""
+    """The DataModule for a composed ``data`` config (see ``conf/data/``); table columns checked now."""
+    if data_cfg.get("format") == "table":
+        check_columns(data_cfg, _data_dir(data_cfg))
     return TextDataModule(data_cfg, tokenizer)

@@ -79,7 +79,7 @@ class VeraTaskModule(pl.LightningModule):
         if problems:
             raise ValueError("Invalid optimiser settings:\n  - " + "\n  - ".join(problems))
         self.model = model
-        self.save_hyperparameters(ignore=["model"])
+        self.save_hyperparameters(ignore=["model", "metrics"])
 
     @override
     def forward(self, **batch: torch.Tensor) -> Any:
