@@ -146,10 +146,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
     data_cfg = OmegaConf.to_container(cfg.data, resolve=True)
     tokenizer = build_tokenizer(cfg.model)
+    datamodule = build_datamodule(data_cfg, tokenizer)  # checks the folder and the columns first
     model = build_model(cfg.model, tokenizer, num_labels=data_cfg.get("num_labels"),
                         problem_type=data_cfg.get("problem_type"))
     _check_head_trains(task, model, vera_config, method)
-    datamodule = build_datamodule(data_cfg, tokenizer)
     module = build_module(task, model, cfg.optim, num_labels=data_cfg.get("num_labels"),
                           metrics=data_cfg.get("metrics"), problem_type=data_cfg.get("problem_type"))
     _check_monitored(cfg.optimized_metric, module.metric_names)
