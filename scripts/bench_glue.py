@@ -143,6 +143,7 @@ def _worker(specs: list[dict], env: dict, runs_file: Path, lock: threading.Lock,
     proc = subprocess.Popen([sys.executable, __file__, "--run-many", json.dumps(specs)], env=env, cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     stderr_lines: list[str] = []
+    finished = 0
     drain = threading.Thread(target=lambda: stderr_lines.extend(proc.stderr), daemon=True)
     drain.start()
     for line in proc.stdout:
@@ -153,12 +154,14 @@ def _worker(specs: list[dict], env: dict, runs_file: Path, lock: threading.Lock,
             with runs_file.open("a") as fh:
                 fh.write(json.dumps(record) + "\n")
             done.append(record)
+        finished += 1
         print(f"[bench_glue] {record['task']} {record['method']} seed={record['seed']}: {record['metric_name']}="
               f"{record['metric']:.4f} ({record['wall_s']} s)", flush=True)
     proc.wait()
     drain.join()
-    if proc.returncode != 0:
-        errors.append(f"worker exited {proc.returncode}:\n{''.join(stderr_lines)[-3000:]}")
+    if proc.returncode != 0 or finished < len(specs):  # a worker stopped by a signal may exit 0
+        errors.append(f"worker exited {proc.returncode} after {finished} of {len(specs)} runs:\n"
+                      f"{''.join(stderr_lines)[-3000:]}")
 
 
 def plan(args) -> tuple[list[dict], list[dict]]:
