@@ -89,7 +89,9 @@ def plot(records: list[dict], path: Path) -> None:
 
     stats = cells(records)
     tasks = [t for t in TASKS if any(k[0] == t for k in stats)]
-    fig, axes = plt.subplots(1, len(tasks), figsize=(3.2 * len(tasks), 3.4), squeeze=False)
+    from matplotlib.ticker import NullFormatter
+
+    fig, axes = plt.subplots(1, len(tasks), figsize=(max(3.2 * len(tasks), 5.0), 3.4), squeeze=False)
     for ax, task in zip(axes[0], tasks):
         for method in METHOD_ORDER:
             cell = stats.get((task, method))
@@ -100,6 +102,8 @@ def plot(records: list[dict], path: Path) -> None:
             ax.annotate(f"{cell['mean']:.1f}", (cell["trainable"], cell["mean"]), textcoords="offset points",
                         xytext=(5, 4), fontsize=7)
         ax.set_xscale("log")
+        ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.margins(x=0.25, y=0.15)
         ax.set_title(f"{TASKS[task][0]} ({TASKS[task][1]})", fontsize=9)
         ax.set_xlabel("trainable parameters", fontsize=8)
         ax.grid(True, which="both", alpha=0.3)
