@@ -59,7 +59,8 @@ def table(records: list[dict]) -> str:
         lines += ["", "VeRA − LoRA (points): " + ", ".join(f"{TASKS[t][0]} {g:+.1f}" for t, g in gaps)
                   + (f"; average {statistics.mean(g for _, g in gaps):+.1f} over {len(gaps)} task(s)")]
         ratios = [lora[t]["trainable"] / vera[t]["trainable"] for t, _ in gaps]
-        lines.append(f"LoRA trains {min(ratios):.1f}–{max(ratios):.1f}× VeRA's parameters (heads included).")
+        span = f"{min(ratios):.1f}" + (f"–{max(ratios):.1f}" if f"{min(ratios):.1f}" != f"{max(ratios):.1f}" else "")
+        lines.append(f"LoRA trains {span}× VeRA's parameters (heads included).")
     return "\n".join(lines) + "\n"
 
 
