@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import os
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import pytest
 

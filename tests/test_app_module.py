@@ -60,10 +60,10 @@ def test_classification_metrics_match_a_hand_count():
     with torch.no_grad():
         module.validation_step(batch, 0)
         preds = module.model(**batch).logits.argmax(-1)
-    assert module.val_acc.compute().item() == pytest.approx((preds == labels).float().mean().item())
+    assert module.val_metrics["acc"].compute().item() == pytest.approx((preds == labels).float().mean().item())
     f1s = []
     for c in (0, 1):
         tp = ((preds == c) & (labels == c)).sum().item()
         denom = (preds == c).sum().item() + (labels == c).sum().item()
         f1s.append(2 * tp / denom if denom else 0.0)
-    assert module.val_f1.compute().item() == pytest.approx(sum(f1s) / 2)
+    assert module.val_metrics["f1"].compute().item() == pytest.approx(sum(f1s) / 2)

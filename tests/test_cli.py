@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 
-from app_helpers import run_script
+from helpers.app import run_script
 from helpers.models import tiny_opt
 from vera_lightning import VeraConfig, apply_vera, save_adapter
 

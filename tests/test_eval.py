@@ -9,7 +9,7 @@ import shutil
 import pytest
 from safetensors import safe_open
 
-from app_helpers import SMOKE, compose_app
+from helpers.app import SMOKE, compose_app
 from vera_lightning.app.build import build_components
 from vera_lightning.app.data import DEMO_DIR, TextDataModule
 from vera_lightning.app.evaluate import evaluate

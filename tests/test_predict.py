@@ -9,7 +9,7 @@ import json
 import pytest
 import torch
 
-from app_helpers import SMOKE, compose_app
+from helpers.app import SMOKE, compose_app
 from vera_lightning import load_adapter, unload_vera
 from vera_lightning.app.build import build_components
 from vera_lightning.app.predict import predict

@@ -3,10 +3,8 @@ any file is written (issue 10, items 6, 8, 12 and the max_steps/max_length/devic
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import pytest
 from hydra import compose, initialize_config_dir

@@ -15,14 +15,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from app_helpers import SMOKE, compose_app, run_script, start_script, wait_for
+from helpers.app import SMOKE, compose_app, run_script, start_script, wait_for
 from vera_lightning.app.resume import resolve_ckpt_path
 from vera_lightning.app.train import train
 
 # 16 lines in batches of 4: 4 steps per epoch, checkpoints (best.ckpt, last.ckpt) after every epoch
 LONG = [*SMOKE, "callbacks=default", "trainer.enable_checkpointing=true", "trainer.max_steps=-1",
         "data.max_train_samples=16"]
-SLOW = ["+callbacks.slow._target_=app_helpers.SlowDown", "+callbacks.slow.seconds=0.4"]
+SLOW = ["+callbacks.slow._target_=helpers.app.SlowDown", "+callbacks.slow.seconds=0.4"]
 
 
 def _lambdas(adapter: Path) -> dict[str, torch.Tensor]:
@@ -40,7 +40,7 @@ def test_epoch_boundary_resume_gives_the_lambdas_of_an_uninterrupted_run(tmp_pat
     assert whole["steps"] == 8
 
     stopped = train(compose_app("train", tmp_path / "cut", *options,
-                                "+callbacks.stop._target_=app_helpers.StopAfterEpoch"))
+                                "+callbacks.stop._target_=helpers.app.StopAfterEpoch"))
     assert stopped["steps"] == 4
     spare = tmp_path / "control" / "checkpoints"
     spare.mkdir(parents=True)
@@ -145,7 +145,7 @@ def test_slurm_launcher_asks_for_sigusr1_and_requeue(tmp_path):
     from hydra.utils import instantiate
     from submitit.slurm.slurm import _make_sbatch_string
 
-    from app_helpers import CONF
+    from helpers.app import CONF
     from vera_lightning.app import register_configs
 
     register_configs()

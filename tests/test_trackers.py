@@ -10,7 +10,7 @@ import json
 import pytest
 import yaml
 
-from app_helpers import SMOKE, compose_app, wandb_records
+from helpers.app import SMOKE, compose_app, wandb_records
 from vera_lightning.app.train import train
 
 pytest.importorskip("mlflow")

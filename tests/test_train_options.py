@@ -9,7 +9,7 @@ import json
 import pytest
 import yaml
 
-from app_helpers import SMOKE, compose_app, run_script
+from helpers.app import SMOKE, compose_app, run_script
 from vera_lightning.app.train import train
 
 EPOCHS = [*SMOKE, "trainer.max_steps=-1", "data.max_train_samples=16"]  # 4 steps per epoch

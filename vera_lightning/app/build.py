@@ -71,13 +71,13 @@ def check_task(cfg: DictConfig) -> str:
     return model_task
 
 
-def check_head_trains(task: str, model: Any, vera_config: VeraConfig) -> None:
+def check_head_trains(task: str, model: Any, vera_config: VeraConfig, method: str = "vera") -> None:
     """A classification head is freshly initialised: refuse to leave it frozen.
 
     Raises:
         ValueError: Naming ``model.modules_to_save`` and the head to put there.
     """
-    if task != "classification" or vera_config.modules_to_save:
+    if task != "classification" or vera_config.modules_to_save or method == "full":
         return
     heads = [name for name in ("classifier", "score") if hasattr(model, name)] or ["classifier"]
     raise ValueError(
@@ -85,6 +85,15 @@ def check_head_trains(task: str, model: Any, vera_config: VeraConfig) -> None:
         f"classification head, which would stay random and frozen. Train it with the λ's: "
         f"model.modules_to_save=[{heads[0]}]"
     )
+
+
+def check_monitored(metric_name: str, logged: list[str]) -> None:
+    """Refuse, before any work, to monitor a metric the run never logs."""
+    if metric_name not in logged:
+        raise ValueError(
+            f"optimized_metric={metric_name!r} is not logged by this task (it logs {logged}); set optimized_metric "
+            "to one of them (and monitor_mode=max|min), or `monitor:`/`monitor_mode:` in the data group"
+        )
 
 
 def instantiate_dict(node: Any) -> list[Any]:
@@ -132,10 +141,12 @@ def build_components(cfg: DictConfig, model_cfg: Optional[Mapping[str, Any]] = N
     """
     task = check_task(cfg)
     model_cfg = model_cfg if model_cfg is not None else cfg.model
-    num_labels = cfg.data.get("num_labels")
+    data_cfg = OmegaConf.to_container(cfg.data, resolve=True)
+    num_labels, problem_type = data_cfg.get("num_labels"), data_cfg.get("problem_type")
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     tokenizer = build_tokenizer(model_cfg)
-    model = build_model(model_cfg, tokenizer, num_labels=num_labels)
-    datamodule = build_datamodule(OmegaConf.to_container(cfg.data, resolve=True), tokenizer)
-    module = build_module(task, model, cfg.get("optim") or {}, num_labels=num_labels)
+    datamodule = build_datamodule(data_cfg, tokenizer)  # checks the folder and the columns first
+    model = build_model(model_cfg, tokenizer, num_labels=num_labels, problem_type=problem_type)
+    module = build_module(task, model, cfg.get("optim") or {}, num_labels=num_labels,
+                          metrics=data_cfg.get("metrics"), problem_type=problem_type)
     return Components(task=task, tokenizer=tokenizer, model=model, datamodule=datamodule, module=module)

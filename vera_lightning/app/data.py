@@ -3,16 +3,19 @@
 Every source is read into a list of records (``{"text": ..., "label": ...}``), subsampled
 deterministically (``max_train_samples``/``max_val_samples`` with ``seed``) and tokenised
 with the model's tokenizer; batches are padded dynamically to their longest sequence.
+Sentence pairs (``text_pair_field``) are tokenised as a pair (``[CLS] a [SEP] b [SEP]`` with
+``token_type_ids``) and truncated ``longest_first``, so both sides survive; with
+``problem_type: regression`` the label column holds floats (one output, MSE loss).
 
 * ``format: table``  GLUE-style ``.tsv``/``.csv`` files in ``data_dir`` with a header row
-  (``text_field``, ``label_field``); ``data_dir: null`` is the built-in demo sentiment set.
+  (``text_field``, optional ``text_pair_field``, ``label_field``); ``data_dir: null`` is the
+  built-in demo sentiment set.
 * ``format: text``   one example per line in ``.txt`` files, for causal LM.
 * ``format: hf``     ``datasets.load_dataset(hf_name, hf_subset)`` (needs network and ``datasets``).
 """
 
 from __future__ import annotations
 
-import csv
 import random
 from pathlib import Path
 from typing import Any, Mapping, Optional
@@ -22,6 +25,14 @@ import torch
 from torch.utils.data import DataLoader
 
 from vera_lightning.app.checks import undecodable_line
+from vera_lightning.app.tables import (
+    COLUMN_OPTIONS,
+    check_columns,
+    columns_of,
+    is_regression,
+    parse_label,
+    read_table,
+)
 
 __all__ = ["DEMO_DIR", "FORMATS", "read_split", "subsample", "TextDataModule", "build_datamodule"]
 
@@ -43,41 +54,6 @@ def _data_dir(cfg: Mapping[str, Any]) -> Path:
     return directory
 
 
-def _read_table(path: Path, text_field: str, label_field: Optional[str]) -> list[dict[str, Any]]:
-    delimiter = "\t" if path.suffix.lower() in (".tsv", ".tab") else ","
-    quoting = csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL  # GLUE TSVs contain bare quotes
-    try:
-        return _read_rows(path, delimiter, quoting, text_field, label_field)
-    except UnicodeDecodeError as err:
-        raise undecodable_line(path, err) from None
-
-
-def _read_rows(path: Path, delimiter: str, quoting: int, text_field: str, label_field: Optional[str]) -> list:
-    with path.open(encoding="utf-8", newline="") as handle:
-        reader = csv.DictReader(handle, delimiter=delimiter, quoting=quoting)
-        header = reader.fieldnames or []
-        wanted = [f for f in (text_field, label_field) if f]
-        missing = [f for f in wanted if f not in header]
-        if missing:
-            raise ValueError(
-                f"{path}: column(s) {missing} not in the header {header}; set data.text_field / data.label_field "
-                "to the right column names"
-            )
-        records = []
-        for line, row in enumerate(reader, start=2):
-            record: dict[str, Any] = {"text": row[text_field]}
-            if label_field:
-                try:
-                    record["label"] = int(row[label_field])
-                except (TypeError, ValueError):
-                    raise ValueError(
-                        f"{path}:{line}: label {row[label_field]!r} in column {label_field!r} is not an integer "
-                        "class id; convert the labels to 0..num_labels-1"
-                    ) from None
-            records.append(record)
-    return records
-
-
 def _read_hf(cfg: Mapping[str, Any], split: str) -> list[dict[str, Any]]:
     try:
         import datasets
@@ -87,10 +63,15 @@ def _read_hf(cfg: Mapping[str, Any], split: str) -> list[dict[str, Any]]:
             "`pip install datasets`, or use local files with data.format=table / data.format=text"
         ) from None
     dataset = datasets.load_dataset(cfg["hf_name"], cfg.get("hf_subset"), split=split)
-    label_field = cfg.get("label_field") if cfg.get("task") == "classification" else None
+    columns = columns_of(cfg)
+    regression = is_regression(cfg)
     return [
-        {"text": row[cfg["text_field"]], **({"label": int(row[label_field])} if label_field else {})}
-        for row in dataset
+        {
+            COLUMN_OPTIONS[option]: parse_label(row[column], regression, f"{cfg['hf_name']}[{i}]", column)
+            if option == "label_field" else row[column]
+            for option, column in columns.items()
+        }
+        for i, row in enumerate(dataset)
     ]
 
 
@@ -115,8 +96,7 @@ def read_split(cfg: Mapping[str, Any], split: str) -> list[dict[str, Any]]:
         except UnicodeDecodeError as err:
             raise undecodable_line(path, err) from None
         return [{"text": line} for line in lines if line.strip()]
-    label_field = cfg.get("label_field") if cfg.get("task") == "classification" else None
-    return _read_table(path, cfg.get("text_field", "sentence"), label_field)
+    return read_table(path, columns_of(cfg), regression=is_regression(cfg))
 
 
 def subsample(records: list, limit: Optional[int], seed: int) -> list:
@@ -160,8 +140,13 @@ class TextDataModule(pl.LightningDataModule):
         self._resume_generator: Optional[torch.Tensor] = None
 
     def _encode(self, records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        # a pair is truncated longest-first: tokens come off the longer side, so both sides survive
+        pairs = [r["text_pair"] for r in records] if records and "text_pair" in records[0] else None
         encoded = self.tokenizer(
-            [r["text"] for r in records], truncation=True, max_length=int(self.cfg.get("max_length", 128))
+            [r["text"] for r in records],
+            pairs,
+            truncation="longest_first",
+            max_length=int(self.cfg.get("max_length", 128)),
         )
         items = []
         for i, record in enumerate(records):
@@ -172,6 +157,13 @@ class TextDataModule(pl.LightningDataModule):
         return items
 
     def _check_labels(self, split: str, records: list[dict[str, Any]]) -> None:
+        if is_regression(self.cfg):
+            if self.cfg.get("num_labels") not in (None, 1):
+                raise ValueError(
+                    f"data.problem_type='regression' predicts one value but data.num_labels="
+                    f"{self.cfg.get('num_labels')!r}; set data.num_labels=1"
+                )
+            return  # float labels, checked finite when read
         num_labels = int(self.cfg.get("num_labels") or 0)
         bad = sorted({r["label"] for r in records if not 0 <= r["label"] < num_labels})
         if bad:
@@ -202,7 +194,8 @@ class TextDataModule(pl.LightningDataModule):
         features = [{k: v for k, v in item.items() if k != "labels"} for item in items]
         batch = dict(self.tokenizer.pad(features, return_tensors="pt"))
         if labels is not None:
-            batch["labels"] = torch.tensor(labels, dtype=torch.long)
+            dtype = torch.float32 if is_regression(self.cfg) else torch.long
+            batch["labels"] = torch.tensor(labels, dtype=dtype)
         else:
             lm_labels = batch["input_ids"].clone()
             lm_labels[batch["attention_mask"] == 0] = -100
@@ -248,5 +241,7 @@ class TextDataModule(pl.LightningDataModule):
 
 
 def build_datamodule(data_cfg: Mapping[str, Any], tokenizer) -> TextDataModule:
-    """The DataModule for a composed ``data`` config (see ``conf/data/``)."""
+    """The DataModule for a composed ``data`` config (see ``conf/data/``); table columns checked now."""
+    if data_cfg.get("format") == "table":
+        check_columns(data_cfg, _data_dir(data_cfg))
     return TextDataModule(data_cfg, tokenizer)

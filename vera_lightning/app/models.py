@@ -20,10 +20,13 @@ from typing import Any, Mapping, Optional
 
 from torch import nn
 
-__all__ = ["TASKS", "ModelUnavailableError", "resolve_path", "build_tokenizer", "build_model"]
+__all__ = ["TASKS", "PROBLEM_TYPES", "ModelUnavailableError", "resolve_path", "build_tokenizer", "build_model"]
 
 #: The tasks a model config may declare, with the ``transformers`` auto class each uses.
 TASKS = {"classification": "AutoModelForSequenceClassification", "causal_lm": "AutoModelForCausalLM"}
+
+#: ``data.problem_type`` values of a classification-head model (``transformers``' names; None: inferred).
+PROBLEM_TYPES = (None, "single_label_classification", "regression")
 
 PKG_PREFIX = "pkg://"
 
@@ -114,13 +117,17 @@ def _auto_class(task: str):
     return getattr(transformers, TASKS[task])
 
 
-def build_model(model_cfg: Mapping[str, Any], tokenizer, num_labels: Optional[int] = None) -> nn.Module:
+def build_model(
+    model_cfg: Mapping[str, Any], tokenizer, num_labels: Optional[int] = None, problem_type: Optional[str] = None
+) -> nn.Module:
     """Build the ``transformers`` model a ``model/`` config describes.
 
     Args:
         model_cfg: The composed ``model`` config: ``task``, and ``name_or_path`` or ``from_config``.
         tokenizer: Its tokenizer (sets ``pad_token_id`` and, for ``from_config``, ``vocab_size``).
-        num_labels: Classes of a classification task (a fresh head is created).
+        num_labels: Classes of a classification task (a fresh head is created); 1 for regression.
+        problem_type: ``"regression"`` (one output, MSE loss) or ``"single_label_classification"``
+            (cross-entropy); ``None`` lets ``transformers`` infer it from ``num_labels``.
 
     Returns:
         The model in training mode (VeRA is injected later, by :class:`VeraCallback`).
@@ -135,9 +142,15 @@ def build_model(model_cfg: Mapping[str, Any], tokenizer, num_labels: Optional[in
     auto = _auto_class(task)
     extra: dict[str, Any] = {}
     if task == "classification":
-        if not num_labels or num_labels < 2:
+        if problem_type not in PROBLEM_TYPES:
+            raise ValueError(f"data.problem_type={problem_type!r}: must be one of {list(PROBLEM_TYPES)}")
+        if problem_type == "regression" and num_labels != 1:
+            raise ValueError(f"num_labels={num_labels!r}: a regression model predicts one value; set data.num_labels=1")
+        if problem_type != "regression" and (not num_labels or num_labels < 2):
             raise ValueError(f"num_labels={num_labels!r}: a classification model needs data.num_labels >= 2")
         extra["num_labels"] = int(num_labels)
+        if problem_type:
+            extra["problem_type"] = problem_type
     from_config = model_cfg.get("from_config")
     name = model_cfg.get("name_or_path")
     if from_config:

@@ -1,4 +1,9 @@
-"""LightningModules around a Hugging Face model: sequence classification and causal LM.
+"""LightningModules around a Hugging Face model: sequence classification/regression and causal LM.
+
+Validation metrics of a sequence task come from the data config (``data.metrics``: ``{name:
+{_target_: torchmetrics class, ...}}``, logged as ``val/<name>``), so a GLUE task names its own
+(Matthews correlation for CoLA, Pearson/Spearman for STS-B); without one, classification logs
+accuracy and macro F1 and regression Pearson and Spearman.
 
 Both optimise with AdamW over the parameters that are trainable when the optimiser is
 built (after :class:`VeraCallback` injected and froze in ``setup``), in two groups:
@@ -15,7 +20,7 @@ from typing import Any, Mapping, Optional
 import lightning.pytorch as pl
 import torch
 from torch import nn
-from torchmetrics import MeanMetric, Metric
+from torchmetrics import MeanMetric, Metric, PearsonCorrCoef, SpearmanCorrCoef
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 
 from vera_lightning.inject import vera_layers
@@ -25,7 +30,16 @@ try:
 except ImportError:  # Python < 3.12
     from typing_extensions import override
 
-__all__ = ["VeraTaskModule", "ClassificationModule", "CausalLMModule", "build_module", "linear_warmup"]
+__all__ = [
+    "VeraTaskModule",
+    "ClassificationModule",
+    "RegressionModule",
+    "CausalLMModule",
+    "default_metrics",
+    "build_metrics",
+    "build_module",
+    "linear_warmup",
+]
 
 
 def linear_warmup(warmup_steps: int, total_steps: int):
@@ -65,7 +79,7 @@ class VeraTaskModule(pl.LightningModule):
         if problems:
             raise ValueError("Invalid optimiser settings:\n  - " + "\n  - ".join(problems))
         self.model = model
-        self.save_hyperparameters(ignore=["model"])
+        self.save_hyperparameters(ignore=["model", "metrics"])
 
     @override
     def forward(self, **batch: torch.Tensor) -> Any:
@@ -111,35 +125,104 @@ class VeraTaskModule(pl.LightningModule):
         return loss
 
 
+def default_metrics(num_labels: int) -> dict[str, Metric]:
+    """Accuracy and macro F1 for ``num_labels`` classes; Pearson and Spearman for regression (1)."""
+    if num_labels == 1:
+        return {"pearson": PearsonCorrCoef(), "spearman": SpearmanCorrCoef()}
+    return {
+        "acc": MulticlassAccuracy(num_classes=num_labels, average="micro"),
+        "f1": MulticlassF1Score(num_classes=num_labels, average="macro"),
+    }
+
+
+def build_metrics(specs: Optional[Mapping[str, Any]]) -> Optional[dict[str, Metric]]:
+    """Instantiate ``data.metrics`` (``{name: {_target_: ..., **kwargs}}``); ``None`` for none given.
+
+    Raises:
+        ValueError: Naming the ``data.metrics.<name>`` entry that fails to build or is not a torchmetrics
+            ``Metric``.
+    """
+    if not specs:
+        return None
+    from hydra.utils import instantiate
+
+    metrics = {}
+    for name, spec in specs.items():
+        try:
+            metric = instantiate(spec)
+        except Exception as error:  # hydra wraps import and argument errors alike
+            raise ValueError(f"data.metrics.{name}={spec!r} could not be built: {error}") from None
+        if not isinstance(metric, Metric):
+            raise ValueError(
+                f"data.metrics.{name}: {type(metric).__name__} is not a torchmetrics Metric; give a _target_ "
+                "such as torchmetrics.classification.BinaryF1Score"
+            )
+        metrics[str(name)] = metric
+    return metrics
+
+
 class ClassificationModule(VeraTaskModule):
-    """Sequence classification: logs ``val/loss``, ``val/acc`` and macro ``val/f1`` (torchmetrics).
+    """Sequence classification: logs ``val/loss`` and ``val/<name>`` per metric (torchmetrics).
+
+    Every metric is updated with the predicted class ids and the labels.
 
     Args:
         model: An ``AutoModelForSequenceClassification`` model.
         num_labels: Number of classes.
+        metrics: ``{name: Metric}``, logged as ``val/<name>`` (the first on the progress bar);
+            ``None``: :func:`default_metrics`.
         **optim: ``lr``, ``head_lr``, ``weight_decay``, ``warmup_ratio`` (see :class:`VeraTaskModule`).
     """
 
-    def __init__(self, model: nn.Module, num_labels: int, **optim: float) -> None:
+    def __init__(
+        self, model: nn.Module, num_labels: int, metrics: Optional[Mapping[str, Metric]] = None, **optim: float
+    ) -> None:
         super().__init__(model, **optim)
-        self.val_acc = MulticlassAccuracy(num_classes=num_labels, average="micro")
-        self.val_f1 = MulticlassF1Score(num_classes=num_labels, average="macro")
+        self.val_metrics = nn.ModuleDict(dict(metrics) if metrics else default_metrics(num_labels))
         self.val_loss = MeanMetric()
+
+    @property
+    def metric_names(self) -> list[str]:
+        """The names this module logs at validation (``optimized_metric`` must be one of them)."""
+        return ["val/loss", *(f"val/{name}" for name in self.val_metrics)]
+
+    def predictions(self, logits: torch.Tensor) -> torch.Tensor:
+        """What the metrics compare with the labels: the class ids."""
+        return logits.argmax(dim=-1)
 
     @override
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         out = self.model(**batch)
-        preds = out.logits.argmax(dim=-1)
-        self.val_acc.update(preds, batch["labels"])
-        self.val_f1.update(preds, batch["labels"])
+        preds = self.predictions(out.logits)
+        for i, (name, metric) in enumerate(self.val_metrics.items()):
+            metric.update(preds, batch["labels"])
+            self.log(f"val/{name}", metric, prog_bar=i == 0)
         self.val_loss.update(out.loss, weight=batch["labels"].numel())
-        self.log("val/acc", self.val_acc, prog_bar=True)
-        self.log("val/f1", self.val_f1)
         self.log("val/loss", self.val_loss)
+
+
+class RegressionModule(ClassificationModule):
+    """Sequence regression (one output, MSE loss: ``problem_type="regression"``); metrics get the scores.
+
+    Args:
+        model: An ``AutoModelForSequenceClassification`` model with ``num_labels=1``.
+        metrics: ``{name: Metric}``; ``None``: Pearson and Spearman correlation.
+        **optim: See :class:`VeraTaskModule`.
+    """
+
+    def __init__(self, model: nn.Module, metrics: Optional[Mapping[str, Metric]] = None, **optim: float) -> None:
+        super().__init__(model, num_labels=1, metrics=metrics, **optim)
+
+    @override
+    def predictions(self, logits: torch.Tensor) -> torch.Tensor:
+        return logits.squeeze(-1).float()
 
 
 class CausalLMModule(VeraTaskModule):
     """Causal language modelling: logs ``val/loss`` (mean token NLL) and ``val/ppl`` = exp(loss)."""
+
+    #: The names this module logs at validation.
+    metric_names = ["val/loss", "val/ppl"]
 
     def __init__(self, model: nn.Module, **optim: float) -> None:
         super().__init__(model, **optim)
@@ -158,11 +241,30 @@ class CausalLMModule(VeraTaskModule):
         self.log("val/ppl", torch.exp(self.val_nll.compute()).clamp(max=math.exp(50)), sync_dist=True)
 
 
-def build_module(task: str, model: nn.Module, optim: Mapping[str, Any], num_labels: Optional[int] = None):
-    """The LightningModule for ``task`` (``"classification"`` or ``"causal_lm"``)."""
+def build_module(
+    task: str,
+    model: nn.Module,
+    optim: Mapping[str, Any],
+    num_labels: Optional[int] = None,
+    metrics: Optional[Mapping[str, Any]] = None,
+    problem_type: Optional[str] = None,
+):
+    """The LightningModule for ``task`` (``"classification"`` or ``"causal_lm"``).
+
+    Args:
+        task: The data config's task.
+        model: The Hugging Face model.
+        optim: ``lr``, ``head_lr``, ``weight_decay``, ``warmup_ratio``.
+        num_labels: Classes (1 with ``problem_type="regression"``).
+        metrics: ``data.metrics`` specs (``{name: {_target_: ...}}``); ``None``: :func:`default_metrics`.
+        problem_type: ``"regression"`` builds a :class:`RegressionModule`.
+    """
     kwargs = {k: float(optim[k]) for k in ("lr", "head_lr", "weight_decay", "warmup_ratio") if k in optim}
     if task == "classification":
-        return ClassificationModule(model, num_labels=int(num_labels), **kwargs)
+        built = build_metrics(metrics)
+        if problem_type == "regression":
+            return RegressionModule(model, metrics=built, **kwargs)
+        return ClassificationModule(model, num_labels=int(num_labels), metrics=built, **kwargs)
     if task == "causal_lm":
         return CausalLMModule(model, **kwargs)
     raise ValueError(f"task={task!r}: must be 'classification' or 'causal_lm'")

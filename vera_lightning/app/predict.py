@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from vera_lightning.app.adapters import attach_adapter, model_config_for, resolve_adapter
 from vera_lightning.app.build import build_components, check_task
-from vera_lightning.app.data import _read_table
+from vera_lightning.app.tables import read_table
 
 __all__ = ["predict", "read_inputs", "generation_kwargs"]
 
@@ -34,7 +34,7 @@ __all__ = ["predict", "read_inputs", "generation_kwargs"]
 def read_inputs(path: Path, text_field: str) -> list[str]:
     """The examples of ``path``: a ``.tsv``/``.csv`` column ``text_field``, else one per non-empty line."""
     if path.suffix.lower() in (".tsv", ".tab", ".csv"):
-        return [record["text"] for record in _read_table(path, text_field, None)]
+        return [record["text"] for record in read_table(path, {"text_field": text_field})]
     return [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 

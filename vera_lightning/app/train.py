@@ -29,15 +29,15 @@ from vera_lightning.app.build import (
     base_model_id,
     build_components,
     check_head_trains,
+    check_monitored,
     check_task,
     instantiate_dict,
     register_configs,
     vera_config_from,
 )
 from vera_lightning.app.checks import check_run_config
+from vera_lightning.app.finetune import check_method, prepare, save_trained
 from vera_lightning.app.resume import RngState, keep_csv_history, resolve_ckpt_path, slurm_checkpoint
-from vera_lightning.callback import VeraCallback
-from vera_lightning.checkpoint import adapter_root, save_adapter
 from vera_lightning.inject import count_parameters
 
 __all__ = ["register_configs", "vera_config_from", "train"]
@@ -80,14 +80,16 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     output_dir = Path(cfg.paths.output_dir)
     vera_config = vera_config_from(cfg)
     check_task(cfg)
+    method = check_method(cfg.get("finetune", "vera"))
     ckpt_path = resolve_ckpt_path(cfg)  # checked before any work
     output_dir.mkdir(parents=True, exist_ok=True)
 
-    parts = build_components(cfg)
+    parts = build_components(cfg)  # the DataModule checks its folder and columns before the model loads
     task, model, module, datamodule = parts.task, parts.model, parts.module, parts.datamodule
-    check_head_trains(task, model, vera_config)
+    check_head_trains(task, model, vera_config, method)
+    check_monitored(cfg.optimized_metric, module.metric_names)
 
-    callbacks = [VeraCallback(vera_config), RngState(), *instantiate_dict(cfg.get("callbacks"))]
+    callbacks = [*prepare(method, model, vera_config), RngState(), *instantiate_dict(cfg.get("callbacks"))]
     loggers = instantiate_dict(cfg.get("logger"))
     resuming = ckpt_path is not None or slurm_checkpoint(output_dir) is not None
     if resuming:
@@ -110,11 +112,12 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
     adapter_dir = output_dir / "adapter"
     if trainer.is_global_zero:
-        save_adapter(adapter_root(module), adapter_dir, base_model_name_or_path=base_model_id(cfg.model))
+        save_trained(method, module, adapter_dir, base_model_name_or_path=base_model_id(cfg.model))
     trainable, total = count_parameters(model)
     metrics.update(
         metric=after.get(metric_name, float("nan")),
         metric_name=metric_name,
+        finetune=method,
         trainable_params=trainable,
         total_params=total,
         adapter_dir=str(adapter_dir),

@@ -16,7 +16,7 @@ from lightning.pytorch.callbacks import Callback
 
 from vera_lightning.app import register_configs
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CONF = ROOT / "conf"
 SCRIPTS = ROOT / "scripts"
 #: quick causal-LM training: tiny random OPT, 16 lines, 4 steps per epoch

@@ -1,0 +1,117 @@
+"""Reading GLUE-style tables: the configured columns (text, optional text pair, label), labels as class ids
+or floats (regression), and one clear error naming the file, the column, the header and the option to set.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+from pathlib import Path
+from typing import Any, Mapping, Optional
+
+__all__ = ["COLUMN_OPTIONS", "is_regression", "columns_of", "parse_label", "check_columns", "read_table"]
+
+#: data.<option> -> the record key its column fills.
+COLUMN_OPTIONS = {"text_field": "text", "text_pair_field": "text_pair", "label_field": "label"}
+
+
+def is_regression(cfg: Mapping[str, Any]) -> bool:
+    return cfg.get("problem_type") == "regression"
+
+
+def columns_of(cfg: Mapping[str, Any]) -> dict[str, str]:
+    """``{option: column}`` for the columns a ``data`` config reads (labels only for labelled tasks)."""
+    columns = {"text_field": cfg.get("text_field") or "sentence"}
+    if cfg.get("text_pair_field"):
+        columns["text_pair_field"] = cfg["text_pair_field"]
+    if cfg.get("task") == "classification" and cfg.get("label_field"):
+        columns["label_field"] = cfg["label_field"]
+    return columns
+
+
+def parse_label(value: Optional[str], regression: bool, where: str, column: str) -> Any:
+    try:
+        label = float(value) if regression else int(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        kind = "a number" if regression else "an integer class id; convert the labels to 0..num_labels-1"
+        raise ValueError(f"{where}: label {value!r} in column {column!r} is not {kind}") from None
+    if regression and not math.isfinite(label):
+        raise ValueError(f"{where}: label {value!r} in column {column!r} is not finite; fix or drop that row")
+    return label
+
+
+def _reader(path: Path, handle) -> csv.DictReader:
+    delimiter = "\t" if path.suffix.lower() in (".tsv", ".tab") else ","
+    quoting = csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL  # GLUE TSVs contain bare quotes
+    return csv.DictReader(handle, delimiter=delimiter, quoting=quoting)
+
+
+def _check_header(path: Path, header: list[str], columns: Mapping[str, str]) -> None:
+    missing = {option: column for option, column in columns.items() if column not in header}
+    if missing:
+        raise ValueError(
+            f"{path}: column(s) {list(missing.values())} not in the header {header}; set "
+            + ", ".join(f"data.{option} (now {column!r})" for option, column in missing.items())
+            + " to the right column names"
+        )
+
+
+def check_columns(cfg: Mapping[str, Any], directory: Path) -> None:
+    """Check from the headers alone that the table files present in ``directory`` hold the configured columns.
+
+    Lets a mistyped ``text_field``/``text_pair_field``/``label_field`` stop a run before any work;
+    a file that is absent is reported when its split is read.
+
+    Raises:
+        ValueError: As :func:`read_table` does for a missing column.
+    """
+    for split in ("train", "val"):
+        path = directory / str(cfg.get(f"{split}_file"))
+        if cfg.get(f"{split}_file") and path.is_file():
+            with path.open(encoding="utf-8", newline="") as handle:
+                _check_header(path, _reader(path, handle).fieldnames or [], columns_of(cfg))
+
+
+def read_table(path: Path, columns: Mapping[str, str], regression: bool = False) -> list[dict[str, Any]]:
+    """Read a ``.tsv``/``.csv`` file with a header into records (see :func:`_read_table`).
+
+    Raises:
+        ValueError: Naming the file, each missing column with its option, and the header; or the
+            file, line and byte of text that is not UTF-8.
+    """
+    from vera_lightning.app.checks import undecodable_line
+
+    try:
+        return _read_table(path, columns, regression)
+    except UnicodeDecodeError as err:
+        raise undecodable_line(path, err) from None
+
+
+def _read_table(path: Path, columns: Mapping[str, str], regression: bool = False) -> list[dict[str, Any]]:
+    """Read a ``.tsv``/``.csv`` file with a header into records.
+
+    Args:
+        path: The file.
+        columns: ``{data option: column name}`` (see :data:`COLUMN_OPTIONS`).
+        regression: Parse labels as floats instead of integer class ids.
+
+    Raises:
+        ValueError: Naming the file, each missing column with its option, and the header.
+    """
+    with path.open(encoding="utf-8", newline="") as handle:
+        reader = _reader(path, handle)
+        _check_header(path, reader.fieldnames or [], columns)
+        records = []
+        for line, row in enumerate(reader, start=2):
+            record: dict[str, Any] = {}
+            for option, column in columns.items():
+                key = COLUMN_OPTIONS[option]
+                value = row[column]
+                if key == "label":
+                    record[key] = parse_label(value, regression, f"{path}:{line}", column)
+                elif value is None:
+                    raise ValueError(f"{path}:{line}: the row has no {column!r} field (too few columns)")
+                else:
+                    record[key] = value
+            records.append(record)
+    return records
