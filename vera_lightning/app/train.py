@@ -26,6 +26,7 @@ from vera_lightning.checkpoint import adapter_root, save_adapter
 from vera_lightning.config import VeraConfig
 from vera_lightning.app.data import build_datamodule
 from vera_lightning.inject import count_parameters
+from vera_lightning.quantize import model_bytes
 from vera_lightning.app.models import build_model, build_tokenizer, resolve_path
 from vera_lightning.app.module import build_module
 
@@ -100,6 +101,10 @@ def _dir_size(directory: Path) -> int:
     return sum(f.stat().st_size for f in directory.rglob("*") if f.is_file())
 
 
+def _size(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB" if n >= 2**20 else f"{n / 1024:.1f} KiB"
+
+
 def _metrics(results: list[dict[str, Any]]) -> dict[str, float]:
     return {k: float(v) for k, v in (results[0] if results else {}).items()}
 
@@ -115,7 +120,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         The final validation metrics (``val/acc``, ``val/f1``, ``val/loss`` or ``val/ppl``), the
         same metrics before training under ``before/...`` (if ``eval_before``), and ``metric``
         (the value of ``optimized_metric``), ``trainable_params``, ``total_params``,
-        ``adapter_bytes``, ``adapter_dir``, ``wall_time_s``.
+        ``adapter_bytes``, ``adapter_dir``, ``model_bytes`` and ``quantized_bytes`` (parameters and
+        buffers in memory, see :func:`vera_lightning.model_bytes`), ``wall_time_s``.
 
     Raises:
         ValueError: For an inconsistent config (the message names the option and the fix).
@@ -154,10 +160,13 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         base = resolve_path(cfg.model.name_or_path) if cfg.model.get("name_or_path") else cfg.model.name
         save_adapter(adapter_root(module), adapter_dir, base_model_name_or_path=base)
     trainable, total = count_parameters(model)
+    memory = model_bytes(model)
     metrics.update(
         metric=after.get(metric_name, float("nan")),
         metric_name=metric_name,
         trainable_params=trainable,
+        model_bytes=memory["total"],
+        quantized_bytes=memory["quantized"],
         total_params=total,
         adapter_dir=str(adapter_dir),
         adapter_bytes=_dir_size(adapter_dir) if adapter_dir.is_dir() else 0,
@@ -186,6 +195,9 @@ def _write_summary(cfg: DictConfig, output_dir: Path, metrics: dict[str, Any]) -
         f"  trainable params  : {metrics['trainable_params']:,} of {metrics['total_params']:,} "
         f"({100.0 * metrics['trainable_params'] / max(metrics['total_params'], 1):.3f}%)",
         f"  adapter size      : {metrics['adapter_bytes'] / 1024:.1f} KiB  ({metrics['adapter_dir']})",
+        f"  model in memory   : {_size(metrics['model_bytes'])}  (quantized weights "
+        f"{_size(metrics['quantized_bytes'])}, model.quantize={cfg.model.get('quantize')}, "
+        f"compute_dtype={cfg.model.get('compute_dtype', 'fp32')})",
         f"  wall time         : {metrics['wall_time_s']:.1f} s",
         "",
     ]
