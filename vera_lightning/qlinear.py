@@ -21,7 +21,6 @@ reference to the frozen weight, never a float copy of it).
 from __future__ import annotations
 
 import logging
-import math
 from typing import Any, Optional
 
 import torch
@@ -35,9 +34,11 @@ __all__ = [
 
 SCHEMES = ("nf4", "int8")
 BACKENDS = ("auto", "torchao", "bitsandbytes")
-#: NF4 block (values sharing one absmax scale), torchao's and QLoRA's default.
-NF4_BLOCK = 64
-_NF4_SCALER_BLOCK = 256  # scales double-quantized in groups of (up to) this many
+#: NF4 block (values sharing one absmax scale) and scale group (scales double-quantized together),
+#: torchao's and QLoRA's defaults; a weight must hold a multiple of both (64 x 256 = 16384 values),
+#: true of every layer whose sizes are multiples of 128. torchao's own ops (clone, deepcopy) assume them.
+NF4_BLOCK, NF4_SCALER_BLOCK = 64, 256
+NF4_MULTIPLE = NF4_BLOCK * NF4_SCALER_BLOCK
 
 
 def _torchao():
@@ -99,18 +100,19 @@ def _check_weight(weight: torch.Tensor, scheme: str, name: str) -> None:
             f"{name}: its weight is on device {weight.device.type!r}; the torchao backend quantizes on 'cpu' or "
             "'cuda'. Move the model there first (model.to('cpu')), or materialise meta weights (load them)."
         )
-    if scheme == "nf4" and weight.numel() % NF4_BLOCK:
+    if scheme == "nf4" and weight.numel() % NF4_MULTIPLE:
         raise ValueError(
-            f"{name}: NF4 quantizes blocks of {NF4_BLOCK} values and this weight has {weight.numel()} "
-            f"({tuple(weight.shape)}), not a multiple; leave it out (skip=[...]) or use scheme='int8'"
+            f"{name}: {tuple(weight.shape)} has {weight.numel()} values, not a multiple of {NF4_MULTIPLE} (NF4 "
+            f"blocks of {NF4_BLOCK} values, scales in groups of {NF4_SCALER_BLOCK}); leave it out (skip=[...]) "
+            "or use scheme='int8'"
         )
 
 
 def quantize_weight(weight: torch.Tensor, scheme: str, name: str = "weight") -> torch.Tensor:
     """A torchao quantized copy of ``weight`` (``out x in``), frozen and detached.
 
-    NF4 uses blocks of 64 with double-quantized scales (groups of 256 scales, fewer when the
-    weight has fewer blocks: a tiny layer keeps one scale group per power-of-two divisor).
+    NF4 uses blocks of 64 values with double-quantized scales (groups of 256), so the weight must
+    hold a multiple of 16384 values; int8 takes any shape.
 
     Raises:
         ValueError / TypeError: For an unknown scheme, a shape NF4 cannot block, a non-float
@@ -121,8 +123,7 @@ def quantize_weight(weight: torch.Tensor, scheme: str, name: str = "weight") -> 
     with torch.no_grad():
         weight = weight.detach().contiguous()
         if scheme == "nf4":
-            n_blocks = weight.numel() // NF4_BLOCK
-            return tq.to_nf4(weight, NF4_BLOCK, math.gcd(n_blocks, _NF4_SCALER_BLOCK))
+            return tq.to_nf4(weight, NF4_BLOCK, NF4_SCALER_BLOCK)
         holder = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device="meta")
         holder.weight = nn.Parameter(weight, requires_grad=False)
         tq.quantize_(holder, tq.Int8WeightOnlyConfig(set_inductor_config=False))

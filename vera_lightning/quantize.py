@@ -33,7 +33,7 @@ from vera_lightning.adapter import find_adapter, vera_layers
 from vera_lightning.inject import _output_heads, in_modules_to_save
 from vera_lightning.layer import Conv1D, VeraLinear
 from vera_lightning.qlinear import (
-    BACKENDS, NF4_BLOCK, SCHEMES, QuantizedLinear, bnb_available, dequantize_weight, is_bnb_module,
+    BACKENDS, NF4_MULTIPLE, SCHEMES, QuantizedLinear, bnb_available, dequantize_weight, is_bnb_module,
     is_quantized_weight, quantize_weight, tensor_bytes, weight_scheme,
 )
 
@@ -88,10 +88,10 @@ def _select(model, scheme, modules, skip) -> tuple[list[tuple[str, nn.Module]], 
                             "unload_vera(model, merge=True) and quantize the merged model as a new base)")
         elif weight.device.type == "meta":
             problems.append(f"{name}: weight on the meta device; load the weights before quantizing")
-        elif scheme == "nf4" and weight.numel() % NF4_BLOCK:
+        elif scheme == "nf4" and weight.numel() % NF4_MULTIPLE:
             (problems if explicit else left_out).append(
-                f"{name}: {tuple(weight.shape)} has {weight.numel()} values, not a multiple of the NF4 block "
-                f"({NF4_BLOCK}); use scheme='int8' for it")
+                f"{name}: {tuple(weight.shape)} has {weight.numel()} values, not a multiple of {NF4_MULTIPLE} "
+                "(NF4 blocks of 64 values, scales in groups of 256); use scheme='int8' for it")
         else:
             selected.append((name, module))
     if left_out:
@@ -133,7 +133,7 @@ def quantize_base(
 
     Example::
 
-        >>> net = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 64))
+        >>> net = torch.nn.Sequential(torch.nn.Linear(128, 128), torch.nn.ReLU(), torch.nn.Linear(128, 128))
         >>> net = quantize_base(net, "nf4")
         >>> [type(m.weight).__name__ for m in (net[0], net[2])]
         ['NF4Tensor', 'NF4Tensor']
