@@ -350,3 +350,47 @@ def test_unsupported_device_is_named():
     weight = torch.randn(64, 64)
     with pytest.raises(ValueError, match="device 'meta'.*'cpu' or 'cuda'"):
         quantize_weight(weight.to("meta"), "int8", "layer")
+
+
+# ---------------------------------------------------------------- bitsandbytes (PEFT's quantized layers)
+def _bitsandbytes_interop(device: str, scheme: str) -> None:
+    """Ours over bitsandbytes layers against PEFT's VeRA over the same layers, with the same λ's."""
+    from conftest import peft_vera, randomize_lambdas_
+
+    def quantized():
+        # train mode (tiny_opt has no dropout): bitsandbytes repacks 4-bit CPU weights for inference at the
+        # first eval-mode forward, after which that layer cannot train
+        return quantize_base(_opt().to(device).train(), scheme, backend="bitsandbytes")
+
+    ours = apply_vera(quantized(), _cfg())
+    theirs = peft_vera(quantized(), r=16, target_modules=TARGETS, init_weights=False)
+    randomize_lambdas_(ours, theirs)
+    assert all(type(layer._foreign_base[0]).__module__.startswith("bitsandbytes") for _, layer in vera_layers(ours))
+    inputs = {k: v.to(device) for k, v in model_inputs("opt").items()}
+    with torch.no_grad():
+        expected = theirs(**inputs).logits
+        got = ours(**inputs).logits
+    assert torch.allclose(got, expected, rtol=1e-4, atol=1e-5), (got - expected).abs().max()
+    assert model_bytes(ours)["quantized"] > 0 and set(quantized_layers(ours).values()) == {scheme}
+    losses = _train(ours, steps=5)
+    assert losses[-1] < losses[0]
+    with pytest.raises(ValueError, match="dequantize_base"):
+        merge_vera(ours)
+    exported = unload_vera(dequantize_base(ours, torch.float32), merge=True)
+    assert not is_quantized(exported)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_bitsandbytes_layers_match_peft_on_cuda(scheme):
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    pytest.importorskip("bitsandbytes")
+    _bitsandbytes_interop("cuda", scheme)
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_bitsandbytes_layers_match_peft_on_cpu(scheme):
+    """Runs where a bitsandbytes build with CPU support is installed (not a dependency: skipped in CI)."""
+    pytest.importorskip("bitsandbytes")
+    _bitsandbytes_interop("cpu", scheme)

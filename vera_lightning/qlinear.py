@@ -130,8 +130,13 @@ def quantize_weight(weight: torch.Tensor, scheme: str, name: str = "weight") -> 
         return holder.weight.data
 
 
-def dequantize_weight(weight: torch.Tensor, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
-    """A plain tensor with the values ``weight`` stands for (``weight`` itself when not quantized)."""
+def dequantize_weight(weight: torch.Tensor, dtype: Optional[torch.dtype] = None,
+                      module: Optional[nn.Module] = None) -> torch.Tensor:
+    """A plain tensor with the values ``weight`` stands for (``weight`` itself when not quantized).
+
+    ``module``: the bitsandbytes ``Linear8bitLt`` holding an ``Int8Params`` weight (its row scales move
+    from the weight to the module's state at the first forward).
+    """
     name = type(weight).__name__
     with torch.no_grad():
         if name == "NF4Tensor":
@@ -145,7 +150,11 @@ def dequantize_weight(weight: torch.Tensor, dtype: Optional[torch.dtype] = None)
         elif name == "Int8Params":
             import bitsandbytes.functional as bf
 
-            plain = bf.int8_vectorwise_dequant(weight.data, weight.SCB)
+            scales = weight.SCB if weight.SCB is not None else getattr(getattr(module, "state", None), "SCB", None)
+            if scales is None:
+                raise ValueError("dequantize_weight: this bitsandbytes int8 weight's scales live on its Linear8bitLt; "
+                                 "pass module=the layer (dequantize_base does)")
+            plain = bf.int8_vectorwise_dequant(weight.data, scales)
         else:
             plain = weight.detach()
     return plain if dtype is None else plain.to(dtype)
@@ -183,9 +192,8 @@ def tensor_bytes(tensor: Optional[torch.Tensor]) -> int:
         if nested is not None:
             inner += [nested.absmax, nested.code]
         return sum(t.numel() * t.element_size() for t in inner if isinstance(t, torch.Tensor))
-    if type(tensor).__name__ == "Int8Params":
-        scb = getattr(tensor, "SCB", None)
-        return tensor.data.numel() * tensor.data.element_size() + (scb.numel() * scb.element_size() if scb is not None else 0)
+    if type(tensor).__name__ == "Int8Params":  # int8 values + one float32 scale per row (on the weight or its layer)
+        return tensor.data.numel() * tensor.data.element_size() + tensor.shape[0] * 4
     flatten = getattr(type(tensor), "__tensor_flatten__", None)
     if flatten is not None and type(tensor) not in (torch.Tensor, nn.Parameter):
         names, _ = tensor.__tensor_flatten__()

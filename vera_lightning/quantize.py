@@ -215,7 +215,8 @@ def dequantize_base(model: nn.Module, dtype: Optional[torch.dtype] = None) -> nn
     """
     for name, module in list(model.named_modules()):
         if isinstance(module, VeraLinear) and module.base_is_quantized:
-            module.weight = nn.Parameter(dequantize_weight(module.weight, dtype), requires_grad=False)
+            foreign = module._foreign_base[0] if module._foreign_base is not None else None
+            module.weight = nn.Parameter(dequantize_weight(module.weight, dtype, foreign), requires_grad=False)
             module._foreign_base = None
             if module.base_type is QuantizedLinear or "bitsandbytes" in module.base_type.__module__:
                 module.base_type = nn.Linear
@@ -224,7 +225,7 @@ def dequantize_base(model: nn.Module, dtype: Optional[torch.dtype] = None) -> nn
             if not is_quantized_weight(module.weight):
                 continue
             plain = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None, device="meta")
-            plain.weight = nn.Parameter(dequantize_weight(module.weight, dtype), requires_grad=False)
+            plain.weight = nn.Parameter(dequantize_weight(module.weight, dtype, module), requires_grad=False)
             plain.bias = module.bias
             _cast_bias(plain, dtype)
             plain.train(module.training)
