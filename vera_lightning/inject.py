@@ -297,6 +297,10 @@ def merge_vera(model: nn.Module, safe_merge: bool = False) -> nn.Module:
 
     With ``safe_merge=True`` every merged weight is checked for NaN/inf before any
     layer is written, so a failure leaves the whole model unchanged.
+
+    Raises:
+        ValueError: Over a quantized base (:func:`~vera_lightning.quantize_base`), before any layer
+            changes: re-rounding W0+ΔW would lose the update; ``dequantize_base`` first.
     """
     layers = list(vera_layers(model))
     _refuse_quantized_merge(layers, "merge_vera")
@@ -329,7 +333,11 @@ def unload_vera(model: nn.Module, merge: bool = True) -> nn.Module:
             the original base weights (``False``).
 
     Returns:
-        The same ``model`` object, free of VeRA modules (its ``requires_grad`` flags are left as they were).
+        The same ``model`` object, free of VeRA modules (its ``requires_grad`` flags are left as they were);
+        quantized layers unload to :class:`~vera_lightning.qlinear.QuantizedLinear` (or their bitsandbytes layer).
+
+    Raises:
+        ValueError: ``merge=True`` over a quantized base, before anything changes (``dequantize_base`` first).
     """
     if merge:
         _refuse_quantized_merge(list(vera_layers(model)), "unload_vera(merge=True)")
