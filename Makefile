@@ -14,7 +14,7 @@ $(STAMP): $(PY) pyproject.toml
 	$(PY) -m pip install --upgrade pip
 	# the pinned CPU build first, so nothing below pulls a multi-GB CUDA torch
 	$(PY) -m pip install "$(TORCH_PIN)"
-	$(PY) -m pip install -e ".[test,offline-model]"
+	$(PY) -m pip install -e ".[test,offline-model,quant]"
 	touch $(STAMP)
 
 setup: $(STAMP)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -30,6 +31,8 @@ METHODS = {
     "vera_r256": ("vera", {"r": 256}),                      # the recipe of experiment/sst2_minilm (λ lr 2e-2)
     "vera_r256_lr1e-2": ("vera", {"r": 256, "lr": 1e-2}),   # the previous recipe, for the record
     "vera_r1024_lr1e-2": ("vera", {"r": 1024, "lr": 1e-2}),
+    "vera_r256_nf4": ("vera", {"r": 256, "quantize": "nf4"}),   # the same recipe over an NF4 base (QVeRA)
+    "vera_r256_int8": ("vera", {"r": 256, "quantize": "int8"}),  # ... over an int8 weight-only base
     "lora_r8": ("lora", {"r": 8, "lr": 5e-4}),
     "full": ("full", {"lr": 5e-5}),
 }
@@ -57,7 +60,7 @@ def run_one(spec: dict) -> dict:
     from hydra.utils import instantiate
     from safetensors.torch import save_file
 
-    from vera_lightning import VeraCallback, count_parameters, save_adapter
+    from vera_lightning import VeraCallback, count_parameters, model_bytes, save_adapter
     from vera_lightning.app import vera_config_from
     from vera_lightning.app.data import build_datamodule
     from vera_lightning.app.models import build_model, build_tokenizer
@@ -71,6 +74,8 @@ def run_one(spec: dict) -> dict:
                  "trainer.enable_checkpointing=false", *spec["overrides"]]
     if kind == "vera":
         overrides.append(f"vera.r={options['r']}")
+    if options.get("quantize"):
+        overrides.append(f"model.quantize={options['quantize']}")
     cfg = compose(overrides)
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     tokenizer = build_tokenizer(cfg.model)
@@ -126,7 +131,9 @@ def run_one(spec: dict) -> dict:
     return {"method": spec["method"], "seed": spec["seed"], "acc": float(metrics["val/acc"]),
             "f1": float(metrics["val/f1"]), "trainable_params": trainable, "total_params": total,
             "saved_bytes": size, "train_s": round(train_s, 1), "steps": trainer.global_step,
-            "budget": spec["budget"], "lr": lr, "head_lr": float(cfg.optim.head_lr)}
+            "budget": spec["budget"], "lr": lr, "head_lr": float(cfg.optim.head_lr),
+            "model_bytes": model_bytes(model)["total"],
+            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
 
 
 def _budget(args) -> dict:
@@ -243,7 +250,8 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data-dir", default="../shared/data/sst2", help="folder with train.tsv and dev.tsv")
     parser.add_argument("--out", default="benchmarks/quality", help="where runs.jsonl, quality.md/.csv/.png go")
-    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument("--methods", nargs="+", choices=list(METHODS),
+                        default=[m for m, (_, options) in METHODS.items() if "quantize" not in options])
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--train-rows", type=int, default=8000, help="training examples (the budget)")
     parser.add_argument("--dev-rows", type=int, default=0, help="0: the whole dev split (872)")

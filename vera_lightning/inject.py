@@ -13,6 +13,7 @@ from torch import nn
 from vera_lightning.adapter import ADAPTER_ATTR, DEFAULT_ADAPTER, VeraAdapter, locate_adapter, vera_layers
 from vera_lightning.config import BiasMode, VeraConfig
 from vera_lightning.layer import VeraLinear, is_conv1d, layer_shape
+from vera_lightning.qlinear import is_quantized_weight, merge_refusal
 from vera_lightning.states import check_projection_memory, check_untied
 from vera_lightning.targets import modules_to_save_of, resolve_target_names
 
@@ -107,6 +108,7 @@ def apply_vera(model: nn.Module, config: VeraConfig, adapter_name: str = DEFAULT
     if hasattr(model, ADAPTER_ATTR):
         raise ValueError(f"{type(model).__name__} already has an attribute {ADAPTER_ATTR!r}; rename it")
     names = resolve_target_names(model, config)
+    _refuse_quantized_modules_to_save(model, config)
     modules = {name: model.get_submodule(name) for name in names}
     if any(isinstance(m, VeraLinear) for m in modules.values()):
         raise ValueError("model holds VeraLinear layers but no vera_projections; it was not adapted by apply_vera")
@@ -144,13 +146,36 @@ def _fan_in_fan_out(name: str, layer: nn.Module, config: VeraConfig) -> bool:
     return conv1d
 
 
+def _refuse_quantized_modules_to_save(model: nn.Module, config: VeraConfig) -> None:
+    """``modules_to_save`` train in full: refuse one whose weights were quantized (before anything changes)."""
+    bad = [name for name, module in modules_to_save_of(model, config.modules_to_save)
+           if any(is_quantized_weight(p) for p in module.parameters())]
+    if bad:
+        raise ValueError(
+            f"VeraConfig.modules_to_save={config.modules_to_save!r} trains {bad} in full, but their weights are "
+            "quantized (frozen); pass them to quantize_base(..., skip=[...]) or quantize after apply_vera, "
+            "which leaves modules_to_save in full precision"
+        )
+
+
+def _refuse_quantized_merge(layers: list[tuple[str, VeraLinear]], what: str) -> None:
+    for name, layer in layers:
+        if layer.base_is_quantized and not layer.merged:
+            raise merge_refusal(f"{what} ({name})", layer.weight)
+
+
 def merge_vera(model: nn.Module, safe_merge: bool = False) -> nn.Module:
     """Fold every VeRA update into its base weight (idempotent). Returns ``model``.
 
     With ``safe_merge=True`` every merged weight is checked for NaN/inf before any
     layer is written, so a failure leaves the whole model unchanged.
+
+    Raises:
+        ValueError: Over a quantized base (:func:`~vera_lightning.quantize_base`), before any layer
+            changes: re-rounding W0+ΔW would lose the update; ``dequantize_base`` first.
     """
     layers = list(vera_layers(model))
+    _refuse_quantized_merge(layers, "merge_vera")
     check_untied(model, layers, "merge_vera")
     if safe_merge:
         with torch.no_grad():
@@ -181,10 +206,15 @@ def unload_vera(model: nn.Module, merge: bool = True) -> nn.Module:
             the original base weights (``False``).
 
     Returns:
-        The same ``model`` object, free of VeRA modules (its ``requires_grad`` flags are left as they were).
+        The same ``model`` object, free of VeRA modules (its ``requires_grad`` flags are left as they were);
+        quantized layers unload to :class:`~vera_lightning.qlinear.QuantizedLinear` (or their bitsandbytes layer).
+
+    Raises:
+        ValueError: ``merge=True`` over a quantized base, before anything changes (``dequantize_base`` first).
     """
     layers = list(vera_layers(model))
     if merge:
+        _refuse_quantized_merge(layers, "unload_vera(merge=True)")
         check_untied(model, layers, "unload_vera(merge=True)")
     for name, layer in layers:
         _set_submodule(model, name, layer.to_base(merge=merge))

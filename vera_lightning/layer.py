@@ -25,6 +25,10 @@ from torch import nn
 from vera_lightning.paths import VeraPath, vera_update
 from vera_lightning.states import is_meta, materialised
 
+from vera_lightning.qlinear import (
+    is_bnb_module, is_quantized_weight, merge_refusal, quantized_base_forward, quantized_to_base,
+)
+
 if TYPE_CHECKING:  # pragma: no cover
     from vera_lightning.adapter import VeraAdapter
 
@@ -116,6 +120,8 @@ class VeraLinear(nn.Module):
         self.r = adapter.r
         self.weight = base.weight
         self.bias = base.bias
+        # a bitsandbytes base is kept and called for W0 x (its quantization state lives on the module)
+        self._foreign_base = (base,) if is_bnb_module(base) else None
         self._adapter = (adapter,)  # a tuple: a reference, not a submodule (one state-dict entry)
         self.vera_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         factory = {"device": base.weight.device}
@@ -175,9 +181,16 @@ class VeraLinear(nn.Module):
             f"bias={self.bias is not None}, fan_in_fan_out={self.fan_in_fan_out}, merged={self.merged}"
         )
 
+    @property
+    def base_is_quantized(self) -> bool:
+        """Whether ``weight`` is quantized (NF4/int8; see :mod:`vera_lightning.quantize`): no merged forms."""
+        return is_quantized_weight(self.weight)
+
     # ------------------------------------------------------------------ compute
     def base_forward(self, x: torch.Tensor) -> torch.Tensor:
         """The frozen layer alone (``W0 x + b``), as the original module computes it."""
+        if self.base_is_quantized:
+            return quantized_base_forward(self, x)
         if self.fan_in_fan_out:
             if self.bias is None:
                 return x @ self.weight
@@ -223,6 +236,8 @@ class VeraLinear(nn.Module):
         """
         if self.merged:
             return
+        if self.base_is_quantized:
+            raise merge_refusal("merge", self.weight)
         delta = self.delta_weight()
         if safe_merge:
             merged = self.weight + delta
@@ -252,6 +267,8 @@ class VeraLinear(nn.Module):
             merge: Fold the VeRA update into the weight first; otherwise return the
                 original (unmerged) weights.
         """
+        if self.base_is_quantized:  # a QuantizedLinear (or the bitsandbytes layer); merging is refused
+            return quantized_to_base(self, merge)
         if merge:
             self.merge()
         else:

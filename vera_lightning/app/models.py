@@ -18,9 +18,11 @@ import importlib
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
+import torch
 from torch import nn
 
-__all__ = ["TASKS", "PROBLEM_TYPES", "ModelUnavailableError", "resolve_path", "build_tokenizer", "build_model"]
+__all__ = ["TASKS", "PROBLEM_TYPES", "ModelUnavailableError", "resolve_path", "build_tokenizer", "build_model",
+           "apply_precision"]
 
 #: The tasks a model config may declare, with the ``transformers`` auto class each uses.
 TASKS = {"classification": "AutoModelForSequenceClassification", "causal_lm": "AutoModelForCausalLM"}
@@ -140,6 +142,7 @@ def build_model(
 
     task = model_cfg.get("task")
     auto = _auto_class(task)
+    precision_settings(model_cfg)  # a bad value fails before the (slow) load
     extra: dict[str, Any] = {}
     if task == "classification":
         if problem_type not in PROBLEM_TYPES:
@@ -172,5 +175,46 @@ def build_model(
             model.config.pad_token_id = tokenizer.pad_token_id
     else:
         raise ValueError("model config sets neither name_or_path nor from_config; set one (see conf/model/)")
+    model = apply_precision(model, model_cfg)
     model.train()
+    return model
+
+
+#: ``model.compute_dtype`` values and the dtype each casts the model to.
+COMPUTE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def precision_settings(model_cfg: Mapping[str, Any]) -> tuple[torch.dtype, Optional[str]]:
+    """``(compute dtype, quantization scheme or None)`` of a ``model`` config, validated.
+
+    Raises:
+        ValueError: For a value other than those listed (naming the option and the choices).
+    """
+    from vera_lightning.qlinear import SCHEMES
+
+    dtype_name = model_cfg.get("compute_dtype") or "fp32"
+    scheme = model_cfg.get("quantize")
+    problems = []
+    if dtype_name not in COMPUTE_DTYPES:
+        problems.append(f"model.compute_dtype={dtype_name!r}: use one of {sorted(COMPUTE_DTYPES)}")
+    if scheme is not None and scheme not in SCHEMES:
+        problems.append(f"model.quantize={scheme!r}: use one of {list(SCHEMES)} or null (no quantization)")
+    if problems:
+        raise ValueError("Invalid model precision settings:\n  - " + "\n  - ".join(problems))
+    return COMPUTE_DTYPES[dtype_name], scheme
+
+
+def apply_precision(model: nn.Module, model_cfg: Mapping[str, Any]) -> nn.Module:
+    """Cast ``model`` to ``model.compute_dtype`` and quantize its frozen linears (``model.quantize``).
+
+    ``quantize`` (``nf4``, ``int8`` or null) runs :func:`vera_lightning.quantize_base` before VeRA is
+    injected, leaving the config's ``modules_to_save`` (trained in full) in full precision.
+    """
+    from vera_lightning.quantize import quantize_base
+
+    dtype, scheme = precision_settings(model_cfg)
+    if dtype != torch.float32:
+        model = model.to(dtype)
+    if scheme is not None:
+        quantize_base(model, scheme, skip=list(model_cfg.get("modules_to_save") or []))
     return model

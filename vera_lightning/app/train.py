@@ -39,6 +39,7 @@ from vera_lightning.app.checks import check_run_config
 from vera_lightning.app.finetune import check_method, prepare, save_trained
 from vera_lightning.app.resume import RngState, keep_csv_history, resolve_ckpt_path, slurm_checkpoint
 from vera_lightning.inject import count_parameters
+from vera_lightning.quantize import model_bytes
 
 __all__ = ["register_configs", "vera_config_from", "train"]
 
@@ -52,6 +53,10 @@ def _say(trainer: pl.Trainer, message: str) -> None:
 
 def _dir_size(directory: Path) -> int:
     return sum(f.stat().st_size for f in directory.rglob("*") if f.is_file())
+
+
+def _size(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB" if n >= 2**20 else f"{n / 1024:.1f} KiB"
 
 
 def _metrics(results: list[dict[str, Any]]) -> dict[str, float]:
@@ -69,7 +74,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         The final validation metrics (``val/acc``, ``val/f1``, ``val/loss`` or ``val/ppl``), the
         same metrics before training under ``before/...`` (if ``eval_before``), and ``metric``
         (the value of ``optimized_metric``), ``trainable_params``, ``total_params``,
-        ``adapter_bytes``, ``adapter_dir``, ``wall_time_s``.
+        ``adapter_bytes``, ``adapter_dir``, ``model_bytes`` and ``quantized_bytes`` (parameters and
+        buffers in memory, see :func:`vera_lightning.model_bytes`), ``wall_time_s``.
 
     Raises:
         ValueError: For an inconsistent config (the message names the option and the fix).
@@ -114,11 +120,14 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     if trainer.is_global_zero:
         save_trained(method, module, adapter_dir, base_model_name_or_path=base_model_id(cfg.model))
     trainable, total = count_parameters(model)
+    memory = model_bytes(model)
     metrics.update(
         metric=after.get(metric_name, float("nan")),
         metric_name=metric_name,
         finetune=method,
         trainable_params=trainable,
+        model_bytes=memory["total"],
+        quantized_bytes=memory["quantized"],
         total_params=total,
         adapter_dir=str(adapter_dir),
         adapter_bytes=_dir_size(adapter_dir) if adapter_dir.is_dir() else 0,
@@ -149,6 +158,9 @@ def _write_summary(cfg: DictConfig, output_dir: Path, metrics: dict[str, Any]) -
         f"  trainable params  : {metrics['trainable_params']:,} of {metrics['total_params']:,} "
         f"({100.0 * metrics['trainable_params'] / max(metrics['total_params'], 1):.3f}%)",
         f"  adapter size      : {metrics['adapter_bytes'] / 1024:.1f} KiB  ({metrics['adapter_dir']})",
+        f"  model in memory   : {_size(metrics['model_bytes'])}  (quantized weights "
+        f"{_size(metrics['quantized_bytes'])}, model.quantize={cfg.model.get('quantize')}, "
+        f"compute_dtype={cfg.model.get('compute_dtype', 'fp32')})",
         f"  wall time         : {metrics['wall_time_s']:.1f} s",
         "",
     ]

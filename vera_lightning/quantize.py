@@ -1,0 +1,273 @@
+"""Train VeRA over a quantized frozen base: ``quantize_base``, ``dequantize_base``, byte counts.
+
+With VeRA the trainable part is kilobytes; the frozen base is practically all of the memory.
+:func:`quantize_base` stores the base's linear weights in 4-bit NF4 (QLoRA's format) or 8-bit
+(int8 weight-only, one scale per output row); the λ's train over them as over a float base
+(see :mod:`vera_lightning.qlinear` for the backends and the backward).
+
+What is quantized: every ``nn.Linear`` (adapted or not) except a model's output head (in most
+LMs it is tied to the input embedding, which stays as it is), weights shared with another module,
+the adapter's ``modules_to_save`` and the names in ``skip``; embeddings, norms and biases stay in
+their dtype. Or exactly the layers named in ``modules``.
+
+Orders (docs/quantization.md):
+
+* ``apply_vera`` then ``quantize_base``: allowed; the λ's and projections are untouched and
+  ``modules_to_save`` are left in full precision automatically.
+* ``quantize_base`` then ``apply_vera`` (or ``load_adapter``): allowed; pass the heads you will
+  train as ``skip=[...]`` (``apply_vera`` refuses a quantized module in ``modules_to_save``).
+* after ``merge_vera``: refused (the update would be quantized into the base); ``unmerge_vera`` first.
+* ``merge_vera``/``unload_vera(merge=True)`` over a quantized base: refused with the fix,
+  :func:`dequantize_base` first (then the export is a float model).
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Optional, Sequence
+
+import torch
+from torch import nn
+
+from vera_lightning.adapter import find_adapter, vera_layers
+from vera_lightning.targets import _output_heads, in_modules_to_save
+from vera_lightning.layer import Conv1D, VeraLinear
+from vera_lightning.qlinear import (
+    BACKENDS, NF4_MULTIPLE, SCHEMES, QuantizedLinear, bnb_available, dequantize_weight, is_bnb_module,
+    is_quantized_weight, quantize_weight, tensor_bytes, weight_scheme,
+)
+
+__all__ = ["quantize_base", "dequantize_base", "is_quantized", "quantized_layers", "model_bytes"]
+
+
+def _tied_weights(model: nn.Module) -> set[int]:
+    owners: dict[int, set[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        owners.setdefault(id(param), set()).add(name.rpartition(".")[0])
+    return {pid for pid, mods in owners.items() if len(mods) > 1}
+
+
+def _linears(model: nn.Module):
+    for name, module in model.named_modules():
+        if name and (isinstance(module, (nn.Linear, VeraLinear)) or (Conv1D is not None and isinstance(module, Conv1D))):
+            yield name, module
+
+
+def _select(model, scheme, modules, skip) -> tuple[list[tuple[str, nn.Module]], list[str]]:
+    """The layers to quantize, and the problems (each naming the layer and the fix)."""
+    problems: list[str] = []
+    candidates = list(_linears(model))
+    if modules is not None:
+        chosen = [(n, m) for n, m in candidates if n in modules or any(n.endswith("." + t) for t in modules)]
+        missing = [t for t in modules if not any(n == t or n.endswith("." + t) for n, _ in chosen)]
+        if missing:
+            problems.append(f"modules={list(modules)}: {missing} match no linear layer of {type(model).__name__} "
+                            f"(candidates: {sorted({n.rsplit('.', 1)[-1] for n, _ in candidates})})")
+        explicit = True
+    else:
+        adapter = find_adapter(model)
+        keep = list(skip or []) + list((adapter.config.modules_to_save if adapter is not None else None) or [])
+        heads, tied = _output_heads(model), _tied_weights(model)
+        chosen = [(n, m) for n, m in candidates
+                  if id(m) not in heads and id(m.weight) not in tied and not in_modules_to_save(n, keep)]
+        explicit = False
+    selected, left_out = [], []
+    for name, module in chosen:
+        weight = module.weight
+        current = weight_scheme(weight)
+        if Conv1D is not None and (isinstance(module, Conv1D) or getattr(module, "fan_in_fan_out", False)):
+            (problems if explicit else left_out).append(
+                f"{name}: transformers Conv1D (weight stored in x out, GPT-2 style) is not supported by quantize_base")
+        elif current == scheme:
+            continue  # already quantized this way: idempotent
+        elif current is not None:
+            problems.append(f"{name}: already quantized as {current}; call dequantize_base(model) before "
+                            f"quantizing as {scheme}")
+        elif isinstance(module, VeraLinear) and module.merged:
+            problems.append(f"{name}: its VeRA update is merged into the weight; unmerge_vera(model) first (or "
+                            "unload_vera(model, merge=True) and quantize the merged model as a new base)")
+        elif weight.device.type == "meta":
+            problems.append(f"{name}: weight on the meta device; load the weights before quantizing")
+        elif scheme == "nf4" and weight.numel() % NF4_MULTIPLE:
+            (problems if explicit else left_out).append(
+                f"{name}: {tuple(weight.shape)} has {weight.numel()} values, not a multiple of {NF4_MULTIPLE} "
+                "(NF4 blocks of 64 values, scales in groups of 256); use scheme='int8' for it")
+        else:
+            selected.append((name, module))
+    if left_out:
+        warnings.warn("quantize_base leaves these layers in full precision:\n  - " + "\n  - ".join(left_out)
+                      + "\n(name them in skip=[...] to silence this)", UserWarning, stacklevel=3)
+    return selected, problems
+
+
+def quantize_base(
+    model: nn.Module,
+    scheme: str = "nf4",
+    *,
+    backend: str = "auto",
+    skip: Optional[Sequence[str]] = None,
+    modules: Optional[Sequence[str]] = None,
+) -> nn.Module:
+    """Quantize the frozen linear weights of ``model`` in place (before or after ``apply_vera``).
+
+    Args:
+        model: Any ``nn.Module``; plain or adapted by :func:`~vera_lightning.apply_vera`.
+        scheme: ``"nf4"`` (4-bit NormalFloat, blocks of 64, double-quantized scales) or
+            ``"int8"`` (weight-only, symmetric, one scale per output row).
+        backend: ``"auto"`` (= ``"torchao"``), ``"torchao"`` (CPU/CUDA) or ``"bitsandbytes"``
+            (its ``Linear4bit``/``Linear8bitLt`` layers; CUDA, or CPU where its build supports it).
+        skip: Names (or name suffixes) of layers to leave in full precision, e.g. the heads you
+            will train in ``modules_to_save``.
+        modules: Quantize exactly these layers instead of the default selection.
+
+    Returns:
+        ``model``. Quantized weights are frozen (``requires_grad=False``); plain ``nn.Linear``
+        layers become :class:`~vera_lightning.qlinear.QuantizedLinear` (same state-dict keys).
+        Quantizing again with the same scheme is a no-op.
+
+    Raises:
+        ValueError: Unknown scheme/backend, a layer already quantized otherwise, a merged
+            adapter, a weight NF4 cannot block or on an unsupported device (every problem
+            listed once, before any layer is changed).
+        TypeError: A module named in ``modules`` that is not a linear layer.
+
+    Example::
+
+        >>> net = torch.nn.Sequential(torch.nn.Linear(128, 128), torch.nn.ReLU(), torch.nn.Linear(128, 128))
+        >>> net = quantize_base(net, "nf4")
+        >>> [type(m.weight).__name__ for m in (net[0], net[2])]
+        ['NF4Tensor', 'NF4Tensor']
+    """
+    if scheme not in SCHEMES:
+        raise ValueError(f"quantize_base(scheme={scheme!r}): use one of {SCHEMES}")
+    if backend not in BACKENDS:
+        raise ValueError(f"quantize_base(backend={backend!r}): use one of {BACKENDS}")
+    if backend == "bitsandbytes" and not bnb_available():
+        raise ValueError("quantize_base(backend='bitsandbytes') needs bitsandbytes (pip install bitsandbytes, on a "
+                         "CUDA machine); backend='torchao' (the default) works on CPU and CUDA")
+    if isinstance(modules, str) or isinstance(skip, str):
+        raise TypeError("quantize_base: modules and skip are lists of layer names, e.g. skip=['classifier']")
+    if modules is not None:
+        named = dict(model.named_modules())
+        wrong = [n for n in modules if n in named and not isinstance(named[n], (nn.Linear, VeraLinear))
+                 and not (Conv1D is not None and isinstance(named[n], Conv1D))]
+        if wrong:
+            raise TypeError(f"quantize_base(modules=...): {[(n, type(named[n]).__name__) for n in wrong]} are not "
+                            "linear layers; only nn.Linear (and VeraLinear over one) weights are quantized, "
+                            "embeddings and norms stay as they are")
+    selected, problems = _select(model, scheme, modules, skip)
+    if problems:
+        raise ValueError(f"quantize_base(scheme={scheme!r}) refused, nothing was changed:\n  - " + "\n  - ".join(problems))
+    if not selected and not quantized_layers(model):
+        raise ValueError(f"quantize_base(scheme={scheme!r}): no layer of {type(model).__name__} can be quantized "
+                         "(see the warning above for the ones left out, or name them in modules=[...])")
+    for name, module in selected:
+        _quantize_layer(model, name, module, scheme, "torchao" if backend == "auto" else backend)
+    return model
+
+
+def _bnb_layer(weight: torch.Tensor, bias: Optional[nn.Parameter], scheme: str) -> nn.Module:
+    import bitsandbytes as bnb
+
+    out_features, in_features = weight.shape
+    data = weight.detach().clone()
+    if scheme == "nf4":
+        layer = bnb.nn.Linear4bit(in_features, out_features, bias=False, compute_dtype=weight.dtype, quant_type="nf4")
+        layer.weight = bnb.nn.Params4bit(data, requires_grad=False, quant_type="nf4")
+    else:
+        layer = bnb.nn.Linear8bitLt(in_features, out_features, bias=False, has_fp16_weights=False)
+        layer.weight = bnb.nn.Int8Params(data, requires_grad=False, has_fp16_weights=False)
+    layer = layer.to(weight.device)  # bitsandbytes quantizes when the weight moves to its device
+    layer.bias = bias
+    return layer
+
+
+def _quantize_layer(model: nn.Module, name: str, module: nn.Module, scheme: str, backend: str) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    if isinstance(module, VeraLinear):
+        if backend == "bitsandbytes":
+            base = _bnb_layer(module.weight, module.bias, scheme)
+            module.weight, module._foreign_base = base.weight, (base,)
+        else:
+            module.weight = nn.Parameter(quantize_weight(module.weight, scheme, name), requires_grad=False)
+    elif backend == "bitsandbytes":
+        layer = _bnb_layer(module.weight, module.bias, scheme)
+        layer.train(module.training)
+        setattr(parent, child, layer)
+    else:
+        setattr(parent, child, QuantizedLinear.from_linear(module, scheme, name))
+
+
+def dequantize_base(model: nn.Module, dtype: Optional[torch.dtype] = None) -> nn.Module:
+    """Undo :func:`quantize_base`: every quantized weight becomes a plain (frozen) float weight.
+
+    The values are the quantized ones (``dequant(Q(W0))``, the base the λ's were trained
+    against), so ``merge_vera``/``unload_vera(merge=True)`` afterwards export the trained model.
+
+    Args:
+        model: A model with quantized layers (torchao or bitsandbytes).
+        dtype: dtype of the float weights (and of those layers' biases); ``None`` keeps the
+            dtype they were quantized from. Other modules are untouched (``model.to(dtype)``).
+
+    Returns:
+        ``model`` (a no-op for a model without quantized layers).
+    """
+    for name, module in list(model.named_modules()):
+        if isinstance(module, VeraLinear) and module.base_is_quantized:
+            foreign = module._foreign_base[0] if module._foreign_base is not None else None
+            module.weight = nn.Parameter(dequantize_weight(module.weight, dtype, foreign), requires_grad=False)
+            module._foreign_base = None
+            if module.base_type is QuantizedLinear or "bitsandbytes" in module.base_type.__module__:
+                module.base_type = nn.Linear
+            _cast_bias(module, dtype)
+        elif isinstance(module, QuantizedLinear) or is_bnb_module(module):
+            if not is_quantized_weight(module.weight):
+                continue
+            plain = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None, device="meta")
+            plain.weight = nn.Parameter(dequantize_weight(module.weight, dtype, module), requires_grad=False)
+            plain.bias = module.bias
+            _cast_bias(plain, dtype)
+            plain.train(module.training)
+            parent_name, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent_name) if parent_name else model, child, plain)
+    return model
+
+
+def _cast_bias(module: nn.Module, dtype: Optional[torch.dtype]) -> None:
+    if dtype is not None and module.bias is not None and module.bias.dtype != dtype:
+        module.bias = nn.Parameter(module.bias.detach().to(dtype), requires_grad=module.bias.requires_grad)
+
+
+def quantized_layers(model: nn.Module) -> dict[str, str]:
+    """``{layer name: scheme}`` of every layer with a quantized weight."""
+    return {name: weight_scheme(m.weight) for name, m in _linears(model) if is_quantized_weight(m.weight)}
+
+
+def is_quantized(model: nn.Module) -> bool:
+    """Whether any weight of ``model`` is quantized."""
+    return any(is_quantized_weight(p) for p in model.parameters())
+
+
+def model_bytes(model: nn.Module) -> dict[str, int]:
+    """Bytes the parameters and buffers of ``model`` hold in memory (shared tensors counted once).
+
+    Returns:
+        ``{"total", "quantized", "other"}``: ``quantized`` is the packed data and scales of the
+        quantized weights, ``other`` everything else (embeddings, norms, biases, λ's, projections).
+    """
+    seen: set[int] = set()
+    quantized = other = 0
+    tensors = list(model.parameters()) + list(model.buffers())
+    for _, layer in vera_layers(model):  # a bitsandbytes base inside a VeraLinear is not a submodule
+        if layer._foreign_base is not None:
+            tensors += list(layer._foreign_base[0].parameters())
+    for tensor in tensors:
+        if id(tensor) in seen:
+            continue
+        seen.add(id(tensor))
+        if is_quantized_weight(tensor):
+            quantized += tensor_bytes(tensor)
+        else:
+            other += tensor_bytes(tensor)
+    return {"total": quantized + other, "quantized": quantized, "other": other}
