@@ -356,3 +356,19 @@ def test_load_refuses_files_whose_projections_or_shapes_do_not_fit(tmp_path):
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
     with pytest.raises(ValueError, match=r"(?s)refused.*r: the adapter has r=4"):  # into the primary of a multi model
         load_adapter(model, tmp_path / "r4", adapter_name="default")
+
+
+def test_merge_folds_the_active_named_adapter():
+    _, model, _ = multi_adapter_model("opt")
+    set_adapter(model, "task_b")
+    weight = model.model.decoder.layers[0].self_attn.q_proj.weight.detach().clone()
+    with torch.no_grad():
+        unmerged = run(model, "opt")
+        merge_vera(model)
+        merged = run(model, "opt")
+        unmerge_vera(model)
+        set_adapter(model, "default")
+        other = run(model, "opt")
+    torch.testing.assert_close(merged, unmerged, rtol=1e-4, atol=1e-4)
+    assert (merged - other).abs().max().item() > 1e-2
+    assert (model.model.decoder.layers[0].self_attn.q_proj.weight - weight).abs().max().item() <= 1e-6
