@@ -46,13 +46,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=1, help="torch threads (1: stable on a shared machine)")
     p.add_argument("--rows", type=int, default=64)
     p.add_argument("--adapters", type=int, default=64, help="distinct adapters in the batch (rows round-robin)")
-    p.add_argument("--seq-len", type=int, nargs="+", default=[32, 4], help="one throughput case per length")
+    p.add_argument("--seq-len", type=int, nargs="*", default=[32, 4, 1], help="one throughput case per length")
     p.add_argument("--r", type=int, default=256)
     p.add_argument("--lora-r", type=int, default=8)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--warmup", type=int, default=1)
-    p.add_argument("--resident", type=int, nargs="+", default=[1, 64, 1024])
+    p.add_argument("--resident", type=int, nargs="*", default=[1, 64, 1024], help="memory cases (none: skip)")
     p.add_argument("--no-peft", action="store_true", help="skip PEFT's loop and PEFT's LoRA memory")
+    p.add_argument("--lora-build-max", type=int, default=64,
+                   help="build PEFT LoRA models up to this many adapters (PEFT's add_adapter slows down with every "
+                        "adapter); larger counts scale the bytes of the largest built one (each LoRA adapter holds "
+                        "its own lora_A/lora_B of fixed shape)")
     p.add_argument("--smoke", action="store_true", help="tiny model and sizes: a test that everything runs")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
@@ -133,7 +137,12 @@ def time_round_robin(variants: dict[str, Callable[[], Any]], repeats: int, warmu
     return times
 
 
+def progress(message: str) -> None:
+    print(f"[bench_serving] {message}", file=sys.stderr, flush=True)
+
+
 def throughput_case(args: argparse.Namespace, model: torch.nn.Module, seq_len: int) -> dict[str, Any]:
+    progress(f"throughput, seq_len={seq_len}")
     rows, adapters = args.rows, args.adapters
     names = [f"a{i % adapters}" for i in range(rows)]
     g = torch.Generator().manual_seed(seq_len)
@@ -174,7 +183,9 @@ def throughput_case(args: argparse.Namespace, model: torch.nn.Module, seq_len: i
     medians = {name: statistics.median(t) for name, t in times.items()}
     result = {"seq_len": seq_len, "rows": rows, "adapters": adapters, "check": check,
               "median_s": medians, "times_s": times, "loop_set_adapter_s": statistics.median(switch_s)}
+    result["loop_forward_only_s"] = medians["loop"] - result["loop_set_adapter_s"]
     result["loop_over_mixed"] = medians["loop"] / medians["mixed"]
+    result["loop_forward_only_over_mixed"] = result["loop_forward_only_s"] / medians["mixed"]
     result["mixed_over_single"] = medians["mixed"] / medians["single"]
     result["rows_per_s"] = {name: rows / t for name, t in medians.items()}
     if theirs is not None:
@@ -207,13 +218,16 @@ def memory_case(args: argparse.Namespace) -> list[dict[str, Any]]:
     model, lora = build_model(args.shape), None if args.no_peft else build_model(args.shape)
     out = []
     for count in sorted(args.resident):
+        progress(f"memory, {count} adapters")
         start = time.perf_counter()
         with_adapters(model, args.r, count)
         row = {"adapters": count, "vera_bytes": adapter_bytes(model), "vera_build_s": time.perf_counter() - start}
         if lora is not None:
             start = time.perf_counter()
-            lora = with_lora_adapters(lora, args.lora_r, count)
-            row.update(lora_bytes=lora_bytes(lora), lora_build_s=time.perf_counter() - start)
+            built = min(count, max(args.lora_build_max, 1))
+            lora = with_lora_adapters(lora, args.lora_r, built)
+            measured = lora_bytes(lora)
+            row.update(lora_bytes=measured * count // built, lora_built=built, lora_build_s=time.perf_counter() - start)
             row["vera_over_lora"] = row["vera_bytes"] / row["lora_bytes"]
         out.append(row)
     return out
@@ -223,21 +237,30 @@ def main(argv=None) -> dict[str, Any]:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
-    model = with_adapters(build_model(args.shape), args.r, args.adapters)
     report: dict[str, Any] = {
         "machine": {"python": sys.version.split()[0], "torch": torch.__version__, "platform": platform.platform(),
                     "threads": torch.get_num_threads()},
         "args": {k: v for k, v in vars(args).items() if k != "shape"}, "shape": args.shape,
-        "throughput": [throughput_case(args, model, n) for n in args.seq_len],
+        "throughput": [], "memory": [],
     }
-    del model
-    report["memory"] = memory_case(args)
-    report["wall_s"] = time.perf_counter() - started
+    if args.seq_len:
+        model = with_adapters(build_model(args.shape), args.r, args.adapters)
+        for seq_len in args.seq_len:
+            report["throughput"].append(throughput_case(args, model, seq_len))
+            save(report, args, started)  # every finished case is kept
+        del model
+    if args.resident:
+        report["memory"] = memory_case(args)
+    save(report, args, started)
     print_report(report)
+    return report
+
+
+def save(report: dict[str, Any], args: argparse.Namespace, started: float) -> None:
+    report["wall_s"] = time.perf_counter() - started
     if args.json:
         with open(args.json, "w", encoding="utf-8") as fh:
             json.dump(report, fh, indent=1)
-    return report
 
 
 def print_report(report: dict[str, Any]) -> None:
@@ -247,12 +270,16 @@ def print_report(report: dict[str, Any]) -> None:
         print(f"  {'variant':<10} {'median s':>10} {'rows/s':>10} {'vs mixed':>9}")
         for name, t in case["median_s"].items():
             print(f"  {name:<10} {t:>10.4f} {case['rows_per_s'][name]:>10.1f} {t / case['median_s']['mixed']:>8.2f}x")
-        print(f"  loop: set_adapter took {case['loop_set_adapter_s']:.4f} s of it")
-    print(f"\n  {'adapters':>8} {'VeRA bytes':>12} {'LoRA bytes':>12} {'VeRA/LoRA':>10}")
+        print(f"  loop: set_adapter took {case['loop_set_adapter_s']:.4f} s of it; its forwards alone: "
+              f"{case['loop_forward_only_s']:.4f} s = {case['loop_forward_only_over_mixed']:.2f}x mixed")
+    if report["memory"]:
+        print(f"\n  {'adapters':>8} {'VeRA bytes':>12} {'LoRA bytes':>12} {'VeRA/LoRA':>10}")
     for row in report["memory"]:
         lora = row.get("lora_bytes")
+        built = "" if row.get("lora_built", row["adapters"]) == row["adapters"] else \
+            f"  (LoRA: {row['lora_built']} built, scaled)"
         print(f"  {row['adapters']:>8} {row['vera_bytes']:>12,} {lora if lora is None else f'{lora:,}':>12} "
-              f"{row.get('vera_over_lora', float('nan')):>10.4f}")
+              f"{row.get('vera_over_lora', float('nan')):>10.4f}{built}")
     print(f"\nwall {report['wall_s']:.1f} s")
 
 

@@ -356,3 +356,48 @@ def test_load_refuses_files_whose_projections_or_shapes_do_not_fit(tmp_path):
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
     with pytest.raises(ValueError, match=r"(?s)refused.*r: the adapter has r=4"):  # into the primary of a multi model
         load_adapter(model, tmp_path / "r4", adapter_name="default")
+
+
+def test_merge_folds_the_active_named_adapter():
+    _, model, _ = multi_adapter_model("opt")
+    set_adapter(model, "task_b")
+    weight = model.model.decoder.layers[0].self_attn.q_proj.weight.detach().clone()
+    with torch.no_grad():
+        unmerged = run(model, "opt")
+        merge_vera(model)
+        merged = run(model, "opt")
+        unmerge_vera(model)
+        set_adapter(model, "default")
+        other = run(model, "opt")
+    torch.testing.assert_close(merged, unmerged, rtol=1e-4, atol=1e-4)
+    assert (merged - other).abs().max().item() > 1e-2
+    assert (model.model.decoder.layers[0].self_attn.q_proj.weight - weight).abs().max().item() <= 1e-6
+
+
+def test_slim_checkpoint_keeps_every_adapter_and_resumes(tmp_path):
+    config = VeraConfig(r=8, target_modules=["q_proj", "v_proj"])
+
+    def module_with_adapters():
+        module = TinyOptModule()
+        apply_vera(module, config)
+        add_adapter(module, "task_b", config)
+        return module
+
+    module = module_with_adapters()
+    pl.Trainer(max_steps=2, callbacks=[VeraCallback()], **trainer_kwargs(tmp_path)).fit(module)  # trains default
+    set_adapter(module, "task_b")
+    trainer = pl.Trainer(max_steps=2, callbacks=[VeraCallback()], **trainer_kwargs(tmp_path))
+    trainer.fit(module)  # trains task_b; default's trained λ's are frozen now
+    trainer.save_checkpoint(tmp_path / "slim.ckpt")
+    state = torch.load(tmp_path / "slim.ckpt", weights_only=False)["state_dict"]
+    layer = "model.model.decoder.layers.0.self_attn.q_proj"
+    assert {f"{layer}.vera_lambda_b", f"{layer}.vera_lambda_b_task_b"} <= set(state)
+    assert f"{layer}.weight" not in state  # still slim: the frozen base is dropped
+    fresh = set_adapter(module_with_adapters(), "task_b")
+    trainer = pl.Trainer(max_steps=2, callbacks=[VeraCallback()], **trainer_kwargs(tmp_path))
+    trainer.fit(fresh, ckpt_path=tmp_path / "slim.ckpt")
+    for name in ("default", "task_b"):
+        mine, theirs = _lambdas_of(fresh, name), _lambdas_of(module, name)
+        assert all(torch.equal(mine[k], v) for k, v in theirs.items())
+    key = f"{layer}.vera_lambda_d"
+    assert not torch.equal(_lambdas_of(fresh, "default")[key], _lambdas_of(module_with_adapters(), "default")[key])

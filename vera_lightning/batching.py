@@ -68,9 +68,10 @@ class MixedBatch:
         self.names = names
         self.lambdas: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         trainable = set()
+        attrs = [adapter.lambda_names(n) for n in distinct]
         with torch.no_grad():
             for layer in layers:
-                pairs = [tuple(getattr(layer, attr) for attr in adapter.lambda_names(n)) for n in distinct]
+                pairs = [(getattr(layer, name_b), getattr(layer, name_d)) for name_b, name_d in attrs]
                 trainable |= {n for n, pair in zip(distinct, pairs) if any(p.requires_grad for p in pair)}
                 like_b, like_d = layer.vera_lambda_b, layer.vera_lambda_d
                 table_b = torch.stack([torch.zeros_like(like_b)] + [b for b, _ in pairs])  # (1 + K, out)

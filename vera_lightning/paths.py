@@ -153,7 +153,7 @@ class record_paths(dict):
         >>> from vera_lightning import VeraConfig, apply_vera
         >>> net = apply_vera(torch.nn.Sequential(torch.nn.Linear(4, 4)), VeraConfig(r=4, target_modules=["0"]))
         >>> with record_paths() as seen:
-        ...     _ = net(torch.randn(2, 4))
+        ...     _ = net[0](torch.randn(2, 4))
         >>> sorted(p.value for p in seen.values())
         ['lean']
     """

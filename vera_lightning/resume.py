@@ -69,10 +69,14 @@ def _projection_digest(module: nn.Module) -> Optional[str]:
 
 def resume_record(module: nn.Module) -> dict[str, Any]:
     """Fingerprints of the frozen base and the projections of ``module`` (for the slim marker)."""
+    from vera_lightning.slim import kept_state_keys  # (slim imports this module)
+
     record: dict[str, Any] = {"projections": _projection_digest(module)}
     if not _sharded(module):
+        kept = kept_state_keys(module)  # what the checkpoint holds itself (e.g. frozen named adapters' λ's)
         record["base"] = {
-            name: _fingerprint(p) for name, p in module.named_parameters(remove_duplicate=False) if not p.requires_grad
+            name: _fingerprint(p) for name, p in module.named_parameters(remove_duplicate=False)
+            if not p.requires_grad and name not in kept
         }
     return record
 

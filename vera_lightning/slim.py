@@ -2,7 +2,7 @@
 
 ``slim_checkpoint_`` (called from ``VeraCallback.on_save_checkpoint``) drops every frozen
 parameter from ``checkpoint["state_dict"]``: what stays are the trainable tensors (λ's,
-trainable biases, ``modules_to_save``), the buffers (the projections when
+trainable biases, ``modules_to_save``), the λ's of every named adapter, the buffers (the projections when
 ``save_projection=True``, running statistics) and a marker with the VeRA config, stored in
 the state dict's own ``_metadata`` so that it travels with it.
 
@@ -21,7 +21,7 @@ from typing import Any
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from vera_lightning.adapter import find_adapter
+from vera_lightning.adapter import find_adapter, vera_layers
 from vera_lightning.config import INIT_ONLY_OPTIONS, VeraConfig
 from vera_lightning.resume import resume_problems, resume_record
 
@@ -33,9 +33,19 @@ _FORMAT = 1
 
 
 def kept_state_keys(module: nn.Module) -> set[str]:
-    """State-dict keys a slim checkpoint keeps: trainable parameters and every persistent buffer."""
+    """State-dict keys a slim checkpoint keeps.
+
+    Trainable parameters, every persistent buffer, and the λ's of every named adapter (frozen while
+    another one trains, but not part of the base model the loader fills in).
+    """
     keys = set(module.state_dict(keep_vars=True))
-    frozen = {name for name, p in module.named_parameters(remove_duplicate=False) if not p.requires_grad}
+    adapter = find_adapter(module)
+    lambdas = set() if adapter is None else {
+        id(getattr(layer, attr)) for _, layer in vera_layers(module) for name in adapter.names
+        for attr in adapter.lambda_names(name)
+    }
+    frozen = {name for name, p in module.named_parameters(remove_duplicate=False)
+              if not p.requires_grad and id(p) not in lambdas}
     return keys - frozen
 
 
