@@ -148,7 +148,7 @@ def adapter_batch(model: nn.Module, names: Sequence[Optional[str]]) -> Iterator[
         >>> cfg = VeraConfig(r=4, target_modules=["0"], init_weights=False)
         >>> net = add_adapter(apply_vera(torch.nn.Sequential(torch.nn.Linear(8, 4)), cfg), "b", cfg)
         >>> with torch.no_grad(), adapter_batch(net, ["default", None, "b"]):
-        ...     y = net(torch.randn(3, 8))
+        ...     y = net[0](torch.randn(3, 8))  # (nn.Sequential would also call the attached adapter)
         >>> tuple(y.shape)
         (3, 4)
     """
