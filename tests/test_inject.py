@@ -9,20 +9,12 @@ import pytest
 import torch
 from torch import nn
 
-from helpers.models import TINY_MODELS, run, tiny_bert, tiny_gpt2, tiny_mlp, tiny_opt
-from helpers.peft_oracle import peft_vera
+from helpers.models import TINY_MODELS, random_lambdas_, run, tiny_bert, tiny_gpt2, tiny_mlp, tiny_opt
+from helpers.peft_oracle import adapt_both
 from vera_lightning import VeraConfig, apply_vera, count_parameters, unload_vera
 from vera_lightning.inject import vera_layers
 
 KINDS = list(TINY_MODELS)
-
-
-def _random_lambdas_(model, seed=3):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for _, layer in vera_layers(model):
-            for p in layer.adapter_params().values():
-                p.copy_(torch.randn(p.shape, generator=g))
 
 
 def _meta_roberta(layers: int, hidden: int):
@@ -127,7 +119,7 @@ def test_unload_returns_plain_modules(kind, merge):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model = apply_vera(base, VeraConfig(r=8, target_modules=TINY_MODELS[kind][1]))
-    _random_lambdas_(model)
+    random_lambdas_(model)
     keys = set(reference.state_dict())
     with torch.no_grad():
         adapted = run(model, kind)
@@ -144,26 +136,16 @@ def test_unload_returns_plain_modules(kind, merge):
     assert not torch.equal(adapted, plain)
 
 
-def _adapt_both(twin, kind, **fields):
-    base, other = twin(kind)
-    fields.setdefault("target_modules", TINY_MODELS[kind][1])
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        ours = apply_vera(base, VeraConfig(**fields))
-    theirs = peft_vera(other, **fields)
-    return ours, theirs
-
-
 @pytest.mark.parametrize("kind", KINDS)
 def test_same_trainable_parameter_count(twin, kind):
     fields = {"modules_to_save": ["classifier"]} if kind == "bert" else {}
-    ours, theirs = _adapt_both(twin, kind, r=16, **fields)
+    ours, theirs = adapt_both(twin, kind, r=16, **fields)
     peft_trainable, _ = theirs.get_nb_trainable_parameters()
     assert count_parameters(ours)[0] == peft_trainable
 
 
 def test_all_linear_matches_peft_on_causal_lm(twin):
-    ours, theirs = _adapt_both(twin, "opt", r=8, target_modules="all-linear")
+    ours, theirs = adapt_both(twin, "opt", r=8, target_modules="all-linear")
     peft_names = {n for n, m in theirs.base_model.model.named_modules() if hasattr(m, "vera_lambda_b")}
     assert {n for n, _ in vera_layers(ours)} == peft_names
     assert "lm_head" not in peft_names
@@ -175,6 +157,6 @@ def test_all_linear_matches_peft_on_causal_lm(twin):
     {"target_modules": ["q_proj"], "layers_to_transform": 0, "layers_pattern": "layers"},
 ])
 def test_targeting_matches_peft(twin, fields):
-    ours, theirs = _adapt_both(twin, "opt", r=8, **fields)
+    ours, theirs = adapt_both(twin, "opt", r=8, **fields)
     peft_names = {n for n, m in theirs.base_model.model.named_modules() if hasattr(m, "vera_lambda_b")}
     assert {n for n, _ in vera_layers(ours)} == peft_names and peft_names

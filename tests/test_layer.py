@@ -8,8 +8,8 @@ import pytest
 import torch
 from torch import nn
 
-from helpers.models import TINY_MODELS, model_inputs, run, tiny_opt
-from helpers.peft_oracle import peft_layer, peft_vera, randomize_lambdas_
+from helpers.models import TINY_MODELS, random_lambdas_, model_inputs, run, tiny_opt
+from helpers.peft_oracle import adapt_both, peft_layer, peft_vera, randomize_lambdas_
 from vera_lightning import VeraConfig, VeraLinear, apply_vera, merge_vera, unmerge_vera, vera_layers
 from vera_lightning.layer import layer_shape
 
@@ -18,27 +18,9 @@ pytestmark = pytest.mark.numerics  # also run under every ATEN_CPU_CAPABILITY by
 KINDS = list(TINY_MODELS)
 
 
-def _random_lambdas_(model, seed=3):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for _, layer in vera_layers(model):
-            for p in layer.adapter_params().values():
-                p.copy_(torch.randn(p.shape, generator=g))
-
-
-def _adapt_both(twin, kind, **fields):
-    base, other = twin(kind)
-    fields.setdefault("target_modules", TINY_MODELS[kind][1])
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        ours = apply_vera(base, VeraConfig(**fields))
-    theirs = peft_vera(other, **fields)
-    return ours, theirs
-
-
 @pytest.mark.parametrize("kind", KINDS)
 def test_same_outputs_with_same_lambdas(twin, kind):
-    ours, theirs = _adapt_both(twin, kind, r=16)
+    ours, theirs = adapt_both(twin, kind, r=16)
     randomize_lambdas_(ours, theirs)
     with torch.no_grad():
         out_ours, out_peft = run(ours, kind), run(theirs, kind)
@@ -48,7 +30,7 @@ def test_same_outputs_with_same_lambdas(twin, kind):
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_same_lambda_gradients(twin, kind):
-    ours, theirs = _adapt_both(twin, kind, r=16)
+    ours, theirs = adapt_both(twin, kind, r=16)
     randomize_lambdas_(ours, theirs)
     run(ours, kind).square().mean().backward()
     run(theirs, kind).square().mean().backward()
@@ -61,7 +43,7 @@ def test_same_lambda_gradients(twin, kind):
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_same_merged_weights(twin, kind):
-    ours, theirs = _adapt_both(twin, kind, r=16)
+    ours, theirs = adapt_both(twin, kind, r=16)
     randomize_lambdas_(ours, theirs)
     merge_vera(ours)
     theirs.merge_adapter()
@@ -99,7 +81,7 @@ def test_merge_unmerge_idempotent_and_exact(kind):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model = apply_vera(TINY_MODELS[kind][0](), VeraConfig(r=8, target_modules=TINY_MODELS[kind][1]))
-    _random_lambdas_(model)
+    random_lambdas_(model)
     base_weights = {n: l.weight.clone() for n, l in vera_layers(model)}
     with torch.no_grad():
         unmerged = run(model, kind)
@@ -119,7 +101,7 @@ def test_merge_unmerge_idempotent_and_exact(kind):
 
 def test_safe_merge_refuses_non_finite_and_leaves_every_weight_unchanged():
     model = apply_vera(tiny_opt(), VeraConfig(r=8, target_modules=["q_proj", "v_proj"]))
-    _random_lambdas_(model)
+    random_lambdas_(model)
     with torch.no_grad():
         model.model.decoder.layers[1].self_attn.v_proj.vera_lambda_b[0] = float("inf")
     before = {n: l.weight.clone() for n, l in vera_layers(model)}

@@ -2,33 +2,20 @@
 
 from __future__ import annotations
 
-import warnings
-
 import pytest
 import torch
 
 from helpers.models import TINY_MODELS
-from helpers.peft_oracle import peft_vera
-from vera_lightning import VeraConfig, apply_vera
+from helpers.peft_oracle import adapt_both
 from vera_lightning.projection import draw_projections
 
 KINDS = list(TINY_MODELS)
 
 
-def _adapt_both(twin, kind, **fields):
-    base, other = twin(kind)
-    fields.setdefault("target_modules", TINY_MODELS[kind][1])
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        ours = apply_vera(base, VeraConfig(**fields))
-    theirs = peft_vera(other, **fields)
-    return ours, theirs
-
-
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("key", [0, 1234])
 def test_projections_bit_identical(twin, kind, key):
-    ours, theirs = _adapt_both(twin, kind, r=16, projection_prng_key=key)
+    ours, theirs = adapt_both(twin, kind, r=16, projection_prng_key=key)
     assert torch.equal(ours.vera_projections.vera_A, theirs.base_model.vera_A["default"])
     assert torch.equal(ours.vera_projections.vera_B, theirs.base_model.vera_B["default"])
 

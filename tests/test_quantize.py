@@ -12,7 +12,6 @@ from vera_lightning import (
     save_adapter, set_vera_path, unload_vera,
 )
 from vera_lightning.adapter import vera_layers
-from vera_lightning.layer import VeraLinear
 from vera_lightning.qlinear import QuantizedLinear, dequantize_weight, tensor_bytes, weight_scheme
 from vera_lightning.quantize import quantized_layers
 

@@ -80,3 +80,14 @@ def run(model, kind: str, inputs=None):
     if kind == "mlp":
         return model(inputs["x"])
     return model(**inputs).logits
+
+
+def random_lambdas_(model, seed: int = 3) -> None:
+    """Give every λ of ``model`` random values (so an adapter is not the identity)."""
+    from vera_lightning import vera_layers
+
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, layer in vera_layers(model):
+            for p in layer.adapter_params().values():
+                p.copy_(torch.randn(p.shape, generator=g))

@@ -30,3 +30,17 @@ def randomize_lambdas_(ours, peft_model, seed: int = 1) -> None:
                 ours_p = getattr(layer, pname)
                 ours_p.copy_(torch.randn(ours_p.shape, generator=g).to(ours_p.dtype))
                 getattr(peft_layer(peft_model, name), pname)["default"].copy_(ours_p)
+
+
+def adapt_both(twin, kind: str, **fields):
+    """The same tiny model adapted by us and by PEFT with the same fields: ``(ours, theirs)``."""
+    from helpers.models import TINY_MODELS
+    from vera_lightning import VeraConfig, apply_vera
+
+    base, other = twin(kind)
+    fields.setdefault("target_modules", TINY_MODELS[kind][1])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ours = apply_vera(base, VeraConfig(**fields))
+    theirs = peft_vera(other, **fields)
+    return ours, theirs
