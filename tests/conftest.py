@@ -27,3 +27,12 @@ def twin():
         return base, copy.deepcopy(base)
 
     return make
+
+
+@pytest.fixture(autouse=True)
+def _torch_threads_restored():
+    """Benchmark entry points called in-process set torch's thread count; no test leaks it to the next
+    (a different thread count changes reduction order, and with it the last bits of trained values)."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
