@@ -3,14 +3,18 @@
 Example::
 
     python scripts/bench.py --threads 2 --batch 4 --seq-len 128 --json bench.json
+    python scripts/bench.py --batch 4 16 64 --seq-len 128 --layers 4 --no-rss   # token sweep N = 512, 2048, 8192
     python scripts/bench.py --quick            # tiny smoke run (seconds)
 
-Prints one table per case (rank x targets) and, with ``--json``, writes every number.
+Prints one table per case (tokens x rank x targets), with the paths ``auto`` took, and, with
+``--json``, writes every number.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import itertools
 import json
 import platform
 import resource
@@ -23,8 +27,8 @@ import torch
 
 from vera_lightning import merge_vera
 from bench_harness import (
-    TARGET_SETS, VARIANTS, BenchShape, build_base, build_variant, make_step, saved_activation_bytes, summarize,
-    time_round_robin,
+    TARGET_SETS, VARIANTS, BenchShape, build_base, build_variant, make_step, paths_taken, saved_activation_bytes,
+    summarize, time_round_robin,
 )
 
 QUICK = BenchShape(hidden=64, layers=2, ffn=128, heads=4, vocab=256, batch=2, seq_len=16)
@@ -33,8 +37,10 @@ QUICK = BenchShape(hidden=64, layers=2, ffn=128, heads=4, vocab=256, batch=2, se
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--batch", type=int, default=4)
-    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--batch", type=int, nargs="+", default=None, help="batch sizes (default 4; a token sweep)")
+    p.add_argument("--seq-len", type=int, nargs="+", default=None, help="sequence lengths (default 128; N = B x T)")
+    p.add_argument("--layers", type=int, default=None, help="decoder layers (default: 12, OPT-125m)")
+    p.add_argument("--vocab", type=int, default=None, help="vocabulary size (default: 50272, OPT-125m)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--ranks", type=int, nargs="+", default=[256, 1024])
@@ -48,7 +54,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--json", default=None, help="write all numbers to this file")
     p.add_argument("--rss-child", default=None, help=argparse.SUPPRESS)  # internal: VARIANT:r:targets
     args = p.parse_args(argv)
-    args.shape = QUICK if args.quick else BenchShape(batch=args.batch, seq_len=args.seq_len)
+    shape = QUICK if args.quick else BenchShape()
+    args.batch, args.seq_len = args.batch or [shape.batch], args.seq_len or [shape.seq_len]
+    sizes = {k: v for k, v in (("layers", args.layers), ("vocab", args.vocab)) if v is not None}
+    args.shape = dataclasses.replace(shape, batch=max(args.batch), seq_len=max(args.seq_len), **sizes)
     if args.quick:
         args.ranks = [r for r in args.ranks if r <= 16] or [8, 16]
         args.repeats, args.warmup, args.merged_repeats = min(args.repeats, 2), 1, min(args.merged_repeats, 2)
@@ -56,9 +65,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def _inputs(args) -> torch.Tensor:
+def _inputs(args, batch: int, seq_len: int) -> torch.Tensor:
     g = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, args.shape.vocab, (args.shape.batch, args.shape.seq_len), generator=g)
+    ids = torch.randint(0, args.shape.vocab, (batch, seq_len), generator=g)
     return ids.to(args.device)
 
 
@@ -77,7 +86,7 @@ def rss_child(args) -> None:
     name, r, targets = args.rss_child.split(":")
     base = build_base(args.shape, getattr(torch, args.dtype), args.device)
     model = build_variant(base, name, int(r), TARGET_SETS[targets], inplace=True)
-    step = make_step(model, _inputs(args))
+    step = make_step(model, _inputs(args, args.batch[0], args.seq_len[0]))
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
@@ -89,9 +98,10 @@ def rss_child(args) -> None:
     print(peak)
 
 
-def peak_rss(args, name: str, r: int, targets: str) -> int:
+def peak_rss(args, name: str, r: int, targets: str, ids: torch.Tensor) -> int:
     cmd = [sys.executable, __file__, "--rss-child", f"{name}:{r}:{targets}", "--threads", str(args.threads),
-           "--batch", str(args.batch), "--seq-len", str(args.seq_len), "--dtype", args.dtype, "--device", args.device]
+           "--batch", str(ids.shape[0]), "--seq-len", str(ids.shape[1]), "--dtype", args.dtype, "--device", args.device]
+    cmd += [f"--{k}={v}" for k, v in (("layers", args.layers), ("vocab", args.vocab)) if v is not None]
     if args.quick:
         cmd.append("--quick")
     out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
@@ -121,7 +131,13 @@ def run_case(args, base, floor, r: int, targets: str, ids) -> dict:
     for n, row in rows.items():
         row["saved_bytes"] = saved[n]
         row["saved_over_floor"] = saved[n] - saved["floor"]
-    case = {"r": r, "targets": targets, "variants": rows}
+    for n, model in variants.items():
+        if n.startswith("ours"):
+            rows[n]["paths"] = paths_taken(make_step(model, ids))  # one more step, recording each layer's path
+    case = {"r": r, "targets": targets, "batch": ids.shape[0], "seq_len": ids.shape[1], "tokens": ids.numel(),
+            "variants": rows}
+    if "ours" in rows:
+        case["auto_paths"] = rows["ours"]["paths"]
     if "peft" in rows:
         peft_extra = rows["peft"]["saved_over_floor"]
         for n, row in rows.items():
@@ -130,7 +146,7 @@ def run_case(args, base, floor, r: int, targets: str, ids) -> dict:
                 row["saved_extra_vs_peft"] = row["saved_over_floor"] / peft_extra if peft_extra else float("nan")
     if not args.no_rss:
         for n in variants:
-            rows[n]["peak_rss_bytes"] = peak_rss(args, n, r, targets)
+            rows[n]["peak_rss_bytes"] = peak_rss(args, n, r, targets, ids)
     ours = next((n for n in ("ours", *variants) if n.startswith("ours") and n in variants), None)
     if args.merged_repeats and ours:
         merge_vera(variants[ours])
@@ -140,7 +156,8 @@ def run_case(args, base, floor, r: int, targets: str, ids) -> dict:
 
 
 def print_case(case: dict) -> None:
-    print(f"\n== r={case['r']}  targets={case['targets']}")
+    print(f"\n== r={case['r']}  targets={case['targets']}  N={case['tokens']} (B={case['batch']}, T={case['seq_len']})"
+          + (f"  auto took {case['auto_paths']}" if "auto_paths" in case else ""))
     print(f"{'variant':<18}{'median s':>9}{'p25-p75 s':>15}{'x floor':>9}{'(q1-q3)':>14}{'ovh/PEFT':>9}"
           f"{'saved MiB':>10}{'+floor MiB':>11}{'/PEFT':>7}{'RSS MiB':>9}")
     for n, row in case["variants"].items():
@@ -165,20 +182,19 @@ def main(argv=None) -> dict:
     t0 = time.time()
     base = build_base(args.shape, dtype, args.device)
     floor = build_variant(base, "floor", 0, [])
-    ids = _inputs(args)
     result = {"machine": {"platform": platform.platform(), "processor": platform.processor(),
                           "torch": torch.__version__, "threads": args.threads, "device": args.device},
               "args": {k: v for k, v in vars(args).items() if k not in ("shape", "rss_child")},
               "shape": vars(args.shape), "cases": []}
-    for targets in args.targets:
-        for r in args.ranks:
-            case = run_case(args, base, floor, r, targets, ids)
-            print_case(case)
-            result["cases"].append(case)
-            result["wall_s"] = time.time() - t0
-            if args.json:  # after every case, so a long run that is cut short still leaves its numbers
-                with open(args.json, "w") as f:
-                    json.dump(result, f, indent=1)
+    for batch, seq_len, targets, r in itertools.product(args.batch, args.seq_len, args.targets, args.ranks):
+        ids = _inputs(args, batch, seq_len)
+        case = run_case(args, base, floor, r, targets, ids)
+        print_case(case)
+        result["cases"].append(case)
+        result["wall_s"] = time.time() - t0
+        if args.json:  # after every case, so a long run that is cut short still leaves its numbers
+            with open(args.json, "w") as f:
+                json.dump(result, f, indent=1)
     return result
 
 

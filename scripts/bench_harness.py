@@ -20,21 +20,26 @@ from typing import Callable
 import torch
 from torch import nn
 
-__all__ = ["BenchShape", "TARGET_SETS", "build_base", "build_variant", "saved_activation_bytes", "time_round_robin"]
+__all__ = ["BenchShape", "TARGET_SETS", "build_base", "build_variant", "saved_activation_bytes", "time_round_robin",
+           "paths_taken"]
 
 TARGET_SETS = {
     "qv": ["q_proj", "v_proj"],
     "all": ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"],
 }
 
-#: Variant name -> (library, vera_path, share siblings).
+#: Variant name -> (library, vera_path, share siblings, memory preference of "auto").
 VARIANTS = {
-    "floor": (None, None, None),
-    "peft": ("peft", None, None),
-    "ours": ("ours", "auto", True),
-    "ours-plain": ("ours", "plain", False),
-    "ours-lean-noshare": ("ours", "lean", False),
-    "ours-save_h": ("ours", "save_h", True),
+    "floor": (None, None, None, None),
+    "peft": ("peft", None, None, None),
+    "ours": ("ours", "auto", True, "lean"),
+    "ours-speed": ("ours", "auto", True, "speed"),
+    "ours-plain": ("ours", "plain", False, None),
+    "ours-lean": ("ours", "lean", True, None),
+    "ours-lean-noshare": ("ours", "lean", False, None),
+    "ours-save_h": ("ours", "save_h", True, None),
+    "ours-merged": ("ours", "merged", True, None),
+    "ours-merged-noshare": ("ours", "merged", False, None),
 }
 
 
@@ -75,7 +80,7 @@ def _add_gate(model: nn.Module) -> nn.Parameter:
 
 def build_variant(base: nn.Module, name: str, r: int, targets: list[str], inplace: bool = False) -> nn.Module:
     """``name`` (a key of :data:`VARIANTS`) built on a copy of ``base`` (or on ``base`` itself)."""
-    lib, path, share = VARIANTS[name]
+    lib, path, share, memory = VARIANTS[name]
     model = base if inplace else copy.deepcopy(base)
     model.requires_grad_(False)
     if lib == "peft":
@@ -89,10 +94,22 @@ def build_variant(base: nn.Module, name: str, r: int, targets: list[str], inplac
         from vera_lightning import set_vera_path
 
         apply_vera(model, VeraConfig(r=r, target_modules=targets))
-        set_vera_path(model, path, share=share)
+        set_vera_path(model, path, share=share, memory=memory)
     gate = _add_gate(model.base_model.model if lib == "peft" else model)
     gate.requires_grad_(True)
     return model.train()
+
+
+def paths_taken(step: Callable[[], float]) -> dict[str, int]:
+    """Run ``step`` once and count the autograd paths its adapted layers took (``{"merged": 8, ...}``)."""
+    from vera_lightning import record_paths
+
+    with record_paths() as seen:
+        step()
+    counts: dict[str, int] = {}
+    for path in seen.values():
+        counts[path.value] = counts.get(path.value, 0) + 1
+    return counts
 
 
 def make_step(model: nn.Module, ids: torch.Tensor) -> Callable[[], float]:

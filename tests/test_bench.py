@@ -24,7 +24,7 @@ def test_quick_bench_writes_every_number(tmp_path, capsys):
     assert {"machine", "args", "shape", "cases", "wall_s"} <= set(data)
     assert data["shape"]["hidden"] == 64 and data["args"]["threads"] == 2
     (case,) = data["cases"]
-    assert (case["r"], case["targets"]) == (8, "qv")
+    assert (case["r"], case["targets"], case["tokens"]) == (8, "qv", 2 * 16)
     rows = case["variants"]
     assert set(rows) == {"floor", "peft", "ours", "ours-plain"}
     for row in rows.values():
@@ -37,3 +37,23 @@ def test_quick_bench_writes_every_number(tmp_path, capsys):
     assert {"overhead_vs_peft", "saved_extra_vs_peft"} <= set(rows["ours"])
     assert case["merged_forward"]["ratio"] > 0
     assert "r=8  targets=qv" in capsys.readouterr().out
+
+
+def test_token_sweep_reports_the_path_auto_took(tmp_path, capsys):
+    out = tmp_path / "sweep.json"
+    _bench_main()(["--quick", "--ranks", "16", "--targets", "qv", "--repeats", "1", "--batch", "1", "8",
+                   "--seq-len", "4", "32", "--variants", "floor", "peft", "ours", "ours-merged", "--json", str(out)])
+    data = json.loads(out.read_text())
+    assert [(c["batch"], c["seq_len"], c["tokens"]) for c in data["cases"]] == [(1, 4, 4), (1, 32, 32), (8, 4, 32),
+                                                                              (8, 32, 256)]
+    assert data["shape"]["seq_len"] == 32  # position embeddings sized for the longest case
+    for case in data["cases"]:
+        rows = case["variants"]
+        assert sum(case["auto_paths"].values()) == 2 * 2  # 2 layers x (q_proj, v_proj)
+        assert set(case["auto_paths"]) <= {"lean", "save_h", "merged", "plain"}
+        assert rows["ours-merged"]["paths"] == {"merged": 4}
+        x_bytes = 2 * case["tokens"] * 64 * 4  # the q/v input, once per block (2 blocks, hidden 64, float32)
+        assert rows["ours-merged"]["saved_over_floor"] == x_bytes
+        assert 0 < rows["ours"]["saved_over_floor"] <= x_bytes  # auto: x, or h = x·A_sᵀ when r·4 <= in·4
+    printed = capsys.readouterr().out
+    assert "N=256 (B=8, T=32)  auto took" in printed

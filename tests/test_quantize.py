@@ -9,7 +9,7 @@ from torch import nn
 
 from vera_lightning import (
     VeraConfig, apply_vera, dequantize_base, is_quantized, load_adapter, merge_vera, model_bytes, quantize_base,
-    save_adapter, set_vera_path, unload_vera,
+    record_paths, save_adapter, set_vera_path, unload_vera,
 )
 from vera_lightning.adapter import vera_layers
 from vera_lightning.qlinear import QuantizedLinear, dequantize_weight, tensor_bytes, weight_scheme
@@ -398,3 +398,23 @@ def test_bitsandbytes_layers_match_peft_on_cpu(scheme):
     """Runs where a bitsandbytes build with CPU support is installed (not a dependency: skipped in CI)."""
     pytest.importorskip("bitsandbytes")
     _bitsandbytes_interop("cpu", scheme)
+
+
+@pytest.mark.parametrize("scheme", ["nf4", "int8"])
+def test_merged_path_is_refused_and_auto_skips_it_over_a_quantized_base(scheme):
+    """The merged form needs a dequantized W0: forcing it is refused, ``auto`` never picks it."""
+    ids = torch.randint(0, 96, (64, 32), generator=torch.Generator().manual_seed(0))  # 2048 tokens
+    float_model = _model(None)
+    for _ in range(2):  # the first step learns the sibling groups
+        with record_paths() as seen:
+            _loss(float_model, {"input_ids": ids}).backward()
+    assert "merged" in set(seen.values())  # at this size auto merges a float base
+    model = _model(scheme)
+    with pytest.raises(ValueError, match=r"set_vera_path\(path='merged'\).*quantized base.*path='auto'"):
+        set_vera_path(model, "merged")
+    assert {layer.vera_path for _, layer in vera_layers(model)} == {"auto"}  # nothing changed
+    for _ in range(2):
+        with record_paths() as seen:
+            _loss(model, {"input_ids": ids}).backward()
+    assert seen and "merged" not in set(seen.values())
+    assert all(layer.vera_lambda_d.grad is not None for _, layer in vera_layers(model))

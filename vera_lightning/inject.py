@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from vera_lightning.adapter import ADAPTER_ATTR, DEFAULT_ADAPTER, VeraAdapter, locate_adapter, vera_layers
+from vera_lightning.checkpointing import install_checkpointing_guard
 from vera_lightning.config import BiasMode, VeraConfig
 from vera_lightning.layer import VeraLinear, is_conv1d, layer_shape
 from vera_lightning.qlinear import is_quantized_weight, merge_refusal
@@ -129,6 +130,7 @@ def apply_vera(model: nn.Module, config: VeraConfig, adapter_name: str = DEFAULT
         _set_submodule(model, name, layer)
     setattr(model, ADAPTER_ATTR, adapter)
     mark_trainable(model, config)
+    install_checkpointing_guard(model)  # reentrant gradient checkpointing of a frozen base (checkpointing.py)
     return model
 
 

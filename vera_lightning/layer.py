@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vera_lightning.paths import VeraPath, vera_update
+from vera_lightning.paths import VeraPath, vera_forward
 from vera_lightning.states import is_meta, materialised
 
 from vera_lightning.qlinear import (
@@ -92,6 +92,8 @@ class VeraLinear(nn.Module):
     active_lambda_names: tuple[str, str] = adapter_param_names
     #: Autograd path (set with :func:`vera_lightning.set_vera_path`; see :mod:`vera_lightning.paths`).
     vera_path: VeraPath = VeraPath.auto
+    #: What ``auto`` may keep for backward, ``"lean"`` or ``"speed"`` (see :mod:`vera_lightning.cost`).
+    vera_memory: str = "lean"
 
     def __init__(
         self,
@@ -204,10 +206,9 @@ class VeraLinear(nn.Module):
         return self.adapter.sliced(self.in_features, self.out_features, lam.dtype, lam.device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        result = self.base_forward(x)
         if self.merged:
-            return result
-        return vera_update(self, result, x)
+            return self.base_forward(x)
+        return vera_forward(self, x)
 
     # ------------------------------------------------------------------ merge
     def delta_weight(self) -> torch.Tensor:

@@ -8,13 +8,18 @@ differ in what autograd keeps for backward (see :mod:`vera_lightning.functional`
             with active dropout (each layer draws its own mask) and under ``torch.compile``
 ``lean``    saves ``x`` (shared by sibling layers), recomputes ``h = x A_sᵀ`` in backward
 ``save_h``  saves ``h`` once per sibling group (faster backward, ``N x r`` more memory)
+``merged``  one matmul with ``W0 + diag(λ_b) B_s diag(λ_d) A_s`` replacing the base layer's,
+            exact λ-gradients from ``gᵀx`` (:mod:`vera_lightning.merged`); saves ``x``
 ``nograd``  autograd does not record: no custom node, ``h`` still shared by siblings
 ``mixed``   per-row λ's of several named adapters (``adapter_batch``, :mod:`vera_lightning.batching`)
 ``off``     no update at all: the base layer's output (``disable_adapter``)
 ==========  ==============================================================================
 
-``auto`` (the default) picks ``lean`` when autograd records and no dropout is active. A new
-path is one :class:`VeraPath` member and one entry in :data:`PATH_TABLE`. Tests and diagnostics
+``auto`` (the default) asks the cost model (:mod:`vera_lightning.cost`) for the cheapest of
+``lean``/``save_h``/``merged`` (``plain`` too with ``memory="speed"``) when autograd records and
+no dropout is active. A new path is one :class:`VeraPath` member and one entry in
+:data:`PATH_TABLE`; a path that computes the base product itself is also in :data:`REPLACES_BASE`
+(its entry gets ``None`` for the base output). Tests and diagnostics
 observe the chosen paths with :class:`record_paths`; nothing is written on the layer per call.
 ``mixed`` and ``off`` are forced on every layer while their context is open
 (``VeraAdapter.forced_path``); the ``mixed`` entry is registered by :mod:`vera_lightning.batching`.
@@ -30,12 +35,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vera_lightning import cost
 from vera_lightning.functional import ProjectIn, SiblingGroup, VeraUpdate
+from vera_lightning.merged import merged_forward
 
 if TYPE_CHECKING:  # pragma: no cover
     from vera_lightning.layer import VeraLinear
 
-__all__ = ["VeraPath", "PATHS", "PATH_TABLE", "choose_path", "vera_update", "record_paths", "set_vera_path"]
+__all__ = [
+    "VeraPath", "PATHS", "PATH_TABLE", "REPLACES_BASE", "choose_path", "vera_forward", "record_paths", "set_vera_path",
+]
 
 
 class VeraPath(str, Enum):
@@ -45,6 +54,7 @@ class VeraPath(str, Enum):
     plain = "plain"
     lean = "lean"
     save_h = "save_h"
+    merged = "merged"
     nograd = "nograd"  # chosen, never set: autograd does not record
     mixed = "mixed"  # forced by adapter_batch, never set
     off = "off"  # forced by disable_adapter, never set
@@ -71,7 +81,11 @@ def choose_path(layer: "VeraLinear", x: torch.Tensor) -> VeraPath:
     records = torch.is_grad_enabled() and (x.requires_grad or lam_b.requires_grad or lam_d.requires_grad)
     if not records:
         return VeraPath.nograd
-    return VeraPath.lean if wanted is VeraPath.auto else wanted
+    if wanted is VeraPath.auto:
+        return VeraPath(cost.choose_path(layer, x))
+    if wanted is VeraPath.merged and layer.base_is_quantized:
+        return VeraPath.lean  # the merged form needs a dequantized W0 (set_vera_path refuses; quantize_base came later)
+    return wanted
 
 
 def _plain(layer: "VeraLinear", result: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -88,6 +102,8 @@ def _shared_h(layer: "VeraLinear", x: torch.Tensor, a_s: torch.Tensor, path: Ver
     """``(h, group)`` for this layer: a sibling's if it read the same ``x``, else a new one."""
     cache, dtype = layer.adapter.siblings, layer.vera_lambda_d.dtype
     hit = cache.lookup(x, a_s, path.value, id(layer))
+    if path is VeraPath.nograd and cache.enabled:  # sibling groups are learned here too (reentrant checkpointing
+        (cache.plans.join if hit is not None else cache.plans.lead)(layer, x)  # runs no grad-recording forward)
     if hit is not None:
         return hit
     if path is VeraPath.nograd:
@@ -124,24 +140,30 @@ def _off(layer: "VeraLinear", result: torch.Tensor, x: torch.Tensor) -> torch.Te
     return result
 
 
-#: Concrete path -> ``update(layer, base_output, x) -> output``.
+#: Concrete path -> ``update(layer, base_output, x) -> output`` (``base_output`` is ``None`` for
+#: the paths in :data:`REPLACES_BASE`).
 PATH_TABLE: dict[VeraPath, Callable[["VeraLinear", torch.Tensor, torch.Tensor], torch.Tensor]] = {
     VeraPath.plain: _plain,
     VeraPath.lean: _custom(save_h=False),
     VeraPath.save_h: _custom(save_h=True),
+    VeraPath.merged: merged_forward,
     VeraPath.nograd: _nograd,
     VeraPath.off: _off,
 }  # VeraPath.mixed: registered by vera_lightning.batching
 
+#: Paths whose entry computes the base product itself (the base forward is not run for them).
+REPLACES_BASE: frozenset[VeraPath] = frozenset({VeraPath.merged})
+
 _recorders: list["record_paths"] = []
 
 
-def vera_update(layer: "VeraLinear", result: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """``result`` (the base output) plus the VeRA update of ``x``, by the path :func:`choose_path` picks."""
+def vera_forward(layer: "VeraLinear", x: torch.Tensor) -> torch.Tensor:
+    """The adapted layer's output for ``x`` (base plus VeRA update), by the path :func:`choose_path` picks."""
     path = choose_path(layer, x)
     if _recorders and not torch.compiler.is_compiling():
         for recorder in _recorders:
             recorder[layer] = path
+    result = None if path in REPLACES_BASE else layer.base_forward(x)
     return PATH_TABLE[path](layer, result, x)
 
 
@@ -172,28 +194,47 @@ class record_paths(dict):
         return self is other
 
 
-def set_vera_path(model: nn.Module, path: str = "auto", share: Optional[bool] = None) -> nn.Module:
+def set_vera_path(
+    model: nn.Module, path: str = "auto", share: Optional[bool] = None, memory: Optional[str] = None
+) -> nn.Module:
     """Choose the autograd path of every :class:`~vera_lightning.VeraLinear` in ``model``.
 
     Args:
         model: An adapted model (or a single ``VeraLinear``).
-        path: ``"auto"`` (default: ``"lean"`` when training without dropout, else ``"plain"``),
-            ``"plain"`` (PEFT's autograd graph), ``"lean"`` (saves ``x``, recomputes ``x A_sᵀ``
-            in backward) or ``"save_h"`` (saves ``x A_sᵀ`` once per sibling group).
-        share: If given, turn reuse of ``x A_sᵀ`` across sibling layers on or off.
+        path: ``"auto"`` (default: per forward, the cheapest allowed path by the cost model of
+            :mod:`vera_lightning.cost`; ``"plain"`` while dropout is active), ``"plain"`` (PEFT's
+            autograd graph), ``"lean"`` (saves ``x``, recomputes ``x A_sᵀ`` in backward),
+            ``"save_h"`` (saves ``x A_sᵀ`` once per sibling group) or ``"merged"`` (one matmul with
+            ``W0 + ΔW``, see :mod:`vera_lightning.merged`; not over a quantized base).
+        share: If given, turn reuse of ``x A_sᵀ`` (and of ``x`` by merged siblings) on or off.
+        memory: If given, what ``"auto"`` may keep for backward: ``"lean"`` (the default: no more
+            than the layer input, once per sibling group) or ``"speed"`` (PEFT's graph included).
 
     Returns:
         ``model``.
 
     Raises:
-        ValueError: For an unknown ``path``.
+        ValueError: For an unknown ``path`` or ``memory``, or ``"merged"`` on a quantized base
+            (before any layer is changed).
     """
     if path not in PATHS:
-        raise ValueError(f"vera path {path!r} is not one of {PATHS}")
+        raise ValueError(f"set_vera_path(path={path!r}): must be one of {PATHS}")
+    if memory is not None and memory not in cost.MEMORY_PREFERENCES:
+        raise ValueError(f"set_vera_path(memory={memory!r}): must be one of {cost.MEMORY_PREFERENCES}")
     from vera_lightning.adapter import vera_layers
 
-    for _, layer in vera_layers(model):
+    layers = [layer for _, layer in vera_layers(model)]
+    if path == VeraPath.merged:
+        quantized = [name for name, layer in vera_layers(model) if layer.base_is_quantized]
+        if quantized:
+            raise ValueError(
+                f"set_vera_path(path='merged'): {len(quantized)} layer(s) (e.g. {quantized[0]!r}) have a quantized "
+                "base, and the merged form needs a dequantized W0; use path='auto' (which skips it there) or 'lean'"
+            )
+    for layer in layers:
         layer.vera_path = VeraPath(path)
+        if memory is not None:
+            layer.vera_memory = memory
         if share is not None:
             layer.adapter.siblings.enabled = share
             layer.adapter.siblings.clear()

@@ -20,7 +20,7 @@ from typing import Any, Optional
 
 import torch
 
-__all__ = ["SiblingCache"]
+__all__ = ["SiblingCache", "SiblingPlans", "in_backward"]
 
 
 class SiblingCache:
@@ -42,6 +42,7 @@ class SiblingCache:
         self._key: Optional[tuple] = None
         self._value: Optional[tuple[Any, ...]] = None
         self._users: set[int] = set()
+        self.plans = SiblingPlans()  # which layers read the same input, learned (merged path, cost model)
 
     @staticmethod
     def _key_of(x: torch.Tensor, a_s: torch.Tensor, mode: str) -> tuple:
@@ -62,6 +63,13 @@ class SiblingCache:
         self.hits += 1
         return self._value
 
+    def peek_mode(self, x: torch.Tensor, a_s: torch.Tensor) -> Optional[str]:
+        """The mode of the current entry if it is for this very ``x``/``A_s`` (what a sibling would reuse)."""
+        if not self.enabled or self._x_ref is None or self._x_ref() is not x or x.is_inference():
+            return None
+        mode = self._key[4]
+        return mode if self._key == self._key_of(x, a_s, mode) else None
+
     def store(self, x: torch.Tensor, a_s: torch.Tensor, mode: str, value: tuple[Any, ...], user: int) -> None:
         """Remember ``value`` (e.g. ``(h, group)``) for later layers reading ``x``."""
         if not self.enabled or x.is_inference():  # inference tensors have no version counter to check
@@ -78,3 +86,54 @@ class SiblingCache:
 
     def __setstate__(self, state: dict) -> None:
         self.__init__(state.get("enabled", True))
+
+
+def in_backward() -> bool:
+    """Whether autograd is executing a backward pass (where activation checkpointing recomputes)."""
+    return torch._C._current_graph_task_id() != -1
+
+
+class SiblingPlans:
+    """Which layers read the same input as a *leader* (the first adapted layer to read it), learned.
+
+    The leader of a forward cannot see its siblings coming, so paths that treat a group as one
+    (the merged form computes all siblings' outputs in one node; the cost model prices a group)
+    use the group observed the last time this leader led. Observations come only from forwards
+    outside backward; a recomputation inside backward (activation checkpointing) replays the plan
+    the last such forward used, so it builds exactly the same autograd nodes.
+    """
+
+    def __init__(self) -> None:
+        self._plan: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # leader -> tuple of weakrefs
+        self._used: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # leader -> plan of its last forward
+        self._open: Optional[tuple[weakref.ref, weakref.ref, list]] = None  # (leader, x, joined members)
+
+    @staticmethod
+    def _alive(refs: tuple) -> list:
+        return [m for m in (r() for r in refs) if m is not None]
+
+    def lead(self, leader: Any, x: torch.Tensor) -> list:
+        """``leader`` starts a group on ``x``; returns the siblings it should expect."""
+        if in_backward():
+            return self._alive(self._used.get(leader, ()))
+        self._close()
+        plan = self._plan.get(leader, ())
+        self._used[leader] = plan
+        self._open = (weakref.ref(leader), weakref.ref(x), [])
+        return self._alive(plan)
+
+    def current(self, leader: Any) -> list:
+        """The siblings ``leader``'s latest :meth:`lead` said to expect."""
+        return self._alive(self._used.get(leader, ()))
+
+    def join(self, member: Any, x: torch.Tensor) -> None:
+        """``member`` reused the open group's input ``x`` (recorded for the leader's next forward)."""
+        if self._open is not None and self._open[1]() is x and not in_backward():
+            self._open[2].append(weakref.ref(member))
+
+    def _close(self) -> None:
+        if self._open is not None:
+            leader = self._open[0]()
+            if leader is not None:
+                self._plan[leader] = tuple(self._open[2])
+            self._open = None

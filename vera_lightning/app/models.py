@@ -125,7 +125,8 @@ def build_model(
     """Build the ``transformers`` model a ``model/`` config describes.
 
     Args:
-        model_cfg: The composed ``model`` config: ``task``, and ``name_or_path`` or ``from_config``.
+        model_cfg: The composed ``model`` config: ``task``, and ``name_or_path`` or ``from_config``;
+            ``gradient_checkpointing: true`` turns on activation checkpointing (non-reentrant).
         tokenizer: Its tokenizer (sets ``pad_token_id`` and, for ``from_config``, ``vocab_size``).
         num_labels: Classes of a classification task (a fresh head is created); 1 for regression.
         problem_type: ``"regression"`` (one output, MSE loss) or ``"single_label_classification"``
@@ -177,6 +178,10 @@ def build_model(
         raise ValueError("model config sets neither name_or_path nor from_config; set one (see conf/model/)")
     model = apply_precision(model, model_cfg)
     model.train()
+    if model_cfg.get("gradient_checkpointing"):  # activation checkpointing (non-reentrant), see checkpointing.py
+        from vera_lightning.checkpointing import enable_gradient_checkpointing
+
+        enable_gradient_checkpointing(model, use_reentrant=False)
     return model
 
 
