@@ -151,3 +151,23 @@ def test_bad_adapter_paths_are_refused_before_any_work(tmp_path):
     (tmp_path / "broken.ckpt").write_bytes(b"not a checkpoint")
     with pytest.raises(ValueError, match=r"could not read the checkpoint"):
         _eval(tmp_path, *SMOKE, f"adapter={tmp_path / 'broken.ckpt'}")
+
+
+def test_eval_of_a_sentence_pair_regression_adapter_reproduces_its_correlations(tmp_path):
+    """data=stsb (pairs, one regression output): eval gives the training run's Pearson/Spearman exactly."""
+    rows = [("a man is playing a guitar .", "a man plays the guitar .", 4.8),
+            ("a woman is slicing an onion .", "a dog runs in the park .", 0.2),
+            ("the cat sat on the mat .", "a cat is sitting on a mat .", 4.1),
+            ("kids are playing football .", "the stock market fell today .", 0.0)] * 8
+    data_dir = tmp_path / "stsb"
+    data_dir.mkdir()
+    for split in ("train", "dev"):
+        (data_dir / f"{split}.tsv").write_text(
+            "sentence1\tsentence2\tscore\n" + "".join(f"{a}\t{b}\t{s}\n" for a, b, s in rows), encoding="utf-8")
+    stsb = ["data=stsb", f"data.data_dir={data_dir}"]
+    run_dir = tmp_path / "run"
+    trained = train(compose_app("train", run_dir, *MINILM, *stsb))
+    result = _eval(tmp_path, *stsb, f"adapter={run_dir / 'adapter'}")
+    assert result["metric_name"] == "val/pearson" and result["examples"] == len(rows)
+    for name in ("val/pearson", "val/spearman", "val/loss"):
+        assert result[name] == trained[name], name

@@ -144,3 +144,47 @@ def test_an_existing_output_is_never_replaced_silently(smoke_adapter, tmp_path):
                             "overwrite=true"))
     with pytest.raises(FileNotFoundError, match=r"input='.*missing.txt': no such file"):
         predict(compose_app("predict", tmp_path / "run", *SMOKE, f"input={tmp_path / 'missing.txt'}"))
+
+
+def _pair_table(path, rows):
+    path.write_text("sentence1\tsentence2\tscore\n" + "".join(f"{a}\t{b}\t{s}\n" for a, b, s in rows), encoding="utf-8")
+    return path
+
+
+PAIRS = [("a man is playing a guitar .", "a man plays the guitar .", 4.8),
+         ("a woman is slicing an onion .", "a dog runs in the park .", 0.2),
+         ("the cat sat on the mat .", "a cat is sitting on a mat .", 4.1),
+         ("kids are playing football .", "the stock market fell today .", 0.0)]
+
+
+def test_sentence_pair_regression_writes_both_sides_and_the_predicted_value(tmp_path):
+    """data=stsb: pairs tokenised as in training, the TSV holds input, input_pair and the predicted value."""
+    data_dir = tmp_path / "stsb"
+    data_dir.mkdir()
+    for split in ("train", "dev"):
+        _pair_table(data_dir / f"{split}.tsv", PAIRS * 8)
+    stsb = [f"data.data_dir={data_dir}", "data=stsb"]
+    run_dir = tmp_path / "train"
+    train(compose_app("train", run_dir, *MINILM, *stsb))
+    inputs = _pair_table(tmp_path / "pairs.tsv", PAIRS)
+    out = predict(compose_app("predict", tmp_path / "run", *stsb, f"adapter={run_dir / 'adapter'}", f"input={inputs}"))
+    with out.open(newline="") as handle:
+        rows = list(csv.reader(handle, delimiter="\t"))
+    assert rows[0] == ["input", "input_pair", "prediction"]
+    assert [(r[0], r[1]) for r in rows[1:]] == [(a, b) for a, b, _ in PAIRS]
+
+    model, tokenizer = _adapted("predict", tmp_path, run_dir / "adapter", *stsb)
+    assert model.num_labels == 1
+    with torch.inference_mode():
+        batch = tokenizer([a for a, _, _ in PAIRS], [b for _, b, _ in PAIRS], padding=True,
+                          truncation="longest_first", max_length=128, return_tensors="pt")
+        assert (batch["token_type_ids"] == 1).any()  # the second sentence is its own segment
+        values = model(**batch).logits[:, 0]
+    assert [r[2] for r in rows[1:]] == [f"{v:.6f}" for v in values.tolist()]
+
+    # a pair task needs both columns: a plain text file is refused before the model is built
+    plain = tmp_path / "pairs.txt"
+    plain.write_text("a man is playing a guitar .\n", encoding="utf-8")
+    with pytest.raises(ValueError, match=r"data.text_pair_field='sentence2' makes this a sentence-pair task.*"
+                                         r"'sentence1' and 'sentence2'"):
+        predict(compose_app("predict", tmp_path / "run2", *stsb, f"input={plain}"))

@@ -2,6 +2,11 @@
 
 * Classification: every input sentence gets the predicted class id and its softmax
   probability, written as a TSV (``input``, ``label``, ``probability``).
+* Sentence pairs (``data.text_pair_field`` set, e.g. ``data=mrpc|rte|stsb``): the input must be a
+  ``.tsv``/``.csv`` holding both columns; each pair is tokenised as in training
+  (``[CLS] a [SEP] b [SEP]``, ``longest_first`` truncation) and the TSV gets ``input_pair`` too.
+* Regression (``data.problem_type=regression``, e.g. ``data=stsb``): the TSV holds the predicted
+  value (``prediction``) instead of a label and probability.
 * Causal LM: every prompt line goes through ``model.generate`` (``generate.max_new_tokens``,
   greedy or sampling; with sampling, prompt ``i`` is drawn after
   ``torch.manual_seed(generate.seed + i)``, so each line is reproducible on its own) and the
@@ -17,7 +22,7 @@ from __future__ import annotations
 import csv
 import json
 from pathlib import Path
-from typing import IO, Any, Iterator, Mapping
+from typing import IO, Any, Iterator, Mapping, Optional, Union
 
 import torch
 from torch import nn
@@ -26,14 +31,33 @@ from tqdm.auto import tqdm
 
 from vera_lightning.app.adapters import attach_adapter, model_config_for, resolve_adapter
 from vera_lightning.app.build import build_components, check_task
-from vera_lightning.app.tables import read_table
+from vera_lightning.app.tables import is_regression, read_table
 
 __all__ = ["predict", "read_inputs", "generation_kwargs"]
 
+#: One input example: a text, or a ``(text, text_pair)`` pair.
+Example = Union[str, tuple[str, str]]
 
-def read_inputs(path: Path, text_field: str) -> list[str]:
-    """The examples of ``path``: a ``.tsv``/``.csv`` column ``text_field``, else one per non-empty line."""
-    if path.suffix.lower() in (".tsv", ".tab", ".csv"):
+
+def read_inputs(path: Path, text_field: str, pair_field: Optional[str] = None) -> list[Example]:
+    """The examples of ``path``: ``.tsv``/``.csv`` column ``text_field`` (and ``pair_field``), else one per line.
+
+    Returns:
+        One entry per example: the text, or ``(text, text_pair)`` when ``pair_field`` is given.
+
+    Raises:
+        ValueError: If a pair task gets a plain text file, or a column is missing (naming the option).
+    """
+    table = path.suffix.lower() in (".tsv", ".tab", ".csv")
+    if pair_field:
+        if not table:
+            raise ValueError(
+                f"input={str(path)!r}: data.text_pair_field={pair_field!r} makes this a sentence-pair task, which "
+                f"needs a .tsv/.csv input with a header holding the columns {text_field!r} and {pair_field!r}"
+            )
+        records = read_table(path, {"text_field": text_field, "text_pair_field": pair_field})
+        return [(record["text"], record["text_pair"]) for record in records]
+    if table:
         return [record["text"] for record in read_table(path, {"text_field": text_field})]
     return [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
@@ -71,23 +95,33 @@ def _device(cfg: DictConfig) -> torch.device:
     return torch.device("cpu")
 
 
-def _batches(items: list[str], size: int) -> Iterator[list[str]]:
+def _batches(items: list, size: int) -> Iterator[list]:
     for start in range(0, len(items), size):
         yield items[start:start + size]
 
 
 @torch.inference_mode()
-def _classify(model: nn.Module, tokenizer: Any, texts: list[str], cfg: DictConfig, device: torch.device,
+def _classify(model: nn.Module, tokenizer: Any, examples: list[Example], cfg: DictConfig, device: torch.device,
               handle: IO[str], bar: tqdm) -> None:
     writer = csv.writer(handle, delimiter="\t", lineterminator="\n")
-    writer.writerow(["input", "label", "probability"])
+    pairs = bool(examples) and isinstance(examples[0], tuple)
+    regression = is_regression(cfg.data)
+    writer.writerow(["input"] + (["input_pair"] if pairs else []) + (["prediction"] if regression else
+                                                                       ["label", "probability"]))
     max_length = int(cfg.data.get("max_length", 128))
-    for chunk in _batches(texts, max(1, int(cfg.get("batch_size", 32)))):
-        batch = tokenizer(chunk, padding=True, truncation=True, max_length=max_length, return_tensors="pt").to(device)
-        probs = model(**batch).logits.float().softmax(dim=-1)
-        best, labels = probs.max(dim=-1)
-        for text, label, p in zip(chunk, labels.tolist(), best.tolist()):
-            writer.writerow([text, label, f"{p:.6f}"])
+    for chunk in _batches(examples, max(1, int(cfg.get("batch_size", 32)))):
+        texts = [e[0] for e in chunk] if pairs else chunk
+        second = [e[1] for e in chunk] if pairs else None
+        batch = tokenizer(texts, second, padding=True, truncation="longest_first", max_length=max_length,
+                          return_tensors="pt").to(device)  # as in training (data.py)
+        logits = model(**batch).logits.float()
+        if regression:
+            columns = [[f"{value:.6f}"] for value in logits[:, 0].tolist()]
+        else:
+            best, labels = logits.softmax(dim=-1).max(dim=-1)
+            columns = [[label, f"{p:.6f}"] for label, p in zip(labels.tolist(), best.tolist())]
+        for example, values in zip(chunk, columns):
+            writer.writerow((list(example) if pairs else [example]) + values)
         handle.flush()
         bar.update(len(chunk))
 
@@ -124,7 +158,8 @@ def predict(cfg: DictConfig) -> Path:
     source = resolve_adapter(cfg.adapter) if cfg.get("adapter") else None
     task = check_task(cfg)
     output = _output_path(cfg, task, input_path)
-    texts = read_inputs(input_path, str(cfg.data.get("text_field") or "sentence"))
+    pair_field = cfg.data.get("text_pair_field") if task == "classification" else None
+    texts = read_inputs(input_path, str(cfg.data.get("text_field") or "sentence"), pair_field)
     if not texts:
         raise ValueError(f"input={str(cfg.input)!r} holds no examples (empty lines are skipped)")
 
