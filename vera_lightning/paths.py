@@ -102,8 +102,11 @@ def _shared_h(layer: "VeraLinear", x: torch.Tensor, a_s: torch.Tensor, path: Ver
     """``(h, group)`` for this layer: a sibling's if it read the same ``x``, else a new one."""
     cache, dtype = layer.adapter.siblings, layer.vera_lambda_d.dtype
     hit = cache.lookup(x, a_s, path.value, id(layer))
-    if path is VeraPath.nograd and cache.enabled:  # sibling groups are learned here too (reentrant checkpointing
-        (cache.plans.join if hit is not None else cache.plans.lead)(layer, x)  # runs no grad-recording forward)
+    if path is VeraPath.nograd and cache.enabled:  # sibling groups are learned here too: reentrant
+        if hit is not None:                          # checkpointing runs no grad-recording forward outside backward
+            cache.plans.join(layer, x)
+        else:
+            cache.plans.lead(layer, x)
     if hit is not None:
         return hit
     if path is VeraPath.nograd:
@@ -223,15 +226,15 @@ def set_vera_path(
         raise ValueError(f"set_vera_path(memory={memory!r}): must be one of {cost.MEMORY_PREFERENCES}")
     from vera_lightning.adapter import vera_layers
 
-    layers = [layer for _, layer in vera_layers(model)]
+    named = list(vera_layers(model))
     if path == VeraPath.merged:
-        quantized = [name for name, layer in vera_layers(model) if layer.base_is_quantized]
+        quantized = [name for name, layer in named if layer.base_is_quantized]
         if quantized:
             raise ValueError(
                 f"set_vera_path(path='merged'): {len(quantized)} layer(s) (e.g. {quantized[0]!r}) have a quantized "
                 "base, and the merged form needs a dequantized W0; use path='auto' (which skips it there) or 'lean'"
             )
-    for layer in layers:
+    for _, layer in named:
         layer.vera_path = VeraPath(path)
         if memory is not None:
             layer.vera_memory = memory
