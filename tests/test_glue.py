@@ -7,19 +7,18 @@ import json
 from pathlib import Path
 from types import SimpleNamespace
 
-
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 from scipy.stats import pearsonr, spearmanr
 from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
 from torch import nn
 
+from helpers.app import compose_app
 from vera_lightning.app.data import build_datamodule, read_split, subsample
 from vera_lightning.app.models import build_model, build_tokenizer
 from vera_lightning.app.module import RegressionModule, build_module
-from vera_lightning.app.train import register_configs, train
+from vera_lightning.app.train import train
 
 ROOT = Path(__file__).resolve().parents[1]
 GLUE = (ROOT / ".." / "shared" / "data" / "glue").resolve()
@@ -40,14 +39,8 @@ GROUPS = {"rte": ("val/acc", ["acc"]), "mrpc": ("val/acc", ["acc", "f1"]), "cola
 
 @pytest.fixture
 def make_cfg(tmp_path):
-    register_configs()
-
-    def make(*overrides: str):
-        with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-            return compose("train", overrides=[f"paths.output_dir={tmp_path / 'run'}",
-                                               *overrides])
-
-    return make
+    """``make_cfg(*overrides)`` -> the real conf/train.yaml composed, writing under ``tmp_path / "run"``."""
+    return lambda *overrides: compose_app("train", tmp_path / "run", *overrides)
 
 
 def data_cfg(make_cfg, task: str, *overrides: str) -> dict:

@@ -2,24 +2,20 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
-
 import lightning.pytorch as pl
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 
+from helpers.app import compose_app
 from vera_lightning import VeraCallback, is_quantized, load_adapter
 from vera_lightning.adapter import vera_layers
 from vera_lightning.app.data import build_datamodule
 from vera_lightning.app.models import build_model, build_tokenizer
 from vera_lightning.app.module import build_module
-from vera_lightning.app.train import register_configs, train, vera_config_from
+from vera_lightning.app.train import train, vera_config_from
 from vera_lightning.qlinear import weight_scheme
 from vera_lightning.quantize import quantized_layers
 
-CONF = Path(__file__).resolve().parents[1] / "conf"
 # tiny_opt at hidden 128: every linear holds a multiple of 16384 values, as NF4 needs
 WIDE = ["model.from_config.hidden_size=128", "model.from_config.word_embed_proj_dim=128",
         "model.from_config.ffn_dim=256"]
@@ -27,13 +23,8 @@ WIDE = ["model.from_config.hidden_size=128", "model.from_config.word_embed_proj_
 
 @pytest.fixture
 def make_cfg(tmp_path):
-    register_configs()
-
-    def make(*overrides: str):
-        with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-            return compose("train", overrides=[f"paths.output_dir={tmp_path / 'run'}", *overrides])
-
-    return make
+    """``make_cfg(*overrides)`` -> the real conf/train.yaml composed, writing under ``tmp_path / "run"``."""
+    return lambda *overrides: compose_app("train", tmp_path / "run", *overrides)
 
 
 def test_nf4_run_trains_reports_bytes_and_its_checkpoint_resumes(make_cfg, tmp_path, capsys):

@@ -3,29 +3,19 @@ any file is written (issue 10, items 6, 8, 12 and the max_steps/max_length/devic
 
 from __future__ import annotations
 
-from pathlib import Path
-
-
 import pytest
-from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
+from helpers.app import compose_app
 from vera_lightning.app.checks import check_run_config
 from vera_lightning.app.data import read_split
-from vera_lightning.app.train import register_configs, train
-
-CONF = Path(__file__).resolve().parents[1] / "conf"
+from vera_lightning.app.train import train
 
 
 @pytest.fixture
 def make_cfg(tmp_path):
-    register_configs()
-
-    def make(*overrides: str):
-        with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-            return compose("train", overrides=[f"paths.output_dir={tmp_path / 'run'}", *overrides])
-
-    return make
+    """``make_cfg(*overrides)`` -> the real conf/train.yaml composed, writing under ``tmp_path / "run"``."""
+    return lambda *overrides: compose_app("train", tmp_path / "run", *overrides)
 
 
 def _refused(make_cfg, tmp_path, overrides, match):
