@@ -185,8 +185,9 @@ def test_glue_experiment_picks_the_recipe_of_the_task(make_cfg):
     assert cfg.model.name == "minilm" and list(cfg.vera.target_modules) == ["query", "value"]
     assert list(cfg.vera.modules_to_save) == ["classifier"] and cfg.vera.r == 256
     assert cfg.data.name == "mrpc" and cfg.data.text_pair_field == "sentence2"
-    assert (cfg.data.max_train_samples, cfg.data.batch_size, cfg.optim.lr) == (recipe.train_rows, recipe.batch_size,
-                                                                                recipe.lr)
+    assert (cfg.data.max_train_samples, cfg.data.batch_size, cfg.optim.lr, cfg.trainer.max_epochs) == (
+        recipe.train_rows, recipe.batch_size, recipe.lr, recipe.epochs)
+    assert (cfg.data.max_train_samples, cfg.trainer.max_epochs) == (None, 2)  # MRPC: the whole split, twice
     assert cfg.data.data_dir.endswith("glue/mrpc") and cfg.optimized_metric == "val/acc"
     again = make_cfg("experiment=glue_minilm", "data=stsb", "data.max_train_samples=100", "optim.lr=0.01")
     assert (again.data.max_train_samples, again.optim.lr, again.optimized_metric) == (100, 0.01, "val/pearson")
