@@ -187,6 +187,20 @@ def test_model_configs_pick_their_task_data_unless_told_otherwise(make_cfg):
     assert vera_config_from(make_cfg("vera=all_linear")).target_modules == "all-linear"
 
 
+@pytest.mark.parametrize("entry", ["train", "eval", "predict"])
+def test_every_entry_point_scores_runs_on_the_same_objective(entry, tmp_path):
+    """conf/objective/default.yaml is the one owner of optimized_metric/monitor_mode for all three entry points."""
+    from helpers.app import compose_app
+
+    extra = ["input=x.txt"] if entry == "predict" else []
+    expected = {(): ("val/acc", "max"), ("data=stsb",): ("val/pearson", "max"), ("model=tiny_opt",): ("val/loss", "min"),
+                ("experiment=glue_minilm", "data=cola"): ("val/mcc", "max"),
+                ("optimized_metric=val/f1",): ("val/f1", "max")}
+    for overrides, objective in expected.items():
+        cfg = compose_app(entry, tmp_path, *overrides, *extra)
+        assert (cfg.optimized_metric, cfg.monitor_mode) == objective, (entry, overrides)
+
+
 def test_ddp_and_slurm_configs_compose(make_cfg):
     from hydra.utils import instantiate
     from lightning.pytorch.strategies import DDPStrategy

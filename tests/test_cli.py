@@ -5,11 +5,15 @@ Each test starts ``scripts/<entry>.py`` in a subprocess, as a user would.
 
 from __future__ import annotations
 
+import errno
+import os
+
 import pytest
 
 from helpers.app import run_script
 from helpers.models import tiny_opt
 from vera_lightning import VeraConfig, apply_vera, save_adapter
+from vera_lightning.app.cli import UserError, user_errors
 
 SMOKE = ["experiment=smoke", "trainer.enable_progress_bar=false"]
 
@@ -69,3 +73,39 @@ def test_hydra_full_error_shows_the_traceback(tmp_path):
                       extra_env={"HYDRA_FULL_ERROR": "1"})
     assert proc.returncode != 0
     assert "Traceback (most recent call last)" in proc.stderr and "FileNotFoundError: adapter=" in proc.stderr
+
+
+@pytest.mark.parametrize("code", [errno.ENOSPC, errno.EROFS, errno.EACCES])
+def test_a_full_or_read_only_disk_is_the_users_message_not_a_traceback(tmp_path, monkeypatch, code):
+    """A save that the machine refuses (disk full, read-only, forbidden) prints save_adapter's message alone."""
+    import safetensors.torch
+
+    def fail(tensors, filename, metadata=None):
+        raise OSError(code, os.strerror(code), filename)
+
+    monkeypatch.setattr(safetensors.torch, "save_file", fail)
+    monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
+    model = apply_vera(tiny_opt(hidden=48), VeraConfig(r=16, target_modules=["q_proj", "v_proj"]))
+    with pytest.raises(UserError, match=rf"^Error: \[Errno {code}\] save_adapter could not write '{tmp_path}/adapter': "
+                                        rf"{os.strerror(code)}\. Nothing was changed: .* was not created"):
+        user_errors(lambda: save_adapter(model, tmp_path / "adapter"))()
+    assert not (tmp_path / "adapter").exists()
+
+
+def test_a_held_save_lock_is_a_user_error_and_a_bug_keeps_its_traceback(monkeypatch):
+    monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
+
+    def raises(err):
+        def task():
+            raise err
+        return user_errors(task)
+
+    with pytest.raises(UserError, match=r"^Error: another process has been saving"):
+        raises(TimeoutError("another process has been saving into '/x' for more than 120 s"))()
+    with pytest.raises(OSError) as info:  # a bad file descriptor is the program's fault: unchanged
+        raises(OSError(errno.EBADF, "Bad file descriptor"))()
+    assert not isinstance(info.value, UserError) and info.value.errno == errno.EBADF
+    monkeypatch.setenv("HYDRA_FULL_ERROR", "1")
+    with pytest.raises(OSError) as info:  # HYDRA_FULL_ERROR=1: nothing is converted
+        raises(OSError(errno.ENOSPC, "No space left on device"))()
+    assert info.value.errno == errno.ENOSPC
