@@ -131,7 +131,7 @@ def test_no_lambda_in_optimizer_raises(tmp_path):
 
 
 def test_refuses_deepspeed_like_strategy():
-    from vera_lightning.callback import check_strategy
+    from vera_lightning.distributed import check_strategy  # the callback calls it in setup
 
     class DeepSpeedStrategy(pl.strategies.SingleDeviceStrategy):  # stand-in: deepspeed is not installed
         pass

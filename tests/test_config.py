@@ -81,3 +81,14 @@ def test_round_trip_through_dict():
     assert VeraConfig.from_dict(copy.deepcopy(data)) == cfg
     with pytest.raises(ValueError, match=r"Unknown VeraConfig option\(s\) \['rank'\]"):
         VeraConfig.from_dict({"rank": 4})
+
+
+def test_diff_names_what_differs_and_nothing_else():
+    base = VeraConfig(r=8, target_modules=["q", "v"], modules_to_save=["head", "pooler"], layers_to_transform=[0, 1])
+    same = VeraConfig(r=8, target_modules=["v", "q"], modules_to_save=["pooler", "head"], layers_to_transform=[1, 0])
+    assert base.diff(same) == {}  # order of names and layer indices is not a difference
+    assert VeraConfig(modules_to_save=[]).diff(VeraConfig()) == {}  # [] and None both mean "none"
+    other = VeraConfig(r=16, target_modules=["q"], modules_to_save=["head", "pooler"], layers_to_transform=[0, 1],
+                       d_initial=0.2)
+    assert base.diff(other) == {"r": (8, 16), "target_modules": (["q", "v"], ["q"]), "d_initial": (0.1, 0.2)}
+    assert base.diff(other, ignore=("d_initial", "target_modules")) == {"r": (8, 16)}

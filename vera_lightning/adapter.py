@@ -36,7 +36,8 @@ from vera_lightning.states import is_meta, materialised
 if TYPE_CHECKING:  # pragma: no cover
     from vera_lightning.layer import VeraLinear
 
-__all__ = ["VeraAdapter", "ADAPTER_ATTR", "DEFAULT_ADAPTER", "find_adapter", "locate_adapter", "vera_layers"]
+__all__ = ["VeraAdapter", "ADAPTER_ATTR", "DEFAULT_ADAPTER", "adapter_root", "find_adapter", "locate_adapter",
+           "vera_layers"]
 
 #: Attribute of the adapted module that holds its :class:`VeraAdapter` (the state-dict prefix).
 ADAPTER_ATTR = "vera_projections"
@@ -242,3 +243,21 @@ def find_adapter(module: nn.Module) -> Optional[VeraAdapter]:
     """The :class:`VeraAdapter` serving ``module`` (see :func:`locate_adapter`), or ``None``."""
     located = locate_adapter(module)
     return located[1] if located is not None else None
+
+
+def adapter_root(module: nn.Module) -> nn.Module:
+    """The module whose parameter names match PEFT's: the outermost ``transformers`` model holding every
+    adapted layer of ``module`` (e.g. the model inside a LightningModule). Adapter files name tensors
+    relative to it.
+
+    Falls back to ``module`` itself when no such model exists (plain ``nn.Module`` s).
+    """
+    try:
+        from transformers import PreTrainedModel
+    except ImportError:  # pragma: no cover
+        return module
+    layers = {id(layer) for _, layer in vera_layers(module)}
+    for _, sub in module.named_modules():
+        if isinstance(sub, PreTrainedModel) and layers and layers <= {id(m) for m in sub.modules()}:
+            return sub
+    return module

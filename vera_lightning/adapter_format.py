@@ -136,7 +136,7 @@ def compare_configs(model: nn.Module, existing: VeraConfig, saved: VeraConfig) -
                 f"{mine!r}; load it into the base model without VeRA (it is then injected "
                 "from the adapter's config) or re-adapt with the adapter's options"
             )
-    if sorted(existing.modules_to_save or []) != sorted(saved.modules_to_save or []):
+    if "modules_to_save" in diff:
         problems.append(
             f"modules_to_save: the adapter has {saved.modules_to_save!r}, the model {existing.modules_to_save!r}"
         )

@@ -22,22 +22,15 @@ from typing import Any, Optional
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.strategies import (
-    DDPStrategy,
-    FSDPStrategy,
-    ModelParallelStrategy,
-    SingleDeviceStrategy,
-    Strategy,
-)
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import nn
 from typing_extensions import override
 
-from vera_lightning.adapter import VeraAdapter, find_adapter, vera_layers
-from vera_lightning.checkpoint import adapter_root, save_adapter
+from vera_lightning.adapter import VeraAdapter, adapter_root, find_adapter, vera_layers
+from vera_lightning.checkpoint import save_adapter
 from vera_lightning.config import INIT_ONLY_OPTIONS, VeraConfig
-from vera_lightning.distributed import prepare_ddp, sync_projections
+from vera_lightning.distributed import check_strategy, prepare_ddp, sync_projections
 from vera_lightning.guards import NonFiniteGuard
 from vera_lightning.inject import apply_vera, count_parameters
 from vera_lightning.targets import describe_candidates, resolve_target_names
@@ -47,33 +40,6 @@ from vera_lightning.slim import install_slim_loading, slim_checkpoint_
 __all__ = ["VeraCallback", "check_strategy", "check_optimizers"]
 
 log = logging.getLogger(__name__)
-
-
-def check_strategy(strategy: Strategy) -> None:
-    """Refuse strategies whose parameter handling the callback does not support.
-
-    Supported: single device, the DDP family (``ddp``, ``ddp_spawn``, ``ddp_notebook``),
-    ``FSDPStrategy`` and ``ModelParallelStrategy`` (FSDP2; call ``apply_vera`` in
-    ``configure_model`` before ``fully_shard``).
-
-    Raises:
-        ValueError: Naming the strategy and the supported alternative.
-    """
-    name = type(strategy).__name__
-    if "DeepSpeed" in name:
-        raise ValueError(
-            f"VeraCallback does not support Trainer(strategy={name}): DeepSpeed partitions and re-creates "
-            "parameters, which breaks the shared VeRA projections and the slim adapter checkpoints. Use "
-            "strategy='ddp' (VeRA trains only out+r values per layer, so sharding the optimizer gains little) "
-            "or strategy='fsdp' to shard a model too large for one device."
-        )
-    if isinstance(strategy, (SingleDeviceStrategy, DDPStrategy, FSDPStrategy, ModelParallelStrategy)):
-        return
-    raise ValueError(
-        f"VeraCallback does not support Trainer(strategy={name}); use a single device, strategy='ddp' "
-        "(DDP, ddp_spawn, ddp_notebook), 'fsdp' or ModelParallelStrategy. VeRA's trainable state is tiny, so "
-        "DDP is the recommended way to scale."
-    )
 
 
 class VeraCallback(Callback):

@@ -33,7 +33,7 @@ from torch import nn
 
 from vera_lightning import adapter_format as fmt
 from vera_lightning import atomic
-from vera_lightning.adapter import DEFAULT_ADAPTER, VeraAdapter, find_adapter, vera_layers
+from vera_lightning.adapter import DEFAULT_ADAPTER, VeraAdapter, adapter_root, find_adapter, vera_layers
 from vera_lightning.config import VeraConfig
 from vera_lightning.guards import META_FORMAT, NonFiniteError, file_problems, nonfinite_names, warn_dtype_changes
 from vera_lightning.inject import apply_vera
@@ -46,22 +46,6 @@ ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
 _ADAPTER_FILES = {ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME}
 _MODEL_CARD = "README.md"  # PEFT's save_pretrained writes one; kept (never deleted) when we replace the adapter
 PathLike = Union[str, "os.PathLike[str]"]
-
-
-def adapter_root(module: nn.Module) -> nn.Module:
-    """The module whose names match PEFT's: the outermost ``transformers`` model holding every adapted layer.
-
-    Falls back to ``module`` itself when no such model exists (plain ``nn.Module`` s).
-    """
-    try:
-        from transformers import PreTrainedModel
-    except ImportError:  # pragma: no cover
-        return module
-    layers = {id(layer) for _, layer in vera_layers(module)}
-    for _, sub in module.named_modules():
-        if isinstance(sub, PreTrainedModel) and layers and layers <= {id(m) for m in sub.modules()}:
-            return sub
-    return module
 
 
 def save_adapter(
@@ -142,7 +126,6 @@ def load_adapter(model: nn.Module, directory: PathLike, adapter_name: Optional[s
         FileNotFoundError: If the directory or its files are missing.
         ValueError: Naming every problem found in the adapter (one error, model unchanged).
     """
-    directory = os.fspath(directory)
     directory = os.fspath(directory)
     adapter = _adapter_of(model, f"load_adapter({directory!r})")
     check_not_merged(list(vera_layers(model)), f"load_adapter({directory!r})")

@@ -202,8 +202,9 @@ class VeraConfig:
     def diff(self, other: "VeraConfig", ignore: tuple[str, ...] = ()) -> dict[str, tuple[Any, Any]]:
         """The options on which ``self`` and ``other`` differ: ``{option: (self's value, other's value)}``.
 
-        The one comparison of configs in the library (injection, the callback, slim checkpoints and
-        adapter files all use it). Values are compared in their JSON form (sets as sorted lists).
+        The one comparison of configs in the library (injection, the callback, slim checkpoints, adapter
+        files and named adapters all use it). Values are compared in their JSON form, lists of names or
+        layer indices as sets, and an empty list equals ``None`` (``modules_to_save=[]`` means none).
 
         Args:
             other: The config to compare with.
@@ -215,7 +216,8 @@ class VeraConfig:
             {'r': (8, 16)}
         """
         mine, theirs = self.to_dict(), other.to_dict()
-        return {k: (v, theirs[k]) for k, v in mine.items() if k not in ignore and theirs[k] != v}
+        return {k: (v, theirs[k]) for k, v in mine.items()
+                if k not in ignore and _comparable(theirs[k]) != _comparable(v)}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], source: str = "VeraConfig", warn: bool = False) -> "VeraConfig":
@@ -236,3 +238,10 @@ class VeraConfig:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the save_projection warning was shown when the config was made
             return cls(**data)
+
+
+def _comparable(value: Any) -> Any:
+    """A config value as :meth:`VeraConfig.diff` compares it: lists are unordered, ``[]`` is ``None``."""
+    if isinstance(value, list):
+        return frozenset(value) or None
+    return value

@@ -9,12 +9,21 @@
 * :func:`assert_projections_consistent` compares a checksum across ranks.
 * :func:`prepare_ddp` / :func:`sync_projections` apply the two above at the right moments of a
   Lightning run (called by :class:`~vera_lightning.VeraCallback`'s hooks).
+* :func:`check_strategy` refuses the Lightning strategies whose parameter handling breaks the shared
+  projections (DeepSpeed, unknown parallel strategies) before anything is injected.
 """
 
 from __future__ import annotations
 
 from typing import Any, Optional
 
+from lightning.pytorch.strategies import (
+    DDPStrategy,
+    FSDPStrategy,
+    ModelParallelStrategy,
+    SingleDeviceStrategy,
+    Strategy,
+)
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -23,6 +32,7 @@ from torch.nn.parallel import DistributedDataParallel
 from vera_lightning.adapter import VeraAdapter, locate_adapter
 
 __all__ = [
+    "check_strategy",
     "prepare_ddp",
     "sync_projections",
     "projection_buffer_names",
@@ -32,6 +42,33 @@ __all__ = [
     "assert_projections_consistent",
     "is_distributed",
 ]
+
+
+def check_strategy(strategy: Strategy) -> None:
+    """Refuse strategies whose parameter handling the callback does not support.
+
+    Supported: single device, the DDP family (``ddp``, ``ddp_spawn``, ``ddp_notebook``),
+    ``FSDPStrategy`` and ``ModelParallelStrategy`` (FSDP2; call ``apply_vera`` in
+    ``configure_model`` before ``fully_shard``).
+
+    Raises:
+        ValueError: Naming the strategy and the supported alternative.
+    """
+    name = type(strategy).__name__
+    if "DeepSpeed" in name:
+        raise ValueError(
+            f"VeraCallback does not support Trainer(strategy={name}): DeepSpeed partitions and re-creates "
+            "parameters, which breaks the shared VeRA projections and the slim adapter checkpoints. Use "
+            "strategy='ddp' (VeRA trains only out+r values per layer, so sharding the optimizer gains little) "
+            "or strategy='fsdp' to shard a model too large for one device."
+        )
+    if isinstance(strategy, (SingleDeviceStrategy, DDPStrategy, FSDPStrategy, ModelParallelStrategy)):
+        return
+    raise ValueError(
+        f"VeraCallback does not support Trainer(strategy={name}); use a single device, strategy='ddp' "
+        "(DDP, ddp_spawn, ddp_notebook), 'fsdp' or ModelParallelStrategy. VeRA's trainable state is tiny, so "
+        "DDP is the recommended way to scale."
+    )
 
 
 def is_distributed() -> bool:

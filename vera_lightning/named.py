@@ -31,6 +31,9 @@ name) and the one stored ``vera_A``/``vera_B``. Choices, and why:
   removes VeRA altogether), nor can the active one.
 * **Names** are 1-64 characters from ``[A-Za-z0-9_-]`` (they become parameter names and, in PEFT's
   ``save_pretrained`` layout, folder names).
+
+(A little over the ~300-line guideline: the choices above stay beside the code they govern, and the
+public functions of the contract, ``add_adapter`` to ``disable_adapter``, share its checks.)
 """
 
 from __future__ import annotations
@@ -84,10 +87,10 @@ def refuse_merged(model: nn.Module, where: str, why: str) -> None:
 def compatibility_problems(model: nn.Module, adapter: VeraAdapter, config: VeraConfig) -> list[str]:
     """Why ``config`` cannot be an added (non-primary) adapter of ``model``; empty when it can."""
     primary = adapter.config_of(adapter.primary)
-    problems = []
+    problems, diff = [], primary.diff(config)
     for option in ("r", "projection_prng_key"):
-        mine, theirs = getattr(primary, option), getattr(config, option)
-        if mine != theirs:
+        if option in diff:
+            mine, theirs = diff[option]
             problems.append(
                 f"{option}={theirs!r}: every adapter of a model shares the projections of the primary adapter "
                 f"{adapter.primary!r} ({option}={mine!r}); use {option}={mine!r}, or adapt a separate copy of the "

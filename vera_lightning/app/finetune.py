@@ -17,8 +17,9 @@ import lightning.pytorch as pl
 from safetensors.torch import save_file
 from torch import nn
 
+from vera_lightning.adapter import adapter_root
 from vera_lightning.callback import VeraCallback
-from vera_lightning.checkpoint import adapter_root, save_adapter
+from vera_lightning.checkpoint import save_adapter
 from vera_lightning.config import VeraConfig
 from vera_lightning.inject import mark_trainable
 
