@@ -1,8 +1,8 @@
 """Resuming an interrupted training run: ``ckpt_path=last|PATH`` and SLURM requeue.
 
 * :func:`resolve_ckpt_path` turns ``ckpt_path=last`` into ``<run dir>/checkpoints/last.ckpt``
-  (``callbacks=default`` writes it, ``save_last: true``) and checks a given path exists,
-  before any work is done.
+  (the ``last_checkpoint`` callback of ``callbacks=default`` rewrites it every epoch) and checks a
+  given path exists, before any work is done.
 * :func:`slurm_checkpoint` finds the ``hpc_ckpt_N.ckpt`` Lightning's SLURM auto-requeue
   saved on ``SIGUSR1`` (Lightning resumes from it by itself when the requeued job restarts).
 * :class:`RngState` saves the global torch and Python RNG states in the checkpoint and
@@ -48,7 +48,7 @@ def resolve_ckpt_path(cfg: DictConfig) -> Optional[str]:
             raise FileNotFoundError(
                 f"ckpt_path=last: {path} does not exist. Run the command again with hydra.run.dir=<the interrupted "
                 "run's directory> (the one holding checkpoints/last.ckpt), or pass ckpt_path=/path/to/file.ckpt. "
-                "last.ckpt is written by callbacks=default (save_last: true)."
+                "last.ckpt is written every epoch by callbacks=default (its last_checkpoint callback)."
             )
         return str(path)
     path = Path(str(value)).expanduser()
