@@ -70,7 +70,7 @@ def test_model_card_of_an_adapter_directory_is_kept(tmp_path):
 _KILLED_SAVE = textwrap.dedent("""
     import os, sys, torch
     sys.path.insert(0, "tests")
-    from test_reliability_files import _adapter
+    from test_atomic import _adapter
     from vera_lightning import atomic, save_adapter
     where = sys.argv[2]
     if where == "after-exchange":            # the swap happened; cleanup never runs
@@ -116,7 +116,7 @@ def test_leftovers_of_0_1_0_saves_are_restored_or_removed(tmp_path):
 _SAVE_LOOP = textwrap.dedent("""
     import sys
     sys.path.insert(0, "tests")
-    from test_reliability_files import _adapter
+    from test_atomic import _adapter
     from vera_lightning import save_adapter
     models = [_adapter(0.5), _adapter(0.25)]
     print("ready", flush=True)
