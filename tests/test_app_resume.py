@@ -1,4 +1,5 @@
-"""Resuming an interrupted run: ckpt_path=last after a SIGKILL, epoch-boundary exactness, SLURM requeue."""
+"""vera_lightning/app/resume.py: resuming an interrupted run: ckpt_path=last after a SIGKILL,
+epoch-boundary exactness, SLURM requeue."""
 
 from __future__ import annotations
 

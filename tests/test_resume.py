@@ -1,87 +1,26 @@
-"""Training and resuming never go on silently wrong: NaN/inf stops training before anything is
-written, a slim ``.ckpt`` is checked against the model it resumes into (issue 10, items 5, 6, 12)."""
+"""vera_lightning/resume.py: a slim ``.ckpt`` is checked against the model it resumes into (the frozen
+base, the projections) and an unreadable ``ckpt_path`` is named (issue 10, items 5, 12 and the
+d_initial decision)."""
 
 from __future__ import annotations
 
 import os
 import warnings
 
-import lightning.pytorch as pl
 import pytest
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
 from helpers.models import tiny_opt
-from helpers.lightning import TinyOptModule, trainer_kwargs
+from helpers.lightning import TinyOptModule, fit
 from vera_lightning import VeraCallback
-from vera_lightning.guards import NonFiniteError
 from vera_lightning.inject import vera_layers
 
 TARGETS = ["q_proj", "v_proj"]
 
 
-class NanAt(TinyOptModule):
-    """Returns a NaN loss from training step ``step`` on (the λ's turn NaN at the next optimizer step)."""
-
-    def __init__(self, step: int, **kw):
-        super().__init__(**kw)
-        self.nan_step = step
-
-    def training_step(self, batch, batch_idx):
-        loss = super().training_step(batch, batch_idx)
-        return loss * float("nan") if self.global_step >= self.nan_step else loss
-
-
 def _lambdas(module):
     return {f"{n}.{k}": p.detach().clone() for n, layer in vera_layers(module) for k, p in layer.adapter_params().items()}
-
-
-def _fit(tmp_path, module, callbacks, ckpt_path=None, **kw):
-    trainer = pl.Trainer(callbacks=callbacks, **trainer_kwargs(tmp_path, **kw))
-    trainer.fit(module, ckpt_path=ckpt_path)
-    return trainer
-
-
-# ---------------------------------------------------------------------- NaN/inf guard (item 6)
-def test_nan_loss_stops_training_at_the_epoch_end_and_writes_nothing(tmp_path):
-    saver = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_epochs=1, save_top_k=-1)
-    callback = VeraCallback(r=16, target_modules=TARGETS, adapter_dir=str(tmp_path / "adapters"))
-    with pytest.raises(NonFiniteError, match=r"non-finite values at the end of training epoch 0: the training loss was "
-                                             r"NaN/inf .*trainable tensors hold NaN/inf.*nothing was written"):
-        _fit(tmp_path, NanAt(2), [callback, saver], max_epochs=2, enable_checkpointing=True)
-    assert not (tmp_path / "ckpt").exists() and not (tmp_path / "adapters").exists()
-
-
-def test_mid_epoch_checkpoints_stop_at_the_first_non_finite_step(tmp_path):
-    saver = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=1, save_top_k=-1, filename="{step}")
-    callback = VeraCallback(r=16, target_modules=TARGETS, adapter_dir=str(tmp_path / "adapters"))
-    with pytest.raises(NonFiniteError, match=r"before writing the checkpoint at step 3"):
-        _fit(tmp_path, NanAt(2), [callback, saver], max_epochs=1, enable_checkpointing=True)
-    assert sorted(os.listdir(tmp_path / "ckpt")) == ["step=1.ckpt", "step=2.ckpt"]
-    assert sorted(os.listdir(tmp_path / "adapters")) == ["epoch=0-step=1", "epoch=0-step=2"]
-
-
-def test_warn_mode_goes_on_but_never_writes_a_nan_adapter(tmp_path):
-    saver = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_epochs=1, save_top_k=-1, filename="{epoch}")
-    callback = VeraCallback(r=16, target_modules=TARGETS, adapter_dir=str(tmp_path / "adapters"), on_nonfinite="warn")
-    with pytest.warns(UserWarning, match=r"non-finite values .*on_nonfinite='warn': training goes on"):
-        trainer = _fit(tmp_path, NanAt(2), [callback, saver], max_epochs=2, enable_checkpointing=True)
-    assert trainer.global_step == 8 and sorted(os.listdir(tmp_path / "ckpt")) == ["epoch=0.ckpt", "epoch=1.ckpt"]
-    assert not (tmp_path / "adapters").exists()
-
-
-def test_on_nonfinite_is_validated():
-    with pytest.raises(ValueError, match=r"on_nonfinite='ignore': must be one of \['raise', 'warn'\]"):
-        VeraCallback(r=16, on_nonfinite="ignore")
-
-
-def test_finite_training_is_not_disturbed(tmp_path):
-    callback = VeraCallback(r=16, target_modules=TARGETS, adapter_dir=str(tmp_path / "adapters"))
-    saver = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_epochs=1, save_top_k=-1)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", UserWarning)
-        _fit(tmp_path, TinyOptModule(), [callback, saver], max_epochs=1, enable_checkpointing=True)
-    assert os.listdir(tmp_path / "adapters") == ["epoch=0-step=4"]
 
 
 # ---------------------------------------------------------------------- slim resume checks (item 5)
@@ -95,8 +34,8 @@ def ckpts(tmp_path_factory):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             callback = VeraCallback(r=16, target_modules=TARGETS, save_projection=save_projection)
-        _fit(root / f"run-{name}", TinyOptModule(with_scheduler=True), [callback, saver], max_epochs=1,
-             enable_checkpointing=True)
+        fit(root / f"run-{name}", TinyOptModule(with_scheduler=True), [callback, saver], max_epochs=1,
+            enable_checkpointing=True)
         out[name] = root / name / "epoch=0.ckpt"
     return out
 
@@ -112,7 +51,7 @@ def test_slim_ckpt_refuses_a_base_built_differently(tmp_path, ckpts):
     module = _other_base()
     with pytest.raises(ValueError, match=r"the frozen base differs from the one this checkpoint was trained on "
                                          r"\(\d+ of \d+ frozen tensors differ"):
-        _fit(tmp_path, module, [VeraCallback(r=16, target_modules=TARGETS)], ckpt_path=ckpts["with"], max_epochs=2)
+        fit(tmp_path, module, [VeraCallback(r=16, target_modules=TARGETS)], ckpt_path=ckpts["with"], max_epochs=2)
     assert all(not p.any() for k, p in _lambdas(module).items() if k.endswith("_b"))  # nothing was loaded
 
 
@@ -129,19 +68,19 @@ def test_seed_only_ckpt_refuses_projections_that_differ(tmp_path, ckpts):
         warnings.simplefilter("ignore")
         callback = VeraCallback(r=16, target_modules=TARGETS, save_projection=False)
     with pytest.raises(ValueError, match=r"vera_A/vera_B differ from the ones this checkpoint was trained with"):
-        _fit(tmp_path, TinyOptModule(with_scheduler=True), [callback, ScaleProjections()], ckpt_path=ckpts["seed"],
-             max_epochs=2)
+        fit(tmp_path, TinyOptModule(with_scheduler=True), [callback, ScaleProjections()], ckpt_path=ckpts["seed"],
+            max_epochs=2)
 
 
 def test_resume_with_another_d_initial_is_allowed(tmp_path, ckpts):
     """d_initial only sets λ_d's initial value; a resumed run takes λ_d from the checkpoint."""
     ref = TinyOptModule(with_scheduler=True)
-    _fit(tmp_path / "a", ref, [VeraCallback(r=16, target_modules=TARGETS)], ckpt_path=ckpts["with"], max_epochs=2)
+    fit(tmp_path / "a", ref, [VeraCallback(r=16, target_modules=TARGETS)], ckpt_path=ckpts["with"], max_epochs=2)
     module = TinyOptModule(with_scheduler=True)
     with warnings.catch_warnings():
         warnings.filterwarnings("error", message="VeraCallback")  # no "different VeraConfig" warning either
-        _fit(tmp_path / "b", module, [VeraCallback(r=16, target_modules=TARGETS, d_initial=0.5)],
-             ckpt_path=ckpts["with"], max_epochs=2)
+        fit(tmp_path / "b", module, [VeraCallback(r=16, target_modules=TARGETS, d_initial=0.5)],
+            ckpt_path=ckpts["with"], max_epochs=2)
     expected, got = _lambdas(ref), _lambdas(module)
     assert all(torch.equal(got[k], expected[k]) for k in expected)
 
@@ -158,5 +97,5 @@ def test_unreadable_ckpt_path_is_named(tmp_path, ckpts, kind):
     match = {"truncated": r"ckpt_path='.*bad.ckpt' is truncated or corrupted", "empty": r"is empty \(0 bytes\)",
              "fifo": r"is not a regular file"}[kind]
     with pytest.raises(ValueError, match=match):
-        _fit(tmp_path, TinyOptModule(with_scheduler=True), [VeraCallback(r=16, target_modules=TARGETS)],
-             ckpt_path=path, max_epochs=2)
+        fit(tmp_path, TinyOptModule(with_scheduler=True), [VeraCallback(r=16, target_modules=TARGETS)],
+            ckpt_path=path, max_epochs=2)
