@@ -1,4 +1,4 @@
-"""Every VeraConfig validation rule, checked on its message."""
+"""vera_lightning/config.py: every VeraConfig validation rule, checked on its message."""
 
 from __future__ import annotations
 
@@ -6,8 +6,10 @@ import copy
 import warnings
 
 import pytest
+import torch
 
-from vera_lightning import VeraConfig
+from helpers.models import MLP
+from vera_lightning import VeraConfig, apply_vera
 from vera_lightning.config import BiasMode
 
 
@@ -92,3 +94,28 @@ def test_diff_names_what_differs_and_nothing_else():
                        d_initial=0.2)
     assert base.diff(other) == {"r": (8, 16), "target_modules": (["q", "v"], ["q"]), "d_initial": (0.1, 0.2)}
     assert base.diff(other, ignore=("d_initial", "target_modules")) == {"r": (8, 16)}
+
+
+# ---------------------------------------------------------------------- finite, in range (issue 10, items 6, 12)
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf"), 1e308, 10**400])
+def test_non_finite_or_huge_d_initial_is_refused(value):
+    with pytest.raises(ValueError, match=r"d_initial=.*: must be a number, finite, with \|d_initial\| <= 3.4e\+38"):
+        VeraConfig(d_initial=value)
+
+
+@pytest.mark.parametrize("key", [2**64, -(2**63) - 1, 10**30])
+def test_prng_key_outside_torch_range_is_refused(key):
+    with pytest.raises(ValueError, match=r"projection_prng_key=.*integer seed in \[-2\*\*63, 2\*\*64\)"):
+        VeraConfig(projection_prng_key=key)
+
+
+def test_prng_key_range_ends_are_accepted_and_wrap_as_documented():
+    low = VeraConfig(r=4, target_modules=["fc1"], projection_prng_key=-1)
+    high = VeraConfig(r=4, target_modules=["fc1"], projection_prng_key=2**64 - 1)
+    a, b = apply_vera(MLP(), low), apply_vera(MLP(), high)
+    assert torch.equal(a.vera_projections.vera_A, b.vera_projections.vera_A)
+
+
+def test_bad_regex_names_target_modules():
+    with pytest.raises(ValueError, match=r"target_modules='\[': not a valid regular expression"):
+        VeraConfig(target_modules="[")

@@ -62,6 +62,13 @@ def trainer_kwargs(tmp_path, **overrides):
     return kwargs
 
 
+def fit(tmp_path, module, callbacks, ckpt_path=None, **kw) -> pl.Trainer:
+    """Fit ``module`` with ``callbacks`` on a :func:`trainer_kwargs` Trainer; returns the Trainer."""
+    trainer = pl.Trainer(callbacks=callbacks, **trainer_kwargs(tmp_path, **kw))
+    trainer.fit(module, ckpt_path=ckpt_path)
+    return trainer
+
+
 def snapshot(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     """Detached copies of every state-dict tensor."""
     return {k: v.detach().clone() for k, v in module.state_dict().items()}

@@ -1,5 +1,6 @@
-"""The app refuses bad values at startup, naming the key, the value and the fix, before any work or
-any file is written (issue 10, items 6, 8, 12 and the max_steps/max_length/devices decisions)."""
+"""vera_lightning/app/checks.py: the app refuses bad values at startup, naming the key, the value
+and the fix, before any work or any file is written (issue 10, items 6, 8, 12 and the
+max_steps/max_length/devices decisions)."""
 
 from __future__ import annotations
 

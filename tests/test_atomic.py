@@ -1,5 +1,5 @@
-"""Adapter files: saves that never lose data (atomic, locked, cleaned up), reads that never mix
-versions, and files that are refused when they cannot be trusted (issue 10, items 3, 4, 6, 10, 12)."""
+"""vera_lightning/atomic.py and the save path: saves that never lose data (atomic, locked, cleaned up)
+and reads that never mix versions or open what is not a regular file (issue 10, items 3, 4, 12)."""
 
 from __future__ import annotations
 
@@ -15,35 +15,11 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
 
+from helpers.files import WEIGHTS, filled_adapter, loaded_value
 from helpers.models import MLP
-from vera_lightning import VeraConfig, apply_vera, load_adapter, save_adapter
+from vera_lightning import load_adapter, save_adapter
 from vera_lightning import atomic
-from vera_lightning.guards import NonFiniteError
-from vera_lightning.inject import vera_layers
-
-CFG = dict(r=4, target_modules=["fc1", "fc2"])
-WEIGHTS = "adapter_model.safetensors"
-
-
-def _adapter(value: float):
-    """An MLP adapter whose λ's all equal ``value`` (so a loaded version is recognisable)."""
-    model = apply_vera(MLP(), VeraConfig(**CFG))
-    with torch.no_grad():
-        for _, layer in vera_layers(model):
-            for p in layer.adapter_params().values():
-                p.fill_(value)
-    return model
-
-
-def _loaded_value(directory) -> float:
-    model = load_adapter(MLP(), directory)
-    values = {float(p.flatten()[0]) for _, layer in vera_layers(model) for p in layer.adapter_params().values()}
-    assert len(values) == 1, values
-    return values.pop()
 
 
 def _leftovers(parent: Path) -> list[str]:
@@ -55,22 +31,22 @@ def test_directory_with_only_the_users_readme_is_refused(tmp_path):
     (tmp_path / "a").mkdir()
     (tmp_path / "a" / "README.md").write_text("my notes")
     with pytest.raises(ValueError, match=r"refuses to replace .*\['README.md'\], which are not adapter files"):
-        save_adapter(_adapter(0.5), tmp_path / "a")
+        save_adapter(filled_adapter(0.5), tmp_path / "a")
     assert os.listdir(tmp_path / "a") == ["README.md"] and (tmp_path / "a" / "README.md").read_text() == "my notes"
 
 
 def test_model_card_of_an_adapter_directory_is_kept(tmp_path):
-    save_adapter(_adapter(0.5), tmp_path / "a")
+    save_adapter(filled_adapter(0.5), tmp_path / "a")
     (tmp_path / "a" / "README.md").write_text("model card")  # as PEFT's save_pretrained writes one
-    save_adapter(_adapter(0.25), tmp_path / "a")
-    assert (tmp_path / "a" / "README.md").read_text() == "model card" and _loaded_value(tmp_path / "a") == 0.25
+    save_adapter(filled_adapter(0.25), tmp_path / "a")
+    assert (tmp_path / "a" / "README.md").read_text() == "model card" and loaded_value(tmp_path / "a") == 0.25
 
 
 # ---------------------------------------------------------------------- kills (item 4)
 _KILLED_SAVE = textwrap.dedent("""
     import os, sys, torch
     sys.path.insert(0, "tests")
-    from test_reliability_files import _adapter
+    from helpers.files import filled_adapter
     from vera_lightning import atomic, save_adapter
     where = sys.argv[2]
     if where == "after-exchange":            # the swap happened; cleanup never runs
@@ -87,38 +63,38 @@ _KILLED_SAVE = textwrap.dedent("""
             if src.endswith(os.path.join("", "a")):
                 os._exit(9)
         atomic.os.rename = rename
-    save_adapter(_adapter(0.25), sys.argv[1])
+    save_adapter(filled_adapter(0.25), sys.argv[1])
 """)
 
 
 @pytest.mark.slow  # a subprocess importing torch + lightning: ~10-20 s on a loaded 2-core machine
 @pytest.mark.parametrize("where", ["after-exchange", "between-renames"])
 def test_killed_save_leaves_a_complete_adapter_and_the_next_save_cleans_up(tmp_path, where):
-    save_adapter(_adapter(0.5), tmp_path / "a")
+    save_adapter(filled_adapter(0.5), tmp_path / "a")
     proc = subprocess.run([sys.executable, "-c", _KILLED_SAVE, str(tmp_path / "a"), where], capture_output=True)
     assert proc.returncode == 9, proc.stderr.decode()[-2000:]
     assert _leftovers(tmp_path) == [".a.vera-tmp"]
     # readers see a complete adapter: the new one (swapped in) or the old one (parked mid-fallback)
-    assert _loaded_value(tmp_path / "a") == (0.25 if where == "after-exchange" else 0.5)
-    save_adapter(_adapter(0.125), tmp_path / "a")
+    assert loaded_value(tmp_path / "a") == (0.25 if where == "after-exchange" else 0.5)
+    save_adapter(filled_adapter(0.125), tmp_path / "a")
     assert _leftovers(tmp_path) == [] and sorted(os.listdir(tmp_path)) == ["a"]
-    assert _loaded_value(tmp_path / "a") == 0.125
+    assert loaded_value(tmp_path / "a") == 0.125
 
 
 def test_leftovers_of_0_1_0_saves_are_restored_or_removed(tmp_path):
-    save_adapter(_adapter(0.5), tmp_path / "a")
+    save_adapter(filled_adapter(0.5), tmp_path / "a")
     os.rename(tmp_path / "a", tmp_path / ".a.tmp-x1y2.old")  # 0.1.0 killed between its renames
     (tmp_path / ".a.tmp-x1y2").mkdir()
-    save_adapter(_adapter(0.25), tmp_path / "a")
-    assert sorted(os.listdir(tmp_path)) == ["a"] and _loaded_value(tmp_path / "a") == 0.25
+    save_adapter(filled_adapter(0.25), tmp_path / "a")
+    assert sorted(os.listdir(tmp_path)) == ["a"] and loaded_value(tmp_path / "a") == 0.25
 
 
 _SAVE_LOOP = textwrap.dedent("""
     import sys
     sys.path.insert(0, "tests")
-    from test_reliability_files import _adapter
+    from helpers.files import filled_adapter
     from vera_lightning import save_adapter
-    models = [_adapter(0.5), _adapter(0.25)]
+    models = [filled_adapter(0.5), filled_adapter(0.25)]
     print("ready", flush=True)
     for i in range(int(sys.argv[2])):
         save_adapter(models[i % 2], sys.argv[1])
@@ -130,7 +106,7 @@ def test_sigkill_at_random_moments_always_leaves_a_loadable_adapter(tmp_path):
     import random
 
     rng = random.Random(0)
-    save_adapter(_adapter(0.5), tmp_path / "a")
+    save_adapter(filled_adapter(0.5), tmp_path / "a")
     for _ in range(12):
         proc = subprocess.Popen([sys.executable, "-c", _SAVE_LOOP, str(tmp_path / "a"), "100000"],
                                 stdout=subprocess.PIPE)
@@ -138,8 +114,8 @@ def test_sigkill_at_random_moments_always_leaves_a_loadable_adapter(tmp_path):
         time.sleep(rng.uniform(0.0, 0.4))
         proc.send_signal(signal.SIGKILL)
         proc.wait()
-        assert _loaded_value(tmp_path / "a") in (0.5, 0.25)
-    save_adapter(_adapter(0.125), tmp_path / "a")
+        assert loaded_value(tmp_path / "a") in (0.5, 0.25)
+    save_adapter(filled_adapter(0.125), tmp_path / "a")
     assert sorted(os.listdir(tmp_path)) == ["a"]
 
 
@@ -151,12 +127,12 @@ def test_two_processes_saving_to_one_directory_serialise(tmp_path):
     for proc in procs:
         _, err = proc.communicate(timeout=300)
         assert proc.returncode == 0, err.decode()[-2000:]
-    assert sorted(os.listdir(tmp_path)) == ["a"] and _loaded_value(tmp_path / "a") in (0.5, 0.25)
+    assert sorted(os.listdir(tmp_path)) == ["a"] and loaded_value(tmp_path / "a") in (0.5, 0.25)
 
 
 def test_threads_saving_to_one_directory_serialise(tmp_path):
     errors: list[BaseException] = []
-    models = [_adapter(0.5), _adapter(0.25)]
+    models = [filled_adapter(0.5), filled_adapter(0.25)]
 
     def work(k):
         try:
@@ -169,11 +145,11 @@ def test_threads_saving_to_one_directory_serialise(tmp_path):
     [t.start() for t in threads]
     [t.join() for t in threads]
     assert errors == [] and sorted(os.listdir(tmp_path)) == ["a"]
-    assert _loaded_value(tmp_path / "a") in (0.5, 0.25)
+    assert loaded_value(tmp_path / "a") in (0.5, 0.25)
 
 
 def test_reader_racing_a_writer_always_reads_one_complete_version(tmp_path):
-    models = [_adapter(0.5), _adapter(0.25)]
+    models = [filled_adapter(0.5), filled_adapter(0.25)]
     save_adapter(models[0], tmp_path / "a")
     stop, errors, seen = threading.Event(), [], set()
 
@@ -188,7 +164,7 @@ def test_reader_racing_a_writer_always_reads_one_complete_version(tmp_path):
     try:
         for _ in range(60):
             try:
-                seen.add(_loaded_value(tmp_path / "a"))
+                seen.add(loaded_value(tmp_path / "a"))
             except Exception as err:  # noqa: BLE001 - any error is the failure
                 errors.append(err)
     finally:
@@ -202,7 +178,7 @@ def test_a_save_landing_between_the_readers_two_reads_is_not_a_checksum_mismatch
     the first part (0.1.0: the header's checksum; now: adapter_config.json) and before the tensors."""
     import safetensors.torch
 
-    models = [_adapter(0.5), _adapter(0.25)]
+    models = [filled_adapter(0.5), filled_adapter(0.25)]
     save_adapter(models[0], tmp_path / "a")
     fired = []
 
@@ -224,7 +200,7 @@ def test_a_save_landing_between_the_readers_two_reads_is_not_a_checksum_mismatch
 
     monkeypatch.setattr(safetensors.torch, "load_file", load_file)
     monkeypatch.setattr(atomic, "_read_one", read_one)
-    assert _loaded_value(tmp_path / "a") == 0.25 and fired  # the version published while it was read
+    assert loaded_value(tmp_path / "a") == 0.25 and fired  # the version published while it was read
 
 
 def test_lock_held_too_long_is_a_clear_timeout(tmp_path):
@@ -240,7 +216,7 @@ def test_lock_held_too_long_is_a_clear_timeout(tmp_path):
 def test_disk_full_or_read_only_names_the_path_and_says_nothing_changed(tmp_path, monkeypatch, code):
     import safetensors.torch
 
-    save_adapter(_adapter(0.5), tmp_path / "a")
+    save_adapter(filled_adapter(0.5), tmp_path / "a")
     before = (tmp_path / "a" / WEIGHTS).read_bytes()
 
     def fail(tensors, filename, metadata=None):
@@ -249,74 +225,23 @@ def test_disk_full_or_read_only_names_the_path_and_says_nothing_changed(tmp_path
     monkeypatch.setattr(safetensors.torch, "save_file", fail)
     with pytest.raises(OSError, match=rf"could not write '{tmp_path}/a': {os.strerror(code)}\. Nothing was changed: "
                                       r"'.*/a' still holds the previous adapter"):
-        save_adapter(_adapter(0.25), tmp_path / "a")
+        save_adapter(filled_adapter(0.25), tmp_path / "a")
     assert (tmp_path / "a" / WEIGHTS).read_bytes() == before and sorted(os.listdir(tmp_path)) == ["a"]
     with pytest.raises(OSError, match=r"Nothing was changed: '.*/b' was not created"):
-        save_adapter(_adapter(0.25), tmp_path / "b")
+        save_adapter(filled_adapter(0.25), tmp_path / "b")
     assert sorted(os.listdir(tmp_path)) == ["a"]
 
 
 @pytest.mark.parametrize("path", ["", "   "])
 def test_empty_directory_name_is_refused(path):
     with pytest.raises(ValueError, match=r"save_adapter: directory=.* is empty; give the directory to write"):
-        save_adapter(_adapter(0.5), path)
+        save_adapter(filled_adapter(0.5), path)
 
 
 # ---------------------------------------------------------------------- what is read (items 10, 12)
-def _rewrite(path, tensors=None, metadata=None):
-    with safe_open(str(path), "pt") as fh:
-        meta = dict(fh.metadata())
-    data = load_file(str(path))
-    save_file(tensors(data) if tensors else data, str(path), metadata=metadata(meta) if metadata else meta)
-
-
-def test_our_file_with_a_stripped_checksum_is_refused(tmp_path):
-    save_adapter(_adapter(0.5), tmp_path / "a")
-    path = tmp_path / "a" / WEIGHTS
-    _rewrite(path, tensors=lambda t: {k: v + (k.endswith("lambda_b") * 1e-3) for k, v in t.items()},
-             metadata=lambda m: {k: v for k, v in m.items() if "content" not in k})
-    with pytest.raises(ValueError, match=r"written by vera_lightning .* lacks \['vera_lightning.content_sha256'\]"):
-        load_adapter(MLP(), tmp_path / "a")
-
-
-def test_file_without_our_metadata_is_checked_as_a_peft_file(tmp_path):
-    save_adapter(_adapter(0.5), tmp_path / "a")
-    _rewrite(tmp_path / "a" / WEIGHTS, metadata=lambda m: {"format": "pt"})  # what PEFT writes
-    assert _loaded_value(tmp_path / "a") == 0.5
-
-
-def test_tensors_in_other_dtypes_warn_or_are_refused(tmp_path):
-    save_adapter(_adapter(0.5), tmp_path / "a")
-    path = tmp_path / "a" / WEIGHTS
-    _rewrite(path, tensors=lambda t: {k: v.half() for k, v in t.items()}, metadata=lambda m: {"format": "pt"})
-    with pytest.warns(UserWarning, match=r"stored in another floating dtype .*vera_lambda_b \(torch.float16 -> "
-                                         r"torch.float32\)"):
-        assert _loaded_value(tmp_path / "a") == 0.5
-    _rewrite(path, tensors=lambda t: {k: v.long() for k, v in t.items()})
-    model = MLP()
-    with pytest.raises(ValueError, match=r"non-floating dtype: .*vera_lambda_b \(torch.int64\)"):
-        load_adapter(model, tmp_path / "a")
-    assert not list(vera_layers(model))
-
-
-def test_non_finite_lambdas_are_never_saved_or_loaded(tmp_path):
-    model = _adapter(0.5)
-    with torch.no_grad():
-        model.fc2.vera_lambda_b[1] = float("nan")
-    with pytest.raises(NonFiniteError, match=r"save_adapter\(.*\) refused, nothing was written: NaN/inf in "
-                                             r"\['base_model.model.fc2.vera_lambda_b'\]"):
-        save_adapter(model, tmp_path / "a")
-    assert not (tmp_path / "a").exists()
-    save_adapter(_adapter(0.5), tmp_path / "b")
-    _rewrite(tmp_path / "b" / WEIGHTS, tensors=lambda t: {k: v * float("inf") for k, v in t.items()},
-             metadata=lambda m: {"format": "pt"})
-    with pytest.raises(ValueError, match=r"non-finite values \(NaN/inf\) in .*fc1.vera_lambda_b"):
-        load_adapter(MLP(), tmp_path / "b")
-
-
 @pytest.mark.parametrize("kind", ["fifo", "dev-zero", "directory"])
 def test_weights_that_are_not_a_regular_file_are_named(tmp_path, kind):
-    save_adapter(_adapter(0.5), tmp_path / "a")
+    save_adapter(filled_adapter(0.5), tmp_path / "a")
     path = tmp_path / "a" / WEIGHTS
     path.unlink()
     {"fifo": lambda: os.mkfifo(path), "dev-zero": lambda: path.symlink_to("/dev/zero"),
@@ -328,7 +253,7 @@ def test_weights_that_are_not_a_regular_file_are_named(tmp_path, kind):
 
 def test_config_and_weights_come_from_one_version(tmp_path):
     """The header's checksum and the tensors are parsed from the same bytes (no second open)."""
-    save_adapter(_adapter(0.5), tmp_path / "a")
+    save_adapter(filled_adapter(0.5), tmp_path / "a")
     files = atomic.read_files(str(tmp_path / "a"), ["adapter_config.json", WEIGHTS, "missing.bin"])
     assert json.loads(files["adapter_config.json"])["peft_type"] == "VERA"
     assert files[WEIGHTS] == (tmp_path / "a" / WEIGHTS).read_bytes() and files["missing.bin"] is None

@@ -1,0 +1,162 @@
+"""vera_lightning/app/resume.py: resuming an interrupted run: ckpt_path=last after a SIGKILL,
+epoch-boundary exactness, SLURM requeue."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import stat
+from pathlib import Path
+
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from helpers.app import SMOKE, compose_app, run_script, start_script, wait_for
+from vera_lightning.app.resume import resolve_ckpt_path
+from vera_lightning.app.train import train
+
+# 16 lines in batches of 4: 4 steps per epoch, checkpoints (best.ckpt, last.ckpt) after every epoch
+LONG = [*SMOKE, "callbacks=default", "trainer.enable_checkpointing=true", "trainer.max_steps=-1",
+        "data.max_train_samples=16"]
+SLOW = ["+callbacks.slow._target_=helpers.app.SlowDown", "+callbacks.slow.seconds=0.4"]
+
+
+def _lambdas(adapter: Path) -> dict[str, torch.Tensor]:
+    return {k: v for k, v in load_file(str(adapter / "adapter_model.safetensors")).items() if "vera_lambda" in k}
+
+
+def _same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_epoch_boundary_resume_gives_the_lambdas_of_an_uninterrupted_run(tmp_path):
+    # dropout on, shuffled batches: exact only because the RNG and the shuffle order are restored too
+    options = [*LONG, "trainer.max_epochs=2", "model.from_config.dropout=0.1"]
+    whole = train(compose_app("train", tmp_path / "whole", *options))
+    assert whole["steps"] == 8
+
+    stopped = train(compose_app("train", tmp_path / "cut", *options,
+                                "+callbacks.stop._target_=helpers.app.StopAfterEpoch"))
+    assert stopped["steps"] == 4
+    spare = tmp_path / "control" / "checkpoints"
+    spare.mkdir(parents=True)
+    shutil.copy(tmp_path / "cut" / "checkpoints" / "last.ckpt", spare / "last.ckpt")
+
+    resumed = train(compose_app("train", tmp_path / "cut", *options, "ckpt_path=last"))
+    assert resumed["steps"] == 8 and "before/val/loss" not in resumed  # no "before" evaluation when resuming
+    assert _same(_lambdas(tmp_path / "cut" / "adapter"), _lambdas(tmp_path / "whole" / "adapter"))
+    assert resumed["val/loss"] == whole["val/loss"]
+
+    # control: the same checkpoint without the saved RNG and shuffle states does not reproduce the run
+    checkpoint = torch.load(spare / "last.ckpt", weights_only=True)
+    assert "RngState" in checkpoint["callbacks"] and "train_generator" in checkpoint["TextDataModule"]
+    del checkpoint["callbacks"]["RngState"], checkpoint["TextDataModule"]
+    torch.save(checkpoint, spare / "last.ckpt")
+    train(compose_app("train", tmp_path / "control", *options, "ckpt_path=last"))
+    assert not _same(_lambdas(tmp_path / "control" / "adapter"), _lambdas(tmp_path / "whole" / "adapter"))
+
+
+def test_last_ckpt_is_the_newest_state_even_without_a_new_best(tmp_path):
+    # mode=max on a falling loss: only the first epoch is "best"; last.ckpt must still follow training
+    train(compose_app("train", tmp_path / "run", *LONG, "trainer.max_epochs=2", "callbacks.model_checkpoint.mode=max"))
+    checkpoints = tmp_path / "run" / "checkpoints"
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["best.ckpt", "last.ckpt"]
+    assert torch.load(checkpoints / "best.ckpt", weights_only=True)["global_step"] == 4
+    assert torch.load(checkpoints / "last.ckpt", weights_only=True)["global_step"] == 8
+
+
+def test_ckpt_path_names_a_missing_checkpoint_before_any_work(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"ckpt_path=last: .*run/checkpoints/last.ckpt does not exist\. "
+                                                r"Run the command again with hydra.run.dir="):
+        train(compose_app("train", tmp_path / "run", *SMOKE, "ckpt_path=last"))
+    assert not (tmp_path / "run").exists()
+    with pytest.raises(FileNotFoundError, match=r"ckpt_path='.*nope.ckpt': no such checkpoint file"):
+        resolve_ckpt_path(compose_app("train", tmp_path / "run", f"ckpt_path={tmp_path / 'nope.ckpt'}"))
+
+
+@pytest.mark.slow
+def test_a_run_killed_mid_training_resumes_with_ckpt_path_last(tmp_path):
+    run_dir = tmp_path / "run"
+    args = [*LONG, "trainer.max_epochs=4", f"hydra.run.dir={run_dir}"]
+    proc = start_script("train", *args, *SLOW, cwd=tmp_path)
+    try:
+        last = run_dir / "checkpoints" / "last.ckpt"
+        wait_for(last.is_file, what="checkpoints/last.ckpt", proc=proc)
+        wait_for(lambda: (run_dir / "csv" / "metrics.csv").is_file(), what="metrics.csv", proc=proc)
+        assert proc.poll() is None, "the run finished before it could be interrupted"
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL and not (run_dir / "summary.json").exists()
+    interrupted_at = torch.load(last, weights_only=True)["global_step"]
+    assert 4 <= interrupted_at < 16
+
+    resumed = run_script("train", *args, "ckpt_path=last", cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"[vera] resuming from {last}" in resumed.stdout
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["steps"] == 16
+
+    uninterrupted = train(compose_app("train", tmp_path / "whole", *LONG, "trainer.max_epochs=4"))
+    assert uninterrupted["steps"] == 16
+    assert _same(_lambdas(run_dir / "adapter"), _lambdas(tmp_path / "whole" / "adapter"))  # from an epoch boundary
+    assert (run_dir / "csv" / "metrics.1.csv").is_file()  # the interrupted run's metrics are kept
+
+
+@pytest.mark.slow
+def test_slurm_preemption_signal_checkpoints_requeues_and_the_requeued_job_resumes(tmp_path):
+    """What `hydra/launcher=slurm` relies on: Lightning's SLURMEnvironment handles SIGUSR1 (auto-requeue)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    scontrol = bin_dir / "scontrol"  # records the requeue request instead of talking to SLURM
+    scontrol.write_text(f"#!/bin/sh\necho \"$@\" >> {tmp_path / 'scontrol.log'}\n")
+    scontrol.chmod(scontrol.stat().st_mode | stat.S_IEXEC)
+    slurm = {"SLURM_NTASKS": "1", "SLURM_JOB_NAME": "vera-test", "SLURM_JOB_ID": "4242", "SLURM_PROCID": "0",
+             "SLURM_LOCALID": "0", "SLURM_NODEID": "0", "SLURM_NODELIST": "localhost",
+             "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
+    run_dir = tmp_path / "run"
+    args = [*LONG, "trainer.max_epochs=4", f"hydra.run.dir={run_dir}"]
+    proc = start_script("train", *args, *SLOW, cwd=tmp_path, extra_env=slurm)
+    try:
+        wait_for(lambda: (run_dir / "checkpoints" / "last.ckpt").is_file(), what="a first epoch", proc=proc)
+        proc.send_signal(signal.SIGUSR1)  # what SLURM sends signal_delay_s before the time limit
+        wait_for(lambda: (tmp_path / "scontrol.log").is_file(), what="scontrol requeue", proc=proc)
+        assert (run_dir / "hpc_ckpt_1.ckpt").is_file()
+    finally:
+        proc.send_signal(signal.SIGKILL)  # SLURM ends the job
+        proc.wait()
+    assert (tmp_path / "scontrol.log").read_text().split() == ["requeue", "4242"]
+    saved_at = torch.load(run_dir / "hpc_ckpt_1.ckpt", weights_only=True)["global_step"]
+    assert 4 <= saved_at < 16
+
+    requeued = run_script("train", *args, cwd=tmp_path, extra_env=slurm)  # the same job, started again
+    assert requeued.returncode == 0, requeued.stderr[-3000:]
+    assert "hpc_ckpt_1.ckpt" in requeued.stdout + requeued.stderr  # Lightning: "Restoring states from ..."
+    assert "[vera] before training" not in requeued.stdout
+    assert json.loads((run_dir / "summary.json").read_text())["steps"] == 16
+
+
+def test_slurm_launcher_asks_for_sigusr1_and_requeue(tmp_path):
+    from hydra import compose, initialize_config_dir
+    from hydra.utils import instantiate
+    from submitit.slurm.slurm import _make_sbatch_string
+
+    from helpers.app import CONF
+    from vera_lightning.app import register_configs
+
+    register_configs()
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose("train", overrides=["hydra/launcher=slurm", "trainer=ddp", "trainer.num_nodes=2",
+                                          "hydra.launcher.signal_delay_s=300"], return_hydra_config=True)
+    params = instantiate(cfg.hydra.launcher).params  # what hydra-submitit-launcher hands to submitit
+    sbatch = _make_sbatch_string(command="python train.py", folder=str(tmp_path), nodes=params["nodes"],
+                                 signal_delay_s=params["signal_delay_s"],
+                                 additional_parameters=params["additional_parameters"])
+    lines = sbatch.splitlines()
+    # Lightning's requeue signal, not submitit's USR2, sent signal_delay_s before the end; the job may be requeued
+    assert "#SBATCH --signal=USR1@300" in lines and "#SBATCH --requeue" in lines and "#SBATCH --nodes=2" in lines
