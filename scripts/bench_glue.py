@@ -3,7 +3,7 @@
 Every run is ``experiment=glue_minilm data=<task>`` (all-MiniLM-L6-v2 offline, the per-task budget and
 recipe of that experiment): head, VeRA and full fine-tuning go through ``vera_lightning.app.train(cfg)``
 with ``finetune=head|vera|full``; LoRA (PEFT is a benchmark dependency, not the app's) is built from the
-same app pieces (model, data, LightningModule, Trainer of the composed config), with its adapter at
+same app pieces by ``bench_lora.train_lora`` (shared with ``bench_quality.py``), with its adapter at
 ``--lora-lr`` and the head at the experiment's ``head_lr``. Only what trains (and its learning rate)
 differs between methods of a task.
 
@@ -29,6 +29,7 @@ import time
 from pathlib import Path
 
 from bench_glue_report import END, START, TASKS, render, write_docs
+from bench_lora import train_lora
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -69,51 +70,6 @@ def signature(cfg, method: str) -> dict:
             "lr": None if METHODS[method][0] in ("head", "full") else float(cfg.optim.lr),
             "head_lr": float(cfg.optim.head_lr), "r": cfg.vera.r if METHODS[method][0] == "vera" else None,
             "warmup": float(cfg.optim.warmup_ratio)}
-
-
-def _lora_groups(model, lr: float, head_lr: float) -> list[dict]:
-    """LoRA's A/B at ``lr`` (found through PEFT's LoraLayer modules, not by name), the rest at ``head_lr``."""
-    from peft.tuners.lora import LoraLayer
-
-    lora = {id(p): p for m in model.modules() if isinstance(m, LoraLayer)
-            for d in (m.lora_A, m.lora_B) for p in d.parameters() if p.requires_grad}
-    rest = [p for p in model.parameters() if p.requires_grad and id(p) not in lora]
-    return [{"params": list(lora.values()), "lr": lr, "name": "lora"}, {"params": rest, "lr": head_lr, "name": "heads"}]
-
-
-def train_lora(cfg, r: int) -> dict:
-    """PEFT LoRA on the app's model, data, module and Trainer for ``cfg``; returns its metrics."""
-    import lightning.pytorch as pl
-    import peft
-    from hydra.utils import instantiate
-    from omegaconf import OmegaConf
-
-    from vera_lightning import count_parameters
-    from vera_lightning.app import vera_config_from
-    from vera_lightning.app.data import build_datamodule
-    from vera_lightning.app.models import build_model, build_tokenizer
-    from vera_lightning.app.module import build_module
-
-    pl.seed_everything(cfg.seed, workers=True, verbose=False)
-    data_cfg = OmegaConf.to_container(cfg.data, resolve=True)
-    vera_config = vera_config_from(cfg)
-    tokenizer = build_tokenizer(cfg.model)
-    model = build_model(cfg.model, tokenizer, num_labels=data_cfg["num_labels"], problem_type=data_cfg["problem_type"])
-    model = peft.get_peft_model(model, peft.LoraConfig(r=r, lora_alpha=2 * r, target_modules=sorted(
-        vera_config.target_modules), modules_to_save=list(vera_config.modules_to_save or [])))
-    module = build_module(cfg.model.task, model, cfg.optim, num_labels=data_cfg["num_labels"],
-                          metrics=data_cfg["metrics"], problem_type=data_cfg["problem_type"])
-    module.param_groups = lambda: _lora_groups(model, float(cfg.optim.lr), float(cfg.optim.head_lr))
-    datamodule = build_datamodule(data_cfg, tokenizer)
-    trainer = instantiate(cfg.trainer, callbacks=[], logger=False)
-    trainer.fit(module, datamodule=datamodule)
-    metrics = {k: float(v) for k, v in trainer.validate(module, datamodule=datamodule, verbose=False)[0].items()}
-    with tempfile.TemporaryDirectory() as tmp:
-        model.save_pretrained(tmp)
-        size = sum(f.stat().st_size for f in Path(tmp).rglob("*") if f.is_file())
-    trainable, total = count_parameters(model)
-    return {**metrics, "metric": metrics[cfg.optimized_metric], "trainable_params": trainable,
-            "total_params": total, "adapter_bytes": size, "steps": trainer.global_step}
 
 
 def run_one(spec: dict) -> dict:

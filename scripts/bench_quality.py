@@ -2,10 +2,13 @@
 
 Every method runs on ``experiment=sst2_minilm`` (all-MiniLM-L6-v2 offline weights, SST-2 from
 ``--data-dir``) with the same training examples, epochs, sequence length, batch size, schedule and
-seeds; only what trains (and its learning rate) differs. Each run is its own subprocess (results
-are appended to ``runs.jsonl`` in ``--out`` and reused when the script is run again), ``--jobs``
-run side by side with ``cores / jobs`` threads each. Writes ``quality.md``, ``quality.csv`` and
-``quality.png`` (dev accuracy vs trainable parameters, log x) into ``--out``.
+seeds; only what trains (and its learning rate) differs. Head-only, VeRA (also over an NF4/int8 base)
+and full fine-tuning are ``vera_lightning.app.train(cfg)`` with ``finetune=head|vera|full`` (full: every
+weight at ``optim.head_lr=5e-5``); LoRA (PEFT is a benchmark dependency, not the app's) is
+``bench_lora.train_lora``, shared with ``bench_glue.py``. Each run is its own subprocess (results are
+appended to ``runs.jsonl`` in ``--out`` and reused when the script is run again with the same budget and
+learning rate), ``--jobs`` run side by side with ``cores / jobs`` threads each. Writes ``quality.md``,
+``quality.csv`` and ``quality.png`` (dev accuracy vs trainable parameters, log x) into ``--out``.
 
     python scripts/bench_quality.py --data-dir ../shared/data/sst2 --out benchmarks/quality --jobs 2
 """
@@ -23,9 +26,12 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench_lora import train_lora
+
 #: method -> (kind, options). VeRA without an explicit lr uses the recipe of conf/experiment/sst2_minilm;
-#: LoRA at the rate of the issue's reference measurement, full fine-tuning at a common BERT rate. Every run
-#: trains the classifier (modules_to_save) at the experiment's head_lr.
+#: LoRA at the rate of the issue's reference measurement, full fine-tuning at a common BERT rate for every
+#: weight, the classifier included. The other methods train the classifier (modules_to_save) at the
+#: experiment's head_lr.
 METHODS = {
     "head": ("head", {}),
     "vera_r256": ("vera", {"r": 256}),                      # the recipe of experiment/sst2_minilm (λ lr 2e-2)
@@ -36,6 +42,8 @@ METHODS = {
     "lora_r8": ("lora", {"r": 8, "lr": 5e-4}),
     "full": ("full", {"lr": 5e-5}),
 }
+QUIET = ["callbacks=none", "logger=csv", "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false",
+         "trainer.enable_checkpointing=false", "eval_before=false"]
 
 
 def compose(overrides: list[str]):
@@ -49,90 +57,44 @@ def compose(overrides: list[str]):
         return hydra_compose("train", overrides=overrides)
 
 
-def _dir_bytes(path: Path) -> int:
-    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+def method_overrides(method: str) -> list[str]:
+    """The Hydra overrides that make ``experiment=sst2_minilm`` train ``method`` (LoRA: its r and lr only)."""
+    kind, options = METHODS[method]
+    extra = [] if kind == "lora" else [f"finetune={kind}"]
+    if kind == "vera":
+        extra.append(f"vera.r={options['r']}")
+    if "lr" in options:  # finetune=full trains every weight at head_lr
+        extra.append(f"optim.{'head_lr' if kind == 'full' else 'lr'}={options['lr']}")
+    if "quantize" in options:
+        extra.append(f"model.quantize={options['quantize']}")
+    return extra
+
+
+def _trained_lr(kind: str, cfg) -> float | None:
+    """The rate of what trains besides the classifier (the cache key): None for head, every weight's for full."""
+    if kind == "head":
+        return None
+    return float(cfg.optim.head_lr if kind == "full" else cfg.optim.lr)
 
 
 def run_one(spec: dict) -> dict:
     """Train and evaluate one (method, seed) in this process; returns its record."""
-    import lightning.pytorch as pl
     import torch
-    from hydra.utils import instantiate
-    from safetensors.torch import save_file
 
-    from vera_lightning import VeraCallback, count_parameters, model_bytes, save_adapter
-    from vera_lightning.app import vera_config_from
-    from vera_lightning.app.data import build_datamodule
-    from vera_lightning.app.models import build_model, build_tokenizer
-    from vera_lightning.app.module import ClassificationModule
+    from vera_lightning.app import train
 
     torch.set_num_threads(spec["threads"])
     kind, options = METHODS[spec["method"]]
-    overrides = ["experiment=sst2_minilm", f"data.data_dir={spec['data_dir']}", f"seed={spec['seed']}",
-                 f"paths.output_dir={spec['workdir']}", "callbacks=none", "logger=csv",
-                 "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false",
-                 "trainer.enable_checkpointing=false", *spec["overrides"]]
-    if kind == "vera":
-        overrides.append(f"vera.r={options['r']}")
-    if options.get("quantize"):
-        overrides.append(f"model.quantize={options['quantize']}")
-    cfg = compose(overrides)
-    pl.seed_everything(cfg.seed, workers=True, verbose=False)
-    tokenizer = build_tokenizer(cfg.model)
-    model = build_model(cfg.model, tokenizer, num_labels=cfg.data.num_labels)
-    vera_config = vera_config_from(cfg)
-    heads = list(vera_config.modules_to_save or [])
-    callbacks = []
-    if kind == "vera":
-        callbacks.append(VeraCallback(vera_config))
-    elif kind == "lora":
-        import peft
-
-        model = peft.get_peft_model(model, peft.LoraConfig(r=options["r"], lora_alpha=2 * options["r"],
-                                                            target_modules=sorted(vera_config.target_modules),
-                                                            modules_to_save=heads))
-    elif kind == "head":
-        model.requires_grad_(False)
-        for name in heads:
-            model.get_submodule(name).requires_grad_(True)
-    lr = options.get("lr", cfg.optim.lr)
-    if kind == "head":
-        lr = None  # nothing but the head trains (at head_lr)
-
-    class BenchModule(ClassificationModule):
-        def param_groups(self):
-            named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
-            adapter = [p for n, p in named if kind != "head" and ("vera_lambda" in n or "lora_" in n or kind == "full")]
-            ids = {id(p) for p in adapter}
-            rest = [p for _, p in named if id(p) not in ids]
-            return [g for g in ({"params": adapter, "lr": lr}, {"params": rest, "lr": cfg.optim.head_lr})
-                    if g["params"]]
-
-    module = BenchModule(model, num_labels=cfg.data.num_labels, lr=lr or cfg.optim.head_lr, head_lr=cfg.optim.head_lr,
-                         weight_decay=cfg.optim.weight_decay, warmup_ratio=cfg.optim.warmup_ratio)
-    datamodule = build_datamodule(cfg.data, tokenizer)
-    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=False)
-    start = time.perf_counter()
-    trainer.fit(module, datamodule=datamodule)
-    train_s = time.perf_counter() - start
-    metrics = trainer.validate(module, datamodule=datamodule, verbose=False)[0]
-    trainable, total = count_parameters(model)
-    with tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp) / "adapter"
-        if kind == "vera":
-            save_adapter(model, out)
-        elif kind == "lora":
-            model.save_pretrained(str(out))
-        else:
-            out.mkdir()
-            tensors = {n: p.detach().contiguous() for n, p in model.named_parameters() if p.requires_grad}
-            save_file(tensors, str(out / "model.safetensors"))
-        size = _dir_bytes(out)
-    return {"method": spec["method"], "seed": spec["seed"], "acc": float(metrics["val/acc"]),
-            "f1": float(metrics["val/f1"]), "trainable_params": trainable, "total_params": total,
-            "saved_bytes": size, "train_s": round(train_s, 1), "steps": trainer.global_step,
-            "budget": spec["budget"], "lr": lr, "head_lr": float(cfg.optim.head_lr),
-            "model_bytes": model_bytes(model)["total"],
+    with tempfile.TemporaryDirectory() as work:
+        cfg = compose(["experiment=sst2_minilm", f"data.data_dir={spec['data_dir']}", f"seed={spec['seed']}",
+                       f"paths.output_dir={work}", *QUIET, *spec["overrides"], *method_overrides(spec["method"])])
+        result = train_lora(cfg, r=options["r"]) if kind == "lora" else train(cfg)
+    return {"method": spec["method"], "seed": spec["seed"], "acc": float(result["val/acc"]),
+            "f1": float(result["val/f1"]), "trainable_params": int(result["trainable_params"]),
+            "total_params": int(result["total_params"]), "saved_bytes": int(result["adapter_bytes"]),
+            "train_s": round(result["fit_s"], 1), "steps": int(result["steps"]), "budget": spec["budget"],
+            "lr": _trained_lr(kind, cfg), "head_lr": float(cfg.optim.head_lr),
+            "model_bytes": int(result["model_bytes"]),
             "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
 
 
@@ -150,19 +112,14 @@ def _spec_overrides(args) -> list[str]:
 
 
 def _method_lr(method: str, args) -> float | None:
-    """The λ/adapter learning rate ``method`` trains with under the current recipe (None: head only)."""
-    kind, options = METHODS[method]
-    if kind == "head":
-        return None
-    if "lr" in options:
-        return options["lr"]
-    return float(compose(["experiment=sst2_minilm", *args.override]).optim.lr)
+    """The learning rate ``method`` trains with under the current recipe (None: head only); the cache key."""
+    cfg = compose(["experiment=sst2_minilm", *args.override, *method_overrides(method)])
+    return _trained_lr(METHODS[method][0], cfg)
 
 
-def orchestrate(args) -> list[dict]:
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    runs_file = out / "runs.jsonl"
+def plan(args) -> tuple[list[dict], list[tuple[str, int]]]:
+    """(the runs recorded in ``--out`` with today's budget and rates, the (method, seed) pairs still to run)."""
+    runs_file = Path(args.out) / "runs.jsonl"
     budget = _budget(args)
     done = []
     if runs_file.exists():
@@ -171,17 +128,23 @@ def orchestrate(args) -> list[dict]:
     done = [r for r in done if r.get("budget") == budget and r["method"] in current_lr
             and r.get("lr") == current_lr[r["method"]]]
     have = {(r["method"], r["seed"]) for r in done}
-    todo = [(m, s) for s in args.seeds for m in args.methods if (m, s) not in have]
+    return done, [(m, s) for s in args.seeds for m in args.methods if (m, s) not in have]
+
+
+def orchestrate(args) -> list[dict]:
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    runs_file = out / "runs.jsonl"
+    budget = _budget(args)
+    done, todo = plan(args)
     threads = max(1, (os.cpu_count() or 2) // args.jobs)
     running: list[tuple[subprocess.Popen, str]] = []
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OMP_NUM_THREADS": str(threads)}
-    work = Path(tempfile.mkdtemp(prefix="bench_quality_"))
     while todo or running:
         while todo and len(running) < args.jobs:
             method, seed = todo.pop(0)
             spec = {"method": method, "seed": seed, "data_dir": str(Path(args.data_dir).resolve()),
-                    "threads": threads, "overrides": _spec_overrides(args), "budget": budget,
-                    "workdir": str(work / f"{method}-{seed}")}
+                    "threads": threads, "overrides": _spec_overrides(args), "budget": budget}
             proc = subprocess.Popen([sys.executable, __file__, "--run-one", json.dumps(spec)], env=env,
                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
             running.append((proc, f"{method} seed={seed}"))

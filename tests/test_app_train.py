@@ -63,6 +63,7 @@ def test_smoke_run_trains_two_steps_and_r512_reaches_the_layers(make_cfg, tmp_pa
     out = capsys.readouterr().out
     assert "[vera] before training: val/loss" in out and "VeRA run summary" in out
     assert metrics["steps"] == 2
+    assert 0 < metrics["fit_s"] < metrics["wall_time_s"]  # training alone, not the loading and final validation
     assert metrics["metric_name"] == "val/loss" and metrics["metric"] == metrics["val/loss"]
     assert metrics["val/ppl"] == pytest.approx(torch.exp(torch.tensor(metrics["val/loss"])).item(), rel=1e-4)
     # 2 layers x (q_proj, v_proj), each out(32) + r(512) trainable values

@@ -75,7 +75,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         same metrics before training under ``before/...`` (if ``eval_before``), and ``metric``
         (the value of ``optimized_metric``), ``trainable_params``, ``total_params``,
         ``adapter_bytes``, ``adapter_dir``, ``model_bytes`` and ``quantized_bytes`` (parameters and
-        buffers in memory, see :func:`vera_lightning.model_bytes`), ``wall_time_s``.
+        buffers in memory, see :func:`vera_lightning.model_bytes`), ``fit_s`` (seconds in
+        this call's ``trainer.fit``: the training loop with its validation) and ``wall_time_s`` (the whole call,
+        model loading and the final validation included).
 
     Raises:
         ValueError: For an inconsistent config (the message names the option and the fix).
@@ -111,7 +113,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         _say(trainer, f"[vera] before training: {metric_name} = {before.get(metric_name, float('nan')):.4f}")
     if ckpt_path is not None:
         _say(trainer, f"[vera] resuming from {ckpt_path}")
+    fit_start = time.perf_counter()
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    fit_s = time.perf_counter() - fit_start
     after = _metrics(trainer.validate(module, datamodule=datamodule, verbose=False))
     metrics.update(after)
     _say(trainer, f"[vera] after training:  {metric_name} = {after.get(metric_name, float('nan')):.4f}")
@@ -132,6 +136,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         adapter_dir=str(adapter_dir),
         adapter_bytes=_dir_size(adapter_dir) if adapter_dir.is_dir() else 0,
         steps=trainer.global_step,
+        fit_s=round(fit_s, 2),
         wall_time_s=round(time.perf_counter() - start, 2),
     )
     if trainer.is_global_zero:

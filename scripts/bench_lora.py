@@ -1,0 +1,72 @@
+"""LoRA (PEFT) on the app's pieces: the one LoRA run of the benchmarks (``bench_quality``, ``bench_glue``).
+
+Head-only, VeRA and full fine-tuning go through ``vera_lightning.app.train(cfg)`` (``finetune=``);
+LoRA cannot, because PEFT is a benchmark dependency, not the app's. :func:`train_lora` builds it from
+the same app pieces the composed config names (tokenizer, model, DataModule, LightningModule, Trainer),
+so only what trains differs, and returns the keys of ``train(cfg)``'s summary that a benchmark reads.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from pathlib import Path
+
+__all__ = ["train_lora"]
+
+
+def _lora_groups(model, lr: float, head_lr: float) -> list[dict]:
+    """LoRA's A/B at ``lr`` (found through PEFT's LoraLayer modules, not by name), the rest at ``head_lr``."""
+    from peft.tuners.lora import LoraLayer
+
+    lora = {id(p): p for m in model.modules() if isinstance(m, LoraLayer)
+            for d in (m.lora_A, m.lora_B) for p in d.parameters() if p.requires_grad}
+    rest = [p for p in model.parameters() if p.requires_grad and id(p) not in lora]
+    return [{"params": list(lora.values()), "lr": lr, "name": "lora"}, {"params": rest, "lr": head_lr, "name": "heads"}]
+
+
+def train_lora(cfg, r: int) -> dict:
+    """PEFT LoRA (``r``, α = 2r) on ``vera.target_modules`` of the app's model for ``cfg``.
+
+    The A/B matrices train at ``optim.lr``, ``vera.modules_to_save`` (PEFT's ``modules_to_save``) at
+    ``optim.head_lr``.
+
+    Returns:
+        The final validation metrics and, as ``train(cfg)`` names them, ``metric``, ``trainable_params``,
+        ``total_params``, ``adapter_bytes`` (PEFT's ``save_pretrained`` folder), ``model_bytes``,
+        ``steps`` and ``fit_s``.
+    """
+    import lightning.pytorch as pl
+    import peft
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    from vera_lightning import count_parameters, model_bytes
+    from vera_lightning.app import vera_config_from
+    from vera_lightning.app.data import build_datamodule
+    from vera_lightning.app.models import build_model, build_tokenizer
+    from vera_lightning.app.module import build_module
+
+    pl.seed_everything(cfg.seed, workers=True, verbose=False)
+    data_cfg = OmegaConf.to_container(cfg.data, resolve=True)
+    vera_config = vera_config_from(cfg)
+    tokenizer = build_tokenizer(cfg.model)
+    model = build_model(cfg.model, tokenizer, num_labels=data_cfg["num_labels"], problem_type=data_cfg["problem_type"])
+    model = peft.get_peft_model(model, peft.LoraConfig(r=r, lora_alpha=2 * r, target_modules=sorted(
+        vera_config.target_modules), modules_to_save=list(vera_config.modules_to_save or [])))
+    module = build_module(cfg.model.task, model, cfg.optim, num_labels=data_cfg["num_labels"],
+                          metrics=data_cfg["metrics"], problem_type=data_cfg["problem_type"])
+    module.param_groups = lambda: _lora_groups(model, float(cfg.optim.lr), float(cfg.optim.head_lr))
+    datamodule = build_datamodule(data_cfg, tokenizer)
+    trainer = instantiate(cfg.trainer, callbacks=[], logger=False)
+    start = time.perf_counter()
+    trainer.fit(module, datamodule=datamodule)
+    fit_s = time.perf_counter() - start
+    metrics = {k: float(v) for k, v in trainer.validate(module, datamodule=datamodule, verbose=False)[0].items()}
+    with tempfile.TemporaryDirectory() as tmp:
+        model.save_pretrained(tmp)
+        size = sum(f.stat().st_size for f in Path(tmp).rglob("*") if f.is_file())
+    trainable, total = count_parameters(model)
+    return {**metrics, "metric": metrics[cfg.optimized_metric], "trainable_params": trainable,
+            "total_params": total, "adapter_bytes": size, "model_bytes": model_bytes(model)["total"],
+            "steps": trainer.global_step, "fit_s": round(fit_s, 2)}
