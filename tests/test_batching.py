@@ -131,6 +131,32 @@ def test_generate_each_row_as_alone_left_padded(kind):
         assert torch.equal(new[i], alone.sequences[0, lengths[i]:]), name  # alone: the same greedy tokens
 
 
+def test_sampled_generate_gives_each_row_its_adapters_tokens():
+    """do_sample with one sequence per row: row i's tokens are those of the same batch through its adapter,
+    from the same seed (sampling noise is drawn per row and step, whatever the other rows hold)."""
+    _, model, _ = multi_adapter_model("opt")
+    names = ["task_c", "default", None, "task_b", "task_c"]
+    ids = torch.randint(3, 96, (5, 4), generator=torch.Generator().manual_seed(5))
+    settings = dict(max_new_tokens=8, min_new_tokens=8, do_sample=True, top_k=0, temperature=1.5,
+                    pad_token_id=0, use_cache=True)
+    torch.manual_seed(11)
+    with adapter_batch(model, names):
+        mixed = model.generate(input_ids=ids, **settings)
+    for name in set(names):
+        torch.manual_seed(11)
+        if name is None:
+            with disable_adapter(model):
+                full = model.generate(input_ids=ids, **settings)
+        else:
+            set_adapter(model, name)
+            full = model.generate(input_ids=ids, **settings)
+        rows = [i for i, n in enumerate(names) if n == name]
+        assert torch.equal(mixed[rows], full[rows]), name
+    torch.manual_seed(12)  # another seed draws other tokens: the test is not comparing greedy outputs
+    with adapter_batch(model, names):
+        assert not torch.equal(model.generate(input_ids=ids, **settings), mixed)
+
+
 def test_beam_search_and_wrong_row_counts_are_refused():
     _, model, _ = multi_adapter_model("opt")
     ids = torch.randint(3, 96, (2, 5))
