@@ -9,7 +9,8 @@ differs between methods of a task.
 
 Runs are cached in ``<out>/runs.jsonl`` per (task, method, seed) with the settings that define them
 (a changed recipe or budget runs again), so the table can be completed across sittings; ``--jobs``
-worker processes run side by side with ``cores / jobs`` threads each. Writes ``glue.md``, ``glue.csv``
+worker processes run side by side with ``cores / jobs`` threads each, each taking the next run from one
+shared queue when it is free. Writes ``glue.md``, ``glue.csv``
 and ``glue.png`` (per task: the metric vs trainable parameters) into ``--out`` and, with ``--docs``,
 the table and the list of measured/missing cells between the markers of that Markdown file.
 
@@ -95,17 +96,25 @@ def run_one(spec: dict) -> dict:
             "signature": spec["signature"]}
 
 
-def _worker(specs: list[dict], env: dict, runs_file: Path, lock: threading.Lock, done: list, errors: list) -> None:
-    proc = subprocess.Popen([sys.executable, __file__, "--run-many", json.dumps(specs)], env=env, cwd=ROOT,
+def _worker(queue: list[dict], env: dict, runs_file: Path, lock: threading.Lock, done: list, errors: list) -> None:
+    """One worker process that takes the next run from the shared queue until it is empty (imports paid once)."""
+    proc = subprocess.Popen([sys.executable, __file__, "--serve"], env=env, cwd=ROOT, stdin=subprocess.PIPE,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     stderr_lines: list[str] = []
-    finished = 0
     drain = threading.Thread(target=lambda: stderr_lines.extend(proc.stderr), daemon=True)
     drain.start()
-    for line in proc.stdout:
-        if not line.startswith("{"):
-            continue
-        record = json.loads(line)
+    finished, failed = 0, False
+    while True:
+        with lock:
+            if not queue:
+                break
+            spec = queue.pop(0)
+        proc.stdin.write(json.dumps(spec) + "\n")
+        proc.stdin.flush()
+        record = next((json.loads(line) for line in proc.stdout if line.startswith("{")), None)
+        if record is None:  # the process died during this run
+            failed = True
+            break
         with lock:
             with runs_file.open("a") as fh:
                 fh.write(json.dumps(record) + "\n")
@@ -113,11 +122,11 @@ def _worker(specs: list[dict], env: dict, runs_file: Path, lock: threading.Lock,
         finished += 1
         print(f"[bench_glue] {record['task']} {record['method']} seed={record['seed']}: {record['metric_name']}="
               f"{record['metric']:.4f} ({record['wall_s']} s)", flush=True)
+    proc.stdin.close()
     proc.wait()
     drain.join()
-    if proc.returncode != 0 or finished < len(specs):  # a worker stopped by a signal may exit 0
-        errors.append(f"worker exited {proc.returncode} after {finished} of {len(specs)} runs:\n"
-                      f"{''.join(stderr_lines)[-3000:]}")
+    if proc.returncode != 0 or failed:  # a worker stopped by a signal may exit 0
+        errors.append(f"worker exited {proc.returncode} after {finished} run(s):\n{''.join(stderr_lines)[-3000:]}")
 
 
 def plan(args) -> tuple[list[dict], list[dict]]:
@@ -167,10 +176,11 @@ def orchestrate(args) -> list[dict]:
            "OMP_NUM_THREADS": str(todo[0]["threads"] if todo else 1), "PYTHONPATH": os.pathsep.join(
                [str(ROOT), str(ROOT / "scripts"), os.environ.get("PYTHONPATH", "")])}
     lock, errors = threading.Lock(), []
-    workers = [threading.Thread(target=_worker, args=(todo[i::jobs], env, out / "runs.jsonl", lock, done, errors))
-               for i in range(jobs) if todo[i::jobs]]
     for spec in todo:
         print(f"[bench_glue] queued {spec['task']} {spec['method']} seed={spec['seed']}", flush=True)
+    queue = list(todo)  # shared: each worker takes the next run when it is free, so the slow runs spread out
+    workers = [threading.Thread(target=_worker, args=(queue, env, out / "runs.jsonl", lock, done, errors))
+               for _ in range(jobs)]
     for worker in workers:
         worker.start()
     for worker in workers:
@@ -195,11 +205,11 @@ def main(argv=None) -> None:
     parser.add_argument("--max-steps", type=int, default=0, help="cap on optimiser steps (0: none)")
     parser.add_argument("--override", nargs="*", default=[], help="extra Hydra overrides for every run")
     parser.add_argument("--docs", help="Markdown file whose bench_glue markers receive the table")
-    parser.add_argument("--run-many", help=argparse.SUPPRESS)
+    parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)  # a worker: one run per stdin line
     args = parser.parse_args(argv)
-    if args.run_many:
-        for spec in json.loads(args.run_many):
-            print(json.dumps(run_one(spec)), flush=True)
+    if args.serve:
+        for line in sys.stdin:
+            print(json.dumps(run_one(json.loads(line))), flush=True)
         return
     if args.docs and (not Path(args.docs).is_file() or START not in Path(args.docs).read_text()):
         parser.error(f"--docs={args.docs!r} is not a Markdown file holding the {START} ... {END} markers; "
