@@ -3,7 +3,7 @@
 Every run is ``experiment=glue_minilm data=<task>`` (all-MiniLM-L6-v2 offline, the per-task budget and
 recipe of that experiment): head, VeRA and full fine-tuning go through ``vera_lightning.app.train(cfg)``
 with ``finetune=head|vera|full``; LoRA (PEFT is a benchmark dependency, not the app's) is built from the
-same app pieces by ``bench_lora.train_lora`` (shared with ``bench_quality.py``), with its adapter at
+same app pieces by ``bench_app.train_lora`` (shared with ``bench_quality.py``), with its adapter at
 ``--lora-lr`` and the head at the experiment's ``head_lr``. Only what trains (and its learning rate)
 differs between methods of a task.
 
@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 
 from bench_glue_report import END, START, TASKS, render, write_docs
-from bench_lora import train_lora
+from bench_app import QUIET, compose, train_lora
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -44,18 +44,6 @@ METHODS = {
 }
 #: seeds of the full table (the issue's: 0-2 for the two adapters, one run for the baselines)
 SEEDS = {"head": [0], "vera_r256": [0, 1, 2], "lora_r8": [0, 1, 2], "full": [0]}
-QUIET = ["callbacks=none", "logger=csv", "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false",
-         "trainer.enable_checkpointing=false", "eval_before=false"]
-
-
-def compose(overrides: list[str]):
-    from hydra import compose as hydra_compose, initialize_config_dir
-
-    from vera_lightning.app import register_configs
-
-    register_configs()
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        return hydra_compose("train", overrides=overrides)
 
 
 def run_overrides(task: str, method: str, seed: int, budget: list[str], lora_lr: float) -> list[str]:

@@ -5,7 +5,7 @@ Every method runs on ``experiment=sst2_minilm`` (all-MiniLM-L6-v2 offline weight
 seeds; only what trains (and its learning rate) differs. Head-only, VeRA (also over an NF4/int8 base)
 and full fine-tuning are ``vera_lightning.app.train(cfg)`` with ``finetune=head|vera|full`` (full: every
 weight at ``optim.head_lr=5e-5``); LoRA (PEFT is a benchmark dependency, not the app's) is
-``bench_lora.train_lora``, shared with ``bench_glue.py``. Each run is its own subprocess (results are
+``bench_app.train_lora``, shared with ``bench_glue.py``. Each run is its own subprocess (results are
 appended to ``runs.jsonl`` in ``--out`` and reused when the script is run again with the same budget and
 learning rate), ``--jobs`` run side by side with ``cores / jobs`` threads each. Writes ``quality.md``,
 ``quality.csv`` and ``quality.png`` (dev accuracy vs trainable parameters, log x) into ``--out``.
@@ -26,7 +26,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench_lora import train_lora
+from bench_app import QUIET, compose, train_lora
 
 #: method -> (kind, options). VeRA without an explicit lr uses the recipe of conf/experiment/sst2_minilm;
 #: LoRA at the rate of the issue's reference measurement, full fine-tuning at a common BERT rate for every
@@ -42,19 +42,6 @@ METHODS = {
     "lora_r8": ("lora", {"r": 8, "lr": 5e-4}),
     "full": ("full", {"lr": 5e-5}),
 }
-QUIET = ["callbacks=none", "logger=csv", "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false",
-         "trainer.enable_checkpointing=false", "eval_before=false"]
-
-
-def compose(overrides: list[str]):
-    from vera_lightning.app import register_configs
-
-    register_configs()
-    from hydra import compose as hydra_compose, initialize_config_dir
-
-    conf = Path(__file__).resolve().parents[1] / "conf"
-    with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
-        return hydra_compose("train", overrides=overrides)
 
 
 def method_overrides(method: str) -> list[str]:

@@ -38,7 +38,7 @@ def test_bench_quality_writes_table_csv_and_plot(tmp_path):
     again = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert again.returncode == 0 and "started" not in again.stdout
     assert len((tmp_path / "runs.jsonl").read_text().splitlines()) == 4
-    # LoRA (bench_lora.train_lora) and full fine-tuning (finetune=full) join the table: only they run
+    # LoRA (bench_app.train_lora) and full fine-tuning (finetune=full) join the table: only they run
     more = subprocess.run([*cmd[: cmd.index("--seeds")], "--seeds", "0", "--methods", "head", "vera_r256", "lora_r8",
                            "full", "--jobs", "2"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert more.returncode == 0, more.stderr[-3000:]

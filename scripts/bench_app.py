@@ -1,9 +1,11 @@
-"""LoRA (PEFT) on the app's pieces: the one LoRA run of the benchmarks (``bench_quality``, ``bench_glue``).
+"""What the quality benchmarks (``bench_quality``, ``bench_glue``) share: the app's config, and LoRA on the app.
 
-Head-only, VeRA and full fine-tuning go through ``vera_lightning.app.train(cfg)`` (``finetune=``);
-LoRA cannot, because PEFT is a benchmark dependency, not the app's. :func:`train_lora` builds it from
-the same app pieces the composed config names (tokenizer, model, DataModule, LightningModule, Trainer),
-so only what trains differs, and returns the keys of ``train(cfg)``'s summary that a benchmark reads.
+* :func:`compose` gives ``conf/train.yaml`` composed with overrides; :data:`QUIET` the overrides that keep
+  a benchmark run from writing checkpoints, progress bars and summaries it does not read.
+* Head-only, VeRA and full fine-tuning go through ``vera_lightning.app.train(cfg)`` (``finetune=``);
+  LoRA cannot, because PEFT is a benchmark dependency, not the app's. :func:`train_lora` builds it from
+  the same app pieces the composed config names (tokenizer, model, DataModule, LightningModule, Trainer),
+  so only what trains differs, and returns the keys of ``train(cfg)``'s summary that a benchmark reads.
 """
 
 from __future__ import annotations
@@ -12,7 +14,23 @@ import tempfile
 import time
 from pathlib import Path
 
-__all__ = ["train_lora"]
+__all__ = ["QUIET", "compose", "train_lora"]
+
+ROOT = Path(__file__).resolve().parents[1]
+#: overrides of every benchmark run: no checkpoints, progress bars, model summary or evaluation before training
+QUIET = ["callbacks=none", "logger=csv", "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false",
+         "trainer.enable_checkpointing=false", "eval_before=false"]
+
+
+def compose(overrides: list[str]):
+    """``conf/train.yaml`` composed with ``overrides`` (the app's configs registered first)."""
+    from hydra import compose as hydra_compose, initialize_config_dir
+
+    from vera_lightning.app import register_configs
+
+    register_configs()
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        return hydra_compose("train", overrides=overrides)
 
 
 def _lora_groups(model, lr: float, head_lr: float) -> list[dict]:
