@@ -1,4 +1,4 @@
-"""Measure the constants of vera_lightning.cost and check its choices against measured path times.
+"""Measure the constants of vera_lightning.forward.cost and check its choices against measured path times.
 
 Example::
 
@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from vera_lightning import VeraConfig, apply_vera
-from vera_lightning.cost import Machine, allowed_paths, path_costs, path_terms
+from vera_lightning.forward.cost import Machine, allowed_paths, path_costs, path_terms
 from vera_lightning import set_vera_path
 from bench_harness import time_round_robin
 

@@ -10,7 +10,7 @@ from torch import nn
 
 from helpers.models import tiny_mlp, tiny_opt
 from vera_lightning import VeraAdapter, VeraConfig, apply_vera, find_adapter, unload_vera, vera_layers
-from vera_lightning.adapter import locate_adapter
+from vera_lightning.core.lookup import locate_adapter
 
 
 def test_save_projection_false_keeps_projections_out_of_the_state_dict():

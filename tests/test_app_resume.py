@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load_file
 
 from helpers.app import SMOKE, compose_app, run_script, start_script, wait_for
-from vera_lightning.app.resume import resolve_ckpt_path
+from vera_lightning.app.run_dirs import resolve_ckpt_path
 from vera_lightning.app.train import train
 
 # 16 lines in batches of 4: 4 steps per epoch, checkpoints (best.ckpt, last.ckpt) after every epoch

@@ -19,7 +19,7 @@ import pytest
 from helpers.files import WEIGHTS, filled_adapter, loaded_value
 from helpers.models import MLP
 from vera_lightning import load_adapter, save_adapter
-from vera_lightning import atomic
+from vera_lightning.io import atomic
 
 
 def _leftovers(parent: Path) -> list[str]:

@@ -12,7 +12,7 @@ from lightning.pytorch.demos.boring_classes import BoringModel
 
 from helpers.lightning import TinyOptModule, snapshot, trainer_kwargs
 from vera_lightning import VeraCallback, VeraConfig, apply_vera
-from vera_lightning.inject import vera_layers
+from vera_lightning.core.lookup import vera_layers
 
 
 def _fit(module, tmp_path, callback, **kw):
@@ -131,7 +131,7 @@ def test_no_lambda_in_optimizer_raises(tmp_path):
 
 
 def test_refuses_deepspeed_like_strategy():
-    from vera_lightning.distributed import check_strategy  # the callback calls it in setup
+    from vera_lightning.training.distributed import check_strategy  # the callback calls it in setup
 
     class DeepSpeedStrategy(pl.strategies.SingleDeviceStrategy):  # stand-in: deepspeed is not installed
         pass

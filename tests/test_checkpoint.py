@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 from helpers.models import model_inputs, run, tiny_bert, tiny_gpt2, tiny_opt
 from helpers.peft_oracle import peft_vera
 from vera_lightning import VeraConfig, apply_vera, load_adapter, save_adapter, unload_vera
-from vera_lightning.inject import vera_layers
+from vera_lightning.core.lookup import vera_layers
 
 pytestmark = pytest.mark.numerics  # also run under every ATEN_CPU_CAPABILITY by .ci/run
 

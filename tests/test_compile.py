@@ -7,7 +7,7 @@ import torch
 
 from helpers.models import tiny_opt
 from vera_lightning import VeraConfig, apply_vera
-from vera_lightning.inject import vera_layers
+from vera_lightning.core.lookup import vera_layers
 
 
 def _model():

@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 
 from helpers.lightning import TinyOptModule, trainer_kwargs
 from vera_lightning import VeraCallback, load_adapter
-from vera_lightning.inject import vera_layers
+from vera_lightning.core.lookup import vera_layers
 
 pytestmark = pytest.mark.numerics  # trained values: compared under every ATEN_CPU_CAPABILITY
 

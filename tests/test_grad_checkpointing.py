@@ -10,8 +10,8 @@ import torch
 
 from helpers.models import tiny_bert, tiny_llama, tiny_opt
 from vera_lightning import VeraConfig, apply_vera
-from vera_lightning.checkpointing import enable_gradient_checkpointing, reentrant_checkpointing
-from vera_lightning.adapter import vera_layers
+from vera_lightning.ops.grad_checkpointing import enable_gradient_checkpointing, reentrant_checkpointing
+from vera_lightning.core.lookup import vera_layers
 from vera_lightning import record_paths, set_vera_path
 
 pytestmark = pytest.mark.numerics

@@ -17,8 +17,8 @@ from helpers.files import WEIGHTS, filled_adapter, loaded_value
 from helpers.lightning import TinyOptModule, fit
 from helpers.models import MLP
 from vera_lightning import VeraCallback, load_adapter, save_adapter
-from vera_lightning.guards import NonFiniteError
-from vera_lightning.inject import vera_layers
+from vera_lightning.core.finite import NonFiniteError
+from vera_lightning.core.lookup import vera_layers
 
 TARGETS = ["q_proj", "v_proj"]
 

@@ -12,7 +12,7 @@ from torch import nn
 from helpers.models import TINY_MODELS, random_lambdas_, run, tiny_bert, tiny_gpt2, tiny_mlp, tiny_opt
 from helpers.peft_oracle import adapt_both
 from vera_lightning import VeraConfig, apply_vera, count_parameters, unload_vera
-from vera_lightning.inject import vera_layers
+from vera_lightning.core.lookup import vera_layers
 
 KINDS = list(TINY_MODELS)
 

@@ -11,7 +11,7 @@ from torch import nn
 from helpers.models import TINY_MODELS, random_lambdas_, model_inputs, run, tiny_opt
 from helpers.peft_oracle import adapt_both, peft_layer, peft_vera, randomize_lambdas_
 from vera_lightning import VeraConfig, VeraLinear, apply_vera, merge_vera, unmerge_vera, vera_layers
-from vera_lightning.layer import layer_shape
+from vera_lightning.core.layer import layer_shape
 
 pytestmark = pytest.mark.numerics  # also run under every ATEN_CPU_CAPABILITY by .ci/run
 

@@ -16,7 +16,7 @@ from vera_lightning import (
     VeraCallback, VeraConfig, add_adapter, apply_vera, delete_adapter, disable_adapter, find_adapter, load_adapter,
     merge_vera, save_adapter, set_adapter, unmerge_vera,
 )
-from vera_lightning.inject import vera_layers
+from vera_lightning.core.lookup import vera_layers
 
 pytestmark = pytest.mark.numerics
 

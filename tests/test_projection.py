@@ -7,7 +7,7 @@ import torch
 
 from helpers.models import TINY_MODELS
 from helpers.peft_oracle import adapt_both
-from vera_lightning.projection import draw_projections
+from vera_lightning.core.projection import draw_projections
 
 KINDS = list(TINY_MODELS)
 

@@ -11,9 +11,9 @@ from vera_lightning import (
     VeraConfig, apply_vera, dequantize_base, is_quantized, load_adapter, merge_vera, model_bytes, quantize_base,
     record_paths, save_adapter, set_vera_path, unload_vera,
 )
-from vera_lightning.adapter import vera_layers
-from vera_lightning.qlinear import QuantizedLinear, dequantize_weight, tensor_bytes, weight_scheme
-from vera_lightning.quantize import quantized_layers
+from vera_lightning.core.lookup import vera_layers
+from vera_lightning.core.qlinear import QuantizedLinear, dequantize_weight, tensor_bytes, weight_scheme
+from vera_lightning.ops.quantize import quantized_layers
 
 SCHEMES = ["nf4", "int8"]
 TARGETS = ["q_proj", "v_proj"]
@@ -340,7 +340,7 @@ def test_clear_errors_before_anything_changes():
 
 
 def test_bitsandbytes_backend_needs_bitsandbytes():
-    from vera_lightning.qlinear import bnb_available
+    from vera_lightning.core.qlinear import bnb_available
 
     if bnb_available():
         pytest.skip("bitsandbytes is installed here")
@@ -349,7 +349,7 @@ def test_bitsandbytes_backend_needs_bitsandbytes():
 
 
 def test_unsupported_device_is_named():
-    from vera_lightning.qlinear import quantize_weight
+    from vera_lightning.core.qlinear import quantize_weight
 
     weight = torch.randn(64, 64)
     with pytest.raises(ValueError, match="device 'meta'.*'cpu' or 'cuda'"):

@@ -8,13 +8,13 @@ import torch
 
 from helpers.app import compose_app
 from vera_lightning import VeraCallback, is_quantized, load_adapter
-from vera_lightning.adapter import vera_layers
+from vera_lightning.core.lookup import vera_layers
 from vera_lightning.app.data import build_datamodule
 from vera_lightning.app.models import build_model, build_tokenizer
 from vera_lightning.app.module import build_module
 from vera_lightning.app.train import train, vera_config_from
-from vera_lightning.qlinear import weight_scheme
-from vera_lightning.quantize import quantized_layers
+from vera_lightning.core.qlinear import weight_scheme
+from vera_lightning.ops.quantize import quantized_layers
 
 # tiny_opt at hidden 128: every linear holds a multiple of 16384 values, as NF4 needs
 WIDE = ["model.from_config.hidden_size=128", "model.from_config.word_embed_proj_dim=128",

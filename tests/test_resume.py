@@ -14,7 +14,7 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from helpers.models import tiny_opt
 from helpers.lightning import TinyOptModule, fit
 from vera_lightning import VeraCallback
-from vera_lightning.inject import vera_layers
+from vera_lightning.core.lookup import vera_layers
 
 TARGETS = ["q_proj", "v_proj"]
 

@@ -12,7 +12,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 
 from helpers.lightning import TinyOptModule, trainer_kwargs
 from vera_lightning import VeraCallback, load_adapter
-from vera_lightning.inject import vera_layers
+from vera_lightning.core.lookup import vera_layers
 
 TARGETS = ["q_proj", "v_proj"]
 

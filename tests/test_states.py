@@ -17,7 +17,7 @@ from helpers.peft_oracle import peft_vera
 from vera_lightning import (
     VeraConfig, apply_vera, load_adapter, merge_vera, save_adapter, unload_vera, unmerge_vera,
 )
-from vera_lightning.inject import vera_layers
+from vera_lightning.core.lookup import vera_layers
 
 
 def _trained(model, seed=1):

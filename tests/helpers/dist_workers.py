@@ -10,8 +10,8 @@ import torch.distributed as dist
 from torch import nn
 
 from vera_lightning import VeraConfig, apply_vera
-from vera_lightning.distributed import broadcast_projections, exclude_projections_from_ddp
-from vera_lightning.inject import vera_layers
+from vera_lightning.training.distributed import broadcast_projections, exclude_projections_from_ddp
+from vera_lightning.core.lookup import vera_layers
 
 
 def finish(path: str, result: dict) -> None:

@@ -6,7 +6,7 @@ import torch
 
 from helpers.models import MLP
 from vera_lightning import VeraConfig, apply_vera, load_adapter
-from vera_lightning.inject import vera_layers
+from vera_lightning.core.lookup import vera_layers
 
 CFG = dict(r=4, target_modules=["fc1", "fc2"])
 WEIGHTS = "adapter_model.safetensors"

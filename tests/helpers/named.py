@@ -9,7 +9,7 @@ import torch
 
 from helpers.models import TINY_MODELS
 from vera_lightning import VeraConfig, add_adapter, apply_vera, find_adapter
-from vera_lightning.inject import vera_layers
+from vera_lightning.core.lookup import vera_layers
 
 NAMES = ("default", "task_b", "task_c")
 

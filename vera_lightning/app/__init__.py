@@ -8,7 +8,7 @@
 * :mod:`~vera_lightning.app.models`    the Hugging Face model and tokenizer a ``model/`` config names
 * :mod:`~vera_lightning.app.data`      DataModules for tables, text and Hugging Face datasets
 * :mod:`~vera_lightning.app.module`    the task LightningModules (classification, causal LM)
-* :mod:`~vera_lightning.app.resume`    ``ckpt_path=last``, SLURM requeue, RNG state in checkpoints
+* :mod:`~vera_lightning.app.run_dirs`    ``ckpt_path=last``, SLURM requeue, RNG state in checkpoints
 * :mod:`~vera_lightning.app.trackers`  config and adapter artifacts for MLflow / W&B
 * :mod:`~vera_lightning.app.cli`       the error boundary of the entry points
 * :mod:`~vera_lightning.app.sweep`     the multirun summary callback

@@ -29,10 +29,10 @@ import torch
 from torch import nn
 
 from vera_lightning.app.build import Components, base_model_id
-from vera_lightning.checkpoint import ADAPTER_CONFIG_NAME, load_adapter
+from vera_lightning.io.adapter_dir import ADAPTER_CONFIG_NAME, load_adapter
 from vera_lightning.config import VeraConfig
-from vera_lightning.inject import apply_vera
-from vera_lightning.slim import SLIM_MARK, install_slim_loading
+from vera_lightning.ops.inject import apply_vera
+from vera_lightning.training.slim import SLIM_MARK, install_slim_loading
 
 __all__ = ["AdapterSource", "resolve_adapter", "model_config_for", "attach_adapter"]
 

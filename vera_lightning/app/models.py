@@ -179,7 +179,7 @@ def build_model(
     model = apply_precision(model, model_cfg)
     model.train()
     if model_cfg.get("gradient_checkpointing"):  # activation checkpointing (non-reentrant), see checkpointing.py
-        from vera_lightning.checkpointing import enable_gradient_checkpointing
+        from vera_lightning.ops.grad_checkpointing import enable_gradient_checkpointing
 
         enable_gradient_checkpointing(model, use_reentrant=False)
     return model
@@ -195,7 +195,7 @@ def precision_settings(model_cfg: Mapping[str, Any]) -> tuple[torch.dtype, Optio
     Raises:
         ValueError: For a value other than those listed (naming the option and the choices).
     """
-    from vera_lightning.qlinear import SCHEMES
+    from vera_lightning.core.qlinear import SCHEMES
 
     dtype_name = model_cfg.get("compute_dtype") or "fp32"
     scheme = model_cfg.get("quantize")
@@ -215,7 +215,7 @@ def apply_precision(model: nn.Module, model_cfg: Mapping[str, Any]) -> nn.Module
     ``quantize`` (``nf4``, ``int8`` or null) runs :func:`vera_lightning.quantize_base` before VeRA is
     injected, leaving the config's ``modules_to_save`` (trained in full) in full precision.
     """
-    from vera_lightning.quantize import quantize_base
+    from vera_lightning.ops.quantize import quantize_base
 
     dtype, scheme = precision_settings(model_cfg)
     if dtype != torch.float32:

@@ -7,7 +7,7 @@ A run builds the model, data and LightningModule the config names, adds
 monitored metric before and after training, writes the adapter in PEFT's layout to
 ``<output_dir>/adapter`` and ``summary.json`` next to it, and returns the metrics.
 
-``ckpt_path=last|PATH`` resumes an interrupted run (:mod:`~vera_lightning.app.resume`);
+``ckpt_path=last|PATH`` resumes an interrupted run (:mod:`~vera_lightning.app.run_dirs`);
 loggers also get the composed config and the adapter as an artifact
 (:mod:`~vera_lightning.app.trackers`).
 """
@@ -37,9 +37,9 @@ from vera_lightning.app.build import (
 )
 from vera_lightning.app.checks import check_run_config
 from vera_lightning.app.finetune import check_method, prepare, save_trained
-from vera_lightning.app.resume import RngState, keep_csv_history, resolve_ckpt_path, slurm_checkpoint
-from vera_lightning.inject import count_parameters
-from vera_lightning.quantize import model_bytes
+from vera_lightning.app.run_dirs import RngState, keep_csv_history, resolve_ckpt_path, slurm_checkpoint
+from vera_lightning.ops.inject import count_parameters
+from vera_lightning.ops.quantize import model_bytes
 
 __all__ = ["register_configs", "vera_config_from", "train"]
 

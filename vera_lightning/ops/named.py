@@ -1,6 +1,6 @@
 """Several named VeRA adapters on one model: add, switch, delete, disable, load.
 
-Every adapter of a model shares the one :class:`~vera_lightning.adapter.VeraAdapter` (attached as
+Every adapter of a model shares the one :class:`~vera_lightning.core.adapter.VeraAdapter` (attached as
 ``model.vera_projections``), which owns the registry (name -> config, the primary and the active
 name) and the one stored ``vera_A``/``vera_B``. Choices, and why:
 
@@ -10,7 +10,7 @@ name) and the one stored ``vera_A``/``vera_B``. Choices, and why:
   adapter ``<name>`` gets two parameters of its own on each adapted layer,
   ``vera_lambda_b_<name>`` (``out``) and ``vera_lambda_d_<name>`` (``r``); no dict of adapters is
   threaded through the forward. A layer reads the *active* adapter's pair through ``layer.lambdas()``
-  (the same two attribute reads as before, by name), so every autograd path of :mod:`vera_lightning.paths`
+  (the same two attribute reads as before, by name), so every autograd path of :mod:`vera_lightning.forward.dispatch`
   serves every adapter, and the primary adapter's forward is PEFT's, bit for bit.
 * **What must match.** Adapters share the primary adapter's projections, so an added adapter must
   have the same ``r`` and ``projection_prng_key`` and adapt exactly the same layers (hence the same
@@ -46,26 +46,14 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from vera_lightning import adapter_format as fmt
-from vera_lightning.adapter import VeraAdapter, find_adapter, vera_layers
+from vera_lightning.core.adapter import VeraAdapter, check_adapter_name
+from vera_lightning.core.lookup import find_adapter, vera_layers
 from vera_lightning.config import BiasMode, VeraConfig
-from vera_lightning.inject import mark_trainable, resolve_target_names
-from vera_lightning.paths import VeraPath
+from vera_lightning.ops.inject import mark_trainable, resolve_target_names
+from vera_lightning.forward.protocol import VeraPath
 
-__all__ = ["add_adapter", "set_adapter", "delete_adapter", "disable_adapter", "check_adapter_name",
-           "compatibility_problems", "load_named", "forcing", "require_adapter", "refuse_merged"]
+__all__ = ["add_adapter", "set_adapter", "delete_adapter", "disable_adapter", "compatibility_problems", "forcing", "require_adapter", "refuse_merged"]
 
-_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
-_HALF = (torch.float16, torch.bfloat16)
-
-
-def check_adapter_name(name: Any, where: str) -> None:
-    """Raise unless ``name`` is a valid adapter name (1-64 characters of ``[A-Za-z0-9_-]``)."""
-    if not isinstance(name, str) or not _NAME.fullmatch(name):
-        raise ValueError(
-            f"{where}: adapter name {name!r} is not valid; use 1-64 letters, digits, '_' or '-' (it becomes part of "
-            "parameter names and of PEFT's folder names), e.g. 'task_a'"
-        )
 
 
 def require_adapter(model: nn.Module, where: str) -> VeraAdapter:
@@ -269,49 +257,3 @@ def disable_adapter(model: nn.Module) -> Iterator[nn.Module]:
         yield model
 
 
-# ---------------------------------------------------------------------- loading into a named adapter
-def _projection_problems(adapter: VeraAdapter, tensors: dict[str, torch.Tensor]) -> list[str]:
-    problems = []
-    for key, mine in (("base_model.vera_A", adapter.vera_A), ("base_model.vera_B", adapter.vera_B)):
-        if key not in tensors or tuple(tensors[key].shape) != tuple(mine.shape):
-            continue  # absence and shapes are checked by check_tensors
-        theirs, ours = tensors[key].float(), mine.detach().to("cpu", torch.float32)
-        if not any(torch.equal(t, ours) for t in [theirs] + [theirs.to(h).float() for h in _HALF]):
-            problems.append(
-                f"{key} differs from the projections the model's adapters share (drawn with the same "
-                "projection_prng_key elsewhere, or trained with other projections); load this adapter into a separate "
-                "copy of the base model"
-            )
-    return problems
-
-
-def load_named(
-    model: nn.Module, adapter: VeraAdapter, name: str, config: VeraConfig, tensors: dict[str, torch.Tensor],
-    metadata: dict[str, str], source: str,
-) -> nn.Module:
-    """Load a read adapter file into adapter ``name`` of a model holding (or about to hold) several adapters.
-
-    Called by :func:`vera_lightning.load_adapter`. The shared projections are never overwritten: the
-    file's must equal the model's. A new name is added with ``config``; an existing one keeps its config
-    (as a single-adapter load does) and gets the file's tensors.
-
-    Raises:
-        ValueError: Naming every problem; the model is not changed.
-    """
-    known = name in adapter.names
-    if known and name == adapter.primary:
-        problems = fmt.compare_configs(model, adapter.config_of(name), config)
-    else:
-        problems = compatibility_problems(model, adapter, config)
-    if not problems:
-        problems = fmt.check_tensors(model, config, tensors, metadata) + _projection_problems(adapter, tensors)
-    if problems:
-        raise ValueError(f"load_adapter({source!r}, adapter_name={name!r}) refused, the model was not changed:\n  - "
-                         + "\n  - ".join(problems))
-    if not known:
-        add_adapter(model, name, config)
-    with torch.no_grad():
-        for key, (_, target) in fmt.layout(model, adapter.config_of(name), name).items():
-            if key in tensors and key not in fmt.PROJECTION_KEYS:
-                target.copy_(tensors[key].to(target.dtype))
-    return model

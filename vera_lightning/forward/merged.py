@@ -16,11 +16,11 @@ Per adapted layer, with ``C = B_s·diag(λ_d)·A_s`` (``out×in``) and ``W = W0 
 
 So the extra work over the frozen layer is ``2·out·r·in + min(N·out·in + out·in·r, N·r·(in+out))``
 multiply-adds against the low-rank forms' ``≈ 3·N·r·(in+out)``: the merged form wins at large
-``N`` (see :mod:`vera_lightning.cost`, which chooses).
+``N`` (see :mod:`vera_lightning.forward.cost`, which chooses).
 
 **Siblings** (q/k/v, gate/up: layers reading the same ``x``): the first layer to read ``x``
 (the leader) computes the outputs of the siblings it saw the last time (learned by
-:class:`vera_lightning.sharing.SiblingPlans`) in one autograd node: their ``W``'s are stacked,
+:class:`vera_lightning.forward.sharing.SiblingPlans`) in one autograd node: their ``W``'s are stacked,
 ``Y = x·[W_q; W_k; W_v]ᵀ`` is one matmul, and its backward forms ``[g_q g_k g_v]ᵀ·x`` and
 ``grad x`` as one matmul each, with ``x`` saved once. A sibling the leader did not expect (or
 whose output was not taken) gets its own node; values are the same either way.
@@ -39,7 +39,7 @@ import torch
 from torch import nn
 
 if TYPE_CHECKING:  # pragma: no cover
-    from vera_lightning.layer import VeraLinear
+    from vera_lightning.forward.protocol import AdaptedLayer
 
 __all__ = ["MergedLinear", "merged_forward", "merged_weight"]
 
@@ -244,7 +244,7 @@ def _run(layers: list, x: torch.Tensor, mm_dtype: torch.dtype) -> tuple[torch.Te
         return MergedLinear.apply(x, tuple(specs), mm_dtype, a_s, *flat)
 
 
-def merged_forward(layer: "VeraLinear", result: Optional[torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+def merged_forward(layer: "AdaptedLayer", result: Optional[torch.Tensor], x: torch.Tensor) -> torch.Tensor:
     """The ``"merged"`` path of a :class:`~vera_lightning.VeraLinear` (replaces its base forward).
 
     Uses only the layer's ``weight``, ``bias``, ``fan_in_fan_out``, ``in_features``,
@@ -253,7 +253,7 @@ def merged_forward(layer: "VeraLinear", result: Optional[torch.Tensor], x: torch
     Args:
         layer: The adapted layer (training, no active dropout, autograd recording).
         result: Unused (``None``): this path replaces the base layer's matmul (see
-            :data:`vera_lightning.paths.REPLACES_BASE`).
+            :data:`vera_lightning.forward.dispatch.REPLACES_BASE`).
         x: Its input ``(..., in_features)``.
 
     Returns:

@@ -3,7 +3,7 @@
 With VeRA the trainable part is kilobytes; the frozen base is practically all of the memory.
 :func:`quantize_base` stores the base's linear weights in 4-bit NF4 (QLoRA's format) or 8-bit
 (int8 weight-only, one scale per output row); the λ's train over them as over a float base
-(see :mod:`vera_lightning.qlinear` for the backends and the backward).
+(see :mod:`vera_lightning.core.qlinear` for the backends and the backward).
 
 What is quantized: every ``nn.Linear`` (adapted or not) except a model's output head (in most
 LMs it is tied to the input embedding, which stays as it is), weights shared with another module,
@@ -29,10 +29,10 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
-from vera_lightning.adapter import find_adapter, vera_layers
-from vera_lightning.targets import _output_heads, in_modules_to_save
-from vera_lightning.layer import Conv1D, VeraLinear
-from vera_lightning.qlinear import (
+from vera_lightning.core.lookup import find_adapter, vera_layers
+from vera_lightning.ops.targets import _output_heads, in_modules_to_save
+from vera_lightning.core.layer import Conv1D, VeraLinear
+from vera_lightning.core.qlinear import (
     BACKENDS, NF4_MULTIPLE, SCHEMES, QuantizedLinear, bnb_available, dequantize_weight, is_bnb_module,
     is_quantized_weight, quantize_weight, tensor_bytes, weight_scheme,
 )
@@ -122,7 +122,7 @@ def quantize_base(
 
     Returns:
         ``model``. Quantized weights are frozen (``requires_grad=False``); plain ``nn.Linear``
-        layers become :class:`~vera_lightning.qlinear.QuantizedLinear` (same state-dict keys).
+        layers become :class:`~vera_lightning.core.qlinear.QuantizedLinear` (same state-dict keys).
         Quantizing again with the same scheme is a no-op.
 
     Raises:

@@ -5,7 +5,7 @@ r"""`VeraLinear`: a frozen linear layer plus a VeRA update.
     h = W_0 x + b + \Lambda_b B_s \Lambda_d A_s \,\mathrm{dropout}(x)
 
 ``A_s = vera_A[:, :in]`` and ``B_s = vera_B[:out, :]`` are slices of the random
-projections shared by every adapted layer (see :mod:`vera_lightning.projection`);
+projections shared by every adapted layer (see :mod:`vera_lightning.core.projection`);
 ``Λ_b = diag(vera_lambda_b)`` (``out`` entries, init 0) and ``Λ_d = diag(vera_lambda_d)``
 (``r`` entries, init ``d_initial``) are the only trained tensors: ``out + r`` per layer.
 
@@ -22,15 +22,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vera_lightning.paths import VeraPath, vera_forward
-from vera_lightning.states import is_meta, materialised
+from vera_lightning.forward.dispatch import vera_forward
+from vera_lightning.forward.protocol import VeraPath
+from vera_lightning.core.refusals import is_meta, materialised
 
-from vera_lightning.qlinear import (
+from vera_lightning.core.qlinear import (
     is_bnb_module, is_quantized_weight, merge_refusal, quantized_base_forward, quantized_to_base,
 )
 
 if TYPE_CHECKING:  # pragma: no cover
-    from vera_lightning.adapter import VeraAdapter
+    from vera_lightning.core.adapter import VeraAdapter
 
 try:  # transformers is a dependency, but the layer also works without it
     from transformers.pytorch_utils import Conv1D
@@ -66,7 +67,7 @@ class VeraLinear(nn.Module):
     """A linear layer with VeRA scaling vectors over shared random projections.
 
     Build it through :func:`vera_lightning.apply_vera`, which creates the shared
-    :class:`~vera_lightning.adapter.VeraAdapter` sized for every targeted layer; the layer
+    :class:`~vera_lightning.core.adapter.VeraAdapter` sized for every targeted layer; the layer
     takes plain values, as read from the config once, at injection.
 
     Args:
@@ -88,11 +89,11 @@ class VeraLinear(nn.Module):
 
     adapter_param_names = ("vera_lambda_b", "vera_lambda_d")
     #: Parameter names of the λ's the forward uses: the layer's own (the primary adapter's), or a named
-    #: adapter's after :func:`vera_lightning.set_adapter` (see :mod:`vera_lightning.named`).
+    #: adapter's after :func:`vera_lightning.set_adapter` (see :mod:`vera_lightning.ops.named`).
     active_lambda_names: tuple[str, str] = adapter_param_names
-    #: Autograd path (set with :func:`vera_lightning.set_vera_path`; see :mod:`vera_lightning.paths`).
+    #: Autograd path (set with :func:`vera_lightning.set_vera_path`; see :mod:`vera_lightning.forward.dispatch`).
     vera_path: VeraPath = VeraPath.auto
-    #: What ``auto`` may keep for backward, ``"lean"`` or ``"speed"`` (see :mod:`vera_lightning.cost`).
+    #: What ``auto`` may keep for backward, ``"lean"`` or ``"speed"`` (see :mod:`vera_lightning.forward.cost`).
     vera_memory: str = "lean"
 
     def __init__(
@@ -185,7 +186,7 @@ class VeraLinear(nn.Module):
 
     @property
     def base_is_quantized(self) -> bool:
-        """Whether ``weight`` is quantized (NF4/int8; see :mod:`vera_lightning.quantize`): no merged forms."""
+        """Whether ``weight`` is quantized (NF4/int8; see :mod:`vera_lightning.ops.quantize`): no merged forms."""
         return is_quantized_weight(self.weight)
 
     # ------------------------------------------------------------------ compute

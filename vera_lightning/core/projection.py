@@ -2,7 +2,7 @@
 
 The draw is bit-identical to PEFT's ``VeraModel._init_vera_A_vera_B``: a CPU ``torch.Generator``
 seeded with ``projection_prng_key``, Kaiming-uniform with gain sqrt(2) in fan-in mode, ``vera_A``
-first, then ``vera_B``. The projections are owned by :class:`vera_lightning.adapter.VeraAdapter`,
+first, then ``vera_B``. The projections are owned by :class:`vera_lightning.core.adapter.VeraAdapter`,
 which hands out the per-layer slices ``vera_A[:, :in]`` / ``vera_B[:out, :]``.
 """
 

@@ -7,10 +7,10 @@ An adapted model carries exactly one :class:`VeraAdapter`, attached as ``model.v
 * the registry of named adapters (``names`` -> :class:`~vera_lightning.VeraConfig`, private copies,
   read-only), the ``primary`` one (built by ``apply_vera``; its λ's are each layer's own
   ``vera_lambda_b``/``vera_lambda_d``) and the ``active`` one (``config`` is the active adapter's);
-  see :mod:`vera_lightning.named`;
+  see :mod:`vera_lightning.ops.named`;
 * the shared frozen projections ``vera_A`` (``r x max_in``) and ``vera_B`` (``max_out x r``),
-  drawn from ``projection_prng_key`` (see :mod:`vera_lightning.projection`);
-* the cache of their casts to the compute dtype, and the :class:`~vera_lightning.sharing.SiblingCache`
+  drawn from ``projection_prng_key`` (see :mod:`vera_lightning.core.projection`);
+* the cache of their casts to the compute dtype, and the :class:`~vera_lightning.forward.sharing.SiblingCache`
   that lets q/k/v (gate/up) reuse one ``x A_sᵀ``.
 
 Every :class:`~vera_lightning.VeraLinear` holds an unregistered reference to it. Code that needs
@@ -21,23 +21,19 @@ Every :class:`~vera_lightning.VeraLinear` holds an unregistered reference to it.
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator
-from typing import TYPE_CHECKING, Optional
+import re
+from typing import Any, Optional
 
 import torch
 from torch import nn
 
 from vera_lightning.config import VeraConfig
-from vera_lightning.paths import VeraPath
-from vera_lightning.projection import draw_projections
-from vera_lightning.sharing import SiblingCache
-from vera_lightning.states import is_meta, materialised
+from vera_lightning.forward.protocol import VeraPath
+from vera_lightning.core.projection import draw_projections
+from vera_lightning.forward.sharing import SiblingCache
+from vera_lightning.core.refusals import is_meta, materialised
 
-if TYPE_CHECKING:  # pragma: no cover
-    from vera_lightning.layer import VeraLinear
-
-__all__ = ["VeraAdapter", "ADAPTER_ATTR", "DEFAULT_ADAPTER", "adapter_root", "find_adapter", "locate_adapter",
-           "vera_layers"]
+__all__ = ["VeraAdapter", "ADAPTER_ATTR", "DEFAULT_ADAPTER", "PRIMARY_LAMBDAS", "HALF_DTYPES", "check_adapter_name"]
 
 #: Attribute of the adapted module that holds its :class:`VeraAdapter` (the state-dict prefix).
 ADAPTER_ATTR = "vera_projections"
@@ -45,7 +41,18 @@ ADAPTER_ATTR = "vera_projections"
 DEFAULT_ADAPTER = "default"
 #: λ parameter names of the primary adapter (the layer's own); other adapters get ``<name>_<adapter>``.
 PRIMARY_LAMBDAS = ("vera_lambda_b", "vera_lambda_d")
-_HALF = (torch.float16, torch.bfloat16)
+#: The half-precision dtypes (projections may be rounded through one of them).
+HALF_DTYPES = (torch.float16, torch.bfloat16)
+_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
+
+
+def check_adapter_name(name: Any, where: str) -> None:
+    """Raise unless ``name`` is a valid adapter name (1-64 characters of ``[A-Za-z0-9_-]``)."""
+    if not isinstance(name, str) or not _NAME.fullmatch(name):
+        raise ValueError(
+            f"{where}: adapter name {name!r} is not valid; use 1-64 letters, digits, '_' or '-' (it becomes part of "
+            "parameter names and of PEFT's folder names), e.g. 'task_a'"
+        )
 
 
 class VeraAdapter(nn.Module):
@@ -78,12 +85,12 @@ class VeraAdapter(nn.Module):
         self._config = copy.deepcopy(config)
         self.r, self.max_in, self.max_out = config.r, max_in, max_out
         #: The half dtype the draw was rounded through (``None``: float32 values as drawn).
-        self.round_dtype: Optional[torch.dtype] = round_to if round_to in _HALF else None
+        self.round_dtype: Optional[torch.dtype] = round_to if round_to in HALF_DTYPES else None
         self._configs: dict[str, VeraConfig] = {name: self._config}
         self.primary, self._active = name, name
         #: A path every layer takes while ``disable_adapter``/``adapter_batch`` is open (``None``: chosen per call).
         self.forced_path: Optional[VeraPath] = None
-        #: Per-row λ's of the open ``adapter_batch`` (see :mod:`vera_lightning.batching`).
+        #: Per-row λ's of the open ``adapter_batch`` (see :mod:`vera_lightning.ops.batching`).
         self.batch: Optional[object] = None
         vera_A, vera_B = self._draw()
         self.register_buffer("vera_A", vera_A, persistent=config.save_projection)
@@ -197,67 +204,3 @@ class VeraAdapter(nn.Module):
         if materialised([self.vera_A, self.vera_B], was_meta):  # to_empty: meta held no values, draw them
             self.redraw_()
         return out
-
-
-def vera_layers(module: nn.Module) -> Iterator[tuple[str, "VeraLinear"]]:
-    """Yield ``(name, layer)`` for every :class:`~vera_lightning.VeraLinear` in ``module``."""
-    from vera_lightning.layer import VeraLinear
-
-    for name, sub in module.named_modules():
-        if isinstance(sub, VeraLinear):
-            yield name, sub
-
-
-def locate_adapter(module: nn.Module) -> Optional[tuple[str, VeraAdapter]]:
-    """``(name, adapter)`` of the adapter serving ``module``, or ``None`` if it carries no VeRA.
-
-    The adapter is found among ``module``'s submodules; for a part of an adapted model (e.g. the
-    ``transformers`` model inside a LightningModule that was adapted as a whole) it is the one its
-    layers refer to, and its name is ``""``.
-
-    Raises:
-        ValueError: If ``module`` holds several adapters, or layers that refer to different ones.
-    """
-    found = [(name, sub) for name, sub in module.named_modules() if isinstance(sub, VeraAdapter)]
-    if len(found) > 1:
-        names = [name or "<root>" for name, _ in found]
-        raise ValueError(
-            f"{type(module).__name__} holds {len(found)} separate VeRA adapters ({names}), from apply_vera on "
-            "nested modules; one model carries one adapter. Unload them (vera_lightning.unload_vera) and apply one "
-            "config to the module containing every layer to adapt"
-        )
-    referenced = {id(layer.adapter): layer.adapter for _, layer in vera_layers(module)}
-    if len(referenced) > 1 or (found and referenced and id(found[0][1]) not in referenced):
-        raise ValueError(
-            f"{type(module).__name__} holds VeRA layers that belong to different adapters; adapt the whole model "
-            "with one apply_vera call"
-        )
-    if found:
-        return found[0]
-    if referenced:
-        return "", next(iter(referenced.values()))
-    return None
-
-
-def find_adapter(module: nn.Module) -> Optional[VeraAdapter]:
-    """The :class:`VeraAdapter` serving ``module`` (see :func:`locate_adapter`), or ``None``."""
-    located = locate_adapter(module)
-    return located[1] if located is not None else None
-
-
-def adapter_root(module: nn.Module) -> nn.Module:
-    """The module whose parameter names match PEFT's: the outermost ``transformers`` model holding every
-    adapted layer of ``module`` (e.g. the model inside a LightningModule). Adapter files name tensors
-    relative to it.
-
-    Falls back to ``module`` itself when no such model exists (plain ``nn.Module`` s).
-    """
-    try:
-        from transformers import PreTrainedModel
-    except ImportError:  # pragma: no cover
-        return module
-    layers = {id(layer) for _, layer in vera_layers(module)}
-    for _, sub in module.named_modules():
-        if isinstance(sub, PreTrainedModel) and layers and layers <= {id(m) for m in sub.modules()}:
-            return sub
-    return module

@@ -3,7 +3,7 @@
 Every autograd path of :class:`~vera_lightning.VeraLinear` works under
 ``model.gradient_checkpointing_enable()`` (reentrant and non-reentrant): recomputation inside
 backward replays the sibling groups and path choices of the original forward
-(:class:`vera_lightning.sharing.SiblingPlans`), so the λ-gradients equal those without it.
+(:class:`vera_lightning.forward.sharing.SiblingPlans`), so the λ-gradients equal those without it.
 
 The classic pitfall is the reentrant variant on a frozen base: the input of the first
 checkpointed block (the embedding output) does not require grad, so

@@ -35,9 +35,9 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from vera_lightning import adapter_format as fmt
-from vera_lightning.adapter import find_adapter, vera_layers
-from vera_lightning.checkpoint import PathLike, _atomic_write, _check_target_dir
+from vera_lightning.io import peft_format as fmt
+from vera_lightning.core.lookup import find_adapter, vera_layers
+from vera_lightning.io.adapter_dir import PathLike, _atomic_write, _check_target_dir
 from vera_lightning.config import BiasMode
 
 __all__ = ["export_lora", "LoraExport", "lora_factors"]

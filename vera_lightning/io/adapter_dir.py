@@ -18,7 +18,7 @@ Layer names are relative to the module passed in (for a LightningModule wrapping
 ``transformers`` model, pass the ``transformers`` model). Only safetensors is ever read.
 The header metadata (ignored by PEFT) records a SHA-256 of the seed-drawn projections and
 of the whole content, checked on load. Saving is atomic and serialised (see
-:mod:`vera_lightning.atomic`): the path always holds a complete adapter, the previous one or
+:mod:`vera_lightning.io.atomic`): the path always holds a complete adapter, the previous one or
 the new one, whatever is killed when; loading reads both files from one version.
 """
 
@@ -31,13 +31,15 @@ from typing import Any, Optional, Union
 import torch
 from torch import nn
 
-from vera_lightning import adapter_format as fmt
-from vera_lightning import atomic
-from vera_lightning.adapter import DEFAULT_ADAPTER, VeraAdapter, adapter_root, find_adapter, vera_layers
+from vera_lightning.io import peft_format as fmt
+from vera_lightning.io import atomic
+from vera_lightning.core.adapter import DEFAULT_ADAPTER, HALF_DTYPES, VeraAdapter, check_adapter_name
+from vera_lightning.core.lookup import adapter_root, find_adapter, vera_layers
 from vera_lightning.config import VeraConfig
-from vera_lightning.guards import META_FORMAT, NonFiniteError, file_problems, nonfinite_names, warn_dtype_changes
-from vera_lightning.inject import apply_vera
-from vera_lightning.states import check_not_merged, check_not_meta
+from vera_lightning.core.finite import META_FORMAT, NonFiniteError, file_problems, nonfinite_names, warn_dtype_changes
+from vera_lightning.ops.inject import apply_vera
+from vera_lightning.ops.named import add_adapter, compatibility_problems
+from vera_lightning.core.refusals import check_not_merged, check_not_meta
 
 __all__ = ["save_adapter", "load_adapter", "adapter_root", "ADAPTER_CONFIG_NAME", "ADAPTER_WEIGHTS_NAME"]
 
@@ -60,7 +62,7 @@ def save_adapter(
         directory: Target directory; created, or replaced if it holds only adapter files.
         base_model_name_or_path: Recorded in ``adapter_config.json`` (PEFT uses it to find the base).
         adapter_name: Which named adapter to write (default: the active one). The file has the same
-            keys for every name (PEFT's layout); see :mod:`vera_lightning.named`.
+            keys for every name (PEFT's layout); see :mod:`vera_lightning.ops.named`.
 
     Returns:
         The directory path.
@@ -131,8 +133,6 @@ def load_adapter(model: nn.Module, directory: PathLike, adapter_name: Optional[s
     check_not_merged(list(vera_layers(model)), f"load_adapter({directory!r})")
     check_not_meta(model, f"load_adapter({directory!r})")
     if adapter_name is not None:
-        from vera_lightning.named import check_adapter_name
-
         check_adapter_name(adapter_name, "load_adapter")
     name = adapter_name or (adapter.active if adapter is not None else DEFAULT_ADAPTER)
     directory = _adapter_directory(directory, name)
@@ -140,8 +140,7 @@ def load_adapter(model: nn.Module, directory: PathLike, adapter_name: Optional[s
     config = _read_config(directory, files[ADAPTER_CONFIG_NAME])
     tensors, metadata = _read_weights(directory, files)
     if adapter is not None and (name != adapter.primary or len(adapter.names) > 1):
-        from vera_lightning.named import load_named
-
+        
         problems = file_problems(tensors, metadata, fmt.META_CONTENT, fmt.META_PROJECTION)
         if problems:
             raise ValueError(f"load_adapter({directory!r}, adapter_name={name!r}) refused, the model was not "
@@ -270,7 +269,7 @@ def _check_target_dir(directory: str) -> None:
 
 
 def _atomic_write(directory: str, config: dict[str, Any], tensors: dict, metadata: dict[str, str]) -> None:
-    """Check the target, then replace it atomically under the save lock (:mod:`vera_lightning.atomic`)."""
+    """Check the target, then replace it atomically under the save lock (:mod:`vera_lightning.io.atomic`)."""
 
     def fill(staging: str) -> None:
         from safetensors.torch import save_file
@@ -294,3 +293,51 @@ def _atomic_write(directory: str, config: dict[str, Any], tensors: dict, metadat
         message = (f"save_adapter could not write {directory!r}: {err.strerror or err}. Nothing was changed: "
                    f"{directory!r} {kept}. Check that the location is writable and has free space")
         raise (type(err)(err.errno, message) if err.errno else type(err)(message)) from None
+
+
+# ---------------------------------------------------------------------- loading into a named adapter
+def _projection_problems(adapter: VeraAdapter, tensors: dict[str, torch.Tensor]) -> list[str]:
+    problems = []
+    for key, mine in (("base_model.vera_A", adapter.vera_A), ("base_model.vera_B", adapter.vera_B)):
+        if key not in tensors or tuple(tensors[key].shape) != tuple(mine.shape):
+            continue  # absence and shapes are checked by check_tensors
+        theirs, ours = tensors[key].float(), mine.detach().to("cpu", torch.float32)
+        if not any(torch.equal(t, ours) for t in [theirs] + [theirs.to(h).float() for h in HALF_DTYPES]):
+            problems.append(
+                f"{key} differs from the projections the model's adapters share (drawn with the same "
+                "projection_prng_key elsewhere, or trained with other projections); load this adapter into a separate "
+                "copy of the base model"
+            )
+    return problems
+
+
+def load_named(
+    model: nn.Module, adapter: VeraAdapter, name: str, config: VeraConfig, tensors: dict[str, torch.Tensor],
+    metadata: dict[str, str], source: str,
+) -> nn.Module:
+    """Load a read adapter file into adapter ``name`` of a model holding (or about to hold) several adapters.
+
+    Called by :func:`vera_lightning.load_adapter`. The shared projections are never overwritten: the
+    file's must equal the model's. A new name is added with ``config``; an existing one keeps its config
+    (as a single-adapter load does) and gets the file's tensors.
+
+    Raises:
+        ValueError: Naming every problem; the model is not changed.
+    """
+    known = name in adapter.names
+    if known and name == adapter.primary:
+        problems = fmt.compare_configs(model, adapter.config_of(name), config)
+    else:
+        problems = compatibility_problems(model, adapter, config)
+    if not problems:
+        problems = fmt.check_tensors(model, config, tensors, metadata) + _projection_problems(adapter, tensors)
+    if problems:
+        raise ValueError(f"load_adapter({source!r}, adapter_name={name!r}) refused, the model was not changed:\n  - "
+                         + "\n  - ".join(problems))
+    if not known:
+        add_adapter(model, name, config)
+    with torch.no_grad():
+        for key, (_, target) in fmt.layout(model, adapter.config_of(name), name).items():
+            if key in tensors and key not in fmt.PROJECTION_KEYS:
+                target.copy_(tensors[key].to(target.dtype))
+    return model

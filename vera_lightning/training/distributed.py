@@ -29,7 +29,8 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from vera_lightning.adapter import VeraAdapter, locate_adapter
+from vera_lightning.core.adapter import VeraAdapter
+from vera_lightning.core.lookup import locate_adapter
 
 __all__ = [
     "check_strategy",
@@ -197,5 +198,5 @@ def assert_projections_consistent(model: nn.Module, group=None) -> None:
     if bad:
         raise RuntimeError(
             f"VeRA projections differ between rank 0 and rank(s) {bad}; call "
-            "vera_lightning.distributed.broadcast_projections(model) after injecting or loading"
+            "vera_lightning.training.distributed.broadcast_projections(model) after injecting or loading"
         )

@@ -1,7 +1,7 @@
 """How a :class:`~vera_lightning.VeraLinear` computes its update: the paths and the table dispatching them.
 
 Every path gives the same values as PEFT's formulation ``λ_b ⊙ (B_s (λ_d ⊙ (A_s x)))``; they
-differ in what autograd keeps for backward (see :mod:`vera_lightning.functional`):
+differ in what autograd keeps for backward (see :mod:`vera_lightning.forward.lowrank`):
 
 ==========  ==============================================================================
 ``plain``   PEFT's graph under plain autograd (saves ``h`` and ``u`` per layer); also taken
@@ -9,65 +9,47 @@ differ in what autograd keeps for backward (see :mod:`vera_lightning.functional`
 ``lean``    saves ``x`` (shared by sibling layers), recomputes ``h = x A_sᵀ`` in backward
 ``save_h``  saves ``h`` once per sibling group (faster backward, ``N x r`` more memory)
 ``merged``  one matmul with ``W0 + diag(λ_b) B_s diag(λ_d) A_s`` replacing the base layer's,
-            exact λ-gradients from ``gᵀx`` (:mod:`vera_lightning.merged`); saves ``x``
+            exact λ-gradients from ``gᵀx`` (:mod:`vera_lightning.forward.merged`); saves ``x``
 ``nograd``  autograd does not record: no custom node, ``h`` still shared by siblings
-``mixed``   per-row λ's of several named adapters (``adapter_batch``, :mod:`vera_lightning.batching`)
+``mixed``   per-row λ's of several named adapters (``adapter_batch``, :mod:`vera_lightning.ops.batching`)
 ``off``     no update at all: the base layer's output (``disable_adapter``)
 ==========  ==============================================================================
 
-``auto`` (the default) asks the cost model (:mod:`vera_lightning.cost`) for the cheapest of
+``auto`` (the default) asks the cost model (:mod:`vera_lightning.forward.cost`) for the cheapest of
 ``lean``/``save_h``/``merged`` (``plain`` too with ``memory="speed"``) when autograd records and
 no dropout is active. A new path is one :class:`VeraPath` member and one entry in
 :data:`PATH_TABLE`; a path that computes the base product itself is also in :data:`REPLACES_BASE`
 (its entry gets ``None`` for the base output). Tests and diagnostics
 observe the chosen paths with :class:`record_paths`; nothing is written on the layer per call.
 ``mixed`` and ``off`` are forced on every layer while their context is open
-(``VeraAdapter.forced_path``); the ``mixed`` entry is registered by :mod:`vera_lightning.batching`.
+(``VeraAdapter.forced_path``); the ``mixed`` entry is :mod:`vera_lightning.forward.mixed`'s.
 Every path reads the active adapter's λ's through ``layer.lambdas()``.
 """
 
 from __future__ import annotations
 
-from enum import Enum
-from typing import TYPE_CHECKING, Callable, Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vera_lightning import cost
-from vera_lightning.functional import ProjectIn, SiblingGroup, VeraUpdate
-from vera_lightning.merged import merged_forward
-
-if TYPE_CHECKING:  # pragma: no cover
-    from vera_lightning.layer import VeraLinear
+from vera_lightning.forward import cost
+from vera_lightning.forward.lowrank import ProjectIn, SiblingGroup, VeraUpdate
+from vera_lightning.forward.merged import merged_forward
+from vera_lightning.forward.mixed import mixed_update
+from vera_lightning.forward.protocol import AdaptedLayer, VeraPath
 
 __all__ = [
-    "VeraPath", "PATHS", "PATH_TABLE", "REPLACES_BASE", "choose_path", "vera_forward", "record_paths", "set_vera_path",
+    "VeraPath", "PATHS", "PATH_TABLE", "REPLACES_BASE", "choose_path", "vera_forward", "record_paths",
 ]
-
-
-class VeraPath(str, Enum):
-    """An autograd path of the VeRA update (compares equal to its string)."""
-
-    auto = "auto"
-    plain = "plain"
-    lean = "lean"
-    save_h = "save_h"
-    merged = "merged"
-    nograd = "nograd"  # chosen, never set: autograd does not record
-    mixed = "mixed"  # forced by adapter_batch, never set
-    off = "off"  # forced by disable_adapter, never set
-
-    def __str__(self) -> str:
-        return self.value
 
 
 #: The paths a user may set with :func:`set_vera_path`.
 PATHS = tuple(p.value for p in VeraPath if p not in (VeraPath.nograd, VeraPath.mixed, VeraPath.off))
 
 
-def choose_path(layer: "VeraLinear", x: torch.Tensor) -> VeraPath:
+def choose_path(layer: AdaptedLayer, x: torch.Tensor) -> VeraPath:
     """The concrete path (never ``auto``) ``layer`` takes for input ``x`` in the current grad mode."""
     forced = layer.adapter.forced_path
     if forced is not None:
@@ -88,7 +70,7 @@ def choose_path(layer: "VeraLinear", x: torch.Tensor) -> VeraPath:
     return wanted
 
 
-def _plain(layer: "VeraLinear", result: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+def _plain(layer: AdaptedLayer, result: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """PEFT's formulation under plain autograd."""
     lam_b, lam_d = layer.lambdas()
     a_s, b_s = layer.sliced_projections()
@@ -98,7 +80,7 @@ def _plain(layer: "VeraLinear", result: torch.Tensor, x: torch.Tensor) -> torch.
     return (result + update).to(result.dtype)
 
 
-def _shared_h(layer: "VeraLinear", x: torch.Tensor, a_s: torch.Tensor, path: VeraPath):
+def _shared_h(layer: AdaptedLayer, x: torch.Tensor, a_s: torch.Tensor, path: VeraPath):
     """``(h, group)`` for this layer: a sibling's if it read the same ``x``, else a new one."""
     cache, dtype = layer.adapter.siblings, layer.vera_lambda_d.dtype
     hit = cache.lookup(x, a_s, path.value, id(layer))
@@ -117,17 +99,17 @@ def _shared_h(layer: "VeraLinear", x: torch.Tensor, a_s: torch.Tensor, path: Ver
     return value
 
 
-def _nograd(layer: "VeraLinear", result: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+def _nograd(layer: AdaptedLayer, result: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     a_s, b_s = layer.sliced_projections()
     h, _ = _shared_h(layer, x, a_s, VeraPath.nograd)
     lam_b, lam_d = layer.lambdas()
     return (result + lam_b * F.linear(lam_d * h, b_s)).to(result.dtype)
 
 
-def _custom(save_h: bool) -> Callable[["VeraLinear", torch.Tensor, torch.Tensor], torch.Tensor]:
+def _custom(save_h: bool) -> Callable[[AdaptedLayer, torch.Tensor, torch.Tensor], torch.Tensor]:
     path = VeraPath.save_h if save_h else VeraPath.lean
 
-    def update(layer: "VeraLinear", result: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    def update(layer: AdaptedLayer, result: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         a_s, b_s = layer.sliced_projections()
         h, group = _shared_h(layer, x, a_s, path)
         group.members += 1
@@ -138,21 +120,22 @@ def _custom(save_h: bool) -> Callable[["VeraLinear", torch.Tensor, torch.Tensor]
     return update
 
 
-def _off(layer: "VeraLinear", result: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+def _off(layer: AdaptedLayer, result: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """The adapter is disabled: the base output, untouched."""
     return result
 
 
 #: Concrete path -> ``update(layer, base_output, x) -> output`` (``base_output`` is ``None`` for
 #: the paths in :data:`REPLACES_BASE`).
-PATH_TABLE: dict[VeraPath, Callable[["VeraLinear", torch.Tensor, torch.Tensor], torch.Tensor]] = {
+PATH_TABLE: dict[VeraPath, Callable[[AdaptedLayer, torch.Tensor, torch.Tensor], torch.Tensor]] = {
     VeraPath.plain: _plain,
     VeraPath.lean: _custom(save_h=False),
     VeraPath.save_h: _custom(save_h=True),
     VeraPath.merged: merged_forward,
     VeraPath.nograd: _nograd,
     VeraPath.off: _off,
-}  # VeraPath.mixed: registered by vera_lightning.batching
+    VeraPath.mixed: mixed_update,
+}
 
 #: Paths whose entry computes the base product itself (the base forward is not run for them).
 REPLACES_BASE: frozenset[VeraPath] = frozenset({VeraPath.merged})
@@ -160,7 +143,7 @@ REPLACES_BASE: frozenset[VeraPath] = frozenset({VeraPath.merged})
 _recorders: list["record_paths"] = []
 
 
-def vera_forward(layer: "VeraLinear", x: torch.Tensor) -> torch.Tensor:
+def vera_forward(layer: AdaptedLayer, x: torch.Tensor) -> torch.Tensor:
     """The adapted layer's output for ``x`` (base plus VeRA update), by the path :func:`choose_path` picks."""
     path = choose_path(layer, x)
     if _recorders and not torch.compiler.is_compiling():
@@ -197,48 +180,3 @@ class record_paths(dict):
         return self is other
 
 
-def set_vera_path(
-    model: nn.Module, path: str = "auto", share: Optional[bool] = None, memory: Optional[str] = None
-) -> nn.Module:
-    """Choose the autograd path of every :class:`~vera_lightning.VeraLinear` in ``model``.
-
-    Args:
-        model: An adapted model (or a single ``VeraLinear``).
-        path: ``"auto"`` (default: per forward, the cheapest allowed path by the cost model of
-            :mod:`vera_lightning.cost`; ``"plain"`` while dropout is active), ``"plain"`` (PEFT's
-            autograd graph), ``"lean"`` (saves ``x``, recomputes ``x A_sᵀ`` in backward),
-            ``"save_h"`` (saves ``x A_sᵀ`` once per sibling group) or ``"merged"`` (one matmul with
-            ``W0 + ΔW``, see :mod:`vera_lightning.merged`; not over a quantized base).
-        share: If given, turn reuse of ``x A_sᵀ`` (and of ``x`` by merged siblings) on or off.
-        memory: If given, what ``"auto"`` may keep for backward: ``"lean"`` (the default: no more
-            than the layer input, once per sibling group) or ``"speed"`` (PEFT's graph included).
-
-    Returns:
-        ``model``.
-
-    Raises:
-        ValueError: For an unknown ``path`` or ``memory``, or ``"merged"`` on a quantized base
-            (before any layer is changed).
-    """
-    if path not in PATHS:
-        raise ValueError(f"set_vera_path(path={path!r}): must be one of {PATHS}")
-    if memory is not None and memory not in cost.MEMORY_PREFERENCES:
-        raise ValueError(f"set_vera_path(memory={memory!r}): must be one of {cost.MEMORY_PREFERENCES}")
-    from vera_lightning.adapter import vera_layers
-
-    named = list(vera_layers(model))
-    if path == VeraPath.merged:
-        quantized = [name for name, layer in named if layer.base_is_quantized]
-        if quantized:
-            raise ValueError(
-                f"set_vera_path(path='merged'): {len(quantized)} layer(s) (e.g. {quantized[0]!r}) have a quantized "
-                "base, and the merged form needs a dequantized W0; use path='auto' (which skips it there) or 'lean'"
-            )
-    for _, layer in named:
-        layer.vera_path = VeraPath(path)
-        if memory is not None:
-            layer.vera_memory = memory
-        if share is not None:
-            layer.adapter.siblings.enabled = share
-            layer.adapter.siblings.clear()
-    return model

@@ -9,8 +9,8 @@ Hook placement (see Lightning's ``Trainer._run``):
 * ``on_save_checkpoint`` drops the frozen base from the ``.ckpt`` (and can write a
   PEFT-format adapter directory next to it).
 
-The callback only wires hooks; the work is done by :mod:`vera_lightning.inject` and
-:mod:`vera_lightning.checkpoint`.
+The callback only wires hooks; the work is done by :mod:`vera_lightning.ops.inject` and
+:mod:`vera_lightning.io.adapter_dir`.
 """
 
 from __future__ import annotations
@@ -27,15 +27,16 @@ from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import nn
 from typing_extensions import override
 
-from vera_lightning.adapter import VeraAdapter, adapter_root, find_adapter, vera_layers
-from vera_lightning.checkpoint import save_adapter
+from vera_lightning.core.adapter import VeraAdapter
+from vera_lightning.core.lookup import adapter_root, find_adapter, vera_layers
+from vera_lightning.io.adapter_dir import save_adapter
 from vera_lightning.config import INIT_ONLY_OPTIONS, VeraConfig
-from vera_lightning.distributed import check_strategy, prepare_ddp, sync_projections
-from vera_lightning.guards import NonFiniteGuard
-from vera_lightning.inject import apply_vera, count_parameters
-from vera_lightning.targets import describe_candidates, resolve_target_names
-from vera_lightning.resume import guard_checkpoint_loading
-from vera_lightning.slim import install_slim_loading, slim_checkpoint_
+from vera_lightning.training.distributed import check_strategy, prepare_ddp, sync_projections
+from vera_lightning.core.finite import NonFiniteGuard
+from vera_lightning.ops.inject import apply_vera, count_parameters
+from vera_lightning.ops.targets import describe_candidates, resolve_target_names
+from vera_lightning.training.ckpt_guard import guard_checkpoint_loading
+from vera_lightning.training.slim import install_slim_loading, slim_checkpoint_
 
 __all__ = ["VeraCallback", "check_strategy", "check_optimizers"]
 
@@ -56,7 +57,7 @@ class VeraCallback(Callback):
             (default). Resuming rebuilds the base from the model's own construction.
         on_nonfinite: What a NaN/inf loss or λ does (checked at the end of each training epoch and
             before any checkpoint or adapter is written): ``"raise"`` (default) stops training with
-            :class:`~vera_lightning.guards.NonFiniteError` and writes nothing; ``"warn"`` warns and
+            :class:`~vera_lightning.core.finite.NonFiniteError` and writes nothing; ``"warn"`` warns and
             goes on (adapter directories are then skipped: NaN/inf is never saved in one).
         **config_fields: :class:`~vera_lightning.VeraConfig` fields (``r``, ``target_modules``, ...).
 

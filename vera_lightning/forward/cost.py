@@ -1,7 +1,7 @@
 r"""A small cost model choosing each layer's autograd path per forward (``set_vera_path(model, "auto")``).
 
-Every path computes the same values (see :mod:`vera_lightning.functional` and
-:mod:`vera_lightning.merged`); they differ in work and in what they keep for backward. For one
+Every path computes the same values (see :mod:`vera_lightning.forward.lowrank` and
+:mod:`vera_lightning.forward.merged`); they differ in work and in what they keep for backward. For one
 sibling group (the layers reading one input ``x``: q/k/v, gate/up, or a single layer) with
 ``N`` tokens, ``in`` input features, output features ``o_1..o_k`` (``O = Σ o_m``) and rank ``r``,
 the extra work over the frozen layers, in multiply-adds (MAC), is:
@@ -36,7 +36,7 @@ paths that save no more than ``x`` once per group (``lean``, ``merged``, and ``s
 ``r·4 ≤ in·bytes(x)``); ``"speed"`` allows every path, PEFT's graph included.
 
 The choice is made by the first layer of a group (its leader) for the group it saw the last
-time (:class:`vera_lightning.sharing.SiblingPlans`); siblings follow the leader's path, so
+time (:class:`vera_lightning.forward.sharing.SiblingPlans`); siblings follow the leader's path, so
 ``x``/``h`` stay shared.
 """
 
@@ -49,7 +49,7 @@ from typing import TYPE_CHECKING, Sequence
 import torch
 
 if TYPE_CHECKING:  # pragma: no cover
-    from vera_lightning.layer import VeraLinear
+    from vera_lightning.forward.protocol import AdaptedLayer
 
 __all__ = ["MEMORY_PREFERENCES", "Machine", "MACHINES", "path_terms", "path_costs", "saved_bytes", "allowed_paths",
            "best_path", "choose_path"]
@@ -164,7 +164,7 @@ def _best_path(n, in_features, outs, r, dtype, device_type, memory, merged_ok) -
     return min(allowed_paths(n, in_features, outs, r, dtype, memory, merged_ok), key=lambda p: costs[p])
 
 
-def choose_path(layer: "VeraLinear", x: torch.Tensor) -> str:
+def choose_path(layer: "AdaptedLayer", x: torch.Tensor) -> str:
     """The path ``"auto"`` takes for this forward of ``layer`` (autograd recording, no active dropout).
 
     A layer that reads the input a sibling already read takes that sibling's path (so the

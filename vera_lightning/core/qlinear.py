@@ -1,6 +1,6 @@
 """Frozen linear layers with 4-bit (NF4) or 8-bit (int8 weight-only) weights.
 
-The tensor-level half of :mod:`vera_lightning.quantize`: turning a weight into a quantized
+The tensor-level half of :mod:`vera_lightning.ops.quantize`: turning a weight into a quantized
 tensor and back, the linear op over it, and :class:`QuantizedLinear` (an ``nn.Linear`` whose
 frozen weight is quantized). Two backends, neither with kernels of ours:
 
@@ -205,7 +205,7 @@ class QuantizedLinear(nn.Linear):
     """An ``nn.Linear`` whose frozen ``weight`` is a torchao NF4/int8 tensor.
 
     Same constructor and state-dict keys as ``nn.Linear``; made by
-    :func:`vera_lightning.quantize.quantize_base`, or with :meth:`from_linear`.
+    :func:`vera_lightning.ops.quantize.quantize_base`, or with :meth:`from_linear`.
 
     Example::
 

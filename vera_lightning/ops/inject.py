@@ -1,24 +1,30 @@
 """Swap :class:`VeraLinear` into the layers a :class:`VeraConfig` targets, freeze, merge, unload.
 
-Which layers are targeted is decided by :mod:`vera_lightning.targets` (PEFT's matching rules).
+Which layers are targeted is decided by :mod:`vera_lightning.ops.targets` (PEFT's matching rules).
 """
 
 from __future__ import annotations
 
 import warnings
+from typing import Optional
 
 import torch
 from torch import nn
 
-from vera_lightning.adapter import ADAPTER_ATTR, DEFAULT_ADAPTER, VeraAdapter, locate_adapter, vera_layers
-from vera_lightning.checkpointing import install_checkpointing_guard
+from vera_lightning.core.adapter import ADAPTER_ATTR, DEFAULT_ADAPTER, VeraAdapter, check_adapter_name
+from vera_lightning.core.lookup import locate_adapter, vera_layers
+from vera_lightning.forward import cost
+from vera_lightning.forward.dispatch import PATHS
+from vera_lightning.forward.protocol import VeraPath
+from vera_lightning.ops.grad_checkpointing import install_checkpointing_guard
 from vera_lightning.config import BiasMode, VeraConfig
-from vera_lightning.layer import VeraLinear, is_conv1d, layer_shape
-from vera_lightning.qlinear import is_quantized_weight, merge_refusal
-from vera_lightning.states import check_projection_memory, check_untied
-from vera_lightning.targets import modules_to_save_of, resolve_target_names
+from vera_lightning.core.layer import VeraLinear, is_conv1d, layer_shape
+from vera_lightning.core.qlinear import is_quantized_weight, merge_refusal
+from vera_lightning.core.refusals import check_projection_memory, check_untied
+from vera_lightning.ops.targets import modules_to_save_of, resolve_target_names
 
 __all__ = [
+    "set_vera_path",
     "apply_vera",
     "unload_vera",
     "merge_vera",
@@ -62,7 +68,7 @@ def apply_vera(model: nn.Module, config: VeraConfig, adapter_name: str = DEFAULT
         model: Any ``nn.Module`` holding ``nn.Linear``/``Conv1D`` layers.
         config: The adapter options.
         adapter_name: Name of this (primary) adapter; more are added with
-            :func:`vera_lightning.add_adapter` (see :mod:`vera_lightning.named`).
+            :func:`vera_lightning.add_adapter` (see :mod:`vera_lightning.ops.named`).
 
     Returns:
         The same ``model`` object.
@@ -81,8 +87,6 @@ def apply_vera(model: nn.Module, config: VeraConfig, adapter_name: str = DEFAULT
     """
     if not isinstance(config, VeraConfig):
         raise TypeError(f"apply_vera expects a VeraConfig, got {type(config).__name__}")
-    from vera_lightning.named import check_adapter_name
-
     check_adapter_name(adapter_name, "apply_vera")
     located = locate_adapter(model)
     if located is not None:
@@ -209,7 +213,7 @@ def unload_vera(model: nn.Module, merge: bool = True) -> nn.Module:
 
     Returns:
         The same ``model`` object, free of VeRA modules (its ``requires_grad`` flags are left as they were);
-        quantized layers unload to :class:`~vera_lightning.qlinear.QuantizedLinear` (or their bitsandbytes layer).
+        quantized layers unload to :class:`~vera_lightning.core.qlinear.QuantizedLinear` (or their bitsandbytes layer).
 
     Raises:
         ValueError: ``merge=True`` over a quantized base, before anything changes (``dequantize_base`` first).
@@ -235,3 +239,48 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
         total += param.numel()
         trainable += param.numel() if param.requires_grad else 0
     return trainable, total
+
+
+def set_vera_path(
+    model: nn.Module, path: str = "auto", share: Optional[bool] = None, memory: Optional[str] = None
+) -> nn.Module:
+    """Choose the autograd path of every :class:`~vera_lightning.VeraLinear` in ``model``.
+
+    Args:
+        model: An adapted model (or a single ``VeraLinear``).
+        path: ``"auto"`` (default: per forward, the cheapest allowed path by the cost model of
+            :mod:`vera_lightning.forward.cost`; ``"plain"`` while dropout is active), ``"plain"`` (PEFT's
+            autograd graph), ``"lean"`` (saves ``x``, recomputes ``x A_sᵀ`` in backward),
+            ``"save_h"`` (saves ``x A_sᵀ`` once per sibling group) or ``"merged"`` (one matmul with
+            ``W0 + ΔW``, see :mod:`vera_lightning.forward.merged`; not over a quantized base).
+        share: If given, turn reuse of ``x A_sᵀ`` (and of ``x`` by merged siblings) on or off.
+        memory: If given, what ``"auto"`` may keep for backward: ``"lean"`` (the default: no more
+            than the layer input, once per sibling group) or ``"speed"`` (PEFT's graph included).
+
+    Returns:
+        ``model``.
+
+    Raises:
+        ValueError: For an unknown ``path`` or ``memory``, or ``"merged"`` on a quantized base
+            (before any layer is changed).
+    """
+    if path not in PATHS:
+        raise ValueError(f"set_vera_path(path={path!r}): must be one of {PATHS}")
+    if memory is not None and memory not in cost.MEMORY_PREFERENCES:
+        raise ValueError(f"set_vera_path(memory={memory!r}): must be one of {cost.MEMORY_PREFERENCES}")
+    named = list(vera_layers(model))
+    if path == VeraPath.merged:
+        quantized = [name for name, layer in named if layer.base_is_quantized]
+        if quantized:
+            raise ValueError(
+                f"set_vera_path(path='merged'): {len(quantized)} layer(s) (e.g. {quantized[0]!r}) have a quantized "
+                "base, and the merged form needs a dequantized W0; use path='auto' (which skips it there) or 'lean'"
+            )
+    for _, layer in named:
+        layer.vera_path = VeraPath(path)
+        if memory is not None:
+            layer.vera_memory = memory
+        if share is not None:
+            layer.adapter.siblings.enabled = share
+            layer.adapter.siblings.clear()
+    return model

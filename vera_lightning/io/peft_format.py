@@ -13,11 +13,11 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from vera_lightning.adapter import find_adapter, vera_layers
+from vera_lightning.core.lookup import find_adapter, vera_layers
 from vera_lightning.config import BiasMode, VeraConfig
-from vera_lightning.targets import modules_to_save_of, resolve_target_names
-from vera_lightning.layer import VeraLinear, layer_shape
-from vera_lightning.projection import draw_projections
+from vera_lightning.ops.targets import modules_to_save_of, resolve_target_names
+from vera_lightning.core.layer import VeraLinear, layer_shape
+from vera_lightning.core.projection import draw_projections
 
 __all__ = ["layout", "config_from_peft_dict", "peft_extra_fields", "compare_configs", "check_tensors",
            "content_sha256", "check_projections_match_seed", "META_PROJECTION", "META_CONTENT", "PROJECTION_KEYS"]

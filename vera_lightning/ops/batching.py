@@ -10,7 +10,7 @@ needs one ``h = x A_sᵀ`` for the whole batch (shared by sibling layers, as in 
 ``(λ_d ⊙ h) B_sᵀ`` for the whole batch, and two per-row scalings. When the block opens, each layer's
 λ's of the adapters named in the batch are stacked into a table (row 0: zeros, the base model, for
 ``None``) and gathered once into per-row tensors ``(rows, out)`` / ``(rows, r)``; the forward then
-only broadcasts them (the ``mixed`` path of :mod:`vera_lightning.paths`). Its cost per token does not
+only broadcasts them (the ``mixed`` path, :mod:`vera_lightning.forward.mixed`). Its cost per token does not
 depend on how many distinct adapters the batch holds, and the per-row arithmetic is the ``nograd``
 path's, so row ``i`` equals adapter ``names[i]``'s own output over the same batch bit for bit (and a
 ``None`` row the base model's).
@@ -37,17 +37,17 @@ from contextlib import contextmanager
 from typing import TYPE_CHECKING, Optional
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from vera_lightning.adapter import VeraAdapter, vera_layers
-from vera_lightning.named import forcing, refuse_merged, require_adapter
-from vera_lightning.paths import PATH_TABLE, VeraPath
+from vera_lightning.core.adapter import VeraAdapter
+from vera_lightning.core.lookup import vera_layers
+from vera_lightning.ops.named import forcing, refuse_merged, require_adapter
+from vera_lightning.forward.protocol import VeraPath
 
 if TYPE_CHECKING:  # pragma: no cover
-    from vera_lightning.layer import VeraLinear
+    from vera_lightning.core.layer import VeraLinear
 
-__all__ = ["adapter_batch", "MixedBatch", "mixed_update"]
+__all__ = ["adapter_batch", "MixedBatch"]
 
 
 class MixedBatch:
@@ -81,58 +81,12 @@ class MixedBatch:
         self.trainable = sorted(trainable)
 
 
-def _check_rows(layer: "VeraLinear", x: torch.Tensor, batch: MixedBatch) -> None:
-    rows = len(batch.names)
-    if x.dim() < 2 or x.shape[0] != rows:
-        raise ValueError(
-            f"adapter_batch: the block maps {rows} rows to adapters, but a VeRA layer ({layer.in_features}->"
-            f"{layer.out_features}) got an input of shape {tuple(x.shape)}. Rows must be the first dimension of every "
-            "adapted layer's input and keep their number: generate() with num_beams > 1 or num_return_sequences > 1 "
-            "expands rows (not supported: use greedy or sampling with one sequence per row), and models that flatten "
-            "tokens into the first dimension cannot be served per row"
-        )
-    if batch.trainable and torch.is_grad_enabled():
-        raise ValueError(
-            f"adapter_batch: adapters {batch.trainable} have trainable λ's and autograd is recording, but inside "
-            "adapter_batch the λ's are constants (no gradient would reach them). Serve under torch.no_grad() or "
-            "torch.inference_mode(), and train one adapter at a time with set_adapter"
-        )
-
-
-def mixed_update(layer: "VeraLinear", result: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """``result`` plus row ``i``'s adapter update, for every row (the ``mixed`` entry of ``PATH_TABLE``)."""
-    batch: MixedBatch = layer.adapter.batch  # type: ignore[assignment]
-    lambdas = batch.lambdas.get(id(layer))
-    if lambdas is None:
-        raise ValueError("adapter_batch: this VeRA layer is outside the module the block was opened on; open "
-                         "adapter_batch on the whole adapted model")
-    _check_rows(layer, x, batch)
-    lam_b, lam_d = lambdas
-    a_s, b_s = layer.sliced_projections()
-    dtype = lam_d.dtype
-    if layer.training and isinstance(layer.vera_dropout, nn.Dropout):
-        h = F.linear(layer.vera_dropout(x.to(dtype)), a_s)  # each layer draws its own mask: nothing to share
-    else:
-        cache, mode = layer.adapter.siblings, VeraPath.mixed.value
-        hit = cache.lookup(x, a_s, mode, id(layer))
-        if hit is None:
-            h = F.linear(x.to(dtype), a_s)
-            cache.store(x, a_s, mode, (h,), id(layer))
-        else:
-            h = hit[0]
-    shape = (x.shape[0],) + (1,) * (x.dim() - 2) + (-1,)
-    return (result + lam_b.view(shape) * F.linear(lam_d.view(shape) * h, b_s)).to(result.dtype)
-
-
-PATH_TABLE[VeraPath.mixed] = mixed_update
-
-
 @contextmanager
 def adapter_batch(model: nn.Module, names: Sequence[Optional[str]]) -> Iterator[nn.Module]:
     """``with adapter_batch(model, names): model(...)``: row ``i`` of the batch uses adapter ``names[i]``.
 
     Args:
-        model: A model holding named VeRA adapters (see :mod:`vera_lightning.named`).
+        model: A model holding named VeRA adapters (see :mod:`vera_lightning.ops.named`).
         names: One entry per row of the batch: an adapter name, or ``None`` for the base model.
 
     Yields:

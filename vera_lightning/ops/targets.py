@@ -5,19 +5,19 @@ A list of names matches a module whose full name equals a name or ends with ``".
 name; ``"all-linear"`` takes every ``nn.Linear``/``Conv1D`` except a model's output-embedding head;
 ``None`` uses the known default of the Hugging Face model type. Modules listed in ``modules_to_save``
 are never adapted. Targets VeRA cannot honour (non-linear layers, ``nn.MultiheadAttention.out_proj``,
-absent layer indices) are refused by :func:`vera_lightning.states.check_matches`.
+absent layer indices) are refused by :func:`vera_lightning.core.refusals.check_matches`.
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Callable, Iterable
 from typing import Optional
 
 from torch import nn
 
 from vera_lightning.config import ALL_LINEAR, VeraConfig
-from vera_lightning.layer import VeraLinear, is_supported_layer
-from vera_lightning.states import check_matches
+from vera_lightning.core.layer import VeraLinear, is_supported_layer
 
 __all__ = ["DEFAULT_TARGET_MODULES", "resolve_target_names", "modules_to_save_of", "in_modules_to_save",
            "describe_candidates"]
@@ -173,3 +173,57 @@ def resolve_target_names(model: nn.Module, config: VeraConfig) -> list[str]:
             f"{type(model).__name__}. {describe_candidates(model)}"
         )
     return found
+
+
+def check_matches(
+    model: nn.Module,
+    found: list[str],
+    unsupported: list[str],
+    all_linear: bool,
+    requested_layers: Optional[list[int]],
+    layer_index: Callable[[str], Optional[int]],
+    candidates: Iterable[str],
+) -> list[str]:
+    """Validate the modules ``target_modules`` matched; returns the names to adapt.
+
+    Args:
+        model: The model being adapted.
+        found: Matched ``nn.Linear``/``Conv1D`` (or ``VeraLinear``) names.
+        unsupported: Matched names of other module types.
+        all_linear: ``target_modules="all-linear"`` (MHA ``out_proj`` is skipped there, refused otherwise).
+        requested_layers: ``layers_to_transform`` as a list, or ``None``.
+        layer_index: The layer index of a module name (``None`` if it has none).
+        candidates: Names that match ``target_modules`` before the ``layers_to_transform`` filter.
+
+    Raises:
+        ValueError: Listing every matched module VeRA cannot honour, or requested layers that do not exist.
+    """
+    problems = []
+    if unsupported:
+        kinds = [f"{n} ({type(model.get_submodule(n)).__name__})" for n in unsupported[:6]]
+        problems.append(
+            f"target_modules matches {kinds}, which VeRA cannot adapt (it adapts nn.Linear and transformers' "
+            "Conv1D); name only linear layers, e.g. their full names or a narrower regex"
+        )
+    mha_out = []
+    for name in found:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        if child == "out_proj" and isinstance(parent, nn.MultiheadAttention):
+            mha_out.append(name)
+    if mha_out and not all_linear:
+        problems.append(
+            f"target_modules matches {mha_out}, the out_proj of nn.MultiheadAttention: MHA reads its weight "
+            "directly and never calls it, so an adapter there would do nothing; remove it from target_modules"
+        )
+    if requested_layers is not None:
+        present = {i for i in (layer_index(n) for n in candidates) if i is not None}
+        absent = sorted(set(requested_layers) - present)
+        if absent:
+            problems.append(
+                f"layers_to_transform={requested_layers}: the model has no layer {absent} among the targeted modules "
+                f"(it has layers {sorted(present) or 'none'}); use indices that exist"
+            )
+    if problems:
+        raise ValueError("Invalid VeraConfig for this model:\n  - " + "\n  - ".join(problems))
+    return [n for n in found if n not in mha_out]

@@ -1,11 +1,11 @@
 """Reuse ``h = x A_sᵀ`` across sibling layers that read the same input (q/k/v, gate/up).
 
-Every adapted layer of a model holds the same :class:`~vera_lightning.adapter.VeraAdapter`,
+Every adapted layer of a model holds the same :class:`~vera_lightning.core.adapter.VeraAdapter`,
 which carries one :class:`SiblingCache`. When a layer's forward receives the very tensor object
 the previous adapted layer projected (same object, same in-place version, same ``in_features``
 so the same ``A_s`` slice, same dtype and grad mode, same autograd mode, no active dropout), it
 reuses that layer's ``h`` instead of computing it again. Autograd then accumulates the siblings'
-``grad h`` on the one :class:`~vera_lightning.functional.ProjectIn` node, so the shared part of
+``grad h`` on the one :class:`~vera_lightning.forward.lowrank.ProjectIn` node, so the shared part of
 the input gradient is formed once.
 
 The cache holds one entry: the last ``h``. It is replaced by the next layer with a different

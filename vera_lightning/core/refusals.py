@@ -1,6 +1,6 @@
 """What each operation does in each state of a model, and the states it refuses.
 
-The checks here are called by :mod:`vera_lightning.inject` and :mod:`vera_lightning.checkpoint`
+The checks here are called by :mod:`vera_lightning.ops.inject` and :mod:`vera_lightning.io.adapter_dir`
 before they change anything (see ``docs/reliability.md`` for the decisions):
 
 * **merged** layers: ``load_adapter`` refuses (the weights hold ``W0 + ΔW`` of the current
@@ -30,7 +30,7 @@ from torch import nn
 
 __all__ = [
     "check_not_merged", "check_untied", "check_not_meta",
-    "check_matches", "check_projection_memory", "materialised", "is_meta",
+    "check_projection_memory", "materialised", "is_meta",
 ]
 
 _MERGED_FIX = "call vera_lightning.unmerge_vera(model) first, then load, then merge_vera(model) again if you need it"
@@ -117,60 +117,6 @@ def check_not_meta(model: nn.Module, operation: str) -> None:
                 "data. Materialise it first: model.to_empty(device='cpu') (or your device), load the base "
                 f"weights, then call {operation.split('(')[0]} again"
             )
-
-
-def check_matches(
-    model: nn.Module,
-    found: list[str],
-    unsupported: list[str],
-    all_linear: bool,
-    requested_layers: Optional[list[int]],
-    layer_index: Callable[[str], Optional[int]],
-    candidates: Iterable[str],
-) -> list[str]:
-    """Validate the modules ``target_modules`` matched; returns the names to adapt.
-
-    Args:
-        model: The model being adapted.
-        found: Matched ``nn.Linear``/``Conv1D`` (or ``VeraLinear``) names.
-        unsupported: Matched names of other module types.
-        all_linear: ``target_modules="all-linear"`` (MHA ``out_proj`` is skipped there, refused otherwise).
-        requested_layers: ``layers_to_transform`` as a list, or ``None``.
-        layer_index: The layer index of a module name (``None`` if it has none).
-        candidates: Names that match ``target_modules`` before the ``layers_to_transform`` filter.
-
-    Raises:
-        ValueError: Listing every matched module VeRA cannot honour, or requested layers that do not exist.
-    """
-    problems = []
-    if unsupported:
-        kinds = [f"{n} ({type(model.get_submodule(n)).__name__})" for n in unsupported[:6]]
-        problems.append(
-            f"target_modules matches {kinds}, which VeRA cannot adapt (it adapts nn.Linear and transformers' "
-            "Conv1D); name only linear layers, e.g. their full names or a narrower regex"
-        )
-    mha_out = []
-    for name in found:
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        if child == "out_proj" and isinstance(parent, nn.MultiheadAttention):
-            mha_out.append(name)
-    if mha_out and not all_linear:
-        problems.append(
-            f"target_modules matches {mha_out}, the out_proj of nn.MultiheadAttention: MHA reads its weight "
-            "directly and never calls it, so an adapter there would do nothing; remove it from target_modules"
-        )
-    if requested_layers is not None:
-        present = {i for i in (layer_index(n) for n in candidates) if i is not None}
-        absent = sorted(set(requested_layers) - present)
-        if absent:
-            problems.append(
-                f"layers_to_transform={requested_layers}: the model has no layer {absent} among the targeted modules "
-                f"(it has layers {sorted(present) or 'none'}); use indices that exist"
-            )
-    if problems:
-        raise ValueError("Invalid VeraConfig for this model:\n  - " + "\n  - ".join(problems))
-    return [n for n in found if n not in mha_out]
 
 
 def _physical_memory() -> Optional[int]:

@@ -6,7 +6,7 @@ layer alive until backward: ``h = x A_sᵀ`` (``N×r``, for ``grad λ_d``) and `
 
 * :class:`ProjectIn` computes ``h = x A_sᵀ`` and saves nothing but the frozen ``A_s``. Sibling
   layers that read the same ``x`` (q/k/v, gate/up) reuse one ``h`` (see
-  :mod:`vera_lightning.sharing`), so autograd sums their ``grad h`` and ``grad x = (Σ grad h) A_s``
+  :mod:`vera_lightning.forward.sharing`), so autograd sums their ``grad h`` and ``grad x = (Σ grad h) A_s``
   is one matmul for the whole group.
 * :class:`VeraUpdate` adds ``λ_b ⊙ ((λ_d ⊙ h) B_sᵀ)`` to the base output. In the ``"lean"`` mode
   it saves ``x`` (which sibling layers share, so it is stored once) and recomputes ``h`` once per
