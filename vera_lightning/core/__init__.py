@@ -1,0 +1,1 @@
+"""The adapter object and its lookup, the shared projections, the layers (float and quantized base), refusals, NaN/inf guards."""

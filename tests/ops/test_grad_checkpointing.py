@@ -197,7 +197,7 @@ def test_app_flag_trains_the_same_adapter(tmp_path):
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     register_configs()
-    conf = Path(__file__).resolve().parents[1] / "conf"
+    conf = Path(__file__).resolve().parents[2] / "conf"
     adapters = {}
     for flag in ("false", "true"):
         with initialize_config_dir(config_dir=str(conf), version_base="1.3"):

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SST2 = ROOT.parent / "shared" / "data" / "sst2"
 VERA = 6 * 2 * (384 + 256)  # λ_d + λ_b on query/value of 6 layers, r=256
 LORA = 6 * 2 * 8 * (384 + 384)  # A and B on query/value of 6 layers, r=8

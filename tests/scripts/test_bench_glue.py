@@ -13,7 +13,7 @@ import pytest
 
 from bench_glue_report import END, START, table
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 GLUE = (ROOT / ".." / "shared" / "data" / "glue").resolve()
 SCRIPT = str(ROOT / "scripts" / "bench_glue.py")
 VERA = 6 * 2 * (384 + 256)  # λ_d + λ_b on query/value of 6 layers, r=256

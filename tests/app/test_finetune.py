@@ -16,7 +16,7 @@ from vera_lightning.app.finetune import prepare, save_trained
 from vera_lightning.app.module import ClassificationModule
 from vera_lightning.app.train import register_configs, train
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CONFIG = VeraConfig(r=8, target_modules=["query", "value"], modules_to_save=["classifier"])
 
 

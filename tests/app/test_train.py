@@ -20,7 +20,7 @@ from vera_lightning.app.train import register_configs, train, vera_config_from
 from vera_lightning.config import BiasMode
 from vera_lightning.app.models import ModelUnavailableError
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CONF = ROOT / "conf"
 SST2 = (ROOT / ".." / "shared" / "data" / "sst2").resolve()
 

@@ -20,7 +20,7 @@ from vera_lightning.app.models import build_model, build_tokenizer
 from vera_lightning.app.module import RegressionModule, build_module
 from vera_lightning.app.train import train
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 GLUE = (ROOT / ".." / "shared" / "data" / "glue").resolve()
 SST2 = (ROOT / ".." / "shared" / "data" / "sst2").resolve()
 pytestmark = pytest.mark.skipif(not (GLUE / "rte" / "dev.tsv").is_file(), reason=f"GLUE data not found at {GLUE}")

@@ -20,7 +20,7 @@ from vera_lightning.core.lookup import vera_layers
 
 pytestmark = pytest.mark.numerics  # trained values: compared under every ATEN_CPU_CAPABILITY
 
-FIXTURES = Path(__file__).parent / "fixtures"
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
 EXPECTED = load_file(str(FIXTURES / "expected_v0.1.0.safetensors"))
 
 
