@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 TORCH_PIN := torch==2.13.0
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup test test-fast test-cpu-kernels train bench clean
+.PHONY: setup test test-fast test-cpu-kernels lint train bench clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -30,6 +30,10 @@ test-fast: $(STAMP)
 test-cpu-kernels: $(STAMP)
 	ATEN_CPU_CAPABILITY=avx2 $(PY) -m pytest tests -q -m numerics
 	ATEN_CPU_CAPABILITY=default $(PY) -m pytest tests -q -m numerics
+
+# ruff (lint + import order; the rules are in pyproject.toml's [tool.ruff])
+lint: $(STAMP)
+	$(PY) -m ruff check vera_lightning tests scripts
 
 train: $(STAMP)
 	$(PY) scripts/train.py $(ARGS)
