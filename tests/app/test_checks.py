@@ -79,3 +79,16 @@ def test_non_utf8_file_names_the_file_and_line(tmp_path, fmt, suffix):
     line = 3 if fmt == "table" else 2
     with pytest.raises(ValueError, match=rf"train{suffix}:{line}: not UTF-8 \(byte 0xef at column 3\)"):
         read_split(cfg, "train")
+
+
+@pytest.mark.parametrize("suffix,row", [(".tsv", "no label here"), (".csv", "no label, here")])
+def test_a_row_with_too_few_columns_is_named_with_its_line_not_as_a_bad_label(tmp_path, suffix, row):
+    sep = "\t" if suffix == ".tsv" else ","
+    (tmp_path / f"train{suffix}").write_text(f"sentence{sep}label\ngood{sep}1\n{row.replace(', ', ' ')}\n")
+    cfg = {"format": "table", "data_dir": str(tmp_path), "train_file": f"train{suffix}", "task": "classification",
+           "text_field": "sentence", "label_field": "label"}
+    fix = "tabs" if suffix == ".tsv" else "commas"
+    with pytest.raises(ValueError, match=rf"train{suffix}:3: the row has too few columns \(1 of the header's 2: "
+                                         rf"\['sentence', 'label'\]\), so it has no \['label'\] field; "
+                                         rf"separate the fields with {fix}"):
+        read_split(cfg, "train")

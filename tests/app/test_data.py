@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 
 from vera_lightning.app.data import DEMO_DIR, TextDataModule, read_split, subsample
+from vera_lightning.app.tables import check_columns
 from vera_lightning.app.models import build_tokenizer
 
 
@@ -61,6 +62,18 @@ def test_bad_inputs_name_the_option_and_the_fix(tmp_path):
         read_split(table_cfg(tmp_path / "nowhere"), "train")
     with pytest.raises(ValueError, match=r"data.format='parquet': must be one of"):
         read_split(table_cfg(tmp_path, format="parquet"), "train")
+
+
+def test_a_utf8_bom_is_not_part_of_the_first_column_or_line(tmp_path):
+    bom = "\ufeff".encode()
+    (tmp_path / "train.tsv").write_bytes(bom + b"sentence\tlabel\ngood\t1\n")
+    (tmp_path / "train.csv").write_bytes(bom + b"sentence,label\ngood,0\n")
+    (tmp_path / "train.txt").write_bytes(bom + b"first line\nsecond line\n")
+    assert read_split(table_cfg(tmp_path), "train") == [{"text": "good", "label": 1}]
+    assert read_split(table_cfg(tmp_path, train_file="train.csv"), "train") == [{"text": "good", "label": 0}]
+    text = read_split({"format": "text", "data_dir": str(tmp_path), "train_file": "train.txt"}, "train")
+    assert text == [{"text": "first line"}, {"text": "second line"}]
+    check_columns(table_cfg(tmp_path, val_file=None), tmp_path)  # the header check reads it the same way
 
 
 def test_hf_format_without_datasets_says_how_to_install(monkeypatch):

@@ -92,7 +92,7 @@ def read_split(cfg: Mapping[str, Any], split: str) -> list[dict[str, Any]]:
         raise FileNotFoundError(f"data.{split}_file={cfg[f'{split}_file']!r}: {path} does not exist")
     if fmt == "text":
         try:
-            lines = path.read_text(encoding="utf-8").splitlines()
+            lines = path.read_text(encoding="utf-8-sig").splitlines()  # without a UTF-8 BOM
         except UnicodeDecodeError as err:
             raise undecodable_line(path, err) from None
         return [{"text": line} for line in lines if line.strip()]

@@ -1,5 +1,7 @@
 """Reading GLUE-style tables: the configured columns (text, optional text pair, label), labels as class ids
 or floats (regression), and one clear error naming the file, the column, the header and the option to set.
+A row with too few columns is named with its line; a UTF-8 byte-order mark (Excel, Notepad) is not part of the
+first column's name.
 """
 
 from __future__ import annotations
@@ -40,8 +42,12 @@ def parse_label(value: Optional[str], regression: bool, where: str, column: str)
     return label
 
 
+def _reader_delimiter(path: Path) -> str:
+    return "\t" if path.suffix.lower() in (".tsv", ".tab") else ","
+
+
 def _reader(path: Path, handle) -> csv.DictReader:
-    delimiter = "\t" if path.suffix.lower() in (".tsv", ".tab") else ","
+    delimiter = _reader_delimiter(path)
     quoting = csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL  # GLUE TSVs contain bare quotes
     return csv.DictReader(handle, delimiter=delimiter, quoting=quoting)
 
@@ -56,6 +62,15 @@ def _check_header(path: Path, header: list[str], columns: Mapping[str, str]) -> 
         )
 
 
+def _short_row(path: Path, line: int, row: Mapping[Any, Any], header: list[str], absent: list[str]) -> ValueError:
+    fields = sum(value is not None for key, value in row.items() if key is not None)
+    separator = "tabs" if _reader_delimiter(path) == "\t" else "commas (quote fields that contain one)"
+    return ValueError(
+        f"{path}:{line}: the row has too few columns ({fields} of the header's {len(header)}: {header}), so it has "
+        f"no {absent} field; separate the fields with {separator}, or fix or drop that row"
+    )
+
+
 def check_columns(cfg: Mapping[str, Any], directory: Path) -> None:
     """Check from the headers alone that the table files present in ``directory`` hold the configured columns.
 
@@ -68,7 +83,7 @@ def check_columns(cfg: Mapping[str, Any], directory: Path) -> None:
     for split in ("train", "val"):
         path = directory / str(cfg.get(f"{split}_file"))
         if cfg.get(f"{split}_file") and path.is_file():
-            with path.open(encoding="utf-8", newline="") as handle:
+            with path.open(encoding="utf-8-sig", newline="") as handle:
                 _check_header(path, _reader(path, handle).fieldnames or [], columns_of(cfg))
 
 
@@ -96,22 +111,22 @@ def _read_table(path: Path, columns: Mapping[str, str], regression: bool = False
         regression: Parse labels as floats instead of integer class ids.
 
     Raises:
-        ValueError: Naming the file, each missing column with its option, and the header.
+        ValueError: Naming the file, each missing column with its option, and the header; or the
+            line of a row with too few columns.
     """
-    with path.open(encoding="utf-8", newline="") as handle:
+    with path.open(encoding="utf-8-sig", newline="") as handle:
         reader = _reader(path, handle)
-        _check_header(path, reader.fieldnames or [], columns)
+        header = reader.fieldnames or []
+        _check_header(path, header, columns)
         records = []
         for line, row in enumerate(reader, start=2):
+            absent = [column for column in columns.values() if row[column] is None]
+            if absent:
+                raise _short_row(path, line, row, header, absent)
             record: dict[str, Any] = {}
             for option, column in columns.items():
                 key = COLUMN_OPTIONS[option]
                 value = row[column]
-                if key == "label":
-                    record[key] = parse_label(value, regression, f"{path}:{line}", column)
-                elif value is None:
-                    raise ValueError(f"{path}:{line}: the row has no {column!r} field (too few columns)")
-                else:
-                    record[key] = value
+                record[key] = parse_label(value, regression, f"{path}:{line}", column) if key == "label" else value
             records.append(record)
     return records
