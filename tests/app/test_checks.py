@@ -5,9 +5,9 @@ max_steps/max_length/devices decisions)."""
 from __future__ import annotations
 
 import pytest
+from helpers.app import compose_app
 from omegaconf import OmegaConf
 
-from helpers.app import compose_app
 from vera_lightning.app.checks import check_run_config
 from vera_lightning.app.data import read_split
 from vera_lightning.app.train import train
@@ -46,6 +46,7 @@ def test_demo_configs_still_default_to_the_built_in_data(make_cfg):
     (["trainer.max_steps=0"], r"trainer.max_steps=0: must be -1 .* 0 would train nothing"),
     (["trainer.max_epochs=0"], r"trainer.max_epochs=0: must be a positive integer"),
     (["data.max_length=0"], r"data.max_length=0: must be a positive integer"),
+    (["overwrite=yes please"], r"overwrite='yes please': must be true or false"),
     (["vera.d_initial=nan"], r"d_initial=nan: must be a number, finite"),
     (["vera.d_initial=1e308"], r"d_initial=1e\+308: must be a number, finite"),
     (["vera.projection_prng_key=18446744073709551616"], r"projection_prng_key=18446744073709551616: .*\[-2\*\*63"),

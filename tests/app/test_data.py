@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-
-
 import pytest
 
 from vera_lightning.app.data import DEMO_DIR, TextDataModule, read_split, subsample
-from vera_lightning.app.tables import check_columns
 from vera_lightning.app.models import build_tokenizer
+from vera_lightning.app.tables import check_columns
 
 
 @pytest.fixture(scope="module")

@@ -7,6 +7,8 @@
   type and range, e.g. ``optim.lr=abc`` or ``seed=abc``;
 * ``trainer.max_steps=0`` / ``trainer.max_epochs=0`` and ``data.max_length=0`` are refused: a run that
   trains nothing, or examples truncated to nothing, would still write an adapter and report a metric.
+* ``overwrite``: true or false. What a run may do with its run directory is checked next, by
+  :func:`~vera_lightning.app.run_dirs.check_run_dir`.
 
 :func:`undecodable_line` finds the file line a ``UnicodeDecodeError`` came from.
 """
@@ -53,7 +55,8 @@ def check_run_config(cfg: DictConfig) -> None:
                              ("optim.warmup_ratio", 0, False)):
         value = _get(cfg, key)
         if value is not None and (not _is_number(value) or value < low or (strict and value == low)):
-            problems.append(f"{key}={value!r}: must be a finite number {'>' if strict else '>='} {low} (e.g. {key}=1e-2)")
+            bound = f"{'>' if strict else '>='} {low}"
+            problems.append(f"{key}={value!r}: must be a finite number {bound} (e.g. {key}=1e-2)")
     for key in ("data.max_length", "data.batch_size", "data.eval_batch_size"):
         value = _get(cfg, key)
         if value is not None and (not _is_int(value) or value <= 0):
@@ -66,6 +69,10 @@ def check_run_config(cfg: DictConfig) -> None:
         )
     if epochs is not None and (not _is_int(epochs) or epochs == 0 or epochs < -1):
         problems.append(f"trainer.max_epochs={epochs!r}: must be a positive integer (or -1 with trainer.max_steps)")
+    overwrite = _get(cfg, "overwrite")
+    if overwrite is not None and not isinstance(overwrite, bool):
+        problems.append(f"overwrite={overwrite!r}: must be true or false (true: a new run may replace the run in "
+                        "its hydra.run.dir)")
     if problems:
         raise ValueError("Invalid configuration:\n  - " + "\n  - ".join(problems))
 

@@ -1,5 +1,9 @@
-"""Resuming an interrupted training run: ``ckpt_path=last|PATH`` and SLURM requeue.
+"""Run directories: what one holds, the checks before a run may use it, resuming an interrupted run.
 
+* :func:`check_run_dir` refuses, before anything is built or written, a new run into a directory holding
+  another run's records (:func:`previous_run`) unless it resumes (``ckpt_path=...``, a SLURM requeue) or
+  ``overwrite=true``, and an ``adapter/`` holding files the adapter save would refuse to replace. What a
+  run writes, and when, is :mod:`vera_lightning.app.records`.
 * :func:`resolve_ckpt_path` turns ``ckpt_path=last`` into ``<run dir>/checkpoints/last.ckpt``
   (the ``last_checkpoint`` callback of ``callbacks=default`` rewrites it every epoch) and checks a
   given path exists, before any work is done.
@@ -8,8 +12,8 @@
 * :class:`RngState` saves the global torch and Python RNG states in the checkpoint and
   restores them, so dropout masks after an epoch-boundary resume are those of an
   uninterrupted run (the DataModule restores its shuffle order the same way).
-* :func:`keep_csv_history` moves the interrupted run's ``metrics.csv`` aside: Lightning's
-  CSV logger would otherwise delete it when the resumed run writes its first metrics.
+* :func:`keep_csv_history` moves the interrupted run's ``metrics.csv`` (and ``hparams.yaml``) aside:
+  Lightning's CSV logger would otherwise delete it when the resumed run writes its first metrics.
 """
 
 from __future__ import annotations
@@ -29,7 +33,86 @@ try:
 except ImportError:  # Python < 3.12
     from typing_extensions import override
 
-__all__ = ["resolve_ckpt_path", "slurm_checkpoint", "RngState", "keep_csv_history"]
+__all__ = ["RUN_RECORDS", "previous_run", "check_run_dir", "resolve_ckpt_path", "slurm_checkpoint", "RngState",
+           "keep_csv_history"]
+
+#: Entries of a run directory that are records of a run (directories count when not empty).
+RUN_RECORDS = (".hydra", "summary.json", "checkpoints", "csv", "tensorboard", "mlflow.db", "wandb")
+#: What the adapter save writes in ``<run dir>/adapter`` (``finetune=vera``); a README.md is kept beside an
+#: adapter (PEFT's model card); anything else makes ``save_adapter`` refuse the directory.
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+MODEL_CARD = "README.md"
+#: What ``finetune=head|full`` writes there.
+TRAINED_FILE = "model.safetensors"
+
+
+def _holds_something(path: Path) -> bool:
+    return path.is_file() or (path.is_dir() and any(path.iterdir()))
+
+
+def previous_run(output_dir: Path) -> list[str]:
+    """The records of an earlier training run in ``output_dir`` (empty: it holds none).
+
+    The entries of :data:`RUN_RECORDS` that exist (directories: not empty), ``adapter`` if it holds a
+    saved adapter or trained weights, and SLURM's ``hpc_ckpt_N.ckpt``. Hydra's job log alone is not a run.
+    """
+    if not output_dir.is_dir():
+        return []
+    found = [name for name in RUN_RECORDS if _holds_something(output_dir / name)]
+    adapter = output_dir / "adapter"
+    if any((adapter / name).is_file() for name in (*ADAPTER_FILES, TRAINED_FILE)):
+        found.append("adapter")
+    return found + sorted(p.name for p in output_dir.glob("hpc_ckpt_*.ckpt"))
+
+
+def _foreign_adapter_files(adapter_dir: Path) -> list[str]:
+    if not adapter_dir.is_dir():
+        return []
+    entries = {p.name for p in adapter_dir.iterdir()}
+    foreign = entries - set(ADAPTER_FILES)
+    if entries & set(ADAPTER_FILES):
+        foreign.discard(MODEL_CARD)
+    return sorted(foreign)
+
+
+def check_run_dir(output_dir: Path, resuming: bool, overwrite: bool, method: str = "vera") -> None:
+    """Refuse a run that would replace another run's records or could not save its result, before any work.
+
+    Args:
+        output_dir: The run directory (``paths.output_dir``: Hydra's ``hydra.run.dir``).
+        resuming: The run continues a checkpoint (``ckpt_path=...`` or a SLURM requeue).
+        overwrite: ``overwrite=true``: a new run may replace the records of the one in ``output_dir``.
+        method: ``finetune``; with ``vera`` the adapter is saved with ``save_adapter``, which refuses a
+            directory holding other files.
+
+    Raises:
+        NotADirectoryError: If ``output_dir`` or ``output_dir/adapter`` is a file.
+        FileExistsError: If ``output_dir`` holds a run and this one neither resumes nor overwrites it
+            (the message gives the three ways on).
+        ValueError: If ``output_dir/adapter`` holds files that are not an adapter's.
+    """
+    for path in (output_dir, output_dir / "adapter"):
+        if path.exists() and not path.is_dir():
+            raise NotADirectoryError(f"{path} is a file; the run writes a directory there. Choose another "
+                                     "hydra.run.dir (paths.output_dir)")
+    records = previous_run(output_dir)
+    if records and not resuming and not overwrite:
+        last = output_dir / "checkpoints" / "last.ckpt"
+        resume = ("resume it with ckpt_path=last (the same command plus ckpt_path=last)" if last.is_file() else
+                  f"it cannot be resumed ({last} does not exist; callbacks=default writes it every epoch)")
+        raise FileExistsError(
+            f"{output_dir} already holds a training run ({', '.join(records)}); a new run there would replace its "
+            f"records, so nothing was changed. Either {resume}, or start the new run in another directory (another "
+            "hydra.run.dir=..., or none for a new outputs/<date>/<time>/), or pass overwrite=true to replace that "
+            "run (its csv/metrics.csv is kept as metrics.<n>.csv)"
+        )
+    foreign = _foreign_adapter_files(output_dir / "adapter") if method == "vera" else []
+    if foreign:
+        raise ValueError(
+            f"{output_dir / 'adapter'} holds {foreign[:5]}, which are not adapter files ({list(ADAPTER_FILES)}): the "
+            "adapter is saved there after training and that save would be refused. Nothing was changed; move "
+            "those files elsewhere, or choose another hydra.run.dir"
+        )
 
 
 def resolve_ckpt_path(cfg: DictConfig) -> Optional[str]:
@@ -94,7 +177,10 @@ class RngState(Callback):
 
 
 def keep_csv_history(loggers: list[Any]) -> list[Path]:
-    """Rename each CSV logger's existing ``metrics.csv`` to ``metrics.<n>.csv`` (first free ``n``).
+    """Rename each CSV logger's ``metrics.csv`` to ``metrics.<n>.csv`` and ``hparams.yaml`` to ``hparams.<n>.yaml``.
+
+    ``n`` is the first number free for both. Called only once a run has been accepted
+    (:class:`~vera_lightning.app.records.RunRecord`): a refused run renames nothing.
 
     Returns:
         The new paths of the files moved aside.
@@ -103,13 +189,15 @@ def keep_csv_history(loggers: list[Any]) -> list[Path]:
     for logger in loggers:
         if not isinstance(logger, CSVLogger):
             continue
-        current = Path(logger.log_dir) / "metrics.csv"
-        if not current.is_file():
+        directory = Path(logger.log_dir)
+        current = [directory / name for name in ("metrics.csv", "hparams.yaml") if (directory / name).is_file()]
+        if not any(p.name == "metrics.csv" for p in current):
             continue
         n = 1
-        while (current.parent / f"metrics.{n}.csv").exists():
+        while any((directory / f"{p.stem}.{n}{p.suffix}").exists() for p in current):
             n += 1
-        target = current.parent / f"metrics.{n}.csv"
-        current.rename(target)
-        moved.append(target)
+        for path in current:
+            target = directory / f"{path.stem}.{n}{path.suffix}"
+            path.rename(target)
+            moved.append(target)
     return moved

@@ -37,7 +37,8 @@ from vera_lightning.app.build import (
 )
 from vera_lightning.app.checks import check_run_config
 from vera_lightning.app.finetune import check_method, prepare, save_trained
-from vera_lightning.app.run_dirs import RngState, keep_csv_history, resolve_ckpt_path, slurm_checkpoint
+from vera_lightning.app.records import RunRecord, discard_job_log
+from vera_lightning.app.run_dirs import RngState, check_run_dir, resolve_ckpt_path, slurm_checkpoint
 from vera_lightning.ops.inject import count_parameters
 from vera_lightning.ops.quantize import model_bytes
 
@@ -81,8 +82,21 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
     Raises:
         ValueError: For an inconsistent config (the message names the option and the fix).
+        FileExistsError: If the run directory holds another run (resume it with ``ckpt_path=last``, or
+            ``overwrite=true``).
         ModelUnavailableError: If a hub model cannot be fetched (offline).
+
+    A refused run leaves the run directory as it was: nothing is written before every check passed
+    (:mod:`vera_lightning.app.records`).
     """
+    try:
+        return _train(cfg)
+    except BaseException:
+        discard_job_log()  # a refused run leaves Hydra's job log as it was (no effect once the run was accepted)
+        raise
+
+
+def _train(cfg: DictConfig) -> dict[str, Any]:
     check_run_config(cfg)  # missing (???) and invalid values, before any work
     start = time.perf_counter()
     output_dir = Path(cfg.paths.output_dir)
@@ -90,20 +104,20 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     check_task(cfg)
     method = check_method(cfg.get("finetune", "vera"))
     ckpt_path = resolve_ckpt_path(cfg)  # checked before any work
-    output_dir.mkdir(parents=True, exist_ok=True)
+    resuming = ckpt_path is not None or slurm_checkpoint(output_dir) is not None
+    overwrite = bool(cfg.get("overwrite", False))
+    check_run_dir(output_dir, resuming=resuming, overwrite=overwrite, method=method)
 
     parts = build_components(cfg)  # the DataModule checks its folder and columns before the model loads
     task, model, module, datamodule = parts.task, parts.model, parts.module, parts.datamodule
     check_head_trains(task, model, vera_config, method)
     check_monitored(cfg.optimized_metric, module.metric_names)
 
-    callbacks = [*prepare(method, model, vera_config), RngState(), *instantiate_dict(cfg.get("callbacks"))]
     loggers = instantiate_dict(cfg.get("logger"))
-    resuming = ckpt_path is not None or slurm_checkpoint(output_dir) is not None
-    if resuming:
-        keep_csv_history(loggers)  # Lightning's CSV logger would delete the interrupted run's metrics.csv
-    trackers.log_config(loggers, cfg)
-    trainer: pl.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    # nothing is written to the run directory until the run is accepted: loggers, CSV history, .hydra record
+    record = RunRecord(cfg, output_dir, loggers, resuming=resuming, keep_history=resuming or overwrite)
+    callbacks = [*prepare(method, model, vera_config), RngState(), record, *instantiate_dict(cfg.get("callbacks"))]
+    trainer: pl.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=False)
 
     metric_name = cfg.optimized_metric
     metrics: dict[str, Any] = {}
