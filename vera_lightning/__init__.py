@@ -1,19 +1,30 @@
 """vera-lightning: VeRA (Vector-based Random Matrix Adaptation) for PyTorch Lightning."""
 
-from vera_lightning.core.adapter import DEFAULT_ADAPTER, VeraAdapter
-from vera_lightning.core.lookup import find_adapter, vera_layers
-from vera_lightning.ops.batching import adapter_batch
-from vera_lightning.training.callback import VeraCallback
-from vera_lightning.io.adapter_dir import load_adapter, save_adapter
 from vera_lightning.config import VeraConfig
-from vera_lightning.ops.inject import apply_vera, count_parameters, merge_vera, unload_vera, unmerge_vera
+from vera_lightning.core.adapter import DEFAULT_ADAPTER, VeraAdapter
 from vera_lightning.core.layer import VeraLinear
-from vera_lightning.io.lora_export import LoraExport, export_lora
-from vera_lightning.ops.named import add_adapter, delete_adapter, disable_adapter, set_adapter
+from vera_lightning.core.lookup import adapter_root, find_adapter, vera_layers
+from vera_lightning.core.qlinear import SCHEMES as QUANTIZE_SCHEMES
 from vera_lightning.forward.dispatch import record_paths
 from vera_lightning.forward.protocol import VeraPath
-from vera_lightning.ops.inject import set_vera_path
+from vera_lightning.io.adapter_dir import load_adapter, save_adapter
+from vera_lightning.io.lora_export import LoraExport, export_lora
+from vera_lightning.io.peft_format import ADAPTER_CONFIG_NAME
+from vera_lightning.ops.batching import adapter_batch
+from vera_lightning.ops.grad_checkpointing import enable_gradient_checkpointing
+from vera_lightning.ops.inject import (
+    apply_vera,
+    count_parameters,
+    mark_trainable,
+    merge_vera,
+    set_vera_path,
+    unload_vera,
+    unmerge_vera,
+)
+from vera_lightning.ops.named import add_adapter, delete_adapter, disable_adapter, set_adapter
 from vera_lightning.ops.quantize import dequantize_base, is_quantized, model_bytes, quantize_base
+from vera_lightning.training.callback import VeraCallback
+from vera_lightning.training.slim import checkpoint_config, load_vera_checkpoint
 
 __all__ = [
     "VeraConfig", "apply_vera", "merge_vera", "unmerge_vera", "unload_vera", "VeraLinear", "count_parameters",
@@ -21,5 +32,8 @@ __all__ = [
     "VeraAdapter", "find_adapter", "vera_layers",
     "DEFAULT_ADAPTER", "add_adapter", "set_adapter", "delete_adapter", "disable_adapter", "adapter_batch",
     "export_lora", "LoraExport", "quantize_base", "dequantize_base", "is_quantized", "model_bytes",
+    # what the app (vera_lightning.app) builds on besides the above
+    "adapter_root", "mark_trainable", "enable_gradient_checkpointing", "ADAPTER_CONFIG_NAME", "QUANTIZE_SCHEMES",
+    "checkpoint_config", "load_vera_checkpoint",
 ]
 __version__ = "0.1.0"

@@ -6,12 +6,12 @@ import warnings
 
 import pytest
 import torch
+from helpers.models import TINY_MODELS, model_inputs, random_lambdas_, run, tiny_opt
+from helpers.peft_oracle import adapt_both, peft_layer, peft_vera, randomize_lambdas_
 from torch import nn
 
-from helpers.models import TINY_MODELS, random_lambdas_, model_inputs, run, tiny_opt
-from helpers.peft_oracle import adapt_both, peft_layer, peft_vera, randomize_lambdas_
 from vera_lightning import VeraConfig, VeraLinear, apply_vera, merge_vera, unmerge_vera, vera_layers
-from vera_lightning.core.layer import layer_shape
+from vera_lightning.core.layer import initial_lambdas, layer_shape
 
 pytestmark = pytest.mark.numerics  # also run under every ATEN_CPU_CAPABILITY by .ci/run
 
@@ -150,3 +150,29 @@ def test_new_layers_take_the_mode_of_the_layer_they_replace(mode):
     model = tiny_opt().train(mode == "train")
     adapted = apply_vera(model, VeraConfig(r=4, target_modules=["q_proj"], vera_dropout=0.5))
     assert {layer.training for _, layer in vera_layers(adapted)} == {mode == "train"}
+
+
+def test_initial_lambdas_are_the_one_rule_for_layers_named_adapters_and_re_initialisation():
+    lam_b, lam_d = initial_lambdas(5, 3, init_weights=True, d_initial=0.25, dtype=torch.float32)
+    assert torch.equal(lam_b, torch.zeros(5)) and torch.equal(lam_d, torch.full((3,), 0.25))
+    torch.manual_seed(0)
+    lam_b, lam_d = initial_lambdas(5, 3, init_weights=False, d_initial=0.25, dtype=torch.float64)
+    torch.manual_seed(0)
+    assert torch.equal(lam_b, torch.ones(5, dtype=torch.float64)) and torch.equal(lam_d, torch.randn(3).double())
+    layer = apply_vera(nn.Sequential(nn.Linear(6, 5)), VeraConfig(r=3, target_modules=["0"], d_initial=0.25))[0]
+    with torch.no_grad():
+        layer.vera_lambda_b.fill_(7.0)
+        layer.vera_lambda_d.fill_(7.0)
+    layer.reset_lambdas_()
+    assert torch.equal(layer.vera_lambda_b, torch.zeros(5)) and torch.equal(layer.vera_lambda_d, torch.full((3,), 0.25))
+
+
+def test_a_foreign_base_is_held_unregistered():
+    layer = apply_vera(nn.Sequential(nn.Linear(6, 5)), VeraConfig(r=3, target_modules=["0"]))[0]
+    assert layer.foreign_base is None
+    base = nn.Linear(6, 5)
+    layer.set_foreign_base(base)
+    assert layer.foreign_base is base and base not in list(layer.children())
+    assert not any(name.startswith("_foreign_base") for name in layer.state_dict())
+    layer.set_foreign_base(None)
+    assert layer.foreign_base is None

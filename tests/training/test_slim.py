@@ -4,14 +4,22 @@ from __future__ import annotations
 
 import os
 import warnings
+from types import SimpleNamespace
 
 import lightning.pytorch as pl
 import pytest
 import torch
+from helpers.lightning import TinyOptModule, trainer_kwargs
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from helpers.lightning import TinyOptModule, trainer_kwargs
-from vera_lightning import VeraCallback, load_adapter
+from vera_lightning import (
+    VeraCallback,
+    VeraConfig,
+    apply_vera,
+    checkpoint_config,
+    load_adapter,
+    load_vera_checkpoint,
+)
 from vera_lightning.core.lookup import vera_layers
 
 TARGETS = ["q_proj", "v_proj"]
@@ -159,3 +167,29 @@ def test_validate_from_slim_checkpoint(tmp_path, epoch_run):
     ids = next(iter(fresh.val_dataloader()))[0]
     with torch.no_grad():
         assert metrics["val_loss"] == pytest.approx(module.model.eval()(input_ids=ids, labels=ids).loss.item(), abs=1e-6)
+
+
+@pytest.mark.parametrize("slim", [True, False])
+def test_a_vera_checkpoint_loads_outside_a_trainer(slim):
+    """``load_vera_checkpoint``: a freshly built module gets VeRA from the recorded config, then the λ's."""
+    trained = TinyOptModule()
+    config = VeraConfig(r=8, target_modules=TARGETS, init_weights=False)  # non-trivial λ's
+    callback = VeraCallback(config, slim_checkpoints=slim)
+    apply_vera(trained, config)
+    checkpoint = {"state_dict": trained.state_dict()}
+    callback.on_save_checkpoint(SimpleNamespace(global_step=1, current_epoch=0, is_global_zero=True), trained,
+                                checkpoint)
+    if not slim:  # a full checkpoint records the config in the callback's state
+        checkpoint["callbacks"] = {"VeraCallback": callback.state_dict()}
+    assert checkpoint_config(checkpoint) == config
+    fresh = TinyOptModule()
+    assert load_vera_checkpoint(fresh, checkpoint) == config
+    assert _lambdas(fresh).keys() == _lambdas(trained).keys()
+    assert all(torch.equal(a, b) for a, b in zip(_lambdas(fresh).values(), _lambdas(trained).values()))
+
+    assert checkpoint_config({"state_dict": {}}) is None and checkpoint_config([]) is None
+    with pytest.raises(ValueError, match=r"not a checkpoint written with VeraCallback \(no VeRA config marker\)"):
+        load_vera_checkpoint(TinyOptModule(), {"state_dict": {}})
+    other = dict(checkpoint, state_dict={**checkpoint["state_dict"], "unexpected.weight": torch.zeros(1)})
+    with pytest.raises(ValueError, match=r"(?s)Unexpected key.*unexpected\.weight"):
+        load_vera_checkpoint(TinyOptModule(), other)

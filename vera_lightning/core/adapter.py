@@ -13,9 +13,10 @@ An adapted model carries exactly one :class:`VeraAdapter`, attached as ``model.v
 * the cache of their casts to the compute dtype, and the :class:`~vera_lightning.forward.sharing.SiblingCache`
   that lets q/k/v (gate/up) reuse one ``x A_sᵀ``.
 
-Every :class:`~vera_lightning.VeraLinear` holds an unregistered reference to it. Code that needs
-"the adapter of this model" calls :func:`find_adapter`; code that needs its layers calls
-:func:`vera_layers`. Nothing else looks adapters up.
+Every :class:`~vera_lightning.VeraLinear` holds an unregistered reference to it. An operation finds
+"the adapter of this model" and its layers once, with :func:`~vera_lightning.core.lookup.find_adapted`
+(or :func:`~vera_lightning.core.lookup.find_adapter` / :func:`~vera_lightning.core.lookup.vera_layers`
+for one piece), and passes them down. Nothing else looks adapters up.
 """
 
 from __future__ import annotations
@@ -28,12 +29,12 @@ import torch
 from torch import nn
 
 from vera_lightning.config import VeraConfig
-from vera_lightning.forward.protocol import VeraPath
 from vera_lightning.core.projection import draw_projections
-from vera_lightning.forward.sharing import SiblingCache
 from vera_lightning.core.refusals import is_meta, materialised
+from vera_lightning.forward.protocol import HALF_DTYPES, VeraPath
+from vera_lightning.forward.sharing import SiblingCache
 
-__all__ = ["VeraAdapter", "ADAPTER_ATTR", "DEFAULT_ADAPTER", "PRIMARY_LAMBDAS", "HALF_DTYPES", "check_adapter_name"]
+__all__ = ["VeraAdapter", "ADAPTER_ATTR", "DEFAULT_ADAPTER", "PRIMARY_LAMBDAS", "check_adapter_name"]
 
 #: Attribute of the adapted module that holds its :class:`VeraAdapter` (the state-dict prefix).
 ADAPTER_ATTR = "vera_projections"
@@ -41,8 +42,6 @@ ADAPTER_ATTR = "vera_projections"
 DEFAULT_ADAPTER = "default"
 #: λ parameter names of the primary adapter (the layer's own); other adapters get ``<name>_<adapter>``.
 PRIMARY_LAMBDAS = ("vera_lambda_b", "vera_lambda_d")
-#: The half-precision dtypes (projections may be rounded through one of them).
-HALF_DTYPES = (torch.float16, torch.bfloat16)
 _NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
 

@@ -22,6 +22,8 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
+from vera_lightning.core.messages import shorten
+
 __all__ = ["NonFiniteError", "NonFiniteGuard", "all_finite", "nonfinite_names", "file_problems", "warn_dtype_changes",
            "ON_NONFINITE", "META_FORMAT"]
 
@@ -34,10 +36,6 @@ ON_NONFINITE = ("raise", "warn")
 
 class NonFiniteError(ValueError):
     """A loss or adapter tensor is NaN/inf; nothing was written."""
-
-
-def _shown(names: list[str], limit: int = 6) -> str:
-    return ", ".join(names[:limit]) + (f", ... ({len(names)} in all)" if len(names) > limit else "")
 
 
 def all_finite(tensor: torch.Tensor) -> bool:
@@ -80,19 +78,19 @@ def file_problems(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, st
     ints = [f"{key} ({tensor.dtype})" for key, tensor in sorted(tensors.items()) if not tensor.is_floating_point()]
     if ints:
         problems.append(
-            f"tensors stored in a non-floating dtype: {_shown(ints)}; adapter tensors are floating point (the file "
+            f"tensors stored in a non-floating dtype: {shorten(ints)}; adapter tensors are floating point (the file "
             "was converted or is not an adapter); re-save it from the trained model"
         )
     bad = nonfinite_names(sorted(tensors.items()))
     if bad:
-        problems.append(f"non-finite values (NaN/inf) in {_shown(bad)}; the adapter is broken (training diverged?)")
+        problems.append(f"non-finite values (NaN/inf) in {shorten(bad)}; the adapter is broken (training diverged?)")
     return problems
 
 
 def warn_dtype_changes(changes: list[tuple[str, torch.dtype, torch.dtype]], source: str) -> None:
     """One warning listing tensors converted from the file's floating dtype to the model's."""
     if changes:
-        shown = _shown([f"{key} ({stored} -> {target})" for key, stored, target in changes])
+        shown = shorten([f"{key} ({stored} -> {target})" for key, stored, target in changes])
         warnings.warn(
             f"load_adapter({source!r}): {len(changes)} tensor(s) are stored in another floating dtype than the "
             f"model's and were converted: {shown}. Values rounded to a narrower dtype lose precision.",
@@ -139,7 +137,7 @@ class NonFiniteGuard:
             problems.append("the training loss was NaN/inf in at least one step")
         bad = nonfinite_names((n, p) for n, p in module.named_parameters() if p.requires_grad)
         if bad:
-            problems.append(f"trainable tensors hold NaN/inf: {_shown(bad)}")
+            problems.append(f"trainable tensors hold NaN/inf: {shorten(bad)}")
         return problems
 
     def check(self, module: nn.Module, when: str) -> list[str]:

@@ -22,13 +22,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vera_lightning.forward.dispatch import vera_forward
-from vera_lightning.forward.protocol import VeraPath
-from vera_lightning.core.refusals import is_meta, materialised
-
 from vera_lightning.core.qlinear import (
-    is_bnb_module, is_quantized_weight, merge_refusal, quantized_base_forward, quantized_to_base,
+    is_bnb_module,
+    is_quantized_weight,
+    merge_refusal,
+    quantized_base_forward,
+    quantized_to_base,
 )
+from vera_lightning.core.refusals import is_meta, materialised
+from vera_lightning.forward.dispatch import vera_forward
+from vera_lightning.forward.protocol import HALF_DTYPES, VeraPath
 
 if TYPE_CHECKING:  # pragma: no cover
     from vera_lightning.core.adapter import VeraAdapter
@@ -38,7 +41,7 @@ try:  # transformers is a dependency, but the layer also works without it
 except ImportError:  # pragma: no cover
     Conv1D = None  # type: ignore[assignment,misc]
 
-__all__ = ["VeraLinear", "SUPPORTED_LAYERS", "is_supported_layer", "is_conv1d", "layer_shape"]
+__all__ = ["VeraLinear", "SUPPORTED_LAYERS", "is_supported_layer", "is_conv1d", "layer_shape", "initial_lambdas"]
 
 SUPPORTED_LAYERS: tuple[type, ...] = (nn.Linear,) + ((Conv1D,) if Conv1D is not None else ())
 
@@ -61,6 +64,22 @@ def layer_shape(module: nn.Module) -> tuple[int, int]:
         in_features, out_features = module.weight.shape  # Conv1D stores (in, out)
         return in_features, out_features
     raise TypeError(f"{type(module).__name__} is not an nn.Linear, transformers Conv1D or VeraLinear")
+
+
+def initial_lambdas(
+    out_features: int, r: int, init_weights: bool, d_initial: float, dtype: torch.dtype,
+    device: Optional[torch.device] = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(λ_b, λ_d)`` as an adapter starts: the one rule for every layer, named adapter and re-initialisation.
+
+    ``init_weights=True``: λ_b = 0, λ_d = ``d_initial`` (VeRA's init: the adapted model starts as the base).
+    ``False``: PEFT's test init, λ_b = 1, λ_d ~ N(0, 1), drawn with ``device``'s generator (the default
+    device's for ``None``), so tests see a non-trivial adapter.
+    """
+    factory = {"dtype": dtype, "device": device}
+    if init_weights:
+        return torch.zeros(out_features, **factory), torch.full((r,), float(d_initial), **factory)
+    return torch.ones(out_features, **factory), torch.randn(r, device=device).to(dtype)
 
 
 class VeraLinear(nn.Module):
@@ -124,21 +143,15 @@ class VeraLinear(nn.Module):
         self.weight = base.weight
         self.bias = base.bias
         # a bitsandbytes base is kept and called for W0 x (its quantization state lives on the module)
-        self._foreign_base = (base,) if is_bnb_module(base) else None
+        self._foreign_base = (base,) if is_bnb_module(base) else None  # see foreign_base
         self._adapter = (adapter,)  # a tuple: a reference, not a submodule (one state-dict entry)
         self.vera_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        factory = {"device": base.weight.device}
         # λ's of half-precision models are kept in float32, as PEFT does by default
         # (autocast_adapter_dtype): AdamW updates of 1e-4 would vanish in bfloat16.
         dtype = base.weight.dtype
-        if dtype in (torch.float16, torch.bfloat16) or not dtype.is_floating_point:
+        if dtype in HALF_DTYPES or not dtype.is_floating_point:
             dtype = torch.float32
-        if init_weights:
-            lam_b = torch.zeros(self.out_features, dtype=dtype, **factory)
-            lam_d = torch.full((self.r,), float(d_initial), dtype=dtype, **factory)
-        else:  # as PEFT: random, so tests see a non-trivial adapter
-            lam_b = torch.ones(self.out_features, dtype=dtype, **factory)
-            lam_d = torch.randn(self.r, **factory).to(dtype)
+        lam_b, lam_d = initial_lambdas(self.out_features, self.r, init_weights, d_initial, dtype, base.weight.device)
         self.vera_lambda_b = nn.Parameter(lam_b)
         self.vera_lambda_d = nn.Parameter(lam_d)
         self.merged = False
@@ -149,12 +162,9 @@ class VeraLinear(nn.Module):
     def reset_lambdas_(self) -> None:
         """Set the λ's to their initial values again (λ_b = 0, λ_d = ``d_initial``; PEFT's test init otherwise)."""
         init_weights, d_initial = self._lambda_init
-        if init_weights:
-            self.vera_lambda_b.zero_()
-            self.vera_lambda_d.fill_(d_initial)
-        else:
-            self.vera_lambda_b.fill_(1.0)
-            self.vera_lambda_d.copy_(torch.randn(self.r).to(self.vera_lambda_d))
+        lam_b, lam_d = initial_lambdas(self.out_features, self.r, init_weights, d_initial, self.vera_lambda_d.dtype)
+        self.vera_lambda_b.copy_(lam_b)
+        self.vera_lambda_d.copy_(lam_d)
 
     def _apply(self, fn, recurse=True):
         was_meta = is_meta(self.vera_lambda_b)
@@ -168,6 +178,15 @@ class VeraLinear(nn.Module):
     def adapter(self) -> "VeraAdapter":
         """The model's adapter: config and the shared projections this layer slices."""
         return self._adapter[0]
+
+    @property
+    def foreign_base(self) -> Optional[nn.Module]:
+        """The bitsandbytes layer called for ``W0 x`` (unregistered; ``None``: ``weight``/``bias`` alone)."""
+        return self._foreign_base[0] if self._foreign_base is not None else None
+
+    def set_foreign_base(self, module: Optional[nn.Module]) -> None:
+        """Call ``module`` (a bitsandbytes layer over ``weight``, see ``quantize_base``) for ``W0 x``; or stop."""
+        self._foreign_base = (module,) if module is not None else None  # a tuple: not a registered submodule
 
     def lambdas(self) -> tuple[nn.Parameter, nn.Parameter]:
         """``(λ_b, λ_d)`` of the active adapter (the only λ's the forward and ``merge`` read)."""
@@ -217,7 +236,7 @@ class VeraLinear(nn.Module):
         lam_b, lam_d = (lam.detach() for lam in self.lambdas())
         a_s, b_s = self.sliced_projections()
         compute_dtype = lam_d.dtype
-        if lam_d.device.type == "cpu" and compute_dtype in (torch.float16, torch.bfloat16):
+        if lam_d.device.type == "cpu" and compute_dtype in HALF_DTYPES:
             compute_dtype = torch.float32
         a_s, b_s = a_s.to(compute_dtype), b_s.to(compute_dtype)
         delta = (lam_b.to(compute_dtype)[:, None] * b_s) @ (lam_d.to(compute_dtype)[:, None] * a_s)

@@ -244,9 +244,9 @@ class QuantizedLinear(nn.Linear):
 # ---------------------------------------------------------------- hooks for VeraLinear over a quantized base
 def quantized_base_forward(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """``W0 x + b`` of a :class:`~vera_lightning.VeraLinear` whose ``weight`` is quantized."""
-    foreign = getattr(layer, "_foreign_base", None)
+    foreign = layer.foreign_base
     if foreign is not None:  # a bitsandbytes layer: its own forward reads the same weight/bias
-        return foreign[0](x)
+        return foreign(x)
     return quantized_linear(x, layer.weight, layer.bias)
 
 
@@ -266,9 +266,9 @@ def quantized_to_base(layer: nn.Module, merge: bool) -> nn.Module:
     if merge:
         raise merge_refusal("unload_vera(merge=True)", layer.weight)
     layer.unmerge()
-    foreign = getattr(layer, "_foreign_base", None)
+    foreign = layer.foreign_base
     if foreign is not None:
-        plain = foreign[0]
+        plain = foreign
     else:
         plain = QuantizedLinear(layer.in_features, layer.out_features, bias=layer.bias is not None)
     plain.weight = layer.weight

@@ -1,11 +1,12 @@
 """What each operation does in each state of a model, and the states it refuses.
 
-The checks here are called by :mod:`vera_lightning.ops.inject` and :mod:`vera_lightning.io.adapter_dir`
-before they change anything (see ``docs/reliability.md`` for the decisions):
+The checks here are called by :mod:`vera_lightning.ops.inject`, :mod:`vera_lightning.ops.named` and
+:mod:`vera_lightning.io.adapter_dir` before they change anything (see ``docs/reliability.md`` for the decisions):
 
 * **merged** layers: ``load_adapter`` refuses (the weights hold ``W0 + ΔW`` of the current
   adapter; a new adapter would not take effect and a later unmerge would subtract the wrong
-  update). Unmerge, load, merge again.
+  update). Unmerge, load, merge again. ``set_adapter``, ``disable_adapter`` and ``adapter_batch``
+  refuse them too, with the same check (:func:`check_not_merged`).
 * **tied** weights (an ``lm_head`` sharing the input embedding): ``merge_vera`` and
   ``unload_vera(merge=True)`` refuse, since merging in place would change the other module too.
   The unmerged adapter is exact (the update is added to the head's output only).
@@ -22,18 +23,18 @@ before they change anything (see ``docs/reliability.md`` for the decisions):
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from typing import Optional
 
 import torch
 from torch import nn
 
+from vera_lightning.core.messages import shorten
+
 __all__ = [
     "check_not_merged", "check_untied", "check_not_meta",
     "check_projection_memory", "materialised", "is_meta",
 ]
-
-_MERGED_FIX = "call vera_lightning.unmerge_vera(model) first, then load, then merge_vera(model) again if you need it"
 
 
 def is_meta(tensor: Optional[torch.Tensor]) -> bool:
@@ -41,20 +42,22 @@ def is_meta(tensor: Optional[torch.Tensor]) -> bool:
     return tensor is not None and tensor.device.type == "meta"
 
 
-def check_not_merged(layers: Iterable[tuple[str, nn.Module]], operation: str) -> None:
-    """Refuse ``operation`` on a model with merged VeRA layers.
+def check_not_merged(layers: Iterable[tuple[str, nn.Module]], operation: str, why: str, then: str = "") -> None:
+    """Refuse ``operation`` while VeRA layers are merged (the one merged-layer refusal).
+
+    Args:
+        layers: ``(name, layer)`` of the model's VeRA layers.
+        operation: How the message starts, e.g. ``"set_adapter"``.
+        why: Why a merged layer cannot take the operation.
+        then: What to do after unmerging, appended to the fix (e.g. ``", then load, ..."``).
 
     Raises:
-        ValueError: Naming the merged layers and the fix.
+        ValueError: Naming the merged layers, why, and the fix.
     """
     merged = [name for name, layer in layers if getattr(layer, "merged", False)]
     if merged:
-        shown = ", ".join(merged[:4]) + (f", ... ({len(merged)} in all)" if len(merged) > 4 else "")
-        raise ValueError(
-            f"{operation} refused, the model was not changed: {len(merged)} VeRA layer(s) are merged ({shown}), so "
-            "their weights hold W0 + the current adapter's update; a loaded adapter would not take effect and a "
-            f"later unmerge would subtract the wrong update. {_MERGED_FIX}"
-        )
+        raise ValueError(f"{operation}: layers {shorten(merged, 4)} are merged ({why}); "
+                         f"call vera_lightning.unmerge_vera(model) first{then}")
 
 
 def _span(param: torch.Tensor) -> Optional[tuple[int, int, int]]:

@@ -48,6 +48,8 @@ from typing import TYPE_CHECKING, Sequence
 
 import torch
 
+from vera_lightning.forward.protocol import HALF_DTYPES
+
 if TYPE_CHECKING:  # pragma: no cover
     from vera_lightning.forward.protocol import AdaptedLayer
 
@@ -100,7 +102,7 @@ def path_terms(n: int, in_features: int, outs: Sequence[int], r: int, dtype: tor
         dtype: The base (matmul) dtype; λ's and the low-rank products are float32.
     """
     k, big_o, d = len(outs), float(sum(outs)), float(in_features)
-    half = dtype in (torch.float16, torch.bfloat16)
+    half = dtype in HALF_DTYPES
     xb = 2.0 if half else 4.0  # bytes of an x / g element
     cast = (n * d + n * big_o) * (xb + 4.0) if half else 0.0  # x and g widened to float32
     # low-rank forms: λ_d⊙h, λ_b⊙u, the add, grad-h accumulation (float32), grad-x accumulation

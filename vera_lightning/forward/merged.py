@@ -38,12 +38,12 @@ from typing import TYPE_CHECKING, Optional
 import torch
 from torch import nn
 
+from vera_lightning.forward.protocol import HALF_DTYPES
+
 if TYPE_CHECKING:  # pragma: no cover
     from vera_lightning.forward.protocol import AdaptedLayer
 
 __all__ = ["MergedLinear", "merged_forward", "merged_weight"]
-
-_HALF = (torch.float16, torch.bfloat16)
 
 
 def merged_weight(weight, fan_in_fan_out, lam_b, lam_d, a_s, b_s, out: Optional[torch.Tensor] = None,
@@ -82,7 +82,7 @@ class MergedLinear(torch.autograd.Function):
         members = _unflatten(specs, flat)
         x2 = x.reshape(-1, x.shape[-1]).to(mm_dtype)
         bias = _stacked_bias(specs, members, mm_dtype)
-        if mm_dtype in _HALF:
+        if mm_dtype in HALF_DTYPES:
             # W0 + ΔW rounded to half would lose ΔW (entirely when it is small: W0 is exact in half).
             # As PEFT: the frozen layer's own product in half, plus ΔW·x in float32, rounded once.
             w0 = _stacked_base(specs, members, mm_dtype)
@@ -114,7 +114,7 @@ class MergedLinear(torch.autograd.Function):
             (g.reshape(rows, s[1]) if g is not None else x.new_zeros(rows, s[1])).to(mm_dtype)
             for g, s in zip(grads, specs)
         ], 1) if len(specs) > 1 else grads[0].reshape(rows, specs[0][1]).to(mm_dtype)
-        half = mm_dtype in _HALF
+        half = mm_dtype in HALF_DTYPES
         g_f32 = g_all.to(a_s.dtype) if half else g_all  # float32 operands: G and ΔW products accumulate in float32
         slots = list(_slots(specs))
         if any(needs[4 + i] for slot in slots for i in slot if i is not None):  # G = gᵀx, Q = G·A_sᵀ

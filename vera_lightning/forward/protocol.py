@@ -1,4 +1,4 @@
-"""What a path may read of an adapted layer, and the names of the paths.
+"""What a path may read of an adapted layer, the names of the paths, and the dtypes they treat as half.
 
 The modules of :mod:`vera_lightning.forward` compute a layer's output from what :class:`AdaptedLayer`
 lists, never from the layer class itself (:class:`~vera_lightning.VeraLinear` satisfies it), so
@@ -13,7 +13,11 @@ from typing import Any, Optional, Protocol
 import torch
 from torch import nn
 
-__all__ = ["VeraPath", "AdaptedLayer"]
+__all__ = ["VeraPath", "AdaptedLayer", "HALF_DTYPES"]
+
+#: The half-precision dtypes: λ's of such models are kept in float32, products widened on the CPU,
+#: projections possibly rounded through one of them (the one definition, for every floor above).
+HALF_DTYPES = (torch.float16, torch.bfloat16)
 
 
 class VeraPath(str, Enum):

@@ -26,27 +26,27 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any, Optional, Union
+from typing import Optional, Union
 
 import torch
 from torch import nn
 
-from vera_lightning.io import peft_format as fmt
-from vera_lightning.io import atomic
-from vera_lightning.core.adapter import DEFAULT_ADAPTER, HALF_DTYPES, VeraAdapter, check_adapter_name
-from vera_lightning.core.lookup import adapter_root, find_adapter, vera_layers
 from vera_lightning.config import VeraConfig
+from vera_lightning.core.adapter import DEFAULT_ADAPTER, VeraAdapter, check_adapter_name
 from vera_lightning.core.finite import META_FORMAT, NonFiniteError, file_problems, nonfinite_names, warn_dtype_changes
+from vera_lightning.core.lookup import Adapted, adapter_root, find_adapted
+from vera_lightning.core.messages import shorten
+from vera_lightning.core.refusals import check_not_merged, check_not_meta
+from vera_lightning.forward.protocol import HALF_DTYPES
+from vera_lightning.io import atomic
+from vera_lightning.io import peft_format as fmt
+from vera_lightning.io.peft_format import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME
 from vera_lightning.ops.inject import apply_vera
 from vera_lightning.ops.named import add_adapter, compatibility_problems
-from vera_lightning.core.refusals import check_not_merged, check_not_meta
 
-__all__ = ["save_adapter", "load_adapter", "adapter_root", "ADAPTER_CONFIG_NAME", "ADAPTER_WEIGHTS_NAME"]
+__all__ = ["save_adapter", "save_adapted", "load_adapter", "adapted_for", "adapter_root", "ADAPTER_CONFIG_NAME",
+           "ADAPTER_WEIGHTS_NAME"]
 
-ADAPTER_CONFIG_NAME = "adapter_config.json"
-ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
-_ADAPTER_FILES = {ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME}
-_MODEL_CARD = "README.md"  # PEFT's save_pretrained writes one; kept (never deleted) when we replace the adapter
 PathLike = Union[str, "os.PathLike[str]"]
 
 
@@ -81,28 +81,40 @@ def save_adapter(
         ['adapter_config.json', 'adapter_model.safetensors']
     """
     directory = _target_path(directory)
-    adapter = _adapter_of(model, "save_adapter")
-    if adapter is None:
+    return save_adapted(model, adapted_for(model, "save_adapter"), directory, base_model_name_or_path, adapter_name)
+
+
+def save_adapted(
+    model: nn.Module, found: Optional[Adapted], directory: PathLike, base_model_name_or_path: Optional[str] = None,
+    adapter_name: Optional[str] = None,
+) -> str:
+    """:func:`save_adapter` for a caller that has looked the adapter up already (``found``, from
+    :func:`adapted_for` or :func:`~vera_lightning.core.lookup.find_adapted` of ``model``): nothing is looked up again.
+
+    Raises:
+        ValueError: As :func:`save_adapter` (``found`` is ``None``: ``model`` has no VeRA).
+    """
+    directory = _target_path(directory)
+    if found is None:
         raise ValueError(f"save_adapter: {type(model).__name__} carries no VeRA adapter; call apply_vera first")
+    adapter = found.adapter
     name = adapter.active if adapter_name is None else adapter_name
     config = adapter.config_of(name)
     check_not_meta(model, f"save_adapter({directory!r})")
-    slots = fmt.layout(model, config, name)
-    if not config.save_projection:
-        slots = {k: v for k, v in slots.items() if k not in fmt.PROJECTION_KEYS}
+    every = fmt.layout(model, config, found=found, adapter_name=name)  # computed once: written and checked
+    slots = every if config.save_projection else {k: v for k, v in every.items() if k not in fmt.PROJECTION_KEYS}
     tensors = {key: t.detach().to("cpu").contiguous().clone() for key, (_, t) in slots.items()}
     bad = nonfinite_names(sorted(tensors.items()))
     if bad:
         raise NonFiniteError(
-            f"save_adapter({directory!r}) refused, nothing was written: NaN/inf in {bad[:6]}"
-            + (f" ... ({len(bad)} in all)" if len(bad) > 6 else "") + "; the adapter is broken (training diverged?). "
-            "Lower the learning rate or restore an earlier adapter"
+            f"save_adapter({directory!r}) refused, nothing was written: NaN/inf in {shorten(bad, 6, as_list=True)}; "
+            "the adapter is broken (training diverged?). Lower the learning rate or restore an earlier adapter"
         )
-    projection_sha = fmt.check_projections_match_seed(model, config)
+    projection_sha = fmt.check_projections_match_seed(config, every)
     metadata = {"format": "pt", META_FORMAT: "1", fmt.META_PROJECTION: projection_sha,
                 fmt.META_CONTENT: fmt.content_sha256(tensors)}
     payload = {**config.to_dict(), **fmt.peft_extra_fields(base_model_name_or_path)}
-    _atomic_write(directory, payload, tensors, metadata)
+    atomic.write_adapter_files(directory, payload, tensors, metadata)
     return directory
 
 
@@ -129,8 +141,12 @@ def load_adapter(model: nn.Module, directory: PathLike, adapter_name: Optional[s
         ValueError: Naming every problem found in the adapter (one error, model unchanged).
     """
     directory = os.fspath(directory)
-    adapter = _adapter_of(model, f"load_adapter({directory!r})")
-    check_not_merged(list(vera_layers(model)), f"load_adapter({directory!r})")
+    found = adapted_for(model, f"load_adapter({directory!r})")
+    adapter = found.adapter if found is not None else None
+    check_not_merged(found.layers if found is not None else (), f"load_adapter({directory!r}) refused, the model was "
+                     "not changed", "their weights hold W0 + the current adapter's update: a loaded adapter would not "
+                     "take effect and a later unmerge would subtract the wrong update",
+                     then=", then load, then merge_vera(model) again if you need it")
     check_not_meta(model, f"load_adapter({directory!r})")
     if adapter_name is not None:
         check_adapter_name(adapter_name, "load_adapter")
@@ -140,26 +156,26 @@ def load_adapter(model: nn.Module, directory: PathLike, adapter_name: Optional[s
     config = _read_config(directory, files[ADAPTER_CONFIG_NAME])
     tensors, metadata = _read_weights(directory, files)
     if adapter is not None and (name != adapter.primary or len(adapter.names) > 1):
-        
         problems = file_problems(tensors, metadata, fmt.META_CONTENT, fmt.META_PROJECTION)
         if problems:
             raise ValueError(f"load_adapter({directory!r}, adapter_name={name!r}) refused, the model was not "
                              "changed:\n  - " + "\n  - ".join(problems))
-        return load_named(model, adapter, name, config, tensors, metadata, directory)
+        return load_named(model, found, name, config, tensors, metadata, directory)
     existing = adapter.config if adapter is not None else None
     problems = fmt.compare_configs(model, existing, config) if existing is not None else []
     if not problems:
         problems = file_problems(tensors, metadata, fmt.META_CONTENT, fmt.META_PROJECTION)
-        problems += fmt.check_tensors(model, config, tensors, metadata)
+        problems += fmt.check_tensors(model, config, tensors, metadata, found)
     if problems:
         raise ValueError(
             f"load_adapter({directory!r}) refused, the model was not changed:\n  - " + "\n  - ".join(problems)
         )
     if existing is None:
         apply_vera(model, config, adapter_name=name)
+        found = find_adapted(model)  # the model was just adapted: its layers are new (the one lookup after the change)
     converted = []
     with torch.no_grad():
-        for key, (_, target) in fmt.layout(model, existing or config).items():
+        for key, (_, target) in fmt.layout(model, existing or config, found=found).items():
             if key in tensors:
                 if tensors[key].dtype != target.dtype:
                     converted.append((key, tensors[key].dtype, target.dtype))
@@ -168,10 +184,12 @@ def load_adapter(model: nn.Module, directory: PathLike, adapter_name: Optional[s
     return model
 
 
-def _adapter_of(model: nn.Module, operation: str) -> Optional[VeraAdapter]:
+def adapted_for(model: nn.Module, operation: str) -> Optional[Adapted]:
+    """:func:`~vera_lightning.core.lookup.find_adapted` of ``model`` for a file operation: the one lookup of a save
+    or load; several adapters are refused as ``"<operation> refused: ..."`` (a file holds one)."""
     try:
-        return find_adapter(model)
-    except ValueError as err:  # several adapters: a file holds one
+        return find_adapted(model)
+    except ValueError as err:
         raise ValueError(f"{operation} refused: {err}") from None
 
 
@@ -253,52 +271,10 @@ def _target_path(directory: PathLike) -> str:
     return os.path.realpath(path) if os.path.islink(path) else path  # a symlink: save into its target
 
 
-def _check_target_dir(directory: str) -> None:
-    if os.path.lexists(directory):
-        if not os.path.isdir(directory):
-            raise ValueError(f"save_adapter: {directory!r} exists and is not a directory; choose another path")
-        entries = set(os.listdir(directory))
-        foreign = entries - _ADAPTER_FILES
-        if entries & _ADAPTER_FILES:
-            foreign.discard(_MODEL_CARD)  # the model card of a PEFT-written adapter: carried over, not deleted
-        if foreign:
-            raise ValueError(
-                f"save_adapter refuses to replace {directory!r}: it holds {sorted(foreign)[:5]}, which are not adapter "
-                f"files ({sorted(_ADAPTER_FILES)}); nothing was changed. Choose an empty or new directory"
-            )
-
-
-def _atomic_write(directory: str, config: dict[str, Any], tensors: dict, metadata: dict[str, str]) -> None:
-    """Check the target, then replace it atomically under the save lock (:mod:`vera_lightning.io.atomic`)."""
-
-    def fill(staging: str) -> None:
-        from safetensors.torch import save_file
-
-        save_file(tensors, os.path.join(staging, ADAPTER_WEIGHTS_NAME), metadata=metadata)
-        with open(os.path.join(staging, ADAPTER_CONFIG_NAME), "w", encoding="utf-8") as fh:
-            json.dump(config, fh, indent=2, sort_keys=True)
-            fh.write("\n")
-
-    existed = os.path.isdir(directory)
-    try:
-        os.makedirs(os.path.dirname(os.path.abspath(directory)), exist_ok=True)
-        with atomic.locked(directory):
-            atomic.clean_leftovers(directory, _ADAPTER_FILES)
-            _check_target_dir(directory)
-            atomic.replace_directory(directory, fill, carry=(_MODEL_CARD,))
-    except TimeoutError:
-        raise
-    except OSError as err:
-        kept = "still holds the previous adapter" if existed else "was not created"
-        message = (f"save_adapter could not write {directory!r}: {err.strerror or err}. Nothing was changed: "
-                   f"{directory!r} {kept}. Check that the location is writable and has free space")
-        raise (type(err)(err.errno, message) if err.errno else type(err)(message)) from None
-
-
 # ---------------------------------------------------------------------- loading into a named adapter
 def _projection_problems(adapter: VeraAdapter, tensors: dict[str, torch.Tensor]) -> list[str]:
     problems = []
-    for key, mine in (("base_model.vera_A", adapter.vera_A), ("base_model.vera_B", adapter.vera_B)):
+    for key, mine in ((fmt.PROJECTION_KEY["vera_A"], adapter.vera_A), (fmt.PROJECTION_KEY["vera_B"], adapter.vera_B)):
         if key not in tensors or tuple(tensors[key].shape) != tuple(mine.shape):
             continue  # absence and shapes are checked by check_tensors
         theirs, ours = tensors[key].float(), mine.detach().to("cpu", torch.float32)
@@ -312,32 +288,34 @@ def _projection_problems(adapter: VeraAdapter, tensors: dict[str, torch.Tensor])
 
 
 def load_named(
-    model: nn.Module, adapter: VeraAdapter, name: str, config: VeraConfig, tensors: dict[str, torch.Tensor],
+    model: nn.Module, found: Adapted, name: str, config: VeraConfig, tensors: dict[str, torch.Tensor],
     metadata: dict[str, str], source: str,
 ) -> nn.Module:
     """Load a read adapter file into adapter ``name`` of a model holding (or about to hold) several adapters.
 
-    Called by :func:`vera_lightning.load_adapter`. The shared projections are never overwritten: the
+    Called by :func:`vera_lightning.load_adapter` with the model's adapter as it found it (``found``; its
+    layers stay the same objects when a name is added). The shared projections are never overwritten: the
     file's must equal the model's. A new name is added with ``config``; an existing one keeps its config
     (as a single-adapter load does) and gets the file's tensors.
 
     Raises:
         ValueError: Naming every problem; the model is not changed.
     """
+    adapter = found.adapter
     known = name in adapter.names
     if known and name == adapter.primary:
         problems = fmt.compare_configs(model, adapter.config_of(name), config)
     else:
-        problems = compatibility_problems(model, adapter, config)
+        problems = compatibility_problems(model, found, config)
     if not problems:
-        problems = fmt.check_tensors(model, config, tensors, metadata) + _projection_problems(adapter, tensors)
+        problems = fmt.check_tensors(model, config, tensors, metadata, found) + _projection_problems(adapter, tensors)
     if problems:
         raise ValueError(f"load_adapter({source!r}, adapter_name={name!r}) refused, the model was not changed:\n  - "
                          + "\n  - ".join(problems))
     if not known:
         add_adapter(model, name, config)
     with torch.no_grad():
-        for key, (_, target) in fmt.layout(model, adapter.config_of(name), name).items():
+        for key, (_, target) in fmt.layout(model, adapter.config_of(name), found=found, adapter_name=name).items():
             if key in tensors and key not in fmt.PROJECTION_KEYS:
                 target.copy_(tensors[key].to(target.dtype))
     return model

@@ -33,19 +33,23 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import json
 import os
 import shutil
 import stat
 import time
 from collections.abc import Callable, Iterable, Iterator
-from typing import Optional
+from typing import Any, Optional
+
+from vera_lightning.io.peft_format import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME
 
 try:
     import fcntl
 except ImportError:  # pragma: no cover - Windows: no locking
     fcntl = None  # type: ignore[assignment]
 
-__all__ = ["locked", "replace_directory", "clean_leftovers", "read_files", "staging_root", "NotRegularFileError"]
+__all__ = ["locked", "replace_directory", "clean_leftovers", "read_files", "staging_root", "NotRegularFileError",
+           "check_target_dir", "write_adapter_files", "ADAPTER_FILES", "MODEL_CARD"]
 
 _STAGING = ".vera-tmp"
 _RENAME_EXCHANGE = 2
@@ -205,6 +209,62 @@ def replace_directory(directory: str, fill: Callable[[str], None], carry: Iterab
     finally:
         shutil.rmtree(root, ignore_errors=True)  # the previous version (swapped or parked), or a failed staging
     _fsync_dir(os.path.dirname(os.path.abspath(directory)))
+
+
+# ---------------------------------------------------------------------- adapter directories
+#: The files of an adapter directory (VeRA's or an exported LoRA's).
+ADAPTER_FILES = frozenset({ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME})
+MODEL_CARD = "README.md"  # PEFT's save_pretrained writes one; kept (never deleted) when we replace the adapter
+
+
+def check_target_dir(directory: str) -> None:
+    """Refuse to replace ``directory`` unless it is absent or holds only adapter files (and PEFT's model card)."""
+    if os.path.lexists(directory):
+        if not os.path.isdir(directory):
+            raise ValueError(f"save_adapter: {directory!r} exists and is not a directory; choose another path")
+        entries = set(os.listdir(directory))
+        foreign = entries - ADAPTER_FILES
+        if entries & ADAPTER_FILES:
+            foreign.discard(MODEL_CARD)  # the model card of a PEFT-written adapter: carried over, not deleted
+        if foreign:
+            raise ValueError(
+                f"save_adapter refuses to replace {directory!r}: it holds {sorted(foreign)[:5]}, which are not adapter "
+                f"files ({sorted(ADAPTER_FILES)}); nothing was changed. Choose an empty or new directory"
+            )
+
+
+def write_adapter_files(directory: str, config: dict[str, Any], tensors: dict, metadata: dict[str, str]) -> None:
+    """Write ``adapter_config.json`` and ``adapter_model.safetensors`` to ``directory``: check the target, then
+    replace it atomically under the save lock (:func:`check_target_dir`, :func:`locked`, :func:`replace_directory`).
+
+    Raises:
+        ValueError: From :func:`check_target_dir`.
+        OSError: Of the same type, saying nothing was changed, if the files cannot be written.
+        TimeoutError: If another save holds the lock too long.
+    """
+
+    def fill(staging: str) -> None:
+        from safetensors.torch import save_file
+
+        save_file(tensors, os.path.join(staging, ADAPTER_WEIGHTS_NAME), metadata=metadata)
+        with open(os.path.join(staging, ADAPTER_CONFIG_NAME), "w", encoding="utf-8") as fh:
+            json.dump(config, fh, indent=2, sort_keys=True)
+            fh.write("\n")
+
+    existed = os.path.isdir(directory)
+    try:
+        os.makedirs(os.path.dirname(os.path.abspath(directory)), exist_ok=True)
+        with locked(directory):
+            clean_leftovers(directory, ADAPTER_FILES)
+            check_target_dir(directory)
+            replace_directory(directory, fill, carry=(MODEL_CARD,))
+    except TimeoutError:
+        raise
+    except OSError as err:
+        kept = "still holds the previous adapter" if existed else "was not created"
+        message = (f"save_adapter could not write {directory!r}: {err.strerror or err}. Nothing was changed: "
+                   f"{directory!r} {kept}. Check that the location is writable and has free space")
+        raise (type(err)(err.errno, message) if err.errno else type(err)(message)) from None
 
 
 # ---------------------------------------------------------------------- reading

@@ -35,14 +35,14 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from vera_lightning.io import peft_format as fmt
-from vera_lightning.core.lookup import find_adapter, vera_layers
-from vera_lightning.io.adapter_dir import PathLike, _atomic_write, _check_target_dir
 from vera_lightning.config import BiasMode
+from vera_lightning.core.lookup import find_adapted
+from vera_lightning.io import atomic
+from vera_lightning.io import peft_format as fmt
+from vera_lightning.io.adapter_dir import PathLike
 
 __all__ = ["export_lora", "LoraExport", "lora_factors"]
 
-_MODEL = "base_model.model."
 _BIAS = {BiasMode.none: "none", BiasMode.all: "all", BiasMode.vera_only: "lora_only"}
 
 
@@ -119,23 +119,24 @@ def export_lora(
         >>> export_lora(net, tempfile.mkdtemp() + "/lora", rank=2).rank
         2
     """
-    adapter = find_adapter(model)
-    if adapter is None:
+    found = find_adapted(model)  # the one lookup of the export
+    if found is None:
         raise ValueError(f"export_lora: {type(model).__name__} carries no VeRA adapter; call apply_vera first")
+    adapter = found.adapter
     name = adapter.active if adapter_name is None else adapter_name
     config = adapter.config_of(name)
     if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= config.r):
         raise ValueError(f"export_lora: rank={rank!r} must be an integer with 1 <= rank <= r={config.r} (or None for "
                          "the exact export at rank r)")
     directory = os.fspath(directory)
-    _check_target_dir(directory)
+    atomic.check_target_dir(directory)
     attrs = adapter.lambda_names(name)
     tensors: dict[str, torch.Tensor] = {}
     errors: dict[str, float] = {}
     tail_sum = total_sum = 0.0
     conv1d = False
     with torch.no_grad():
-        layers = list(vera_layers(model))
+        layers = found.layers
         bad = [n for n, layer in layers if not all(torch.isfinite(getattr(layer, a)).all() for a in attrs)]
         if bad:
             raise ValueError(f"export_lora: adapter {name!r} has NaN/inf λ's in {bad[:4]}; nothing was written")
@@ -143,24 +144,24 @@ def export_lora(
             lam_b, lam_d = (getattr(layer, a) for a in attrs)
             a_s, b_s = layer.adapter.sliced(layer.in_features, layer.out_features, lam_d.dtype, lam_d.device)
             lora_a, lora_b, tail, total = lora_factors(lam_b, lam_d, a_s, b_s, rank)
-            tensors[f"{_MODEL}{layer_name}.lora_A.weight"] = lora_a.to("cpu", torch.float32).contiguous()
-            tensors[f"{_MODEL}{layer_name}.lora_B.weight"] = lora_b.to("cpu", torch.float32).contiguous()
+            tensors[f"{fmt.MODEL_PREFIX}{layer_name}.lora_A.weight"] = lora_a.to("cpu", torch.float32).contiguous()
+            tensors[f"{fmt.MODEL_PREFIX}{layer_name}.lora_B.weight"] = lora_b.to("cpu", torch.float32).contiguous()
             conv1d |= layer.fan_in_fan_out
             if rank is not None:
                 errors[layer_name] = (tail / total) ** 0.5 if total > 0 else 0.0
                 tail_sum, total_sum = tail_sum + tail, total_sum + total
-        for key, (_, tensor) in fmt.layout(model, config, name).items():  # biases and modules_to_save
+        for key, (_, tensor) in fmt.layout(model, config, found=found, adapter_name=name).items():  # biases, saved
             if key not in fmt.PROJECTION_KEYS and ".vera_lambda_" not in key:
                 tensors[key] = tensor.detach().to("cpu").contiguous().clone()
     written = config.r if rank is None else rank
     payload: dict[str, Any] = {
-        "peft_type": "LORA", "task_type": None, "base_model_name_or_path": base_model_name_or_path,
-        "revision": None, "inference_mode": True, "auto_mapping": None,
+        **fmt.peft_extra_fields(base_model_name_or_path, peft_type="LORA"),
         "r": written, "lora_alpha": written, "use_rslora": False, "lora_dropout": 0.0,
         "target_modules": [n for n, _ in layers], "fan_in_fan_out": conv1d, "bias": _BIAS[config.bias],
         "modules_to_save": config.modules_to_save, "init_lora_weights": True, "use_dora": False,
         "layers_to_transform": None, "layers_pattern": None, "rank_pattern": {}, "alpha_pattern": {},
     }
-    _atomic_write(directory, payload, tensors, {"format": "pt", fmt.META_CONTENT: fmt.content_sha256(tensors)})
+    atomic.write_adapter_files(directory, payload, tensors,
+                               {"format": "pt", fmt.META_CONTENT: fmt.content_sha256(tensors)})
     relative = (tail_sum / total_sum) ** 0.5 if total_sum > 0 else 0.0
     return LoraExport(directory=directory, rank=written, relative_error=relative, layer_errors=errors)

@@ -40,9 +40,9 @@ import torch
 from torch import nn
 
 from vera_lightning.core.adapter import VeraAdapter
-from vera_lightning.core.lookup import vera_layers
-from vera_lightning.ops.named import forcing, refuse_merged, require_adapter
+from vera_lightning.core.refusals import check_not_merged
 from vera_lightning.forward.protocol import VeraPath
+from vera_lightning.ops.named import forcing, require_adapter
 
 if TYPE_CHECKING:  # pragma: no cover
     from vera_lightning.core.layer import VeraLinear
@@ -106,7 +106,8 @@ def adapter_batch(model: nn.Module, names: Sequence[Optional[str]]) -> Iterator[
         >>> tuple(y.shape)
         (3, 4)
     """
-    adapter = require_adapter(model, "adapter_batch")
+    found = require_adapter(model, "adapter_batch")
+    adapter = found.adapter
     if isinstance(names, (str, bytes)) or not isinstance(names, Sequence):
         raise ValueError(f"adapter_batch: names must be a list with one adapter name (or None) per row, got {names!r}")
     names = list(names)
@@ -116,7 +117,7 @@ def adapter_batch(model: nn.Module, names: Sequence[Optional[str]]) -> Iterator[
     if unknown:
         raise ValueError(f"adapter_batch: unknown adapter name(s) {', '.join(unknown)}; the model holds "
                          f"{adapter.names} (None selects the base model)")
-    refuse_merged(model, "adapter_batch", "their weight holds one adapter's update for every row")
-    batch = MixedBatch(adapter, [layer for _, layer in vera_layers(model)], names)
+    check_not_merged(found.layers, "adapter_batch", "their weight holds one adapter's update for every row")
+    batch = MixedBatch(adapter, [layer for _, layer in found.layers], names)
     with forcing(adapter, VeraPath.mixed, "adapter_batch", batch):
         yield model

@@ -6,21 +6,22 @@ Which layers are targeted is decided by :mod:`vera_lightning.ops.targets` (PEFT'
 from __future__ import annotations
 
 import warnings
+from collections.abc import Iterable
 from typing import Optional
 
 import torch
 from torch import nn
 
+from vera_lightning.config import BiasMode, VeraConfig
 from vera_lightning.core.adapter import ADAPTER_ATTR, DEFAULT_ADAPTER, VeraAdapter, check_adapter_name
+from vera_lightning.core.layer import VeraLinear, is_conv1d, layer_shape
 from vera_lightning.core.lookup import locate_adapter, vera_layers
+from vera_lightning.core.qlinear import is_quantized_weight, merge_refusal
+from vera_lightning.core.refusals import check_projection_memory, check_untied
 from vera_lightning.forward import cost
 from vera_lightning.forward.dispatch import PATHS
 from vera_lightning.forward.protocol import VeraPath
 from vera_lightning.ops.grad_checkpointing import install_checkpointing_guard
-from vera_lightning.config import BiasMode, VeraConfig
-from vera_lightning.core.layer import VeraLinear, is_conv1d, layer_shape
-from vera_lightning.core.qlinear import is_quantized_weight, merge_refusal
-from vera_lightning.core.refusals import check_projection_memory, check_untied
 from vera_lightning.ops.targets import modules_to_save_of, resolve_target_names
 
 __all__ = [
@@ -40,11 +41,19 @@ def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(parent, child, new)
 
 
-def mark_trainable(model: nn.Module, config: VeraConfig) -> None:
-    """Freeze everything except the λ's, the biases ``config.bias`` selects and ``modules_to_save``."""
+def mark_trainable(
+    model: nn.Module, config: VeraConfig, layers: Optional[Iterable[tuple[str, VeraLinear]]] = None
+) -> None:
+    """Freeze everything except the λ's, the biases ``config.bias`` selects and ``modules_to_save``.
+
+    Args:
+        model: The model (adapted or not: without VeRA layers only biases and ``modules_to_save`` train).
+        config: Which biases and ``modules_to_save`` train.
+        layers: ``model``'s VeRA layers when the caller has looked them up already (default: found here).
+    """
     for param in model.parameters():
         param.requires_grad_(False)
-    for _, layer in vera_layers(model):
+    for _, layer in vera_layers(model) if layers is None else layers:
         for param in layer.adapter_params().values():
             param.requires_grad_(True)
         if config.bias == BiasMode.vera_only and layer.bias is not None:

@@ -32,48 +32,46 @@ name) and the one stored ``vera_A``/``vera_B``. Choices, and why:
 * **Names** are 1-64 characters from ``[A-Za-z0-9_-]`` (they become parameter names and, in PEFT's
   ``save_pretrained`` layout, folder names).
 
-(A little over the ~300-line guideline: the choices above stay beside the code they govern, and the
-public functions of the contract, ``add_adapter`` to ``disable_adapter``, share its checks.)
+Each operation looks the model's adapter and layers up once (:func:`require_adapter`) and passes them down.
 """
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any, Optional
 
-import torch
 from torch import nn
 
-from vera_lightning.core.adapter import VeraAdapter, check_adapter_name
-from vera_lightning.core.lookup import find_adapter, vera_layers
 from vera_lightning.config import BiasMode, VeraConfig
-from vera_lightning.ops.inject import mark_trainable, resolve_target_names
+from vera_lightning.core.adapter import VeraAdapter, check_adapter_name
+from vera_lightning.core.layer import initial_lambdas
+from vera_lightning.core.lookup import Adapted, find_adapted
+from vera_lightning.core.refusals import check_not_merged
 from vera_lightning.forward.protocol import VeraPath
+from vera_lightning.ops.inject import mark_trainable, resolve_target_names
 
-__all__ = ["add_adapter", "set_adapter", "delete_adapter", "disable_adapter", "compatibility_problems", "forcing", "require_adapter", "refuse_merged"]
-
-
-
-def require_adapter(model: nn.Module, where: str) -> VeraAdapter:
-    """The model's :class:`VeraAdapter`, or a ``ValueError`` saying to call ``apply_vera`` first."""
-    adapter = find_adapter(model)
-    if adapter is None:
-        raise ValueError(f"{where}: {type(model).__name__} carries no VeRA adapter; call apply_vera(model, config) first")
-    return adapter
+__all__ = ["add_adapter", "set_adapter", "delete_adapter", "disable_adapter", "compatibility_problems", "forcing",
+           "require_adapter"]
 
 
-def refuse_merged(model: nn.Module, where: str, why: str) -> None:
-    """Raise if any VeRA layer of ``model`` is merged (naming the layers and ``unmerge_vera``)."""
-    merged = [name for name, layer in vera_layers(model) if layer.merged]
-    if merged:
-        shown = ", ".join(merged[:4]) + (f", ... ({len(merged)} in all)" if len(merged) > 4 else "")
-        raise ValueError(f"{where}: layers {shown} are merged ({why}); call vera_lightning.unmerge_vera(model) first")
+def require_adapter(model: nn.Module, where: str) -> Adapted:
+    """The model's adapter and layers (one lookup), or a ``ValueError`` saying to call ``apply_vera`` first."""
+    found = find_adapted(model)
+    if found is None:
+        raise ValueError(
+            f"{where}: {type(model).__name__} carries no VeRA adapter; call apply_vera(model, config) first"
+        )
+    return found
 
 
-def compatibility_problems(model: nn.Module, adapter: VeraAdapter, config: VeraConfig) -> list[str]:
-    """Why ``config`` cannot be an added (non-primary) adapter of ``model``; empty when it can."""
+def compatibility_problems(model: nn.Module, found: Adapted, config: VeraConfig) -> list[str]:
+    """Why ``config`` cannot be an added (non-primary) adapter of ``model``, whose adapter is ``found``.
+
+    Returns:
+        Every problem (empty when it can).
+    """
+    adapter = found.adapter
     primary = adapter.config_of(adapter.primary)
     problems, diff = [], primary.diff(config)
     for option in ("r", "projection_prng_key"):
@@ -94,7 +92,7 @@ def compatibility_problems(model: nn.Module, adapter: VeraAdapter, config: VeraC
             f"modules_to_save={config.modules_to_save!r}: one set of these modules would be shared by every adapter "
             "(per-adapter heads are not supported); only the primary adapter may carry modules_to_save"
         )
-    have = [name for name, _ in vera_layers(model)]
+    have = [name for name, _ in found.layers]
     try:
         wanted = resolve_target_names(model, config)
     except ValueError as err:
@@ -112,19 +110,6 @@ def compatibility_problems(model: nn.Module, adapter: VeraAdapter, config: VeraC
 
 def _show(targets: Any) -> Any:
     return sorted(targets) if isinstance(targets, (set, frozenset)) else targets
-
-
-def _new_lambdas(layer: nn.Module, config: VeraConfig) -> tuple[nn.Parameter, nn.Parameter]:
-    """Fresh λ's for ``layer`` as ``VeraLinear`` makes them (same dtype and device as its own), frozen."""
-    like = layer.vera_lambda_b
-    factory = {"dtype": like.dtype, "device": like.device}
-    if config.init_weights:
-        lam_b = torch.zeros(layer.out_features, **factory)
-        lam_d = torch.full((layer.r,), float(config.d_initial), **factory)
-    else:
-        lam_b = torch.ones(layer.out_features, **factory)
-        lam_d = torch.randn(layer.r, device=like.device).to(like.dtype)
-    return nn.Parameter(lam_b, requires_grad=False), nn.Parameter(lam_d, requires_grad=False)
 
 
 def add_adapter(model: nn.Module, name: str, config: VeraConfig) -> nn.Module:
@@ -154,19 +139,22 @@ def add_adapter(model: nn.Module, name: str, config: VeraConfig) -> nn.Module:
     check_adapter_name(name, "add_adapter")
     if not isinstance(config, VeraConfig):
         raise TypeError(f"add_adapter expects a VeraConfig, got {type(config).__name__}")
-    adapter = require_adapter(model, "add_adapter")
+    found = require_adapter(model, "add_adapter")
+    adapter = found.adapter
     if name in adapter.names:
         raise ValueError(f"add_adapter: the model already holds an adapter named {name!r} (it holds {adapter.names}); "
                          "choose another name, or delete_adapter(model, name) first")
-    problems = compatibility_problems(model, adapter, config)
+    problems = compatibility_problems(model, found, config)
     if problems:
         raise ValueError(f"add_adapter({name!r}) refused, the model was not changed:\n  - " + "\n  - ".join(problems))
     adapter.register(name, config)
     name_b, name_d = adapter.lambda_names(name)
-    for _, layer in vera_layers(model):
-        lam_b, lam_d = _new_lambdas(layer, config)
-        layer.register_parameter(name_b, lam_b)
-        layer.register_parameter(name_d, lam_d)
+    for _, layer in found.layers:  # fresh λ's as the layer made its own (same dtype and device), frozen
+        like = layer.vera_lambda_b
+        fresh = initial_lambdas(layer.out_features, layer.r, config.init_weights, config.d_initial, like.dtype,
+                                like.device)
+        layer.register_parameter(name_b, nn.Parameter(fresh[0], requires_grad=False))
+        layer.register_parameter(name_d, nn.Parameter(fresh[1], requires_grad=False))
     return model
 
 
@@ -190,17 +178,18 @@ def set_adapter(model: nn.Module, name: str) -> nn.Module:
     Raises:
         ValueError: For an unknown name, or while layers are merged with another adapter.
     """
-    adapter = require_adapter(model, "set_adapter")
+    found = require_adapter(model, "set_adapter")
+    adapter = found.adapter
     config = adapter.config_of(name)
     if name != adapter.active:
-        refuse_merged(model, "set_adapter", f"their weights hold adapter {adapter.active!r}'s update")
+        check_not_merged(found.layers, "set_adapter", f"their weights hold adapter {adapter.active!r}'s update")
     names = adapter.lambda_names(name)
-    for _, layer in vera_layers(model):
+    for _, layer in found.layers:
         layer.active_lambda_names = names
         _set_dropout(layer, config.vera_dropout)
     adapter.activate(name)
     adapter.siblings.clear()
-    mark_trainable(model, config)
+    mark_trainable(model, config, found.layers)
     return model
 
 
@@ -211,7 +200,8 @@ def delete_adapter(model: nn.Module, name: str) -> nn.Module:
         ValueError: For an unknown name, the primary adapter (``unload_vera`` removes VeRA altogether)
             or the active one (``set_adapter`` to another first).
     """
-    adapter = require_adapter(model, "delete_adapter")
+    found = require_adapter(model, "delete_adapter")
+    adapter = found.adapter
     adapter.config_of(name)
     if name == adapter.primary:
         raise ValueError(
@@ -222,7 +212,7 @@ def delete_adapter(model: nn.Module, name: str) -> nn.Module:
         raise ValueError(f"delete_adapter: {name!r} is the active adapter; call set_adapter(model, <another>) first "
                          f"(the model holds {adapter.names})")
     for attr in adapter.lambda_names(name):
-        for _, layer in vera_layers(model):
+        for _, layer in found.layers:
             delattr(layer, attr)
     adapter.unregister(name)
     return model
@@ -251,9 +241,7 @@ def disable_adapter(model: nn.Module) -> Iterator[nn.Module]:
         ValueError: If layers are merged (their base weights cannot be recovered bit for bit), or
             inside another ``disable_adapter``/``adapter_batch`` block.
     """
-    adapter = require_adapter(model, "disable_adapter")
-    refuse_merged(model, "disable_adapter", "the base weights cannot be recovered bit for bit")
-    with forcing(adapter, VeraPath.off, "disable_adapter"):
+    found = require_adapter(model, "disable_adapter")
+    check_not_merged(found.layers, "disable_adapter", "the base weights cannot be recovered bit for bit")
+    with forcing(found.adapter, VeraPath.off, "disable_adapter"):
         yield model
-
-

@@ -29,13 +29,22 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
-from vera_lightning.core.lookup import find_adapter, vera_layers
-from vera_lightning.ops.targets import _output_heads, in_modules_to_save
 from vera_lightning.core.layer import Conv1D, VeraLinear
+from vera_lightning.core.lookup import find_adapter, vera_layers
 from vera_lightning.core.qlinear import (
-    BACKENDS, NF4_MULTIPLE, SCHEMES, QuantizedLinear, bnb_available, dequantize_weight, is_bnb_module,
-    is_quantized_weight, quantize_weight, tensor_bytes, weight_scheme,
+    BACKENDS,
+    NF4_MULTIPLE,
+    SCHEMES,
+    QuantizedLinear,
+    bnb_available,
+    dequantize_weight,
+    is_bnb_module,
+    is_quantized_weight,
+    quantize_weight,
+    tensor_bytes,
+    weight_scheme,
 )
+from vera_lightning.ops.targets import in_modules_to_save, output_heads
 
 __all__ = ["quantize_base", "dequantize_base", "is_quantized", "quantized_layers", "model_bytes"]
 
@@ -67,7 +76,7 @@ def _select(model, scheme, modules, skip) -> tuple[list[tuple[str, nn.Module]], 
     else:
         adapter = find_adapter(model)
         keep = list(skip or []) + list((adapter.config.modules_to_save if adapter is not None else None) or [])
-        heads, tied = _output_heads(model), _tied_weights(model)
+        heads, tied = output_heads(model), _tied_weights(model)
         chosen = [(n, m) for n, m in candidates
                   if id(m) not in heads and id(m.weight) not in tied and not in_modules_to_save(n, keep)]
         explicit = False
@@ -188,7 +197,8 @@ def _quantize_layer(model: nn.Module, name: str, module: nn.Module, scheme: str,
     if isinstance(module, VeraLinear):
         if backend == "bitsandbytes":
             base = _bnb_layer(module.weight, module.bias, scheme)
-            module.weight, module._foreign_base = base.weight, (base,)
+            module.weight = base.weight
+            module.set_foreign_base(base)
         else:
             module.weight = nn.Parameter(quantize_weight(module.weight, scheme, name), requires_grad=False)
     elif backend == "bitsandbytes":
@@ -215,9 +225,9 @@ def dequantize_base(model: nn.Module, dtype: Optional[torch.dtype] = None) -> nn
     """
     for name, module in list(model.named_modules()):
         if isinstance(module, VeraLinear) and module.base_is_quantized:
-            foreign = module._foreign_base[0] if module._foreign_base is not None else None
-            module.weight = nn.Parameter(dequantize_weight(module.weight, dtype, foreign), requires_grad=False)
-            module._foreign_base = None
+            module.weight = nn.Parameter(dequantize_weight(module.weight, dtype, module.foreign_base),
+                                         requires_grad=False)
+            module.set_foreign_base(None)
             if module.base_type is QuantizedLinear or "bitsandbytes" in module.base_type.__module__:
                 module.base_type = nn.Linear
             _cast_bias(module, dtype)
@@ -260,8 +270,8 @@ def model_bytes(model: nn.Module) -> dict[str, int]:
     quantized = other = 0
     tensors = list(model.parameters()) + list(model.buffers())
     for _, layer in vera_layers(model):  # a bitsandbytes base inside a VeraLinear is not a submodule
-        if layer._foreign_base is not None:
-            tensors += list(layer._foreign_base[0].parameters())
+        if layer.foreign_base is not None:
+            tensors += list(layer.foreign_base.parameters())
     for tensor in tensors:
         if id(tensor) in seen:
             continue

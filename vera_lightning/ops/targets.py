@@ -20,7 +20,7 @@ from vera_lightning.config import ALL_LINEAR, VeraConfig
 from vera_lightning.core.layer import VeraLinear, is_supported_layer
 
 __all__ = ["DEFAULT_TARGET_MODULES", "resolve_target_names", "modules_to_save_of", "in_modules_to_save",
-           "describe_candidates"]
+           "describe_candidates", "output_heads"]
 
 #: Default targets per Hugging Face ``model_type`` when ``target_modules`` is None (PEFT's choices).
 DEFAULT_TARGET_MODULES: dict[str, list[str]] = {
@@ -48,7 +48,8 @@ def _hf_model_types(model: nn.Module) -> list[str]:
     return types
 
 
-def _output_heads(model: nn.Module) -> set[int]:
+def output_heads(model: nn.Module) -> set[int]:
+    """``id`` of every output head (``get_output_embeddings()`` of a ``transformers`` model) in ``model``."""
     heads = set()
     for module in model.modules():
         getter = getattr(module, "get_output_embeddings", None)
@@ -144,7 +145,7 @@ def resolve_target_names(model: nn.Module, config: VeraConfig) -> list[str]:
     """
     targets = _effective_targets(model, config)
     all_linear = isinstance(targets, str) and targets.lower() == ALL_LINEAR
-    heads = _output_heads(model) if all_linear else set()
+    heads = output_heads(model) if all_linear else set()
     found, unsupported, suffix_hits = [], [], []
     for name, module in model.named_modules():
         if not name or in_modules_to_save(name, config.modules_to_save):

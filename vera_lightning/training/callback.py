@@ -27,15 +27,15 @@ from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import nn
 from typing_extensions import override
 
-from vera_lightning.core.adapter import VeraAdapter
-from vera_lightning.core.lookup import adapter_root, find_adapter, vera_layers
-from vera_lightning.io.adapter_dir import save_adapter
 from vera_lightning.config import INIT_ONLY_OPTIONS, VeraConfig
-from vera_lightning.training.distributed import check_strategy, prepare_ddp, sync_projections
 from vera_lightning.core.finite import NonFiniteGuard
+from vera_lightning.core.lookup import Adapted, find_adapted, vera_layers
+from vera_lightning.core.messages import shorten
+from vera_lightning.io.adapter_dir import adapted_for, save_adapted
 from vera_lightning.ops.inject import apply_vera, count_parameters
 from vera_lightning.ops.targets import describe_candidates, resolve_target_names
 from vera_lightning.training.ckpt_guard import guard_checkpoint_loading
+from vera_lightning.training.distributed import check_strategy, prepare_ddp, sync_projections
 from vera_lightning.training.slim import install_slim_loading, slim_checkpoint_
 
 __all__ = ["VeraCallback", "check_strategy", "check_optimizers"]
@@ -107,9 +107,9 @@ class VeraCallback(Callback):
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         check_strategy(trainer.strategy)
-        adapter = find_adapter(pl_module)
-        if adapter is not None:
-            self._validate(pl_module, adapter)
+        found = find_adapted(pl_module)  # the one lookup of setup, passed down
+        if found is not None:
+            self._validate(pl_module, found)
         else:
             self._inject(pl_module)
         if self._hook_handle is None:
@@ -135,7 +135,8 @@ class VeraCallback(Callback):
         self._ready = True
         self._log_counts(pl_module)
 
-    def _validate(self, pl_module: pl.LightningModule, adapter: VeraAdapter) -> None:
+    def _validate(self, pl_module: pl.LightningModule, found: Adapted) -> None:
+        adapter = found.adapter
         if self.config is None:
             self.config = adapter.config
         diff = adapter.config.diff(self.config)
@@ -145,17 +146,17 @@ class VeraCallback(Callback):
                 f"(option: (model, callback)) {diff}; pass the same config to apply_vera and VeraCallback, "
                 "or construct VeraCallback() without options to adopt the model's"
             )
-        if not any(True for _ in vera_layers(pl_module)):
+        if not found.layers:
             raise ValueError(f"{type(pl_module).__name__} has VeRA projections but no VeraLinear layer")
         self._ready = True
-        self._log_counts(pl_module)
+        self._log_counts(pl_module, len(found.layers))
 
     def _ensure_ready(self, pl_module: pl.LightningModule) -> None:
         """After ``configure_model``: the adapter must exist now."""
         if self._ready:
             return
-        adapter = find_adapter(pl_module)
-        if adapter is None:
+        found = find_adapted(pl_module)
+        if found is None:
             config = self.config or VeraConfig()
             raise ValueError(
                 f"VeraCallback: {type(pl_module).__name__}.configure_model() ran but the model carries no VeRA "
@@ -163,14 +164,16 @@ class VeraCallback(Callback):
                 "vera_lightning.apply_vera(self.model, config) at the end of configure_model(). "
                 f"{describe_candidates(pl_module)}"
             )
-        self._validate(pl_module, adapter)
+        self._validate(pl_module, found)
 
-    def _log_counts(self, pl_module: pl.LightningModule) -> None:
+    def _log_counts(self, pl_module: pl.LightningModule, layers: Optional[int] = None) -> None:
+        """Log the adapted layers (``layers``: their number, when the caller has them) and parameter counts, once."""
         if self._logged:
             return
         self._logged = True
         trainable, total = count_parameters(pl_module)
-        layers = sum(1 for _ in vera_layers(pl_module))
+        if layers is None:  # just injected: count the new layers
+            layers = sum(1 for _ in vera_layers(pl_module))
         rank_zero_info(
             f"VeRA: r={self.config.r} on {layers} layers; trainable params {trainable:,} of {total:,} "
             f"({100.0 * trainable / max(total, 1):.4f}%)"
@@ -220,13 +223,19 @@ class VeraCallback(Callback):
         if not finite and self.adapter_dir is not None:
             warnings.warn(f"VeraCallback: no adapter directory written at step {trainer.global_step} (NaN/inf)",
                           UserWarning, stacklevel=2)
+        writes_adapter = self.adapter_dir is not None and trainer.is_global_zero and finite
+        if not (self.slim_checkpoints or writes_adapter):
+            return
+        # the one lookup of this save, passed down (a refusal reads as the step that needs the adapter first)
+        found = find_adapted(pl_module) if self.slim_checkpoints else adapted_for(pl_module, "save_adapter")
         if self.slim_checkpoints:
-            slim_checkpoint_(checkpoint, pl_module)
-        if self.adapter_dir is not None and trainer.is_global_zero and finite:
-            model = adapter_root(pl_module)
+            slim_checkpoint_(checkpoint, pl_module, found)
+        if writes_adapter:
+            found = found.at_root() if found is not None else None  # PEFT names tensors relative to adapter_root
+            model = found.module if found is not None else pl_module
             directory = os.path.join(self.adapter_dir, f"epoch={trainer.current_epoch}-step={trainer.global_step}")
             name = getattr(getattr(model, "config", None), "_name_or_path", None) or None
-            save_adapter(model, directory, base_model_name_or_path=name)
+            save_adapted(model, found, directory, base_model_name_or_path=name)
 
     @override
     def state_dict(self) -> dict[str, Any]:
@@ -263,9 +272,9 @@ def check_optimizers(pl_module: nn.Module, optimizers: list) -> None:
         )
     frozen = [n for n, p in pl_module.named_parameters() if id(p) in in_optimizer and not p.requires_grad]
     if frozen:
-        shown = ", ".join(frozen[:8]) + (f", ... ({len(frozen)} in all)" if len(frozen) > 8 else "")
         warnings.warn(
-            f"VeraCallback: the optimizer holds {len(frozen)} frozen parameter(s) ({shown}); they will not train. "
+            f"VeraCallback: the optimizer holds {len(frozen)} frozen parameter(s) ({shorten(frozen, 8)}); they will "
+            "not train. "
             "Pass only trainable ones: [p for p in self.parameters() if p.requires_grad]",
             UserWarning,
             stacklevel=2,

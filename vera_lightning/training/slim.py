@@ -25,6 +25,9 @@ The marker records what the checkpoint was trained on (:func:`resume_record`), c
 Configs are compared with ``VeraConfig.diff``, ignoring :data:`~vera_lightning.config.INIT_ONLY_OPTIONS`
 (``d_initial``, ``init_weights`` only set the λ's initial values, which a resumed run takes from the checkpoint).
 Checkpoints written before the record existed are not checked.
+
+Outside a ``Trainer`` (evaluation, serving), :func:`load_vera_checkpoint` applies the config a checkpoint
+records (:func:`checkpoint_config`) to a freshly built module and loads it.
 """
 
 from __future__ import annotations
@@ -37,12 +40,15 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from vera_lightning.core.adapter import VeraAdapter
-from vera_lightning.core.lookup import find_adapter, vera_layers
 from vera_lightning.config import INIT_ONLY_OPTIONS, VeraConfig
+from vera_lightning.core.adapter import ADAPTER_ATTR
+from vera_lightning.core.lookup import Adapted, find_adapted
+from vera_lightning.core.messages import shorten
+from vera_lightning.io.peft_format import projection_sha256
+from vera_lightning.ops.inject import apply_vera
 
 __all__ = ["SLIM_MARK", "slim_checkpoint_", "install_slim_loading", "kept_state_keys", "resume_record",
-           "resume_problems"]
+           "resume_problems", "checkpoint_config", "load_vera_checkpoint"]
 
 #: Key of the marker, in ``state_dict._metadata[""]`` and at the top level of the checkpoint.
 SLIM_MARK = "vera_lightning"
@@ -50,16 +56,17 @@ _FORMAT = 1
 _SAMPLES = 4096
 
 
-def kept_state_keys(module: nn.Module, adapter: Optional[VeraAdapter]) -> set[str]:
+def kept_state_keys(module: nn.Module, found: Optional[Adapted]) -> set[str]:
     """State-dict keys a slim checkpoint keeps.
 
     Trainable parameters, every persistent buffer, and the λ's of every named adapter (frozen while
-    another one trains, but not part of the base model the loader fills in).
+    another one trains, but not part of the base model the loader fills in). ``found`` is ``module``'s
+    adapter as the caller found it.
     """
     keys = set(module.state_dict(keep_vars=True))
-    lambdas = set() if adapter is None else {
-        id(getattr(layer, attr)) for _, layer in vera_layers(module) for name in adapter.names
-        for attr in adapter.lambda_names(name)
+    lambdas = set() if found is None else {
+        id(getattr(layer, attr)) for _, layer in found.layers for name in found.adapter.names
+        for attr in found.adapter.lambda_names(name)
     }
     frozen = {name for name, p in module.named_parameters(remove_duplicate=False)
               if not p.requires_grad and id(p) not in lambdas}
@@ -85,22 +92,19 @@ def _fingerprint(tensor: torch.Tensor) -> str:
     return hasher.hexdigest()[:16]
 
 
-def _projection_digest(adapter: Optional[VeraAdapter]) -> Optional[str]:
-    if adapter is None:
+def _projection_digest(found: Optional[Adapted]) -> Optional[str]:
+    if found is None:
         return None
-    hasher = hashlib.sha256()
-    for buf in (adapter.vera_A, adapter.vera_B):
-        data = buf.detach().to("cpu", torch.float32).contiguous()
-        hasher.update(f"{tuple(data.shape)}|".encode() + data.view(torch.uint8).numpy().tobytes())
-    return hasher.hexdigest()
+    return projection_sha256(found.adapter.vera_A, found.adapter.vera_B, checkpoint=True)
 
 
-def resume_record(module: nn.Module, adapter: Optional[VeraAdapter], kept: set[str]) -> dict[str, Any]:
+def resume_record(module: nn.Module, found: Optional[Adapted], kept: set[str]) -> dict[str, Any]:
     """Fingerprints of the frozen base and the projections of ``module`` (for the slim marker).
 
-    ``kept`` is :func:`kept_state_keys` (what the checkpoint holds itself, e.g. frozen named adapters' λ's).
+    ``found`` is ``module``'s adapter as the caller found it; ``kept`` is :func:`kept_state_keys` (what the
+    checkpoint holds itself, e.g. frozen named adapters' λ's).
     """
-    record: dict[str, Any] = {"projections": _projection_digest(adapter)}
+    record: dict[str, Any] = {"projections": _projection_digest(found)}
     if not _sharded(module):
         record["base"] = {
             name: _fingerprint(p) for name, p in module.named_parameters(remove_duplicate=False)
@@ -109,14 +113,15 @@ def resume_record(module: nn.Module, adapter: Optional[VeraAdapter], kept: set[s
     return record
 
 
-def resume_problems(record: Optional[dict[str, Any]], module: nn.Module, adapter: VeraAdapter) -> list[str]:
-    """Why ``module`` is not the model a checkpoint with ``record`` was trained on (empty: it is)."""
+def resume_problems(record: Optional[dict[str, Any]], module: nn.Module, found: Adapted) -> list[str]:
+    """Why ``module`` (whose adapter is ``found``) is not the model a checkpoint with ``record`` was trained on
+    (empty: it is)."""
     if not record:
         return []  # written before these records existed
     problems = []
     saved_base = record.get("base")
     if saved_base is not None and not _sharded(module):
-        now = resume_record(module, adapter, kept_state_keys(module, adapter))["base"]
+        now = resume_record(module, found, kept_state_keys(module, found))["base"]
         differ = sorted(n for n in set(saved_base) | set(now) if saved_base.get(n) != now.get(n))
         if differ:
             problems.append(
@@ -125,8 +130,8 @@ def resume_problems(record: Optional[dict[str, Any]], module: nn.Module, adapter
                 "so build the model exactly as for training (same from_pretrained weights; the same seed for a "
                 "randomly initialised model)"
             )
-    if (not adapter.config.save_projection and record.get("projections")
-            and record["projections"] != _projection_digest(adapter)):
+    if (not found.adapter.config.save_projection and record.get("projections")
+            and record["projections"] != _projection_digest(found)):
         problems.append(
             "the model's vera_A/vera_B differ from the ones this checkpoint was trained with (save_projection=False: "
             "the .ckpt does not hold them and the model's own draw from projection_prng_key is not the same); resume "
@@ -135,28 +140,29 @@ def resume_problems(record: Optional[dict[str, Any]], module: nn.Module, adapter
     return problems
 
 
-def slim_checkpoint_(checkpoint: dict[str, Any], module: nn.Module) -> None:
+def slim_checkpoint_(checkpoint: dict[str, Any], module: nn.Module, found: Optional[Adapted]) -> None:
     """Drop the frozen parameters from a Lightning checkpoint dict, in place, and mark it.
 
     Args:
         checkpoint: The dict Lightning passes to ``on_save_checkpoint``.
         module: The LightningModule whose state dict it holds.
+        found: ``module``'s adapter as the caller found it (:func:`~vera_lightning.core.lookup.find_adapted`).
 
     Raises:
         ValueError: If ``module`` carries no VeRA adapter.
     """
-    adapter = find_adapter(module)
-    if adapter is None:
+    if found is None:
         raise ValueError(
             f"slim checkpoint requested but {type(module).__name__} carries no VeRA adapter; "
             "add VeraCallback or call apply_vera before saving"
         )
+    adapter = found.adapter
     state = checkpoint["state_dict"]
-    keep = kept_state_keys(module, adapter)
+    keep = kept_state_keys(module, found)
     slim: OrderedDict = OrderedDict((k, v) for k, v in state.items() if k in keep)
     metadata = OrderedDict((k, dict(v)) for k, v in getattr(state, "_metadata", OrderedDict()).items())
     marker = {"format": _FORMAT, "config": adapter.config.to_dict(), "dropped": len(state) - len(slim),
-              "resume": resume_record(module, adapter, keep)}  # checked by _fill_frozen_base on resume
+              "resume": resume_record(module, found, keep)}  # checked by _fill_frozen_base on resume
     metadata.setdefault("", {})[SLIM_MARK] = marker
     slim._metadata = metadata  # type: ignore[attr-defined]
     checkpoint["state_dict"] = slim
@@ -169,21 +175,21 @@ def _fill_frozen_base(
     marker = local_metadata.get(SLIM_MARK)
     if marker is None:
         return  # a full state dict: nothing to do, the strict load checks it as usual
-    adapter = find_adapter(module)
-    if adapter is None:
+    found = find_adapted(module)  # the one lookup of this load
+    if found is None:
         raise ValueError(
             f"this is a slim VeRA checkpoint (adapter tensors only) but {type(module).__name__} carries no VeRA "
             "adapter; add VeraCallback to the Trainer (or call apply_vera before loading) so the adapter is "
             "injected before the checkpoint is restored"
         )
     # d_initial/init_weights only set initial values, which a resumed run takes from the checkpoint
-    diff = VeraConfig.from_dict(marker.get("config", {})).diff(adapter.config, ignore=INIT_ONLY_OPTIONS)
+    diff = VeraConfig.from_dict(marker.get("config", {})).diff(found.adapter.config, ignore=INIT_ONLY_OPTIONS)
     if diff:
         raise ValueError(
             f"slim VeRA checkpoint was saved with a different VeraConfig (option: (checkpoint, model)) {diff}; "
             "use the config the checkpoint was trained with"
         )
-    problems = resume_problems(marker.get("resume"), module, adapter)
+    problems = resume_problems(marker.get("resume"), module, found)
     if problems:
         raise ValueError("this slim VeRA checkpoint does not fit the model, nothing was loaded: " + "; ".join(problems))
     for name, param in module.named_parameters(remove_duplicate=False):
@@ -198,3 +204,57 @@ def install_slim_loading(module: nn.Module) -> RemovableHandle:
         The hook handle (``.remove()`` uninstalls it).
     """
     return module.register_load_state_dict_pre_hook(_fill_frozen_base)
+
+
+# ---------------------------------------------------------------------- loading outside Lightning
+def checkpoint_config(checkpoint: Any) -> Optional[VeraConfig]:
+    """The :class:`~vera_lightning.VeraConfig` a Lightning checkpoint written with ``VeraCallback`` records.
+
+    A slim checkpoint carries it in its marker, a full one (``slim_checkpoints=False``) in the callback's state.
+
+    Returns:
+        The config, or ``None`` if ``checkpoint`` (the loaded dict) has no state dict or records none.
+    """
+    if not isinstance(checkpoint, dict) or checkpoint.get("state_dict") is None:
+        return None
+    marker = checkpoint.get(SLIM_MARK)
+    if marker is None:  # a full (not slim) checkpoint: the callback's state
+        marker = next((v for k, v in (checkpoint.get("callbacks") or {}).items() if "VeraCallback" in str(k)), None)
+    if not marker or "config" not in marker:
+        return None
+    return VeraConfig.from_dict(marker["config"])
+
+
+def load_vera_checkpoint(module: nn.Module, checkpoint: dict[str, Any]) -> VeraConfig:
+    """Load a checkpoint written with ``VeraCallback`` into ``module``, built as for training but without VeRA.
+
+    VeRA is applied with the config the checkpoint records, to the submodule that held the adapter, then the
+    state dict loads strictly (a slim checkpoint's frozen base comes from ``module`` itself, see
+    :func:`install_slim_loading`). For evaluating or serving a ``.ckpt`` outside a ``Trainer``.
+
+    Args:
+        module: The LightningModule (or model) the checkpoint was saved from, freshly built.
+        checkpoint: The loaded checkpoint (``torch.load(path, weights_only=True)``).
+
+    Returns:
+        The config that was applied.
+
+    Raises:
+        ValueError: If the checkpoint records no VeRA config, or its state does not fit ``module``
+            (``load_state_dict``'s problems, the first six).
+    """
+    config = checkpoint_config(checkpoint)
+    if config is None:
+        raise ValueError("not a checkpoint written with VeraCallback (no VeRA config marker)")
+    state = checkpoint["state_dict"]
+    key = f"{ADAPTER_ATTR}.vera_A"
+    prefix = next((k[: -len(key)] for k in state if k.endswith(key)), "")
+    apply_vera(module.get_submodule(prefix.rstrip(".")) if prefix else module, config)
+    install_slim_loading(module)
+    try:
+        module.load_state_dict(state, strict=True)
+    except RuntimeError as err:
+        head, *problems = [line.strip() for line in str(err).strip().splitlines() if line.strip()]
+        raise ValueError("\n  ".join([head, shorten(problems, 6, sep="\n  ", noun="problems")] if problems else [head])
+                         ) from None
+    return config
