@@ -28,15 +28,11 @@ from typing import Any, Mapping, Optional
 import torch
 from torch import nn
 
+from vera_lightning import ADAPTER_CONFIG_NAME, checkpoint_config, load_adapter, load_vera_checkpoint
 from vera_lightning.app.build import Components, base_model_id
-from vera_lightning.io.adapter_dir import ADAPTER_CONFIG_NAME, load_adapter
-from vera_lightning.config import VeraConfig
-from vera_lightning.ops.inject import apply_vera
-from vera_lightning.training.slim import SLIM_MARK, install_slim_loading
 
 __all__ = ["AdapterSource", "resolve_adapter", "model_config_for", "attach_adapter"]
 
-_PROJECTION_KEY = "vera_projections.vera_A"
 _KINDS_HINT = (
     "adapter= takes an adapter directory (adapter_config.json + adapter_model.safetensors, e.g. "
     "outputs/<date>/<time>/adapter), a .ckpt written by a training run (<run dir>/checkpoints/last.ckpt), or a "
@@ -123,25 +119,12 @@ def _load_checkpoint(module: nn.Module, path: Path) -> None:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # unpickling errors come in many types
         raise ValueError(f"adapter={str(path)!r}: could not read the checkpoint ({type(err).__name__}: {err})") from None
-    state = checkpoint.get("state_dict") if isinstance(checkpoint, dict) else None
-    marker = checkpoint.get(SLIM_MARK) if isinstance(checkpoint, dict) else None
-    if marker is None and isinstance(checkpoint, dict):  # a full (not slim) checkpoint: the callback's state
-        marker = next((v for k, v in (checkpoint.get("callbacks") or {}).items() if "VeraCallback" in str(k)), None)
-    if state is None or not marker or "config" not in marker:
+    if checkpoint_config(checkpoint) is None:
         raise ValueError(
             f"adapter={str(path)!r} is not a checkpoint written with VeraCallback (no VeRA config marker); "
             f"{_KINDS_HINT}."
         )
-    config = VeraConfig.from_dict(marker["config"])
-    prefix = next((k[: -len(_PROJECTION_KEY)] for k in state if k.endswith(_PROJECTION_KEY)), "")
-    apply_vera(module.get_submodule(prefix.rstrip(".")) if prefix else module, config)
-    install_slim_loading(module)
-    try:
-        module.load_state_dict(state, strict=True)
-    except RuntimeError as err:
-        head, *problems = [line.strip() for line in str(err).strip().splitlines() if line.strip()]
-        shown = problems[:6] + ([f"... ({len(problems)} problems in all)"] if len(problems) > 6 else [])
-        raise ValueError("\n  ".join([head, *shown])) from None
+    load_vera_checkpoint(module, checkpoint)  # VeRA from the recorded config, then a strict load
 
 
 def attach_adapter(parts: Components, source: Optional[AdapterSource], model_cfg: Mapping[str, Any]) -> str:

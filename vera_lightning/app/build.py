@@ -17,10 +17,10 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
+from vera_lightning import VeraConfig
 from vera_lightning.app.data import TextDataModule, build_datamodule
 from vera_lightning.app.models import build_model, build_tokenizer, resolve_path
 from vera_lightning.app.module import VeraTaskModule, build_module
-from vera_lightning.config import VeraConfig
 
 __all__ = [
     "Components", "register_configs", "vera_config_from", "check_task", "check_head_trains", "instantiate_dict",

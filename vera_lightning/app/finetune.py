@@ -17,11 +17,7 @@ import lightning.pytorch as pl
 from safetensors.torch import save_file
 from torch import nn
 
-from vera_lightning.core.lookup import adapter_root
-from vera_lightning.training.callback import VeraCallback
-from vera_lightning.io.adapter_dir import save_adapter
-from vera_lightning.config import VeraConfig
-from vera_lightning.ops.inject import mark_trainable
+from vera_lightning import VeraCallback, VeraConfig, adapter_root, mark_trainable, save_adapter
 
 __all__ = ["METHODS", "check_method", "prepare", "save_trained"]
 

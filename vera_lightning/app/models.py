@@ -21,6 +21,8 @@ from typing import Any, Mapping, Optional
 import torch
 from torch import nn
 
+from vera_lightning import QUANTIZE_SCHEMES, enable_gradient_checkpointing, quantize_base
+
 __all__ = ["TASKS", "PROBLEM_TYPES", "ModelUnavailableError", "resolve_path", "build_tokenizer", "build_model",
            "apply_precision"]
 
@@ -178,9 +180,7 @@ def build_model(
         raise ValueError("model config sets neither name_or_path nor from_config; set one (see conf/model/)")
     model = apply_precision(model, model_cfg)
     model.train()
-    if model_cfg.get("gradient_checkpointing"):  # activation checkpointing (non-reentrant), see checkpointing.py
-        from vera_lightning.ops.grad_checkpointing import enable_gradient_checkpointing
-
+    if model_cfg.get("gradient_checkpointing"):  # activation checkpointing (non-reentrant), ops/grad_checkpointing.py
         enable_gradient_checkpointing(model, use_reentrant=False)
     return model
 
@@ -195,15 +195,13 @@ def precision_settings(model_cfg: Mapping[str, Any]) -> tuple[torch.dtype, Optio
     Raises:
         ValueError: For a value other than those listed (naming the option and the choices).
     """
-    from vera_lightning.core.qlinear import SCHEMES
-
     dtype_name = model_cfg.get("compute_dtype") or "fp32"
     scheme = model_cfg.get("quantize")
     problems = []
     if dtype_name not in COMPUTE_DTYPES:
         problems.append(f"model.compute_dtype={dtype_name!r}: use one of {sorted(COMPUTE_DTYPES)}")
-    if scheme is not None and scheme not in SCHEMES:
-        problems.append(f"model.quantize={scheme!r}: use one of {list(SCHEMES)} or null (no quantization)")
+    if scheme is not None and scheme not in QUANTIZE_SCHEMES:
+        problems.append(f"model.quantize={scheme!r}: use one of {list(QUANTIZE_SCHEMES)} or null (no quantization)")
     if problems:
         raise ValueError("Invalid model precision settings:\n  - " + "\n  - ".join(problems))
     return COMPUTE_DTYPES[dtype_name], scheme
@@ -215,8 +213,6 @@ def apply_precision(model: nn.Module, model_cfg: Mapping[str, Any]) -> nn.Module
     ``quantize`` (``nf4``, ``int8`` or null) runs :func:`vera_lightning.quantize_base` before VeRA is
     injected, leaving the config's ``modules_to_save`` (trained in full) in full precision.
     """
-    from vera_lightning.ops.quantize import quantize_base
-
     dtype, scheme = precision_settings(model_cfg)
     if dtype != torch.float32:
         model = model.to(dtype)

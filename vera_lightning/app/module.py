@@ -23,7 +23,7 @@ from torch import nn
 from torchmetrics import MeanMetric, Metric, PearsonCorrCoef, SpearmanCorrCoef
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 
-from vera_lightning.core.lookup import vera_layers
+from vera_lightning import vera_layers
 
 try:
     from typing import override

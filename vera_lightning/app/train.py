@@ -24,6 +24,7 @@ import hydra
 import lightning.pytorch as pl
 from omegaconf import DictConfig
 
+from vera_lightning import count_parameters, model_bytes
 from vera_lightning.app import trackers
 from vera_lightning.app.build import (
     base_model_id,
@@ -39,8 +40,6 @@ from vera_lightning.app.checks import check_run_config
 from vera_lightning.app.finetune import check_method, prepare, save_trained
 from vera_lightning.app.records import RunRecord, discard_job_log
 from vera_lightning.app.run_dirs import RngState, check_run_dir, resolve_ckpt_path, slurm_checkpoint
-from vera_lightning.ops.inject import count_parameters
-from vera_lightning.ops.quantize import model_bytes
 
 __all__ = ["register_configs", "vera_config_from", "train"]
 
