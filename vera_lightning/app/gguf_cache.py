@@ -44,6 +44,7 @@ __all__ = [
     "ensure_converted",
     "gguf_source",
     "is_gguf_spec",
+    "source_record",
     "write_hf_folder",
 ]
 
@@ -118,10 +119,11 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _describe(source: Path, sha256: str | None = None) -> dict:
+def source_record(source: Path) -> dict:
+    """What a converted folder records of its GGUF ``source`` (name, size, time stamp, SHA-256)."""
     stat = source.stat()
     return {"source": source.name, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns,
-            "sha256": sha256 or _sha256(source)}
+            "sha256": _sha256(source)}
 
 
 def _is_current(directory: Path, source: Path) -> bool:
@@ -182,7 +184,7 @@ def convert_gguf(source: Path, destination: Path) -> None:
     try:
         os.chmod(partial, 0o755)  # mkdtemp makes it private; the cache is an ordinary folder
         write_hf_folder(source, partial)
-        (partial / MARKER_NAME).write_text(json.dumps(_describe(source), indent=2) + "\n", encoding="utf-8")
+        (partial / MARKER_NAME).write_text(json.dumps(source_record(source), indent=2) + "\n", encoding="utf-8")
         if destination.exists():
             if _is_current(destination, source):  # a concurrent conversion finished first: keep it
                 return
