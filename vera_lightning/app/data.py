@@ -27,8 +27,7 @@ import lightning.pytorch as pl
 import torch
 from torch.utils.data import DataLoader, RandomSampler
 
-from vera_lightning.app import packing, sft
-
+from vera_lightning.app import packing, sft, sft_tokens
 from vera_lightning.app.checks import undecodable_line
 from vera_lightning.app.tables import (
     COLUMN_OPTIONS,
@@ -149,6 +148,7 @@ class TextDataModule(pl.LightningDataModule):
                                  "data.task=causal_lm (with a causal-LM model)")
             sft.check_config(self.cfg, tokenizer)
         self.splits: dict[str, list[dict[str, Any]]] = {}
+        self._rows: dict[str, list[dict[str, Any]]] = {}
         self._train_generator: Optional[torch.Generator] = None
         self._resume_generator: Optional[torch.Tensor] = None
 
@@ -194,21 +194,29 @@ class TextDataModule(pl.LightningDataModule):
         for split in STAGE_SPLITS.get(stage, ("train", "val")):
             if split in self.splits:
                 continue
-            records = subsample(read_split(self.cfg, split), self.cfg.get(f"max_{split}_samples"), self.seed)
+            records = subsample(self.rows(split), self.cfg.get(f"max_{split}_samples"), self.seed)
             if not records:
                 raise ValueError(f"the {split} split of data={self.cfg.get('name')!r} is empty")
             if self.task == "classification":
                 self._check_labels(split, records)
             if self.sft:
-                items = sft.encode_rows(records, self.cfg, self.tokenizer, where=f"data.{split}_file={self._path(split)}")
+                where = f"data.{split}_file={self.split_path(split)}"
+                items = sft_tokens.encode_rows(records, self.cfg, self.tokenizer, where=where)
                 if split == "train" and self.cfg.get("packing"):
                     items = packing.pack(items, int(self.cfg.get("max_length") or 512))
                 self.splits[split] = items
             else:
                 self.splits[split] = self._encode(records)
 
-    def _path(self, split: str) -> Path:
+    def split_path(self, split: str) -> Path:
+        """The file a split is read from (``data_dir``/``<split>_file``)."""
         return _data_dir(self.cfg) / str(self.cfg.get(f"{split}_file"))
+
+    def rows(self, split: str) -> list[dict[str, Any]]:
+        """Every record of a split as read (before subsampling and tokenising), read once."""
+        if split not in self._rows:
+            self._rows[split] = read_split(self.cfg, split)
+        return self._rows[split]
 
     def generation_examples(self, split: str) -> list[dict[str, Any]]:
         """``[{"prompt", "references"}]`` of a whole split (not subsampled) for generation metrics.
@@ -219,7 +227,7 @@ class TextDataModule(pl.LightningDataModule):
         """
         if not self.sft:
             return []
-        return sft.prompt_references(read_split(self.cfg, split), self.cfg, self.tokenizer)
+        return sft.prompt_references(self.rows(split), self.cfg, self.tokenizer)
 
     def collate(self, items: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         """Pad a list of encoded examples to the longest one; LM labels are the ids with padding at -100."""
@@ -283,7 +291,17 @@ class TextDataModule(pl.LightningDataModule):
 
 
 def build_datamodule(data_cfg: Mapping[str, Any], tokenizer) -> TextDataModule:
-    """The DataModule for a composed ``data`` config (see ``conf/data/``); table columns checked now."""
+    """The DataModule for a composed ``data`` config (see ``conf/data/``), checked now.
+
+    Table columns are checked from the headers; prompt/response and chat files (``format: sft``) present in
+    ``data_dir`` are read and checked row by row (columns, empty responses, roles), so bad data stops the run
+    before the model is loaded.
+    """
     if data_cfg.get("format") == "table":
         check_columns(data_cfg, _data_dir(data_cfg))
-    return TextDataModule(data_cfg, tokenizer)
+    datamodule = TextDataModule(data_cfg, tokenizer)
+    if data_cfg.get("format") == "sft":
+        for split in ("train", "val"):
+            if data_cfg.get(f"{split}_file") and datamodule.split_path(split).is_file():
+                datamodule.rows(split)
+    return datamodule

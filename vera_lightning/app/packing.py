@@ -75,8 +75,8 @@ class LengthGroupedBatchSampler(BatchSampler):
         mega_batch_mult: Mega-batch size in batches: larger groups tighter, smaller keeps more randomness.
     """
 
-    def __init__(self, sampler: Sampler[int], batch_size: int, drop_last: bool = False, *,
-                 lengths: Sequence[int], generator: Optional[torch.Generator] = None, mega_batch_mult: int = 50) -> None:
+    def __init__(self, sampler: Sampler[int], batch_size: int, drop_last: bool = False, *, lengths: Sequence[int],
+                 generator: Optional[torch.Generator] = None, mega_batch_mult: int = 50) -> None:
         super().__init__(sampler, batch_size, drop_last)
         if mega_batch_mult < 1:
             raise ValueError(f"mega_batch_mult={mega_batch_mult}: must be >= 1")

@@ -1,4 +1,4 @@
-"""Prompt/response and chat data for causal LMs (``data.format: sft``): rows, prompts, labels, truncation.
+"""Prompt/response and chat data for causal LMs (``data.format: sft``): reading rows, formatting prompts.
 
 A row is either a prompt and a response (``prompt_field`` + ``response_field``, optionally through
 ``prompt_template``, a format string over the row's columns) or a conversation (``messages_field``:
@@ -10,20 +10,10 @@ CSV cell). Files are CSV, TSV or JSONL, chosen by extension; a UTF-8 BOM is igno
   ``system_prompt`` when ``chat_template: true`` (``add_generation_prompt=True``). Training uses the same
   text, tokenised the same way (:func:`prompt_token_ids`), so generation after training sees exactly
   the prompt tokens training saw.
-* **Tokens**: prompt and response are tokenised separately and concatenated (the generation prompt is
-  one piece, as at generation time; a BPE merge across the boundary can never blur it). Without a chat
-  template the tokenizer's leading special tokens (a BOS, BERT's ``[CLS]``) start the prompt. Each
-  response ends with EOS: appended, unless the chat template already closes the turn with the EOS
-  token (ChatML's ``<|im_end|>`` in SmolLM2), where the turn is cut just after it and not doubled.
-* **Labels** are -100 on the prompt (``train_on_prompt: true`` keeps them) and on padding. In a
-  conversation *every* assistant turn is a response (as TRL's ``assistant_only_loss``), each up to and
-  including its end-of-turn token; the final one is the response generation is scored on.
-* **Truncation** to ``max_length`` never leaves an example without its response: ``truncation: left``
-  (default) drops tokens from the left of the prompt (in a conversation: of the turns before the last
-  response), keeping at least ``min(prompt length, max_length // 4)`` prompt tokens; ``truncation:
-  drop`` drops every example longer than ``max_length``. Under both, an example whose final response
-  (with EOS) does not fit beside that prompt reserve is dropped rather than cut (a response without its
-  EOS would teach the model not to stop); one warning says how many were dropped.
+* **Responses** (:func:`reference_of`) are the response column, or a conversation's last assistant turn;
+  rows sharing a prompt are its references (:func:`prompt_references`).
+
+Tokenising with label masks (EOS, -100 on the prompt) and truncating: :mod:`vera_lightning.app.sft_tokens`.
 
 Rows are numbered from 1: the first data row after a CSV/TSV header is row 1; a JSONL row is its
 line number (blank lines skipped but counted).
@@ -33,7 +23,6 @@ from __future__ import annotations
 
 import csv
 import json
-import logging
 import re
 import string
 from pathlib import Path
@@ -41,15 +30,13 @@ from typing import Any, Mapping, Optional
 
 from vera_lightning.app.checks import undecodable_line
 
-__all__ = ["ROLES", "TRUNCATIONS", "SUFFIXES", "check_config", "read_rows", "format_prompt", "prompt_token_ids",
-           "encode_row", "encode_rows", "reference_of", "prompt_references", "position_limit", "check_max_length"]
-
-log = logging.getLogger(__name__)
+__all__ = ["ROLES", "TRUNCATIONS", "SUFFIXES", "check_config", "read_rows", "with_system", "prompt_turns",
+           "conversation", "format_prompt", "encode_text", "prompt_token_ids", "reference_of", "prompt_references",
+           "position_limit", "check_max_length"]
 
 ROLES = ("system", "user", "assistant")
 TRUNCATIONS = ("left", "drop")
 SUFFIXES = {".csv": ",", ".tsv": "\t", ".tab": "\t", ".jsonl": None}
-IGNORE = -100
 
 
 def _template_columns(template: str) -> list[str]:
@@ -212,7 +199,8 @@ def read_rows(path: Path | str, data_cfg: Mapping[str, Any], *, responses: bool 
     return rows
 
 
-def _with_system(cfg: Mapping[str, Any], turns: list[dict[str, str]]) -> list[dict[str, str]]:
+def with_system(cfg: Mapping[str, Any], turns: list[dict[str, str]]) -> list[dict[str, str]]:
+    """``turns`` after a ``system_prompt`` turn, unless unset or the conversation opens with its own."""
     system = cfg.get("system_prompt")
     if system and (not turns or turns[0]["role"] != "system"):
         return [{"role": "system", "content": system}, *turns]
@@ -230,12 +218,19 @@ def _user_text(cfg: Mapping[str, Any], row: Mapping[str, Any]) -> str:
                          f"{sorted(row)})") from None
 
 
-def _prompt_turns(cfg: Mapping[str, Any], row: Mapping[str, Any]) -> list[dict[str, str]]:
-    """The turns before the final response (chat formatting only)."""
+def prompt_turns(cfg: Mapping[str, Any], row: Mapping[str, Any]) -> list[dict[str, str]]:
+    """The chat turns before the final response (with ``system_prompt`` first when set)."""
     if cfg.get("messages_field"):
         turns = row[cfg["messages_field"]]
-        return _with_system(cfg, turns[:-1] if turns and turns[-1]["role"] == "assistant" else turns)
-    return _with_system(cfg, [{"role": "user", "content": _user_text(cfg, row)}])
+        return with_system(cfg, turns[:-1] if turns and turns[-1]["role"] == "assistant" else turns)
+    return with_system(cfg, [{"role": "user", "content": _user_text(cfg, row)}])
+
+
+def conversation(cfg: Mapping[str, Any], row: Mapping[str, Any]) -> list[dict[str, str]]:
+    """The whole training conversation of a row (chat formatting): prompt turns and response turn(s)."""
+    if cfg.get("messages_field"):
+        return with_system(cfg, row[cfg["messages_field"]])
+    return prompt_turns(cfg, row) + [{"role": "assistant", "content": str(row[cfg["response_field"]])}]
 
 
 def format_prompt(data_cfg: Mapping[str, Any], tokenizer: Any, row: Mapping[str, Any]) -> str:
@@ -246,17 +241,17 @@ def format_prompt(data_cfg: Mapping[str, Any], tokenizer: Any, row: Mapping[str,
     :func:`prompt_token_ids` (which adds the tokenizer's leading special tokens, as training does).
     """
     if data_cfg.get("chat_template"):
-        return tokenizer.apply_chat_template(_prompt_turns(data_cfg, row), tokenize=False, add_generation_prompt=True)
+        return tokenizer.apply_chat_template(prompt_turns(data_cfg, row), tokenize=False, add_generation_prompt=True)
     return _user_text(data_cfg, row)
 
 
-def _encode(tokenizer: Any, text: str) -> list[int]:
+def encode_text(tokenizer: Any, text: str) -> list[int]:
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
 def _leading_specials(tokenizer: Any) -> list[int]:
     """The special tokens the tokenizer puts before a text (a BOS, ``[CLS]``; none for GPT-2/SmolLM2)."""
-    plain, full = _encode(tokenizer, "a"), list(tokenizer("a")["input_ids"])
+    plain, full = encode_text(tokenizer, "a"), list(tokenizer("a")["input_ids"])
     for start in range(len(full) - len(plain) + 1):
         if full[start:start + len(plain)] == plain:
             return full[:start]
@@ -270,110 +265,8 @@ def prompt_token_ids(data_cfg: Mapping[str, Any], tokenizer: Any, prompt: str) -
     prompt gets the tokenizer's leading special tokens (e.g. a BOS) and none at its end.
     """
     if data_cfg.get("chat_template"):
-        return _encode(tokenizer, prompt)
-    return _leading_specials(tokenizer) + _encode(tokenizer, prompt)
-
-
-def _eos(tokenizer: Any) -> tuple[int, Optional[str]]:
-    if tokenizer.eos_token_id is not None:
-        return tokenizer.eos_token_id, tokenizer.eos_token
-    return tokenizer.sep_token_id, tokenizer.sep_token  # BERT-style tokenizers (model=tiny_opt borrows MiniLM's)
-
-
-def _response_ids(tokenizer: Any, text: str) -> list[int]:
-    """A response's tokens ending with exactly one EOS: cut after the template's own EOS, else appended."""
-    eos_id, eos_text = _eos(tokenizer)
-    if eos_text and eos_text in text:
-        text = text[:text.index(eos_text) + len(eos_text)]
-    ids = _encode(tokenizer, text)
-    return ids if ids and ids[-1] == eos_id else ids + [eos_id]
-
-
-def _chat_pieces(cfg: Mapping[str, Any], tokenizer: Any, row: Mapping[str, Any]) -> list[tuple[str, bool]]:
-    """``(text, is_response)`` pieces of a conversation rendered by the chat template, in order."""
-    if cfg.get("messages_field"):
-        turns = _with_system(cfg, row[cfg["messages_field"]])
-    else:
-        turns = _prompt_turns(cfg, row) + [{"role": "assistant", "content": str(row[cfg["response_field"]])}]
-    pieces, done = [], ""
-    for k, turn in enumerate(turns):
-        if turn["role"] != "assistant":
-            continue
-        prefix = tokenizer.apply_chat_template(turns[:k], tokenize=False, add_generation_prompt=True)
-        full = tokenizer.apply_chat_template(turns[:k + 1], tokenize=False)
-        if not (prefix.startswith(done) and full.startswith(prefix)):
-            raise ValueError("data.chat_template=true: the tokenizer's chat template does not render a "
-                             "conversation as a prefix of its continuation (it rewrites earlier turns), so "
-                             "responses cannot be located; use single-turn rows or data.chat_template=false")
-        response = full[len(prefix):]
-        _, eos_text = _eos(tokenizer)
-        if eos_text and eos_text in response:
-            response = response[:response.index(eos_text) + len(eos_text)]
-        pieces += [(prefix[len(done):], False), (response, True)]
-        done = prefix + response
-    return pieces
-
-
-def encode_row(data_cfg: Mapping[str, Any], tokenizer: Any, row: Mapping[str, Any]) -> tuple[list[int], list[int], int]:
-    """Tokenise one training row (untruncated).
-
-    Returns:
-        ``(input_ids, labels, start)``: labels are the ids on response tokens (every token with
-        ``train_on_prompt``) and -100 elsewhere; ``start`` is where the final response begins, so the
-        ids from ``start`` on are the final response with its EOS (the last token).
-    """
-    if data_cfg.get("chat_template"):
-        pieces = _chat_pieces(data_cfg, tokenizer, row)
-        encoded = [(_response_ids(tokenizer, text) if is_response else _encode(tokenizer, text), is_response)
-                   for text, is_response in pieces]
-    else:
-        prompt = prompt_token_ids(data_cfg, tokenizer, format_prompt(data_cfg, tokenizer, row))
-        encoded = [(prompt, False), (_response_ids(tokenizer, str(row[data_cfg["response_field"]])), True)]
-    ids, labels = [], []
-    for piece, is_response in encoded:
-        ids += piece
-        labels += piece if is_response or data_cfg.get("train_on_prompt") else [IGNORE] * len(piece)
-    return ids, labels, len(ids) - len(encoded[-1][0])
-
-
-def _fit(ids: list[int], labels: list[int], start: int, max_length: int, mode: str):
-    if len(ids) <= max_length:
-        return ids, labels
-    reserve = min(start, max_length // 4)
-    if mode == "drop" or len(ids) - start + reserve > max_length:
-        return None
-    return ids[-max_length:], labels[-max_length:]
-
-
-def encode_rows(rows: list[Mapping[str, Any]], data_cfg: Mapping[str, Any], tokenizer: Any,
-                where: str = "the data") -> list[dict[str, list[int]]]:
-    """Tokenise rows into ``{"input_ids", "labels"}`` items of at most ``data_cfg["max_length"]`` tokens.
-
-    Truncates or drops per ``data_cfg["truncation"]`` (see the module docstring); one warning counts the
-    dropped rows.
-
-    Raises:
-        ValueError: If every row is dropped, naming ``where``, ``max_length`` and the shortest need.
-    """
-    max_length, mode = int(data_cfg.get("max_length") or 512), data_cfg.get("truncation") or "left"
-    items, dropped, shortest = [], 0, None
-    for row in rows:
-        ids, labels, start = encode_row(data_cfg, tokenizer, row)
-        fitted = _fit(ids, labels, start, max_length, mode)
-        if fitted is None:
-            dropped += 1
-            need = len(ids) if mode == "drop" else len(ids) - start + min(start, max_length // 4)
-            shortest = need if shortest is None else min(shortest, need)
-            continue
-        items.append({"input_ids": fitted[0], "labels": fitted[1]})
-    if not items and rows:
-        raise ValueError(f"{where}: all {len(rows)} rows are longer than data.max_length={max_length} under "
-                         f"data.truncation={mode!r} (the shortest needs {shortest} tokens); raise data.max_length"
-                         + (" or use data.truncation=left" if mode == "drop" else ""))
-    if dropped:
-        log.warning("%s: dropped %d of %d rows longer than data.max_length=%d (data.truncation=%s)",
-                    where, dropped, len(rows), max_length, mode)
-    return items
+        return encode_text(tokenizer, prompt)
+    return _leading_specials(tokenizer) + encode_text(tokenizer, prompt)
 
 
 def reference_of(data_cfg: Mapping[str, Any], row: Mapping[str, Any]) -> str:
