@@ -15,8 +15,7 @@ PROMPTS = ["name[The Eagle]", "Hello there, how are you? I am fine. The Eagle is
            "food[French], area[riverside] and a longer prompt", "The Eagle"]
 
 
-@pytest.fixture(scope="module")
-def tok():
+def byte_tokenizer():
     """A GPT-2-style byte-level BPE trained in memory (newlines are tokens), EOS ``</s>``, pad ``<pad>``."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
@@ -27,6 +26,11 @@ def tok():
     backend.train_from_iterator(CORPUS * 5, trainers.BpeTrainer(
         vocab_size=300, special_tokens=["<pad>", "</s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
     return PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="</s>", pad_token="<pad>")
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return byte_tokenizer()
 
 
 def tiny_lm(kind: str, vocab: int, positions: int = 128):

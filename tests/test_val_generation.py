@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import json
+
 import lightning.pytorch as pl
 import pytest
 import torch
 
-from test_generation import tiny_lm
-from test_generation import tok  # noqa: F401  (the module-scoped tokenizer fixture)
+from test_generation import byte_tokenizer, tiny_lm
 from vera_lightning.app import sft
 from vera_lightning.app.data import TextDataModule, subsample
 from vera_lightning.app.generation import GenerateSettings, generate_texts
@@ -22,6 +23,11 @@ ROWS = [("name[The Eagle], food[French]", "The Eagle serves French food."),
         ("name[Aromi]", "Aromi."),
         ("name[The Mill], food[Indian]", "The Mill serves Indian food.")]
 MRS = list(dict.fromkeys(mr for mr, _ in ROWS))
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return byte_tokenizer()
 
 
 @pytest.fixture
@@ -123,3 +129,38 @@ def test_a_prompt_that_cannot_fit_stops_the_run_before_training(tok, datamodule)
 def test_bad_generate_settings_fail_when_the_module_is_built(tok):
     with pytest.raises(ValueError, match=r"generate.batch_size=0: must be >= 1"):
         build_module("causal_lm", tiny_lm("opt", len(tok)), {}, generate={"batch_size": 0})
+
+
+class RankScores(pl.Callback):
+    """Writes each rank's logged generation metrics and its generations to ``<out>/rank<r>.json``."""
+
+    def __init__(self, out: str) -> None:
+        self.out = out
+
+    def on_validation_end(self, trainer, pl_module):
+        record = {name: float(trainer.callback_metrics[name]) for name in pl_module.val_generation.metric_names}
+        record["generations"] = pl_module.val_generation.generations
+        with open(f"{self.out}/rank{trainer.global_rank}.json", "w", encoding="utf-8") as handle:
+            json.dump(record, handle)
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("val_prompts", [None, 1])  # 1: rank 1 has no prompt at all
+def test_ddp_ranks_share_the_prompts_and_log_the_one_process_scores(tok, datamodule, tmp_path, val_prompts):
+    from lightning.pytorch.strategies import DDPStrategy
+
+    generate = {"max_new_tokens": 6, "do_sample": True, "seed": 3, "val_prompts": val_prompts, "progress": False}
+    model = tiny_lm("opt", len(tok))
+    single = CausalLMModule(model, generate=generate)
+    reference = _validate(single, datamodule).callback_metrics
+    pl.Trainer(accelerator="cpu", devices=2, strategy=DDPStrategy(start_method="spawn"), logger=False,
+               enable_progress_bar=False, enable_model_summary=False, callbacks=[RankScores(str(tmp_path))]
+               ).validate(CausalLMModule(model, generate=generate), datamodule=datamodule, verbose=False)
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    for name in single.val_generation.metric_names:
+        assert ranks[0][name] == ranks[1][name] == pytest.approx(float(reference[name]), abs=1e-5), name
+    shares = [[g["prompt"] for g in rank["generations"]] for rank in ranks]
+    prompts = [e["prompt"] for e in single.val_generation.examples]
+    assert shares == [prompts[0::2], prompts[1::2]]  # rank r takes prompts r, r + 2, ...
+    merged = sorted(ranks[0]["generations"] + ranks[1]["generations"], key=lambda g: prompts.index(g["prompt"]))
+    assert merged == single.val_generation.generations  # sampled rows too: seeds follow the global index

@@ -182,8 +182,8 @@ class SeededSampler(LogitsProcessor):
 class NewlineStop(StoppingCriteria):
     """Stops a row once its generated text holds a newline after its first non-blank character."""
 
-    def __init__(self, tokenizer: Any, start: int) -> None:
-        self.tokenizer, self.start = tokenizer, start
+    def __init__(self, tokenizer: Any) -> None:
+        self.tokenizer = tokenizer
         self.pieces: dict[int, str] = {}
         self.texts: Optional[list[str]] = None
 
@@ -218,7 +218,7 @@ def _generate_batch(model: nn.Module, tokenizer: Any, rows: list[list[int]], see
         kwargs["logits_processor"] = LogitsProcessorList(
             [SeededSampler(seeds, settings.temperature, settings.top_k, settings.top_p)])
     if settings.stop_at_newline and settings.num_beams == 1:
-        kwargs["stopping_criteria"] = StoppingCriteriaList([NewlineStop(tokenizer, width)])
+        kwargs["stopping_criteria"] = StoppingCriteriaList([NewlineStop(tokenizer)])
     out = model.generate(input_ids=input_ids.to(device), attention_mask=mask.to(device), **kwargs)
     return [_finish(tokenizer.decode(seq[width:], skip_special_tokens=True), settings) for seq in out]
 

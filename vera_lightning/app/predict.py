@@ -46,6 +46,7 @@ from tqdm.auto import tqdm
 from vera_lightning.app import sft
 from vera_lightning.app.adapters import attach_adapter, model_config_for, resolve_adapter
 from vera_lightning.app.build import build_components, check_task
+from vera_lightning.app.checks import undecodable_line
 from vera_lightning.app.generation import GenerateSettings, generate_texts
 from vera_lightning.app.tables import is_regression, read_table
 
@@ -83,6 +84,13 @@ def read_inputs(path: Path, text_field: str, pair_field: Optional[str] = None) -
 
 def _records(path: Path) -> list[dict[str, Any]]:
     """Every row of a ``.csv``/``.tsv``/``.jsonl`` file (all columns)."""
+    try:
+        return _read_records(path)
+    except UnicodeDecodeError as err:
+        raise undecodable_line(path, err) from None
+
+
+def _read_records(path: Path) -> list[dict[str, Any]]:
     with path.open(encoding="utf-8-sig", newline="") as handle:
         if path.suffix.lower() == ".jsonl":
             rows = []
