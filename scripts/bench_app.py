@@ -69,11 +69,13 @@ def train_lora(cfg, r: int) -> dict:
     data_cfg = OmegaConf.to_container(cfg.data, resolve=True)
     vera_config = vera_config_from(cfg)
     tokenizer = build_tokenizer(cfg.model)
-    model = build_model(cfg.model, tokenizer, num_labels=data_cfg["num_labels"], problem_type=data_cfg["problem_type"])
+    model = build_model(cfg.model, tokenizer, num_labels=data_cfg.get("num_labels"),
+                        problem_type=data_cfg.get("problem_type"))
     model = peft.get_peft_model(model, peft.LoraConfig(r=r, lora_alpha=2 * r, target_modules=sorted(
         vera_config.target_modules), modules_to_save=list(vera_config.modules_to_save or [])))
-    module = build_module(cfg.model.task, model, cfg.optim, num_labels=data_cfg["num_labels"],
-                          metrics=data_cfg["metrics"], problem_type=data_cfg["problem_type"])
+    module = build_module(cfg.model.task, model, cfg.optim, num_labels=data_cfg.get("num_labels"),
+                          metrics=data_cfg.get("metrics"), problem_type=data_cfg.get("problem_type"),
+                          generate=cfg.get("generate") if cfg.model.task == "causal_lm" else None)
     module.param_groups = lambda: _lora_groups(model, float(cfg.optim.lr), float(cfg.optim.head_lr))
     datamodule = build_datamodule(data_cfg, tokenizer)
     trainer = instantiate(cfg.trainer, callbacks=[], logger=False)

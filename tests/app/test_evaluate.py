@@ -174,3 +174,71 @@ def test_eval_of_a_sentence_pair_regression_adapter_reproduces_its_correlations(
     assert result["metric_name"] == "val/pearson" and result["examples"] == len(rows)
     for name in ("val/pearson", "val/spearman", "val/loss"):
         assert result[name] == trained[name], name
+
+
+# prompt/response data: generation metrics over the whole validation split, against every reference
+E2E_ROWS = [("name[The Eagle], food[French]", "The Eagle serves French food."),
+            ("name[Zizzi], area[riverside]", "Zizzi is by the riverside."),
+            ("name[The Eagle], food[French]", "French food at The Eagle."),
+            ("name[Aromi]", "Aromi is a restaurant."),
+            ("name[The Eagle], food[French]", "The Eagle has French food.")]
+
+
+def _sft(data_dir):
+    return [*SMOKE, "data=sft", f"data.data_dir={data_dir}", "data.train_file=train.csv", "data.val_file=val.csv",
+            "data.prompt_field=mr", "data.response_field=ref", "data.max_length=64", "generate.max_new_tokens=8"]
+
+
+@pytest.fixture(scope="module")
+def sft_run(tmp_path_factory):
+    data_dir = tmp_path_factory.mktemp("e2e")
+    for name in ("train.csv", "val.csv"):
+        (data_dir / name).write_text("mr,ref\n" + "".join(f'"{mr}",{ref}\n' for mr, ref in E2E_ROWS), encoding="utf-8")
+    metrics = train(compose_app("train", data_dir / "run", *_sft(data_dir), "optim.lr=0.5"))
+    return metrics, data_dir
+
+
+def test_eval_scores_generations_for_every_prompt_against_all_its_references(sft_run, tmp_path):
+    sacrebleu = pytest.importorskip("sacrebleu")
+    from vera_lightning.app import sft
+    from vera_lightning.app.generation import GenerateSettings, generate_texts
+    from vera_lightning.app.textmetrics import CorpusRougeL
+    from vera_lightning import load_adapter
+
+    train_metrics, data_dir = sft_run
+    adapter = data_dir / "run" / "adapter"
+    result = _eval(tmp_path, *_sft(data_dir), f"adapter={adapter}", "generate.batch_size=2")
+    for name in ("val/bleu", "val/rougeL", "val/chrf", "val/loss"):
+        assert result[name] == pytest.approx(train_metrics[name], abs=1e-5), name  # the run's last validation
+    assert result["prompts"] == 3 and result["examples"] == 5 and result["generate"]["max_new_tokens"] == 8
+
+    generations = [json.loads(line) for line in (tmp_path / "eval" / "generations.jsonl").read_text().splitlines()]
+    assert [g["references"] for g in generations] == [
+        ["The Eagle serves French food.", "French food at The Eagle.", "The Eagle has French food."],
+        ["Zizzi is by the riverside."], ["Aromi is a restaurant."]]
+    parts = build_components(compose_app("eval", tmp_path / "ref", *_sft(data_dir)))
+    load_adapter(parts.model, adapter)
+    prompts = [g["prompt"] for g in generations]
+    assert prompts == [mr for mr, _ in E2E_ROWS[:2]] + [E2E_ROWS[3][0]]
+    texts = list(generate_texts(parts.model.eval(), parts.tokenizer, prompts, GenerateSettings(max_new_tokens=8),
+                                encode=lambda p: sft.prompt_token_ids(dict(parts.datamodule.cfg), parts.tokenizer, p)))
+    assert [g["generation"] for g in generations] == texts
+
+    refs = [g["references"] for g in generations]
+    streams = [[r[k] if k < len(r) else None for r in refs] for k in range(3)]
+    assert result["val/bleu"] == pytest.approx(sacrebleu.corpus_bleu(texts, streams).score, abs=1e-4)
+    assert result["val/chrf"] == pytest.approx(sacrebleu.corpus_chrf(texts, streams).score, abs=1e-4)
+    assert result["val/chrf"] > 0
+    rouge = CorpusRougeL()
+    rouge.update(texts, refs)
+    assert result["val/rougeL"] == pytest.approx(float(rouge.compute()), abs=1e-4)
+    saved = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert saved["val/bleu"] == result["val/bleu"] and saved["prompts"] == 3
+
+
+def test_eval_generates_for_a_sample_or_not_at_all(sft_run, tmp_path):
+    _, data_dir = sft_run
+    sampled = _eval(tmp_path, *_sft(data_dir), "generate.val_prompts=2")
+    assert sampled["prompts"] == 2 and "val/bleu" in sampled
+    off = _eval(tmp_path, *_sft(data_dir), "generate.val_prompts=0")
+    assert "val/bleu" not in off and "prompts" not in off and off["val/loss"] == sampled["val/loss"]

@@ -188,3 +188,108 @@ def test_sentence_pair_regression_writes_both_sides_and_the_predicted_value(tmp_
     with pytest.raises(ValueError, match=r"data.text_pair_field='sentence2' makes this a sentence-pair task.*"
                                          r"'sentence1' and 'sentence2'"):
         predict(compose_app("predict", tmp_path / "run2", *stsb, f"input={plain}"))
+
+
+# prompt/response data (data.format=sft): E2E-like rows, several references per meaning representation
+E2E_ROWS = [("name[The Eagle], food[French]", "The Eagle serves French food."),
+            ("name[The Eagle], food[French]", "French food at The Eagle."),
+            ("name[Zizzi], area[riverside]", "Zizzi is by the riverside."), ("name[Aromi]", "Aromi is a restaurant.")]
+MRS = ["name[Zizzi], area[riverside]", "name[The Eagle], food[French]", "name[Aromi], food[Indian], area[city centre]"]
+
+
+def _sft_overrides(data_dir):
+    return [*SMOKE, "data=sft", f"data.data_dir={data_dir}", "data.train_file=train.csv", "data.val_file=val.csv",
+            "data.prompt_field=mr", "data.response_field=ref", "data.prompt_template='Describe: {mr}'",
+            "data.max_length=64", "generate.max_new_tokens=6", "generate.batch_size=2"]
+
+
+@pytest.fixture(scope="module")
+def sft_run(tmp_path_factory):
+    """An adapter trained on prompt/response rows (tiny OPT, 2 steps at a high λ rate so it changes the output)."""
+    data_dir = tmp_path_factory.mktemp("e2e")
+    for name in ("train.csv", "val.csv"):
+        (data_dir / name).write_text("mr,ref\n" + "".join(f'"{mr}",{ref}\n' for mr, ref in E2E_ROWS * 4),
+                                     encoding="utf-8")
+    run_dir = data_dir / "run"
+    train(compose_app("train", run_dir, *_sft_overrides(data_dir), "optim.lr=0.5", "eval_before=false"))
+    return data_dir, run_dir / "adapter"
+
+
+def _sft_reference(tmp_path, data_dir, adapter, mrs):
+    """One-by-one model.generate on the training-formatted prompt tokens ('Describe: <mr>'), decoded and stripped."""
+    from vera_lightning.app import sft
+
+    parts = build_components(compose_app("predict", tmp_path / "reference", *_sft_overrides(data_dir), "input=x"))
+    if adapter is not None:
+        load_adapter(parts.model, adapter)
+    model, tokenizer, data_cfg = parts.model.eval(), parts.tokenizer, dict(parts.datamodule.cfg)
+    texts = []
+    for mr in mrs:
+        prompt = sft.format_prompt(data_cfg, tokenizer, {"mr": mr})
+        assert prompt == f"Describe: {mr}"
+        ids = torch.tensor([sft.prompt_token_ids(data_cfg, tokenizer, prompt)])
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False,
+                             pad_token_id=tokenizer.pad_token_id, eos_token_id=[2, tokenizer.sep_token_id])
+        texts.append(tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip())
+    return texts
+
+
+def test_prompt_rows_from_csv_jsonl_and_text_lines_are_formatted_as_in_training(sft_run, tmp_path):
+    data_dir, adapter = sft_run
+    expected = _sft_reference(tmp_path, data_dir, adapter, MRS)
+    table = tmp_path / "mrs.csv"
+    table.write_text("id,mr\n" + "".join(f'{i},"{mr}"\n' for i, mr in enumerate(MRS)), encoding="utf-8")
+    out = predict(compose_app("predict", tmp_path / "csv", *_sft_overrides(data_dir), f"adapter={adapter}",
+                              f"input={table}"))
+    rows = _jsonl(out)
+    assert [(r["id"], r["mr"]) for r in rows] == [(str(i), mr) for i, mr in enumerate(MRS)]  # the input rows, in order
+    assert [r["generation"] for r in rows] == expected
+    assert len(set(expected)) > 1
+
+    jsonl = tmp_path / "mrs.jsonl"
+    jsonl.write_text("".join(json.dumps({"mr": mr, "n": i}) + "\n" for i, mr in enumerate(MRS)), encoding="utf-8")
+    out = predict(compose_app("predict", tmp_path / "jsonl", *_sft_overrides(data_dir), f"adapter={adapter}",
+                              f"input={jsonl}"))
+    assert _jsonl(out) == [{"mr": mr, "n": i, "generation": text} for i, (mr, text) in enumerate(zip(MRS, expected))]
+
+    lines = tmp_path / "mrs.txt"
+    lines.write_text("\n".join(MRS) + "\n", encoding="utf-8")
+    out = predict(compose_app("predict", tmp_path / "txt", *_sft_overrides(data_dir), f"adapter={adapter}",
+                              f"input={lines}"))
+    assert _jsonl(out) == [{"prompt": mr, "generation": text} for mr, text in zip(MRS, expected)]
+
+
+def test_no_adapter_is_the_zero_shot_base_model_with_the_same_prompts(sft_run, tmp_path):
+    data_dir, adapter = sft_run
+    lines = tmp_path / "mrs.txt"
+    lines.write_text("\n".join(MRS) + "\n", encoding="utf-8")
+    out = predict(compose_app("predict", tmp_path / "zero", *_sft_overrides(data_dir), f"input={lines}"))
+    zero_shot = [row["generation"] for row in _jsonl(out)]
+    assert zero_shot == _sft_reference(tmp_path, data_dir, None, MRS)
+    assert zero_shot != _sft_reference(tmp_path, data_dir, adapter, MRS)  # the adapter changed what it writes
+
+
+def test_bad_causal_lm_inputs_and_outputs_are_refused_before_the_model_loads(sft_run, tmp_path, monkeypatch):
+    import vera_lightning.app.predict as predict_module
+
+    data_dir, adapter = sft_run
+    monkeypatch.setattr(predict_module, "build_components", lambda *a, **k: pytest.fail("built the model"))
+    lines = tmp_path / "mrs.txt"
+    lines.write_text("\n".join(MRS) + "\n", encoding="utf-8")
+    with pytest.raises(ValueError, match=r"output='.*outdir' is a directory; give a file path, e\.g\. "
+                                         r"output='.*outdir/predictions.jsonl'"):
+        (tmp_path / "outdir").mkdir()
+        predict(compose_app("predict", tmp_path / "r", *_sft_overrides(data_dir), f"input={lines}",
+                            f"output={tmp_path / 'outdir'}"))
+    with pytest.raises(ValueError, match=r"input='.*mrs.txt': each line of a text file fills data.prompt_field='mr' "
+                                         r"only, but data.prompt_template=.* names .*'area'.*give a .csv/.tsv/.jsonl"):
+        predict(compose_app("predict", tmp_path / "r", *_sft_overrides(data_dir), f"input={lines}",
+                            "data.prompt_template='{mr} in {area}'"))
+    table = tmp_path / "wrong.csv"
+    table.write_text("meaning\nname[Aromi]\n", encoding="utf-8")
+    with pytest.raises(ValueError, match=r"wrong.csv: column\(s\) \['mr'\] not in the header \['meaning'\]; set "
+                                         r"data.prompt_template \(now naming 'mr'\)"):
+        predict(compose_app("predict", tmp_path / "r", *_sft_overrides(data_dir), f"input={table}"))
+    with pytest.raises(ValueError, match=r"generate.top_p=0.0: must be in \(0, 1\]"):
+        predict(compose_app("predict", tmp_path / "r", *_sft_overrides(data_dir), f"input={lines}",
+                            "generate.top_p=0"))

