@@ -9,42 +9,11 @@ import torch
 from vera_lightning.app import generation
 from vera_lightning.app.generation import GenerateSettings, generate_texts, stop_token_ids
 
-CORPUS = ["name[The Eagle], food[French], area[riverside]", "The Eagle is a French restaurant by the riverside.\nYes.",
-          "Hello there, how are you? I am fine."]
-PROMPTS = ["name[The Eagle]", "Hello there, how are you? I am fine. The Eagle is", "a",
-           "food[French], area[riverside] and a longer prompt", "The Eagle"]
-
-
-def byte_tokenizer():
-    """A GPT-2-style byte-level BPE trained in memory (newlines are tokens), EOS ``</s>``, pad ``<pad>``."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    backend = Tokenizer(models.BPE())
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    backend.train_from_iterator(CORPUS * 5, trainers.BpeTrainer(
-        vocab_size=300, special_tokens=["<pad>", "</s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    return PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="</s>", pad_token="<pad>")
-
+from helpers.llm import GEN_CORPUS as CORPUS, PROMPTS, byte_tokenizer, tiny_lm  # noqa: F401
 
 @pytest.fixture(scope="module")
 def tok():
     return byte_tokenizer()
-
-
-def tiny_lm(kind: str, vocab: int, positions: int = 128):
-    from transformers import LlamaConfig, LlamaForCausalLM, OPTConfig, OPTForCausalLM
-
-    torch.manual_seed(0)
-    ids = {"eos_token_id": 1, "pad_token_id": 0, "bos_token_id": None}
-    if kind == "llama":
-        return LlamaForCausalLM(LlamaConfig(vocab_size=vocab, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                                            num_key_value_heads=2, intermediate_size=96,
-                                            max_position_embeddings=positions, **ids)).eval()
-    return OPTForCausalLM(OPTConfig(vocab_size=vocab, hidden_size=32, num_hidden_layers=2, ffn_dim=64,
-                                    num_attention_heads=4, max_position_embeddings=positions, word_embed_proj_dim=32,
-                                    dropout=0.0, **ids)).eval()
 
 
 @pytest.fixture(scope="module", params=["llama", "opt"])

@@ -14,32 +14,7 @@ from omegaconf import OmegaConf
 from vera_lightning.app import sft, sft_tokens
 from vera_lightning.app.data import TextDataModule
 
-CHATML = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>'"
-          " + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
-CORPUS = ["name[The Eagle], food[French], area[riverside]", "The Eagle is a French restaurant by the riverside.",
-          "Describe the restaurant:", "Hello there, how are you? I am fine."]
-
-
-def byte_bpe_tokenizer(chat: bool = True):
-    """A GPT-2-style byte-level BPE trained in memory. ``chat``: ChatML template, EOS ``<|im_end|>``, no BOS;
-    else no template, EOS ``</s>`` and a BOS ``<s>`` added in front of every text (as LLaMA's)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    specials = ["<|endoftext|>", "<s>", "</s>", "<|im_start|>", "<|im_end|>"]
-    backend = Tokenizer(models.BPE())
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    backend.train_from_iterator(CORPUS * 5, trainers.BpeTrainer(
-        vocab_size=300, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    if chat:
-        tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|im_end|>", pad_token="<|endoftext|>")
-        tokenizer.chat_template = CHATML
-        return tokenizer
-    backend.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
-    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>",
-                                   pad_token="<|endoftext|>")
-
+from helpers.llm import CHATML, CORPUS, byte_bpe_tokenizer, sft_cfg  # noqa: F401
 
 @pytest.fixture(scope="module")
 def chat_tok():
@@ -49,14 +24,6 @@ def chat_tok():
 @pytest.fixture(scope="module")
 def bos_tok():
     return byte_bpe_tokenizer(chat=False)
-
-
-def sft_cfg(data_dir, **overrides):
-    cfg = {"name": "t", "task": "causal_lm", "format": "sft", "data_dir": str(data_dir), "train_file": "train.csv",
-           "val_file": "val.csv", "prompt_field": "mr", "response_field": "ref", "messages_field": None,
-           "prompt_template": None, "chat_template": False, "system_prompt": None, "train_on_prompt": False,
-           "truncation": "left", "max_length": 64, "batch_size": 2, "seed": 0}
-    return {**cfg, **overrides}
 
 
 def write_csv(path, rows, header="mr,ref", bom=False):

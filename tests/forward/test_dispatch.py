@@ -288,3 +288,32 @@ def test_same_input_object_across_steps_is_not_shared_between_passes(requires_gr
     for (name, a), (_, b) in zip(vera_layers(fast), vera_layers(plain)):
         torch.testing.assert_close(a.vera_lambda_b, b.vera_lambda_b, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(a.vera_lambda_d, b.vera_lambda_d, rtol=1e-5, atol=1e-6)
+
+
+def _autocast_grads(model, kind, named):
+    """λ-gradients with the forward under bf16 autocast and backward outside it, as Lightning runs them."""
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = _forward(model, kind, _embeds(model, kind))
+    (out.float().square().mean() + out.float().mean()).backward()
+    return {n: {p: getattr(l, p).grad.clone() for p in ("vera_lambda_b", "vera_lambda_d")} for n, l in named}
+
+
+@pytest.mark.numerics
+@pytest.mark.parametrize("path", ["auto", "plain", "lean", "save_h", "merged"])
+def test_every_path_trains_under_bf16_autocast(path):
+    """Under ``torch.autocast(bfloat16)`` (Lightning's ``bf16-mixed``) each path runs backward (the forward ran in
+    bf16, the backward does not: the lean nodes cast before their products) and its λ-gradients are no further
+    from the float32 values than PEFT's under the same autocast."""
+    kind = "llama"
+    ours, theirs = _adapted(kind)
+    set_vera_path(ours, path)
+    named = list(vera_layers(ours))
+    reference_model = copy.deepcopy(ours)
+    _, reference, _ = _grads(reference_model, kind, _embeds(ours, kind), list(vera_layers(reference_model)))
+    mine = _autocast_grads(ours, kind, named)
+    peft_grads = _autocast_grads(theirs, kind, _peft_named(theirs, [n for n, _ in named]))
+    for name, _ in named:
+        for p in ("vera_lambda_b", "vera_lambda_d"):
+            assert torch.isfinite(mine[name][p]).all()
+            assert_no_worse_than_peft(mine[name][p], peft_grads[name][p], reference[name][p], f"{path} {name}.{p}",
+                                      margin=2e-2)

@@ -73,7 +73,8 @@ class ProjectIn(torch.autograd.Function):
         if not ctx.needs_input_grad[0]:
             return None, None, None
         (a_s,) = ctx.saved_tensors
-        return (grad_h @ a_s).to(ctx.x_dtype), None, None
+        # under autocast the forward ran in the autocast dtype and backward does not: match a_s first
+        return (grad_h.to(a_s.dtype) @ a_s).to(ctx.x_dtype), None, None
 
 
 class VeraUpdate(torch.autograd.Function):
@@ -104,7 +105,7 @@ class VeraUpdate(torch.autograd.Function):
         g = grad_out.to(lam_b.dtype)
         grad_b = grad_d = grad_h = None
         if need_b or need_d:
-            h = saved if ctx.save_h else ctx.group.recompute_h(saved)
+            h = (saved if ctx.save_h else ctx.group.recompute_h(saved)).to(g.dtype)  # autocast: h may be half
             m = g.reshape(-1, g.shape[-1]).T @ h.reshape(-1, h.shape[-1])  # out x r
             mb = m.mul_(b_s)
             grad_b = mb @ lam_d if need_b else None
