@@ -24,12 +24,20 @@ import sys
 import time
 
 import torch
+from bench_harness import (
+    TARGET_SETS,
+    VARIANTS,
+    BenchShape,
+    build_base,
+    build_variant,
+    make_step,
+    paths_taken,
+    saved_activation_bytes,
+    summarize,
+    time_round_robin,
+)
 
 from vera_lightning import merge_vera
-from bench_harness import (
-    TARGET_SETS, VARIANTS, BenchShape, build_base, build_variant, make_step, paths_taken, saved_activation_bytes,
-    summarize, time_round_robin,
-)
 
 QUICK = BenchShape(hidden=64, layers=2, ffn=128, heads=4, vocab=256, batch=2, seq_len=16)
 

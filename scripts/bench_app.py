@@ -24,7 +24,8 @@ QUIET = ["callbacks=none", "logger=csv", "trainer.enable_progress_bar=false", "t
 
 def compose(overrides: list[str]):
     """``conf/train.yaml`` composed with ``overrides`` (the app's configs registered first)."""
-    from hydra import compose as hydra_compose, initialize_config_dir
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
 
     from vera_lightning.app import register_configs
 

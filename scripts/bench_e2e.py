@@ -84,7 +84,8 @@ def run_one(spec: dict) -> dict:
     with tempfile.TemporaryDirectory() as work:
         start = time.perf_counter()
         if kind == "eval":
-            from hydra import compose as hydra_compose, initialize_config_dir
+            from hydra import compose as hydra_compose
+            from hydra import initialize_config_dir
 
             from vera_lightning.app import register_configs
             from vera_lightning.app.evaluate import evaluate
@@ -168,8 +169,8 @@ def render(records: list[dict]) -> str:
         if not mine:
             continue
 
-        def stat(key: str, scale: float = 1.0, fmt: str = "{:.1f}") -> str:
-            vals = [r["metrics"][key] * scale for r in mine if key in r["metrics"]]
+        def stat(key: str, fmt: str = "{:.1f}", mine: list = mine) -> str:
+            vals = [r["metrics"][key] for r in mine if key in r["metrics"]]
             if not vals:
                 return "-"
             text = fmt.format(sum(vals) / len(vals))

@@ -29,8 +29,8 @@ import threading
 import time
 from pathlib import Path
 
-from bench_glue_report import END, START, TASKS, render, write_docs
 from bench_app import QUIET, compose, train_lora
+from bench_glue_report import END, START, TASKS, render, write_docs
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -90,8 +90,7 @@ def build_variant(base: nn.Module, name: str, r: int, targets: list[str], inplac
             warnings.simplefilter("ignore")
             model = peft.get_peft_model(model, peft.VeraConfig(r=r, target_modules=targets))
     elif lib == "ours":
-        from vera_lightning import VeraConfig, apply_vera
-        from vera_lightning import set_vera_path
+        from vera_lightning import VeraConfig, apply_vera, set_vera_path
 
         apply_vera(model, VeraConfig(r=r, target_modules=targets))
         set_vera_path(model, path, share=share, memory=memory)

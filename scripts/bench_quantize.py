@@ -205,7 +205,7 @@ def main(argv=None) -> None:
         ref = best.get((model_name, "fp32"))
         for case in args.cases:
             r = best[(model_name, case)]
-            ratio = lambda key: f"{r[key] / ref[key]:.3f}" if ref else "-"  # noqa: E731
+            ratio = lambda key, r=r, ref=ref: f"{r[key] / ref[key]:.3f}" if ref else "-"  # noqa: E731
             lines.append(f"| {model_name} | {case} | {r['model_bytes'] / 2**20:.1f} | {ratio('model_bytes')} | "
                          f"{r['linear_bytes'] / r['fp32_linear_bytes']:.3f} | {r['rss_after_setup_mb']:.0f} | "
                          f"{r['step_peak_rss_mb']:.0f} | "

@@ -21,12 +21,11 @@ import statistics
 import warnings
 
 import torch
+from bench_harness import time_round_robin
 from torch import nn
 
-from vera_lightning import VeraConfig, apply_vera
+from vera_lightning import VeraConfig, apply_vera, set_vera_path
 from vera_lightning.forward.cost import Machine, allowed_paths, path_costs, path_terms
-from vera_lightning import set_vera_path
-from bench_harness import time_round_robin
 
 
 def fit_machine(rows: list[dict], source: str) -> Machine:

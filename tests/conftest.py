@@ -7,7 +7,6 @@ import os
 
 import pytest
 import torch
-
 from helpers.models import TINY_MODELS
 
 

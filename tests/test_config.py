@@ -7,8 +7,8 @@ import warnings
 
 import pytest
 import torch
-
 from helpers.models import MLP
+
 from vera_lightning import VeraConfig, apply_vera
 from vera_lightning.config import BiasMode
 

@@ -9,9 +9,9 @@ import errno
 import os
 
 import pytest
-
 from helpers.app import run_script
 from helpers.models import tiny_opt
+
 from vera_lightning import VeraConfig, apply_vera, save_adapter
 from vera_lightning.app.cli import UserError, user_errors
 

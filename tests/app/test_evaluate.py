@@ -5,11 +5,10 @@ from __future__ import annotations
 import json
 import shutil
 
-
 import pytest
+from helpers.app import SMOKE, compose_app
 from safetensors import safe_open
 
-from helpers.app import SMOKE, compose_app
 from vera_lightning.app.build import build_components
 from vera_lightning.app.data import DEMO_DIR, TextDataModule
 from vera_lightning.app.evaluate import evaluate
@@ -200,10 +199,10 @@ def sft_run(tmp_path_factory):
 
 def test_eval_scores_generations_for_every_prompt_against_all_its_references(sft_run, tmp_path):
     sacrebleu = pytest.importorskip("sacrebleu")
+    from vera_lightning import load_adapter
     from vera_lightning.app import sft
     from vera_lightning.app.generation import GenerateSettings, generate_texts
     from vera_lightning.app.textmetrics import CorpusRougeL
-    from vera_lightning import load_adapter
 
     train_metrics, data_dir = sft_run
     adapter = data_dir / "run" / "adapter"

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-
 import pytest
 import torch
+from helpers.models import tiny_bert
 from hydra import compose, initialize_config_dir
 from safetensors.torch import load_file
 
-from helpers.models import tiny_bert
 from vera_lightning import VeraCallback, VeraConfig
 from vera_lightning.app.finetune import prepare, save_trained
 from vera_lightning.app.module import ClassificationModule

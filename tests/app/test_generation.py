@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers.llm import GEN_CORPUS as CORPUS  # noqa: F401
+from helpers.llm import PROMPTS, byte_tokenizer, tiny_lm
 
 from vera_lightning.app import generation
 from vera_lightning.app.generation import GenerateSettings, generate_texts, stop_token_ids
 
-from helpers.llm import GEN_CORPUS as CORPUS, PROMPTS, byte_tokenizer, tiny_lm  # noqa: F401
 
 @pytest.fixture(scope="module")
 def tok():

@@ -9,12 +9,12 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from helpers.app import compose_app
 from omegaconf import OmegaConf
 from scipy.stats import pearsonr, spearmanr
 from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
 from torch import nn
 
-from helpers.app import compose_app
 from vera_lightning.app.data import build_datamodule, read_split, subsample
 from vera_lightning.app.models import build_model, build_tokenizer
 from vera_lightning.app.module import RegressionModule, build_module

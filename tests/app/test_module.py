@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from helpers.models import tiny_bert, tiny_opt
+
 from vera_lightning import VeraConfig, apply_vera
 from vera_lightning.app.module import CausalLMModule, ClassificationModule, build_module, linear_warmup
 

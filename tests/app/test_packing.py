@@ -6,8 +6,8 @@ import json
 
 import pytest
 import torch
-from helpers.models import tiny_gpt2, tiny_llama, tiny_opt
 from helpers.llm import byte_bpe_tokenizer, sft_cfg
+from helpers.models import tiny_gpt2, tiny_llama, tiny_opt
 from torch.utils.data import RandomSampler
 
 from vera_lightning.app.data import TextDataModule

@@ -5,11 +5,10 @@ from __future__ import annotations
 import csv
 import json
 
-
 import pytest
 import torch
-
 from helpers.app import SMOKE, compose_app
+
 from vera_lightning import load_adapter, unload_vera
 from vera_lightning.app.build import build_components
 from vera_lightning.app.predict import predict

@@ -5,14 +5,14 @@ from __future__ import annotations
 import lightning.pytorch as pl
 import pytest
 import torch
-
 from helpers.app import compose_app
+
 from vera_lightning import VeraCallback, is_quantized, load_adapter
-from vera_lightning.core.lookup import vera_layers
 from vera_lightning.app.data import build_datamodule
 from vera_lightning.app.models import build_model, build_tokenizer
 from vera_lightning.app.module import build_module
 from vera_lightning.app.train import train, vera_config_from
+from vera_lightning.core.lookup import vera_layers
 from vera_lightning.core.qlinear import weight_scheme
 from vera_lightning.ops.quantize import quantized_layers
 

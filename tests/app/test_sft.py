@@ -9,12 +9,12 @@ from pathlib import Path
 
 import pytest
 from helpers.app import compose_app
+from helpers.llm import CHATML, CORPUS, byte_bpe_tokenizer, sft_cfg  # noqa: F401
 from omegaconf import OmegaConf
 
 from vera_lightning.app import sft, sft_tokens
 from vera_lightning.app.data import TextDataModule
 
-from helpers.llm import CHATML, CORPUS, byte_bpe_tokenizer, sft_cfg  # noqa: F401
 
 @pytest.fixture(scope="module")
 def chat_tok():

@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 
 import pytest
+
 from vera_lightning.app.textmetrics import CorpusBLEU, generation_metrics, score_generations
 
 sacrebleu = pytest.importorskip("sacrebleu", reason="sacrebleu (the test extra) is the BLEU/chrF oracle")

@@ -6,11 +6,10 @@ import base64
 import hashlib
 import json
 
-
 import pytest
 import yaml
-
 from helpers.app import SMOKE, compose_app, wandb_records
+
 from vera_lightning.app.train import train
 
 pytest.importorskip("mlflow")

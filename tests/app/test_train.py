@@ -16,9 +16,9 @@ from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
+from vera_lightning.app.models import ModelUnavailableError
 from vera_lightning.app.train import register_configs, train, vera_config_from
 from vera_lightning.config import BiasMode
-from vera_lightning.app.models import ModelUnavailableError
 
 ROOT = Path(__file__).resolve().parents[2]
 CONF = ROOT / "conf"

@@ -5,11 +5,10 @@ from __future__ import annotations
 import csv
 import json
 
-
 import pytest
 import yaml
-
 from helpers.app import SMOKE, compose_app, run_script
+
 from vera_lightning.app.train import train
 
 EPOCHS = [*SMOKE, "trainer.max_steps=-1", "data.max_train_samples=16"]  # 4 steps per epoch

@@ -7,8 +7,8 @@ import json
 import lightning.pytorch as pl
 import pytest
 import torch
-
 from helpers.llm import byte_tokenizer, tiny_lm
+
 from vera_lightning.app import sft
 from vera_lightning.app.data import TextDataModule, subsample
 from vera_lightning.app.generation import GenerateSettings, generate_texts

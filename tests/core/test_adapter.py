@@ -6,9 +6,9 @@ import copy
 
 import pytest
 import torch
+from helpers.models import tiny_mlp, tiny_opt
 from torch import nn
 
-from helpers.models import tiny_mlp, tiny_opt
 from vera_lightning import VeraAdapter, VeraConfig, apply_vera, find_adapter, unload_vera, vera_layers
 from vera_lightning.core.lookup import locate_adapter
 

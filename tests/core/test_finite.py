@@ -9,13 +9,13 @@ import warnings
 
 import pytest
 import torch
+from helpers.files import WEIGHTS, filled_adapter, loaded_value
+from helpers.lightning import TinyOptModule, fit
+from helpers.models import MLP
 from lightning.pytorch.callbacks import ModelCheckpoint
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from helpers.files import WEIGHTS, filled_adapter, loaded_value
-from helpers.lightning import TinyOptModule, fit
-from helpers.models import MLP
 from vera_lightning import VeraCallback, load_adapter, save_adapter
 from vera_lightning.core.finite import NonFiniteError
 from vera_lightning.core.lookup import vera_layers

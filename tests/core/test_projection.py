@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from helpers.models import TINY_MODELS
 from helpers.peft_oracle import adapt_both
+
 from vera_lightning.core.projection import draw_projections
 
 KINDS = list(TINY_MODELS)

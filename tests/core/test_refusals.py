@@ -7,15 +7,20 @@ documented in docs/reliability.md.
 
 from __future__ import annotations
 
-
 import pytest
 import torch
-from torch import nn
-
 from helpers.models import MLP, run, tiny_opt
 from helpers.peft_oracle import peft_vera
+from torch import nn
+
 from vera_lightning import (
-    VeraConfig, apply_vera, load_adapter, merge_vera, save_adapter, unload_vera, unmerge_vera,
+    VeraConfig,
+    apply_vera,
+    load_adapter,
+    merge_vera,
+    save_adapter,
+    unload_vera,
+    unmerge_vera,
 )
 from vera_lightning.core.lookup import vera_layers
 

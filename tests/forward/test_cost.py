@@ -7,14 +7,13 @@ import warnings
 
 import pytest
 import torch
-
 from bench_harness import saved_activation_bytes
 from helpers.models import tiny_opt
 from helpers.peft_oracle import peft_vera
-from vera_lightning import VeraConfig, apply_vera
-from vera_lightning.forward.cost import MACHINES, Machine, allowed_paths, best_path, path_costs, saved_bytes
+
+from vera_lightning import VeraConfig, apply_vera, record_paths, set_vera_path
 from vera_lightning.core.lookup import vera_layers
-from vera_lightning import record_paths, set_vera_path
+from vera_lightning.forward.cost import MACHINES, Machine, allowed_paths, best_path, path_costs, saved_bytes
 
 FLOPS_ONLY = Machine(gemm=1e11, bandwidth=float("inf"), overhead=0.0, source="test")
 

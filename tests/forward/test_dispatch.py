@@ -7,13 +7,12 @@ import warnings
 
 import pytest
 import torch
-from torch import nn
-
 from helpers.models import TINY_MODELS
 from helpers.peft_oracle import peft_layer, peft_vera, randomize_lambdas_
-from vera_lightning import VeraConfig, apply_vera
+from torch import nn
+
+from vera_lightning import VeraConfig, apply_vera, record_paths, set_vera_path
 from vera_lightning.core.lookup import vera_layers
-from vera_lightning import record_paths, set_vera_path
 
 pytestmark = pytest.mark.numerics  # also run under every ATEN_CPU_CAPABILITY by .ci/run
 
@@ -285,7 +284,7 @@ def test_same_input_object_across_steps_is_not_shared_between_passes(requires_gr
             opt.step()
             opt.zero_grad()
     assert fast.vera_projections.siblings.hits == 3  # k reuses q's h within each pass, never across
-    for (name, a), (_, b) in zip(vera_layers(fast), vera_layers(plain)):
+    for (_, a), (_, b) in zip(vera_layers(fast), vera_layers(plain)):
         torch.testing.assert_close(a.vera_lambda_b, b.vera_lambda_b, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(a.vera_lambda_d, b.vera_lambda_d, rtol=1e-5, atol=1e-6)
 

@@ -7,13 +7,12 @@ import warnings
 
 import pytest
 import torch
-from torch import nn
-
 from helpers.models import TINY_MODELS
 from helpers.peft_oracle import peft_layer, peft_vera, randomize_lambdas_
-from vera_lightning import VeraConfig, apply_vera
+from torch import nn
+
+from vera_lightning import VeraConfig, apply_vera, record_paths, set_vera_path
 from vera_lightning.core.lookup import vera_layers
-from vera_lightning import record_paths, set_vera_path
 
 pytestmark = pytest.mark.numerics
 

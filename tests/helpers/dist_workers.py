@@ -10,8 +10,8 @@ import torch.distributed as dist
 from torch import nn
 
 from vera_lightning import VeraConfig, apply_vera
-from vera_lightning.training.distributed import broadcast_projections, exclude_projections_from_ddp
 from vera_lightning.core.lookup import vera_layers
+from vera_lightning.training.distributed import broadcast_projections, exclude_projections_from_ddp
 
 
 def finish(path: str, result: dict) -> None:
@@ -69,9 +69,9 @@ def build_bnnet(seed: int, r: int = 64):
 
 
 def ddp_bytes_worker(rank: int, world: int, port: int, out_dir: str, ignore: bool, steps: int) -> None:
+    import torch.nn.parallel.distributed as ddp_module
     from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
     from torch.nn.parallel import DistributedDataParallel as DDP
-    import torch.nn.parallel.distributed as ddp_module
 
     init(rank, world, port)
     model = build_bnnet(seed=rank)

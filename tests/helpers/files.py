@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import torch
-
 from helpers.models import MLP
+
 from vera_lightning import VeraConfig, apply_vera, load_adapter
 from vera_lightning.core.lookup import vera_layers
 

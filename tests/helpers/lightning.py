@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import lightning.pytorch as pl
 import torch
-from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
-
 from helpers.models import tiny_opt
+from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
 
 class TinyOptModule(pl.LightningModule):

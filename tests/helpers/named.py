@@ -6,8 +6,8 @@ import copy
 import warnings
 
 import torch
-
 from helpers.models import TINY_MODELS
+
 from vera_lightning import VeraConfig, add_adapter, apply_vera, find_adapter
 from vera_lightning.core.lookup import vera_layers
 

@@ -6,6 +6,7 @@ import warnings
 
 import torch
 
+
 def peft_vera(model, **fields):
     """The oracle: PEFT's VeRA on ``model`` (modified in place, as get_peft_model does)."""
     import peft
@@ -35,6 +36,7 @@ def randomize_lambdas_(ours, peft_model, seed: int = 1) -> None:
 def adapt_both(twin, kind: str, **fields):
     """The same tiny model adapted by us and by PEFT with the same fields: ``(ours, theirs)``."""
     from helpers.models import TINY_MODELS
+
     from vera_lightning import VeraConfig, apply_vera
 
     base, other = twin(kind)

@@ -9,11 +9,11 @@ import warnings
 
 import pytest
 import torch
+from helpers.models import model_inputs, run, tiny_bert, tiny_gpt2, tiny_opt
+from helpers.peft_oracle import peft_vera
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from helpers.models import model_inputs, run, tiny_bert, tiny_gpt2, tiny_opt
-from helpers.peft_oracle import peft_vera
 from vera_lightning import VeraConfig, apply_vera, load_adapter, save_adapter, unload_vera
 from vera_lightning.core.lookup import vera_layers
 

@@ -15,9 +15,9 @@ import time
 from pathlib import Path
 
 import pytest
-
 from helpers.files import WEIGHTS, filled_adapter, loaded_value
 from helpers.models import MLP
+
 from vera_lightning import load_adapter, save_adapter
 from vera_lightning.io import atomic
 

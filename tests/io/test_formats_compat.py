@@ -12,9 +12,9 @@ from pathlib import Path
 import lightning.pytorch as pl
 import pytest
 import torch
+from helpers.lightning import TinyOptModule, trainer_kwargs
 from safetensors.torch import load_file
 
-from helpers.lightning import TinyOptModule, trainer_kwargs
 from vera_lightning import VeraCallback, load_adapter
 from vera_lightning.core.lookup import vera_layers
 

@@ -9,9 +9,9 @@ import warnings
 
 import pytest
 import torch
-
 from helpers.models import run
 from helpers.named import multi_adapter_model
+
 from vera_lightning import export_lora, find_adapter, set_adapter
 from vera_lightning.core.lookup import vera_layers
 from vera_lightning.io.lora_export import lora_factors

@@ -7,10 +7,10 @@ import warnings
 
 import pytest
 import torch
-from torch import nn
-
 from helpers.models import TINY_MODELS, random_lambdas_, run, tiny_bert, tiny_gpt2, tiny_mlp, tiny_opt
 from helpers.peft_oracle import adapt_both
+from torch import nn
+
 from vera_lightning import VeraConfig, apply_vera, count_parameters, unload_vera
 from vera_lightning.core.lookup import vera_layers
 

@@ -8,13 +8,23 @@ import warnings
 import lightning.pytorch as pl
 import pytest
 import torch
-
-from helpers.models import TINY_MODELS, model_inputs, run, tiny_opt
 from helpers.lightning import TinyOptModule, snapshot, trainer_kwargs
-from helpers.named import NAMES, named_config, multi_adapter_model, randomize_named
+from helpers.models import TINY_MODELS, model_inputs, run, tiny_opt
+from helpers.named import NAMES, multi_adapter_model, named_config, randomize_named
+
 from vera_lightning import (
-    VeraCallback, VeraConfig, add_adapter, apply_vera, delete_adapter, disable_adapter, find_adapter, load_adapter,
-    merge_vera, save_adapter, set_adapter, unmerge_vera,
+    VeraCallback,
+    VeraConfig,
+    add_adapter,
+    apply_vera,
+    delete_adapter,
+    disable_adapter,
+    find_adapter,
+    load_adapter,
+    merge_vera,
+    save_adapter,
+    set_adapter,
+    unmerge_vera,
 )
 from vera_lightning.core.lookup import vera_layers
 

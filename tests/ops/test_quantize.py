@@ -8,8 +8,18 @@ from helpers.models import model_inputs, tiny_bert, tiny_gpt2, tiny_opt
 from torch import nn
 
 from vera_lightning import (
-    VeraConfig, apply_vera, dequantize_base, is_quantized, load_adapter, merge_vera, model_bytes, quantize_base,
-    record_paths, save_adapter, set_vera_path, unload_vera,
+    VeraConfig,
+    apply_vera,
+    dequantize_base,
+    is_quantized,
+    load_adapter,
+    merge_vera,
+    model_bytes,
+    quantize_base,
+    record_paths,
+    save_adapter,
+    set_vera_path,
+    unload_vera,
 )
 from vera_lightning.core.lookup import vera_layers
 from vera_lightning.core.qlinear import QuantizedLinear, dequantize_weight, tensor_bytes, weight_scheme

@@ -15,12 +15,21 @@ import warnings
 
 import pytest
 import torch
+from helpers.peft_oracle import peft_layer, peft_vera
 from safetensors.torch import load_file
 
-from helpers.peft_oracle import peft_layer, peft_vera
 from vera_lightning import (
-    VeraConfig, apply_vera, export_lora, is_quantized, load_adapter, merge_vera, quantize_base, save_adapter,
-    unload_vera, unmerge_vera, vera_layers,
+    VeraConfig,
+    apply_vera,
+    export_lora,
+    is_quantized,
+    load_adapter,
+    merge_vera,
+    quantize_base,
+    save_adapter,
+    unload_vera,
+    unmerge_vera,
+    vera_layers,
 )
 
 pytestmark = pytest.mark.numerics

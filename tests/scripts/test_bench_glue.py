@@ -10,7 +10,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from bench_glue_report import END, START, table
 
 ROOT = Path(__file__).resolve().parents[2]

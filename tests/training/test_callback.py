@@ -8,9 +8,9 @@ import warnings
 import lightning.pytorch as pl
 import pytest
 import torch
+from helpers.lightning import TinyOptModule, snapshot, trainer_kwargs
 from lightning.pytorch.demos.boring_classes import BoringModel
 
-from helpers.lightning import TinyOptModule, snapshot, trainer_kwargs
 from vera_lightning import VeraCallback, VeraConfig, apply_vera
 from vera_lightning.core.lookup import vera_layers
 

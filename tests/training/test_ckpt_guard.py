@@ -9,10 +9,10 @@ import warnings
 
 import pytest
 import torch
+from helpers.lightning import TinyOptModule, fit
+from helpers.models import tiny_opt
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
-from helpers.models import tiny_opt
-from helpers.lightning import TinyOptModule, fit
 from vera_lightning import VeraCallback
 from vera_lightning.core.lookup import vera_layers
 

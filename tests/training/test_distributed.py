@@ -5,11 +5,10 @@ from __future__ import annotations
 import json
 import socket
 
+import helpers.dist_workers as W
 import pytest
 import torch
 import torch.multiprocessing as mp
-
-import helpers.dist_workers as W
 
 pytestmark = pytest.mark.distributed
 WORLD = 2

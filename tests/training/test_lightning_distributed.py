@@ -7,10 +7,10 @@ import json
 import lightning.pytorch as pl
 import pytest
 import torch
+from helpers.lightning_dist import CONFIG, PerturbRank1, Recorder, RegressionModule
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.strategies import DDPStrategy
 
-from helpers.lightning_dist import CONFIG, PerturbRank1, Recorder, RegressionModule
 from vera_lightning import VeraCallback, VeraConfig
 
 pytestmark = pytest.mark.distributed

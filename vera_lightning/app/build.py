@@ -20,9 +20,9 @@ from torch import nn
 from vera_lightning import VeraConfig
 from vera_lightning.app.data import TextDataModule, build_datamodule
 from vera_lightning.app.models import build_model, build_tokenizer, resolve_path
+from vera_lightning.app.module import VeraTaskModule, build_module
 from vera_lightning.app.packing import check_packing
 from vera_lightning.app.sft import check_max_length, position_limit
-from vera_lightning.app.module import VeraTaskModule, build_module
 
 __all__ = [
     "Components", "register_configs", "vera_config_from", "check_task", "check_head_trains", "instantiate_dict",

@@ -18,8 +18,8 @@ import math
 from typing import Any, Mapping, Optional
 
 import lightning.pytorch as pl
-from lightning.pytorch.strategies import FSDPStrategy
 import torch
+from lightning.pytorch.strategies import FSDPStrategy
 from omegaconf import OmegaConf
 from torch import nn
 from torch.distributed.fsdp import FullyShardedDataParallel

@@ -34,13 +34,13 @@ from __future__ import annotations
 
 import csv
 import json
-from pathlib import Path
 from functools import partial
+from pathlib import Path
 from typing import IO, Any, Iterator, Mapping, NamedTuple, Optional, Union
 
 import torch
-from torch import nn
 from omegaconf import DictConfig, OmegaConf
+from torch import nn
 from tqdm.auto import tqdm
 
 from vera_lightning.app import sft

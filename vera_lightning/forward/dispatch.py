@@ -28,7 +28,7 @@ Every path reads the active adapter's λ's through ``layer.lambdas()``.
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Callable
 
 import torch
 import torch.nn.functional as F

@@ -12,7 +12,6 @@ import stat
 import zipfile
 from typing import Any
 
-
 __all__ = ["check_checkpoint_file", "guard_checkpoint_loading"]
 
 

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
+import torch
+import torch.distributed as dist
 from lightning.pytorch.strategies import (
     DDPStrategy,
     FSDPStrategy,
@@ -24,8 +26,6 @@ from lightning.pytorch.strategies import (
     SingleDeviceStrategy,
     Strategy,
 )
-import torch
-import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
