@@ -66,7 +66,7 @@ def test_checkpointing_keeps_lambda_gradients(kind, reentrant, path, share, seq,
     ref = set_vera_path(_adapted(kind), path, share=share)
     gc = _checkpointed(ref, reentrant)
     ids = torch.randint(0, 96, (2, seq), generator=torch.Generator().manual_seed(3))
-    for _step in range(3):  # step 0 learns the sibling groups, later steps use them (merged: one node per group)
+    for _pass in range(3):  # step 0 learns the sibling groups, later steps use them (merged: one node per group)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # reentrant + frozen embeddings: the guard fixes it and says so
             g_ref, paths_ref = _step(ref, ids)
