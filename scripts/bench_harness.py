@@ -62,7 +62,8 @@ def build_base(shape: BenchShape, dtype: torch.dtype, device: str, seed: int = 0
 
     cfg = OPTConfig(
         vocab_size=shape.vocab, hidden_size=shape.hidden, num_hidden_layers=shape.layers, ffn_dim=shape.ffn,
-        num_attention_heads=shape.heads, word_embed_proj_dim=shape.hidden, max_position_embeddings=max(2048, shape.seq_len),
+        num_attention_heads=shape.heads, word_embed_proj_dim=shape.hidden,
+        max_position_embeddings=max(2048, shape.seq_len),
         dropout=0.0, attention_dropout=0.0, activation_dropout=0.0, layerdrop=0.0,
     )
     torch.manual_seed(seed)
@@ -177,6 +178,7 @@ def summarize(times: dict[str, list[float]], ref: str = "floor") -> dict[str, di
             ratios = [t / f for t, f in zip(ts, times[ref])]
             row["ratio_to_floor"] = statistics.median(ratios)
             row["overhead_s"] = statistics.median([t - f for t, f in zip(ts, times[ref])])
-            row["ratio_spread"] = (statistics.quantiles(ratios, n=4, method="inclusive")[::2] if len(ratios) > 1 else [ratios[0]] * 2)
+            row["ratio_spread"] = (statistics.quantiles(ratios, n=4, method="inclusive")[::2] if len(ratios) > 1
+                                   else [ratios[0]] * 2)
         out[n] = row
     return out

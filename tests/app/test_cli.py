@@ -43,7 +43,8 @@ def test_mismatched_adapter(tmp_path):
 
 def test_bad_option_value_and_bad_trainer_key(tmp_path):
     proc = run_script("train", *SMOKE, "optim.lr=-1", cwd=tmp_path)
-    _fails_cleanly(proc, "Error: Invalid configuration:", "optim.lr=-1: must be a finite number > 0")  # checked at startup
+    # checked at startup
+    _fails_cleanly(proc, "Error: Invalid configuration:", "optim.lr=-1: must be a finite number > 0")
     proc = run_script("train", *SMOKE, "+trainer.no_such_option=1", cwd=tmp_path)
     _fails_cleanly(proc, "Error in call to target 'lightning.pytorch.trainer.trainer.Trainer'", "no_such_option")
 

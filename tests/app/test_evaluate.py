@@ -117,7 +117,8 @@ def test_mismatched_adapter_gives_one_message_naming_both_sides(smoke_run, tmp_p
         _eval(tmp_path, *SMOKE, *wider, f"adapter={run_dir / 'adapter'}")
     message = str(info.value)
     assert message.startswith(f"adapter='{run_dir / 'adapter'}' cannot be used with model=tiny_opt")
-    assert "shape of base_model.model.model.decoder.layers.0.self_attn.q_proj.vera_lambda_b: adapter (32,), model (64,)" in message
+    assert ("shape of base_model.model.model.decoder.layers.0.self_attn.q_proj.vera_lambda_b: "
+            "adapter (32,), model (64,)") in message
     assert "Pass the model= (and data=) options the adapter was trained with" in message
     with pytest.raises(ValueError) as info:
         _eval(tmp_path, *SMOKE, *wider, f"adapter={run_dir / 'checkpoints' / 'last.ckpt'}")

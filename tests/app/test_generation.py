@@ -27,7 +27,8 @@ def alone(model, tok, prompt, seed=None, **settings):
     ids = tok(prompt, return_tensors="pt")["input_ids"]
     if seed is not None:
         torch.manual_seed(seed)
-    out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), pad_token_id=0, eos_token_id=[1], **settings)
+    out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), pad_token_id=0, eos_token_id=[1],
+                         **settings)
     return tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
 
 
@@ -83,7 +84,8 @@ def test_stop_at_eos_and_the_stop_ids(tok):
     assert stop_token_ids(model, tok) == [1]
     handle = model.lm_head.register_forward_hook(lambda m, i, out: out.index_fill(-1, torch.tensor([1]), 1e4))
     try:
-        assert list(generate_texts(model, tok, PROMPTS[:2], GenerateSettings(max_new_tokens=5, progress=False))) == ["", ""]
+        assert list(generate_texts(model, tok, PROMPTS[:2],
+                                   GenerateSettings(max_new_tokens=5, progress=False))) == ["", ""]
         out = model.generate(input_ids=tok(PROMPTS[0], return_tensors="pt")["input_ids"], max_new_tokens=5,
                              eos_token_id=[1], pad_token_id=0)
         assert out.shape[1] == len(tok(PROMPTS[0])["input_ids"]) + 1  # one token: the EOS
@@ -118,9 +120,9 @@ def test_a_prompt_that_does_not_fit_the_positions_is_refused_before_any_work(tok
     monkeypatch.setattr(model, "generate", lambda **kw: pytest.fail("generated before checking"))
     long = "Hello there, how are you? I am fine. " * 3
     n = len(tok(long)["input_ids"])
-    with pytest.raises(ValueError, match=rf"prompt 1 has {n} tokens and generate.max_new_tokens=16: {n + 16} positions, "
-                                         rf"but the model has 32 \(config.max_position_embeddings\). Lower "
-                                         rf"generate.max_new_tokens to at most {32 - n}, shorten the prompts"):
+    with pytest.raises(ValueError, match=rf"prompt 1 has {n} tokens and generate.max_new_tokens=16: {n + 16} "
+                                         rf"positions, but the model has 32 \(config.max_position_embeddings\). "
+                                         rf"Lower generate.max_new_tokens to at most {32 - n}, shorten the prompts"):
         generate_texts(model, tok, ["a", long], GenerateSettings(max_new_tokens=16, progress=False))
     with pytest.raises(ValueError, match=r"prompt\(s\) \[1\] have no tokens"):
         generate_texts(model, tok, ["a", ""], GenerateSettings(progress=False))

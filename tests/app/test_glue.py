@@ -107,7 +107,8 @@ def test_regression_loss_and_metrics_against_a_hand_computation(make_cfg, tokeni
             assert batch["labels"].dtype == torch.float32
             out = model(**batch)
             assert out.logits.shape == (len(batch["labels"]), 1)
-            hand = sum((float(p) - float(y)) ** 2 for p, y in zip(out.logits[:, 0], batch["labels"])) / len(batch["labels"])
+            hand = sum((float(p) - float(y)) ** 2
+                       for p, y in zip(out.logits[:, 0], batch["labels"])) / len(batch["labels"])
             assert out.loss.item() == pytest.approx(hand, rel=1e-5)
             module.validation_step(batch, 0)
             preds += out.logits[:, 0].tolist()

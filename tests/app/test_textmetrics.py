@@ -9,7 +9,8 @@ import pytest
 from vera_lightning.app.textmetrics import CorpusBLEU, generation_metrics, score_generations
 
 sacrebleu = pytest.importorskip("sacrebleu", reason="sacrebleu (the test extra) is the BLEU/chrF oracle")
-rouge_scorer = pytest.importorskip("rouge_score.rouge_scorer", reason="rouge-score (the test extra) is the ROUGE oracle")
+rouge_scorer = pytest.importorskip("rouge_score.rouge_scorer",
+                                   reason="rouge-score (the test extra) is the ROUGE oracle")
 
 # E2E-like outputs with 1-3 references each, plus the cases where implementations part ways: an empty
 # generation, one sharing no character with its references, a hypothesis exactly between a shorter and a

@@ -161,7 +161,8 @@ def test_task_mismatch_names_the_fix(make_cfg):
 
 
 def test_frozen_fresh_classification_head_is_refused(make_cfg):
-    with pytest.raises(ValueError, match=r"vera.modules_to_save=None: .* classification head.*model.modules_to_save=\[classifier\]"):
+    with pytest.raises(ValueError, match=r"vera.modules_to_save=None: .* classification head"
+                                         r".*model.modules_to_save=\[classifier\]"):
         train(make_cfg("model.modules_to_save=null", "data.max_train_samples=8", "data.max_val_samples=8"))
 
 
@@ -194,7 +195,8 @@ def test_every_entry_point_scores_runs_on_the_same_objective(entry, tmp_path):
     from helpers.app import compose_app
 
     extra = ["input=x.txt"] if entry == "predict" else []
-    expected = {(): ("val/acc", "max"), ("data=stsb",): ("val/pearson", "max"), ("model=tiny_opt",): ("val/loss", "min"),
+    expected = {(): ("val/acc", "max"), ("data=stsb",): ("val/pearson", "max"),
+                ("model=tiny_opt",): ("val/loss", "min"),
                 ("experiment=glue_minilm", "data=cola"): ("val/mcc", "max"),
                 ("optimized_metric=val/f1",): ("val/f1", "max")}
     for overrides, objective in expected.items():
@@ -212,7 +214,8 @@ def test_ddp_and_slurm_configs_compose(make_cfg):
     assert (launcher.nodes, launcher.tasks_per_node) == (2, 2)  # wired to trainer.num_nodes / devices
     plain = make_cfg("hydra/launcher=submitit_slurm", return_hydra_config=True).hydra.launcher
     assert plain._target_.endswith("SlurmLauncher")
-    assert make_cfg("hydra/launcher=joblib", return_hydra_config=True).hydra.launcher._target_.endswith("JoblibLauncher")
+    assert (make_cfg("hydra/launcher=joblib", return_hydra_config=True)
+            .hydra.launcher._target_.endswith("JoblibLauncher"))
     trainer = instantiate(make_cfg("trainer=ddp", "trainer.accelerator=cpu").trainer, logger=False)
     assert isinstance(trainer.strategy, DDPStrategy) and trainer.num_devices == 2
     assert make_cfg("trainer=gpu").trainer.precision == "bf16-mixed"

@@ -62,7 +62,8 @@ def test_several_adapters_in_one_model_are_refused():
     model = Two()
     apply_vera(model.a, VeraConfig(r=4, target_modules=["fc1"]))
     apply_vera(model.b, VeraConfig(r=4, target_modules=["fc1"]))
-    with pytest.raises(ValueError, match=r"holds 2 separate VeRA adapters \(\['a.vera_projections', 'b.vera_projections'\]\)"):
+    with pytest.raises(ValueError, match=r"holds 2 separate VeRA adapters "
+                                         r"\(\['a.vera_projections', 'b.vera_projections'\]\)"):
         find_adapter(model)
 
 

@@ -192,7 +192,8 @@ def test_half_precision_fast_path(dtype, path):
     emb = _embeds(ours, "llama", dtype)
     out_f, g_f, gx_f = _grads(ours, "llama", emb.detach().clone().requires_grad_(True), list(vera_layers(ours)))
     out_t, g_t, gx_t = _grads(theirs, "llama", emb.detach().clone().requires_grad_(True), _peft_named(theirs, names))
-    out_r, g_r, gx_r = _grads(reference, "llama", emb.detach().float().requires_grad_(True), list(vera_layers(reference)))
+    out_r, g_r, gx_r = _grads(reference, "llama", emb.detach().float().requires_grad_(True),
+                              list(vera_layers(reference)))
     assert out_f.dtype == dtype and torch.equal(out_f, out_t)  # forward stays bit-identical to PEFT
     assert ours.vera_projections.siblings.hits == 6
     # PEFT sums the siblings' input gradients in half precision, we in float32 then round once.

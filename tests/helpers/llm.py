@@ -42,7 +42,8 @@ def sft_cfg(data_dir, **overrides):
 
 
 
-GEN_CORPUS = ["name[The Eagle], food[French], area[riverside]", "The Eagle is a French restaurant by the riverside.\nYes.",
+GEN_CORPUS = ["name[The Eagle], food[French], area[riverside]",
+              "The Eagle is a French restaurant by the riverside.\nYes.",
           "Hello there, how are you? I am fine."]
 PROMPTS = ["name[The Eagle]", "Hello there, how are you? I am fine. The Eagle is", "a",
            "food[French], area[riverside] and a longer prompt", "The Eagle"]
@@ -68,8 +69,8 @@ def tiny_lm(kind: str, vocab: int, positions: int = 128):
     torch.manual_seed(0)
     ids = {"eos_token_id": 1, "pad_token_id": 0, "bos_token_id": None}
     if kind == "llama":
-        return LlamaForCausalLM(LlamaConfig(vocab_size=vocab, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                                            num_key_value_heads=2, intermediate_size=96,
+        return LlamaForCausalLM(LlamaConfig(vocab_size=vocab, hidden_size=64, num_hidden_layers=2,
+                                            num_attention_heads=4, num_key_value_heads=2, intermediate_size=96,
                                             max_position_embeddings=positions, **ids)).eval()
     return OPTForCausalLM(OPTConfig(vocab_size=vocab, hidden_size=32, num_hidden_layers=2, ffn_dim=64,
                                     num_attention_heads=4, max_position_embeddings=positions, word_embed_proj_dim=32,

@@ -200,7 +200,8 @@ def test_seed_only_adapter_with_disagreeing_projections(saved):
     torch.manual_seed(0)
     model = tiny_opt()
     before = _snapshot(model)
-    with pytest.raises(ValueError, match=r"regenerated from projection_prng_key=1 differ .*checksum recorded at save time"):
+    with pytest.raises(ValueError,
+                       match=r"regenerated from projection_prng_key=1 differ .*checksum recorded at save time"):
         load_adapter(model, saved / "seed")
     assert _unchanged(model, before) and not list(vera_layers(model))
 
@@ -221,7 +222,8 @@ def test_seed_only_adapter_loads(saved):
 
 
 @pytest.mark.parametrize("case,match", [
-    ("shapes", r"shape of base_model.model.model.decoder.layers.0.self_attn.q_proj.vera_lambda_b: adapter \(32,\), model \(48,\)"),
+    ("shapes", r"shape of base_model.model.model.decoder.layers.0.self_attn.q_proj.vera_lambda_b: "
+               r"adapter \(32,\), model \(48,\)"),
     ("targets", r"(?s)lacks .*k_proj.vera_lambda_b.*no place in the model .*v_proj.vera_lambda_b"),
     ("r", r"r: the adapter has r=8 but the model was adapted with 16"),
     ("nothing-matches", r"target layers: .*matches no nn.Linear/Conv1D.*Candidate layer names"),

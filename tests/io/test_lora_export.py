@@ -86,7 +86,8 @@ def test_rank_k_is_the_best_approximation_from_thin_factors(tmp_path, k):
         delta = _delta(layer, "task_b")
         u, s, vh = torch.linalg.svd(delta, full_matrices=False)
         best = (u[:, :k] * s[:k]) @ vh[:k]
-        ours = tensors[f"base_model.model.{name}.lora_B.weight"].double() @ tensors[f"base_model.model.{name}.lora_A.weight"].double()
+        ours = (tensors[f"base_model.model.{name}.lora_B.weight"].double()
+                @ tensors[f"base_model.model.{name}.lora_A.weight"].double())
         assert tensors[f"base_model.model.{name}.lora_A.weight"].shape == (k, layer.in_features)
         assert (ours - best).norm() <= 1e-6 * delta.norm()
         tail, total = s[k:].square().sum().item(), s.square().sum().item()

@@ -172,7 +172,8 @@ def test_beam_search_and_wrong_row_counts_are_refused():
 def test_bad_names_states_and_grad_are_refused():
     _, model, _ = multi_adapter_model("opt")
     ids = torch.randint(3, 96, (2, 5))
-    with pytest.raises(ValueError, match=r"unknown adapter name\(s\) 'nope', 3; the model holds \['default', 'task_b', 'task_c'\]"):
+    with pytest.raises(ValueError, match=r"unknown adapter name\(s\) 'nope', 3; "
+                                         r"the model holds \['default', 'task_b', 'task_c'\]"):
         with adapter_batch(model, ["nope", 3]):
             pass
     with pytest.raises(ValueError, match="names is empty"):

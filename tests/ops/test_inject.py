@@ -78,7 +78,8 @@ def test_apply_twice_is_a_no_op_and_a_different_config_is_refused():
     assert apply_vera(model, VeraConfig(r=8, target_modules=["v_proj", "q_proj"])) is model
     assert model.model.decoder.layers[0].self_attn.q_proj is layer and model.vera_projections is projections
     assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
-    with pytest.raises(ValueError, match=r"already carries VeRA with a different config \(option: \(model, given\)\) \{'r': \(8, 16\)\}"):
+    with pytest.raises(ValueError, match=r"already carries VeRA with a different config "
+                                         r"\(option: \(model, given\)\) \{'r': \(8, 16\)\}"):
         apply_vera(model, VeraConfig(r=16, target_modules=["q_proj", "v_proj"]))
 
 

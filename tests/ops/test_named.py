@@ -142,7 +142,8 @@ def test_training_one_adapter_leaves_the_others_bit_identical():
     model.train()
     set_adapter(model, "task_b")
     trainable = sorted(n for n, p in model.named_parameters() if p.requires_grad)
-    expected = sorted(f"{n}.{a}" for n, _ in vera_layers(model) for a in ("vera_lambda_b_task_b", "vera_lambda_d_task_b"))
+    expected = sorted(f"{n}.{a}" for n, _ in vera_layers(model)
+                      for a in ("vera_lambda_b_task_b", "vera_lambda_d_task_b"))
     assert trainable == expected
     before = snapshot(model)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.1)
@@ -293,7 +294,8 @@ def test_unknown_invalid_and_colliding_names():
     before = snapshot(model)
     for call in (lambda: set_adapter(model, "nope"), lambda: delete_adapter(model, "nope"),
                  lambda: save_adapter(model, "/tmp/never-written", adapter_name="nope")):
-        with pytest.raises(ValueError, match=r"no VeRA adapter named 'nope'; the model holds \['default', 'task_b', 'task_c'\]"):
+        with pytest.raises(ValueError, match=r"no VeRA adapter named 'nope'; "
+                                             r"the model holds \['default', 'task_b', 'task_c'\]"):
             call()
     with pytest.raises(ValueError, match="already holds an adapter named 'task_b'"):
         add_adapter(model, "task_b", named_config("opt"))
@@ -355,7 +357,8 @@ def test_load_refuses_files_whose_projections_or_shapes_do_not_fit(tmp_path):
     torch.manual_seed(0)
     bigger = apply_vera(tiny_opt(hidden=64), named_config("opt"))
     save_adapter(bigger, tmp_path / "big")
-    with pytest.raises(ValueError, match=r"(?s)load_adapter\(.*adapter_name='big'\) refused.*shape of base_model.vera_A"):
+    with pytest.raises(ValueError,
+                       match=r"(?s)load_adapter\(.*adapter_name='big'\) refused.*shape of base_model.vera_A"):
         load_adapter(model, tmp_path / "big", adapter_name="big")
     torch.manual_seed(0)
     other_r = apply_vera(tiny_opt(), named_config("opt", r=4))

@@ -287,7 +287,8 @@ def test_merge_is_refused_and_dequantize_then_unload_exports_the_trained_model(s
 # ---------------------------------------------------------------- what is (not) quantized
 def test_default_selection_and_idempotence():
     torch.manual_seed(0)
-    model = apply_vera(tiny_bert(HIDDEN), VeraConfig(r=16, target_modules=["query", "value"], modules_to_save=["classifier"]))
+    model = apply_vera(tiny_bert(HIDDEN),
+                       VeraConfig(r=16, target_modules=["query", "value"], modules_to_save=["classifier"]))
     embeddings = model.bert.embeddings.word_embeddings.weight
     quantize_base(model, "nf4")
     layers = quantized_layers(model)
@@ -335,7 +336,8 @@ def test_clear_errors_before_anything_changes():
     assert not is_quantized(model)
 
     merged = merge_vera(apply_vera(_opt(), _cfg()))
-    with pytest.raises(ValueError, match=r"(?s)nothing was changed.*merged into the weight; unmerge_vera\(model\) first"):
+    with pytest.raises(ValueError,
+                       match=r"(?s)nothing was changed.*merged into the weight; unmerge_vera\(model\) first"):
         quantize_base(merged, "nf4")
     assert not is_quantized(merged)
 

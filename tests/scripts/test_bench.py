@@ -28,7 +28,8 @@ def test_quick_bench_writes_every_number(tmp_path, capsys):
     rows = case["variants"]
     assert set(rows) == {"floor", "peft", "ours", "ours-plain"}
     for row in rows.values():
-        assert {"median_s", "p25_s", "p75_s", "ratio_to_floor", "overhead_s", "saved_bytes", "saved_over_floor"} <= set(row)
+        assert {"median_s", "p25_s", "p75_s", "ratio_to_floor", "overhead_s", "saved_bytes",
+                "saved_over_floor"} <= set(row)
         assert row["median_s"] > 0
     assert rows["floor"]["saved_over_floor"] == 0 and rows["floor"]["ratio_to_floor"] == 1.0
     assert rows["peft"]["saved_over_floor"] > 0

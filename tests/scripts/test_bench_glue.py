@@ -31,7 +31,8 @@ def test_ci_sized_run_writes_table_plot_and_docs_and_completes_across_sittings(t
     first = subprocess.run([*args[:2], "--limit", "3", *args[2:]], cwd=ROOT, env=env, capture_output=True,
                            text=True, timeout=600)
     assert first.returncode == 0, first.stderr[-3000:]
-    assert first.stdout.count("queued") == 3 and "Not yet measured (1 runs): STS-B lora_r8 seeds [0]" in docs.read_text()
+    assert (first.stdout.count("queued") == 3
+            and "Not yet measured (1 runs): STS-B lora_r8 seeds [0]" in docs.read_text())
     assert "--limit" not in docs.read_text().split("Complete the table")[1]  # the command runs everything missing
     second = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert second.returncode == 0, second.stderr[-3000:]

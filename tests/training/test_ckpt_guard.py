@@ -20,7 +20,8 @@ TARGETS = ["q_proj", "v_proj"]
 
 
 def _lambdas(module):
-    return {f"{n}.{k}": p.detach().clone() for n, layer in vera_layers(module) for k, p in layer.adapter_params().items()}
+    return {f"{n}.{k}": p.detach().clone()
+            for n, layer in vera_layers(module) for k, p in layer.adapter_params().items()}
 
 
 # ---------------------------------------------------------------------- slim resume checks (item 5)

@@ -70,7 +70,8 @@ def test_bytes_per_step_are_the_trainable_gradients_only(ddp_fit):
 def test_resumed_ddp_run_from_slim_checkpoint_continues_identically(tmp_path):
     straight = tmp_path / "straight"
     straight.mkdir()
-    _trainer(straight, [VeraCallback(VeraConfig(**CONFIG)), Recorder(str(straight))], max_epochs=2).fit(RegressionModule())
+    _trainer(straight, [VeraCallback(VeraConfig(**CONFIG)), Recorder(str(straight))],
+             max_epochs=2).fit(RegressionModule())
     first = tmp_path / "first"
     first.mkdir()
     ckpt = ModelCheckpoint(dirpath=str(first), save_last=True)
@@ -80,7 +81,8 @@ def test_resumed_ddp_run_from_slim_checkpoint_continues_identically(tmp_path):
     assert not any(k.endswith(".weight") and "vera" not in k for k in saved["state_dict"])  # slim
     resumed = tmp_path / "resumed"
     resumed.mkdir()
-    _trainer(resumed, [VeraCallback(VeraConfig(**CONFIG)), Recorder(str(resumed))], max_epochs=2).fit(RegressionModule(), ckpt_path=str(last))
+    _trainer(resumed, [VeraCallback(VeraConfig(**CONFIG)), Recorder(str(resumed))],
+             max_epochs=2).fit(RegressionModule(), ckpt_path=str(last))
     a, b = _ranks(straight), _ranks(resumed)
     assert a[0]["lambdas"] == b[0]["lambdas"] and b[0]["lambdas"] == b[1]["lambdas"]
 

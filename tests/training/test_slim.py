@@ -26,7 +26,8 @@ TARGETS = ["q_proj", "v_proj"]
 
 
 def _lambdas(module):
-    return {f"{n}.{k}": p.detach().clone() for n, layer in vera_layers(module) for k, p in layer.adapter_params().items()}
+    return {f"{n}.{k}": p.detach().clone()
+            for n, layer in vera_layers(module) for k, p in layer.adapter_params().items()}
 
 
 def _fit(tmp_path, module, ckpt_path=None, callbacks=(), **kw):
@@ -67,7 +68,8 @@ def test_ckpt_holds_adapter_only_and_resumes_bit_exactly(tmp_path, shuffle, epoc
     assert trainer2.global_step == trainer.global_step == 8
     expected, got = _lambdas(module), _lambdas(resumed)
     assert all(torch.equal(got[k], expected[k]) for k in expected)
-    assert trainer2.lr_scheduler_configs[0].scheduler.get_last_lr() == trainer.lr_scheduler_configs[0].scheduler.get_last_lr()
+    assert (trainer2.lr_scheduler_configs[0].scheduler.get_last_lr()
+            == trainer.lr_scheduler_configs[0].scheduler.get_last_lr())
     state_a, state_b = trainer.optimizers[0].state_dict()["state"], trainer2.optimizers[0].state_dict()["state"]
     assert all(torch.equal(state_a[i]["exp_avg_sq"], state_b[i]["exp_avg_sq"]) for i in state_a)
     base_a = {k: v for k, v in module.state_dict().items() if k not in lambda_keys}
@@ -78,7 +80,8 @@ def test_ckpt_holds_adapter_only_and_resumes_bit_exactly(tmp_path, shuffle, epoc
 def test_resume_without_the_callback_fails_loudly(tmp_path, epoch_run):
     _, _, ckpt_dir = epoch_run
     with pytest.raises(RuntimeError, match=r"Unexpected key\(s\) in state_dict: .*vera_lambda"):
-        _fit(tmp_path / "b", TinyOptModule(with_scheduler=True), ckpt_path=ckpt_dir / "epoch=0-step=4.ckpt", max_epochs=2)
+        _fit(tmp_path / "b", TinyOptModule(with_scheduler=True), ckpt_path=ckpt_dir / "epoch=0-step=4.ckpt",
+             max_epochs=2)
 
 
 def test_resume_with_other_config_refused_before_loading(tmp_path, epoch_run):
@@ -166,7 +169,8 @@ def test_validate_from_slim_checkpoint(tmp_path, epoch_run):
     assert all(torch.equal(got[k], expected[k]) for k in expected)
     ids = next(iter(fresh.val_dataloader()))[0]
     with torch.no_grad():
-        assert metrics["val_loss"] == pytest.approx(module.model.eval()(input_ids=ids, labels=ids).loss.item(), abs=1e-6)
+        assert metrics["val_loss"] == pytest.approx(module.model.eval()(input_ids=ids, labels=ids).loss.item(),
+                                                    abs=1e-6)
 
 
 @pytest.mark.parametrize("slim", [True, False])

@@ -76,7 +76,8 @@ def resolve_adapter(value: Any) -> AdapterSource:
         if (path / "config.json").is_file():
             return AdapterSource("merged", path)
         listing = sorted(p.name for p in path.iterdir())[:6]
-        raise ValueError(f"adapter={str(value)!r} is a directory holding {listing}, none of which it needs. {_KINDS_HINT}.")
+        raise ValueError(f"adapter={str(value)!r} is a directory holding {listing}, "
+                         f"none of which it needs. {_KINDS_HINT}.")
     if path.suffix == ".ckpt":
         return AdapterSource("checkpoint", path)
     raise ValueError(f"adapter={str(value)!r} is a file but not a .ckpt. {_KINDS_HINT}.")
@@ -103,12 +104,14 @@ def _training_overrides(path: Path) -> Optional[list[str]]:
 
 def _mismatch(source: AdapterSource, model_cfg: Mapping[str, Any], problem: str) -> ValueError:
     used = base_model_id(model_cfg)
-    lines = [f"adapter={str(source.path)!r} cannot be used with model={model_cfg.get('name')} ({used!r}):", problem.strip()]
+    lines = [f"adapter={str(source.path)!r} cannot be used with model={model_cfg.get('name')} ({used!r}):",
+             problem.strip()]
     if source.base and source.base != used:
         lines.append(f"The adapter was trained on {source.base!r} (base_model_name_or_path in {ADAPTER_CONFIG_NAME}).")
     overrides = _training_overrides(source.path)
     if overrides is not None:
-        lines.append(f"Its training run used the overrides {overrides or '(none)'}; pass the same model= (and data=) options.")
+        lines.append(f"Its training run used the overrides {overrides or '(none)'}; "
+                     "pass the same model= (and data=) options.")
     else:
         lines.append("Pass the model= (and data=) options the adapter was trained with.")
     return ValueError("\n".join(lines))
@@ -118,7 +121,8 @@ def _load_checkpoint(module: nn.Module, path: Path) -> None:
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # unpickling errors come in many types
-        raise ValueError(f"adapter={str(path)!r}: could not read the checkpoint ({type(err).__name__}: {err})") from None
+        raise ValueError(f"adapter={str(path)!r}: could not read the checkpoint "
+                         f"({type(err).__name__}: {err})") from None
     if checkpoint_config(checkpoint) is None:
         raise ValueError(
             f"adapter={str(path)!r} is not a checkpoint written with VeraCallback (no VeRA config marker); "

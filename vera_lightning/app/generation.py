@@ -145,7 +145,8 @@ def encode_prompts(prompts: Sequence[str], tokenizer: Any, model: nn.Module, set
         need = len(ids[longest]) + settings.max_new_tokens
         if need > limit:
             raise ValueError(
-                f"prompt {longest} has {len(ids[longest])} tokens and generate.max_new_tokens={settings.max_new_tokens}: "
+                f"prompt {longest} has {len(ids[longest])} tokens and "
+                f"generate.max_new_tokens={settings.max_new_tokens}: "
                 f"{need} positions, but the model has {limit} (config.max_position_embeddings). Lower "
                 f"generate.max_new_tokens to at most {limit - len(ids[longest])}, shorten the prompts "
                 "(data.prompt_template, the input file), or use a model with more positions")

@@ -311,6 +311,7 @@ def build_module(
         return ClassificationModule(model, num_labels=int(num_labels), metrics=built, **kwargs)
     if task == "causal_lm":
         if generate is not None and not isinstance(generate, dict):
-            generate = OmegaConf.to_container(generate, resolve=True) if OmegaConf.is_config(generate) else dict(generate)
+            generate = (OmegaConf.to_container(generate, resolve=True) if OmegaConf.is_config(generate)
+                        else dict(generate))
         return CausalLMModule(model, generate=generate, **kwargs)
     raise ValueError(f"task={task!r}: must be 'classification' or 'causal_lm'")

@@ -101,7 +101,8 @@ def _read_records(path: Path) -> list[dict[str, Any]]:
                     except json.JSONDecodeError as err:
                         raise ValueError(f"{path}, row {number}: not a JSON object ({err})") from None
                     if not isinstance(row, dict):
-                        raise ValueError(f"{path}, row {number}: a JSONL row must be an object, got {type(row).__name__}")
+                        raise ValueError(f"{path}, row {number}: a JSONL row must be an object, "
+                                         f"got {type(row).__name__}")
                     rows.append(row)
             return rows
         tsv = path.suffix.lower() in (".tsv", ".tab")
@@ -159,7 +160,8 @@ def _output_path(cfg: DictConfig, task: str, input_path: Path) -> Path:
     default = "predictions.tsv" if task == "classification" else "predictions.jsonl"
     output = Path(str(cfg.output)).expanduser() if cfg.get("output") else Path(cfg.paths.output_dir) / default
     if output.is_dir():
-        raise ValueError(f"output={str(output)!r} is a directory; give a file path, e.g. output={str(output / default)!r}")
+        raise ValueError(f"output={str(output)!r} is a directory; give a file path, "
+                         f"e.g. output={str(output / default)!r}")
     if output.resolve() == input_path.resolve():
         raise ValueError(f"output={str(output)!r} is the input file; choose another output path")
     if output.exists() and not cfg.get("overwrite", False):

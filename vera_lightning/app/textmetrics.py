@@ -170,7 +170,8 @@ class CorpusCHRF(Metric):
             best, best_f = None, -1.0
             for ref in refs:
                 ref_grams = self._grams(ref)
-                stats = [[sum(h.values()) if r else 0, sum(r.values()), sum(min(c, r[g]) for g, c in h.items() if g in r)]
+                stats = [[sum(h.values()) if r else 0, sum(r.values()),
+                          sum(min(c, r[g]) for g, c in h.items() if g in r)]
                          for h, r in zip(hyp, ref_grams)]
                 f_score = self._f_score(stats)
                 if f_score > best_f:

@@ -41,7 +41,8 @@ def log_adapter(loggers: list[Any], adapter_dir: Path, metrics: dict[str, Any]) 
         metrics: What ``train`` returns; ``trainable_params``, ``adapter_bytes`` and
             ``wall_time_s`` are logged under ``run/``.
     """
-    summary = {f"run/{k}": float(metrics[k]) for k in ("trainable_params", "adapter_bytes", "wall_time_s") if k in metrics}
+    summary = {f"run/{k}": float(metrics[k])
+               for k in ("trainable_params", "adapter_bytes", "wall_time_s") if k in metrics}
     for logger in loggers:
         if summary:
             logger.log_metrics(summary, step=int(metrics.get("steps", 0)))

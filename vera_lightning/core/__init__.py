@@ -1,1 +1,2 @@
-"""The adapter object and its lookup, the shared projections, the layers (float and quantized base), refusals, NaN/inf guards."""
+"""The adapter object and its lookup, the shared projections, the layers (float and quantized base),
+refusals, NaN/inf guards."""

@@ -72,7 +72,8 @@ def file_problems(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, st
     stripped = [key for key in (content_key, projection_key) if ours and key not in metadata]
     if stripped:
         problems.append(
-            f"the file was written by vera_lightning (its header has {sorted(k for k in metadata if k.startswith(_OURS))})"
+            "the file was written by vera_lightning "
+            f"(its header has {sorted(k for k in metadata if k.startswith(_OURS))})"
             f" but lacks {stripped}: its integrity cannot be checked (the metadata was edited); re-save the adapter"
         )
     ints = [f"{key} ({tensor.dtype})" for key, tensor in sorted(tensors.items()) if not tensor.is_floating_point()]

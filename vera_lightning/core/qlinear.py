@@ -94,7 +94,8 @@ def _check_weight(weight: torch.Tensor, scheme: str, name: str) -> None:
     if scheme not in SCHEMES:
         raise ValueError(f"quantize scheme {scheme!r} is not supported; use one of {SCHEMES}")
     if weight.dim() != 2 or not weight.dtype.is_floating_point:
-        raise TypeError(f"{name}: can only quantize a 2-D floating-point weight, got {tuple(weight.shape)} {weight.dtype}")
+        raise TypeError(f"{name}: can only quantize a 2-D floating-point weight, "
+                        f"got {tuple(weight.shape)} {weight.dtype}")
     if weight.device.type not in ("cpu", "cuda"):
         raise ValueError(
             f"{name}: its weight is on device {weight.device.type!r}; the torchao backend quantizes on 'cpu' or "

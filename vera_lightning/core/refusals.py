@@ -92,7 +92,8 @@ def check_untied(model: nn.Module, layers: list[tuple[str, nn.Module]], operatio
         mine = _span(layer.weight)
         sharing = set()
         for name, param, span in spans:  # the same tensor, or memory overlapping the weight's
-            if param is layer.weight or (mine and span and span[0] == mine[0] and span[1] < mine[2] and mine[1] < span[2]):
+            if param is layer.weight or (mine and span and span[0] == mine[0]
+                                         and span[1] < mine[2] and mine[1] < span[2]):
                 sharing.add(name)
         others = sorted(sharing - {own})
         if others:

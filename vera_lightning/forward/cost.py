@@ -113,7 +113,8 @@ def path_terms(n: int, in_features: int, outs: Sequence[int], r: int, dtype: tor
              16 * k)
     # merged: ΔW formed twice (out·r·in GEMM + the add of W0), G = gᵀx, Q = G·A_sᵀ; in half precision
     # ΔW·x and g·ΔW also run in float32 beside the half W0 products (see merged.py)
-    macs = 2 * big_o * r * d + min(n * big_o * d + big_o * d * r, n * r * (d + big_o)) + (2 * n * big_o * d if half else 0)
+    macs = (2 * big_o * r * d + min(n * big_o * d + big_o * d * r, n * r * (d + big_o))
+            + (2 * n * big_o * d if half else 0))
     moved = 2 * 3 * 4.0 * big_o * d
     if half:
         moved += cast + 2 * n * big_o * (4 + 4 + xb) + 2 * n * d * (4 + xb) + 2 * 2 * xb * big_o * d

@@ -120,7 +120,8 @@ class MergedLinear(torch.autograd.Function):
         if any(needs[4 + i] for slot in slots for i in slot if i is not None):  # G = gᵀx, Q = G·A_sᵀ
             x_f32 = x.reshape(rows, -1).to(g_f32.dtype)
             big_g = None
-            if any(needs[4 + slot[0]] for slot in slots) or not lowrank_q(rows, x.shape[-1], g_all.shape[1], a_s.shape[0]):
+            if (any(needs[4 + slot[0]] for slot in slots)
+                    or not lowrank_q(rows, x.shape[-1], g_all.shape[1], a_s.shape[0])):
                 big_g = g_f32.T @ x_f32  # G = gᵀx, sum(out) x in
                 q = big_g @ a_s.T  # Q = G·A_sᵀ, sum(out) x r
             else:

@@ -102,8 +102,8 @@ def compatibility_problems(model: nn.Module, found: Adapted, config: VeraConfig)
         if missing or extra:
             problems.append(
                 f"target_modules={_show(config.target_modules)} selects other layers than the primary adapter's "
-                f"({_show(primary.target_modules)}): missing {missing[:4]}, extra {extra[:4]}; every adapter of a model "
-                "adapts exactly the same layers (same projection sizes)"
+                f"({_show(primary.target_modules)}): missing {missing[:4]}, extra {extra[:4]}; every adapter "
+                "of a model adapts exactly the same layers (same projection sizes)"
             )
     return problems
 

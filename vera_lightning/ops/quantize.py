@@ -58,7 +58,8 @@ def _tied_weights(model: nn.Module) -> set[int]:
 
 def _linears(model: nn.Module):
     for name, module in model.named_modules():
-        if name and (isinstance(module, (nn.Linear, VeraLinear)) or (Conv1D is not None and isinstance(module, Conv1D))):
+        if name and (isinstance(module, (nn.Linear, VeraLinear))
+                     or (Conv1D is not None and isinstance(module, Conv1D))):
             yield name, module
 
 
@@ -166,7 +167,8 @@ def quantize_base(
                             "embeddings and norms stay as they are")
     selected, problems = _select(model, scheme, modules, skip)
     if problems:
-        raise ValueError(f"quantize_base(scheme={scheme!r}) refused, nothing was changed:\n  - " + "\n  - ".join(problems))
+        raise ValueError(f"quantize_base(scheme={scheme!r}) refused, nothing was changed:\n  - "
+                         + "\n  - ".join(problems))
     if not selected and not quantized_layers(model):
         raise ValueError(f"quantize_base(scheme={scheme!r}): no layer of {type(model).__name__} can be quantized "
                          "(see the warning above for the ones left out, or name them in modules=[...])")

@@ -164,7 +164,8 @@ def resolve_target_names(model: nn.Module, config: VeraConfig) -> list[str]:
         if hit:
             (found if supported else unsupported).append(name)
     layers = config.layers_to_transform
-    requested = None if layers is None or isinstance(targets, str) else ([layers] if isinstance(layers, int) else layers)
+    requested = (None if layers is None or isinstance(targets, str)
+                 else ([layers] if isinstance(layers, int) else layers))
     found = check_matches(model, found, unsupported, all_linear, requested or None,
                           lambda n: _layer_index(n, config), suffix_hits)
     if not found:
