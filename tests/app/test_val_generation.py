@@ -144,7 +144,19 @@ class RankScores(pl.Callback):
             json.dump(record, handle)
 
 
+@pytest.fixture
+def file_system_sharing():
+    """The spawned ranks get the module and data through shared memory; with torch's default file-descriptor
+    strategy the receiving rank failed to map a storage here (``unable to resize file ... (22)``, a tokenizer-
+    and metric-laden pickle), the ``file_system`` strategy does not. Restored after the test."""
+    before = torch.multiprocessing.get_sharing_strategy()
+    torch.multiprocessing.set_sharing_strategy("file_system")
+    yield
+    torch.multiprocessing.set_sharing_strategy(before)
+
+
 @pytest.mark.distributed
+@pytest.mark.usefixtures("file_system_sharing")
 @pytest.mark.parametrize("val_prompts", [None, 1])  # 1: rank 1 has no prompt at all
 def test_ddp_ranks_share_the_prompts_and_log_the_one_process_scores(tok, datamodule, tmp_path, val_prompts):
     from lightning.pytorch.strategies import DDPStrategy
