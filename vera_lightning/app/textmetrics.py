@@ -11,7 +11,7 @@ torchmetrics :class:`~torchmetrics.Metric`, so its state is summed (or gathered)
   order without matches. It subclasses torchmetrics' ``SacreBLEUScore`` (its 13a tokenizer and
   summed states) but counts and scores as sacreBLEU does: torchmetrics breaks length ties towards
   the first reference and does not smooth, so it departs from sacreBLEU on short or poor corpora.
-* ``rougeL`` (:class:`CorpusRougeL`): torchmetrics' ``ROUGEScore`` restricted to ROUGE-L, F-measure,
+* ``rougeL`` (:class:`CorpusRougeL`): torchmetrics' ``rouge_score`` per sentence, ROUGE-L, F-measure,
   with ``accumulate="best"``: each prediction is scored against the reference giving the highest
   F-measure (as ``rouge_score``'s ``score_multi``), then averaged over predictions. Text is lowercased
   and split on non-alphanumerics (``rouge_score``'s tokenizer), no stemming.
@@ -34,7 +34,8 @@ from typing import Sequence
 
 import torch
 from torchmetrics import Metric
-from torchmetrics.text import ROUGEScore, SacreBLEUScore
+from torchmetrics.functional.text import rouge_score
+from torchmetrics.text import SacreBLEUScore
 
 __all__ = ["CorpusBLEU", "CorpusCHRF", "CorpusRougeL", "METRIC_NAMES", "generation_metrics", "score_generations"]
 
@@ -107,22 +108,31 @@ class CorpusBLEU(SacreBLEUScore):
         return torch.tensor(penalty * math.exp(sum(logs) / len(logs)), dtype=torch.float64)
 
 
-class CorpusRougeL(ROUGEScore):
-    """Mean sentence ROUGE-L F-measure, the best reference per prediction, 0–100."""
+class CorpusRougeL(Metric):
+    """Mean sentence ROUGE-L F-measure, the best reference per prediction, 0–100.
 
-    full_state_update = False  # updates only append sentence scores
+    Each sentence is scored by torchmetrics' ``rouge_score`` (``accumulate="best"``); the state is a sum and a
+    count, so ranks with no prediction (more ranks than prompts) synchronise like the others.
+    """
+
+    full_state_update = False
 
     def __init__(self, **kwargs) -> None:
-        super().__init__(rouge_keys="rougeL", accumulate="best", use_stemmer=False, **kwargs)
+        super().__init__(**kwargs)
+        self.add_state("total", torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("count", torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
 
     def update(self, preds: Sequence[str], target: Sequence[Sequence[str]]) -> None:
         """Score each prediction against its best reference."""
         _check(preds, target)
-        super().update(list(preds), [list(refs) for refs in target])
+        for pred, refs in zip(preds, target):
+            score = rouge_score(pred, list(refs), rouge_keys="rougeL", accumulate="best", use_stemmer=False)
+            self.total += score["rougeL_fmeasure"].double()
+            self.count += 1
 
     def compute(self) -> torch.Tensor:
         """The mean F-measure on 0–100."""
-        return super().compute()["rougeL_fmeasure"].double() * 100
+        return self.total / self.count.clamp(min=1) * 100
 
 
 class CorpusCHRF(Metric):
