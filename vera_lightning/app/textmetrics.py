@@ -1,7 +1,7 @@
 """Corpus generation metrics against several references per prediction: BLEU, ROUGE-L, chrF (0–100).
 
 Every metric takes ``update(predictions, references)`` with one *list* of references per prediction;
-the lists may differ in length (E2E has 1 to 40-odd references per meaning representation). Each is a
+the lists may differ in length (E2E val.csv has 4 to 29 references per meaning representation). Each is a
 torchmetrics :class:`~torchmetrics.Metric`, so its state is summed (or gathered) across DDP ranks by
 ``compute()``: each rank may score a different shard of the prompts.
 
