@@ -76,7 +76,7 @@ def train_lora(cfg, r: int) -> dict:
         vera_config.target_modules), modules_to_save=list(vera_config.modules_to_save or [])))
     module = build_module(cfg.model.task, model, cfg.optim, num_labels=data_cfg.get("num_labels"),
                           metrics=data_cfg.get("metrics"), problem_type=data_cfg.get("problem_type"),
-                          generate=cfg.get("generate") if cfg.model.task == "causal_lm" else None)
+                          generate=cfg.get("generate") if data_cfg.get("format") == "sft" else None)
     module.param_groups = lambda: _lora_groups(model, float(cfg.optim.lr), float(cfg.optim.head_lr))
     datamodule = build_datamodule(data_cfg, tokenizer)
     trainer = instantiate(cfg.trainer, callbacks=[], logger=False)

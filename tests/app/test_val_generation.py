@@ -167,7 +167,8 @@ def test_ddp_ranks_share_the_prompts_and_log_the_one_process_scores(tok, datamod
     reference = _validate(single, datamodule).callback_metrics
     pl.Trainer(accelerator="cpu", devices=2, strategy=DDPStrategy(start_method="spawn"), logger=False,
                enable_progress_bar=False, enable_model_summary=False, callbacks=[RankScores(str(tmp_path))]
-               ).validate(CausalLMModule(model, generate=generate), datamodule=datamodule, verbose=False)
+               ).validate(CausalLMModule(model, generate=generate), datamodule=TextDataModule(datamodule.cfg, tok),
+                   verbose=False)  # a fresh datamodule: the used one holds its trainer (inference tensors)
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     for name in single.val_generation.metric_names:
         assert ranks[0][name] == ranks[1][name] == pytest.approx(float(reference[name]), abs=1e-5), name

@@ -154,5 +154,5 @@ def build_components(cfg: DictConfig, model_cfg: Optional[Mapping[str, Any]] = N
         check_packing(model)
     module = build_module(task, model, cfg.get("optim") or {}, num_labels=num_labels,
                           metrics=data_cfg.get("metrics"), problem_type=problem_type,
-                          generate=cfg.get("generate") if task == "causal_lm" else None)
+                          generate=cfg.get("generate") if data_cfg.get("format") == "sft" else None)
     return Components(task=task, tokenizer=tokenizer, model=model, datamodule=datamodule, module=module)

@@ -1,7 +1,7 @@
 """Corpus generation metrics against several references per prediction: BLEU, ROUGE-L, chrF (0–100).
 
 Every metric takes ``update(predictions, references)`` with one *list* of references per prediction;
-the lists may differ in length (E2E has 1 to 40-odd references per meaning representation). Each is a
+the lists may differ in length (E2E val.csv has 4 to 29 references per meaning representation). Each is a
 torchmetrics :class:`~torchmetrics.Metric`, so its state is summed (or gathered) across DDP ranks by
 ``compute()``: each rank may score a different shard of the prompts.
 
@@ -11,9 +11,9 @@ torchmetrics :class:`~torchmetrics.Metric`, so its state is summed (or gathered)
   order without matches. It subclasses torchmetrics' ``SacreBLEUScore`` (its 13a tokenizer and
   summed states) but counts and scores as sacreBLEU does: torchmetrics breaks length ties towards
   the first reference and does not smooth, so it departs from sacreBLEU on short or poor corpora.
-* ``rougeL`` (:class:`CorpusRougeL`): torchmetrics' ``rouge_score`` per sentence, ROUGE-L, F-measure,
-  with ``accumulate="best"``: each prediction is scored against the reference giving the highest
-  F-measure (as ``rouge_score``'s ``score_multi``), then averaged over predictions. Text is lowercased
+* ``rougeL`` (:class:`CorpusRougeL`): torchmetrics' functional ``rouge_score`` restricted to ROUGE-L,
+  F-measure, with ``accumulate="best"``: each prediction is scored against the reference giving the highest
+  F-measure (as the ``rouge-score`` package's ``score_multi``), then averaged over predictions. Text is lowercased
   and split on non-alphanumerics (``rouge_score``'s tokenizer), no stemming.
 * ``chrf`` (:class:`CorpusCHRF`): sacreBLEU's ``corpus_chrf`` with its defaults: character n-grams
   up to 6, no word n-grams (chrF, not chrF++), beta 2, all whitespace removed, per prediction the
@@ -111,28 +111,31 @@ class CorpusBLEU(SacreBLEUScore):
 class CorpusRougeL(Metric):
     """Mean sentence ROUGE-L F-measure, the best reference per prediction, 0–100.
 
-    Each sentence is scored by torchmetrics' ``rouge_score`` (``accumulate="best"``); the state is a sum and a
-    count, so ranks with no prediction (more ranks than prompts) synchronise like the others.
+    Each update scores its predictions with torchmetrics' ``rouge_score(rouge_keys="rougeL",
+    accumulate="best")`` and adds their sum and count to two summed states (``ROUGEScore`` keeps a list
+    of sentence scores, which a rank without predictions cannot synchronise).
     """
 
     full_state_update = False
+    higher_is_better = True
 
     def __init__(self, **kwargs) -> None:
         super().__init__(**kwargs)
-        self.add_state("total", torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
-        self.add_state("count", torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("total", torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("count", torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
 
     def update(self, preds: Sequence[str], target: Sequence[Sequence[str]]) -> None:
         """Score each prediction against its best reference."""
         _check(preds, target)
-        for pred, refs in zip(preds, target):
-            score = rouge_score(pred, list(refs), rouge_keys="rougeL", accumulate="best", use_stemmer=False)
-            self.total += score["rougeL_fmeasure"].double()
-            self.count += 1
+        if len(preds):
+            mean = rouge_score(list(preds), [list(refs) for refs in target], rouge_keys="rougeL", accumulate="best",
+                               use_stemmer=False)["rougeL_fmeasure"]
+            self.total += mean.double() * len(preds)
+            self.count += len(preds)
 
     def compute(self) -> torch.Tensor:
-        """The mean F-measure on 0–100."""
-        return self.total / self.count.clamp(min=1) * 100
+        """The mean F-measure on 0–100 (0 without predictions)."""
+        return self.total / self.count * 100 if self.count > 0 else torch.zeros((), dtype=torch.float64)
 
 
 class CorpusCHRF(Metric):

@@ -100,8 +100,7 @@ class ValidationGeneration(nn.Module):
         references = [self.examples[i]["references"] for i in shard]
         scores = {}
         for name, metric in self.metrics.items():
-            if texts:
-                metric.update(texts, references)
+            metric.update(texts, references)  # also with no prompt on this rank: its zero statistics join the sum
             scores[f"val/{name}"] = metric.compute().float()  # summed over ranks by torchmetrics
             metric.reset()
         return scores
