@@ -47,7 +47,8 @@ _KILLED_SAVE = textwrap.dedent("""
     import os, sys, torch
     sys.path.insert(0, "tests")
     from helpers.files import filled_adapter
-    from vera_lightning import atomic, save_adapter
+    from vera_lightning import save_adapter
+    from vera_lightning.io import atomic
     where = sys.argv[2]
     if where == "after-exchange":            # the swap happened; cleanup never runs
         real = atomic._exchange
