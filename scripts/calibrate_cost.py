@@ -9,7 +9,11 @@ It times forward+backward of one sibling group (k layers reading one ``x``: q/v,
 of OPT-125m) for the frozen floor, PEFT and each of our paths, interleaved, at several token
 counts and ranks; fits the model's three constants (GEMM rate, elementwise bandwidth, per-kernel
 overhead) to the measured extra times over the floor; and prints, per case, the measured extras,
-the model's estimates, and the path ``auto`` picks next to the fastest allowed one.
+the model's estimates, and the path the cost model picks next to the fastest allowed one.
+
+With tuning on (the default, :mod:`vera_lightning.forward.autotune`) ``auto`` measures its candidates
+itself and the constants only order and prune them; they decide when tuning is off
+(``VERA_LIGHTNING_AUTOTUNE=0``). This script times explicit paths, so tuning plays no part in it.
 """
 
 from __future__ import annotations

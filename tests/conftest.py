@@ -14,6 +14,10 @@ def pytest_configure(config: pytest.Config) -> None:
     # Never download in a test: transformers and the Hub client stay offline for the whole session.
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    # "auto" measures paths by default; the suite asserts the cost model's choices and must not depend on
+    # timing or write ~/.cache: tuning off (tests/forward/test_autotune.py turns it on with configure_autotune)
+    os.environ.setdefault("VERA_LIGHTNING_AUTOTUNE", "0")
+    os.environ.setdefault("VERA_LIGHTNING_AUTOTUNE_CACHE", "off")
 
 
 @pytest.fixture

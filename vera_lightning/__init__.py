@@ -5,6 +5,7 @@ from vera_lightning.core.adapter import DEFAULT_ADAPTER, VeraAdapter
 from vera_lightning.core.layer import VeraLinear
 from vera_lightning.core.lookup import adapter_root, find_adapter, vera_layers
 from vera_lightning.core.qlinear import SCHEMES as QUANTIZE_SCHEMES
+from vera_lightning.forward.autotune import autotune_report, configure_autotune
 from vera_lightning.forward.dispatch import record_paths
 from vera_lightning.forward.protocol import VeraPath
 from vera_lightning.io.adapter_dir import load_adapter, save_adapter
@@ -29,6 +30,7 @@ from vera_lightning.training.slim import checkpoint_config, load_vera_checkpoint
 __all__ = [
     "VeraConfig", "apply_vera", "merge_vera", "unmerge_vera", "unload_vera", "VeraLinear", "count_parameters",
     "VeraCallback", "save_adapter", "load_adapter", "set_vera_path", "VeraPath", "record_paths",
+    "configure_autotune", "autotune_report",
     "VeraAdapter", "find_adapter", "vera_layers",
     "DEFAULT_ADAPTER", "add_adapter", "set_adapter", "delete_adapter", "disable_adapter", "adapter_batch",
     "export_lora", "LoraExport", "quantize_base", "dequantize_base", "is_quantized", "model_bytes",

@@ -14,7 +14,17 @@ from helpers.peft_oracle import peft_vera
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from vera_lightning import VeraConfig, apply_vera, load_adapter, save_adapter, unload_vera
+from vera_lightning import (
+    VeraConfig,
+    adapter_batch,
+    add_adapter,
+    apply_vera,
+    disable_adapter,
+    find_adapter,
+    load_adapter,
+    save_adapter,
+    unload_vera,
+)
 from vera_lightning.core.lookup import vera_layers
 
 pytestmark = pytest.mark.numerics  # also run under every ATEN_CPU_CAPABILITY by .ci/run
@@ -309,3 +319,29 @@ def test_seed_only_save_checks_projections_come_from_the_seed(tmp_path):
     with pytest.raises(ValueError, match=r"save_projection=False but the model's vera_A/vera_B are not the ones"):
         save_adapter(model, tmp_path / "a")
     assert not (tmp_path / "a").exists()
+
+
+# ---------------------------------------------------------------------- open blocks (issue 23)
+@pytest.mark.parametrize("block", ["disable_adapter", "adapter_batch"])
+def test_load_inside_an_open_block_is_refused_model_unchanged(tmp_path, block):
+    """Loading would change what the block serves (an adapter_batch gathered its λ's when it opened)."""
+    config = VeraConfig(r=8, target_modules=["q_proj", "v_proj"], init_weights=False)
+    model = add_adapter(apply_vera(tiny_opt(), config), "b", config)
+    _train_like_(model)
+    save_adapter(model, tmp_path / "b", adapter_name="b")
+    with torch.no_grad():
+        for _, layer in vera_layers(model):
+            layer.vera_lambda_b_b.add_(1.0)
+    before = _snapshot(model)
+    ids = torch.randint(3, 96, (2, 5), generator=torch.Generator().manual_seed(0))
+    opener = disable_adapter(model) if block == "disable_adapter" else adapter_batch(model, ["b", None])
+    shown = "disable_adapter" if block == "disable_adapter" else r"adapter_batch\(model, \['b', None\]\)"
+    with torch.no_grad(), opener:
+        served = model(input_ids=ids).logits
+        with pytest.raises(ValueError, match=rf"^load_adapter\('.*/b'\) refused, the model was not changed: a `with "
+                                             rf"{shown}.*:` block is open on this model.*Close the block first"):
+            load_adapter(model, tmp_path / "b", adapter_name="b")
+        assert _unchanged(model, before) and torch.equal(model(input_ids=ids).logits, served)
+    assert find_adapter(model).open_block is None
+    load_adapter(model, tmp_path / "b", adapter_name="b")  # once the block is closed
+    assert not _unchanged(model, before)

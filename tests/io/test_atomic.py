@@ -15,11 +15,13 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers.files import WEIGHTS, filled_adapter, loaded_value
+import torch
+from helpers.files import CFG, WEIGHTS, filled_adapter, loaded_value
 from helpers.models import MLP
 
-from vera_lightning import load_adapter, save_adapter
-from vera_lightning.io import atomic
+from vera_lightning import VeraConfig, add_adapter, find_adapter, load_adapter, save_adapter
+from vera_lightning.core.lookup import vera_layers
+from vera_lightning.io import locks, reads
 
 
 def _leftovers(parent: Path) -> list[str]:
@@ -188,7 +190,7 @@ def test_a_save_landing_between_the_readers_two_reads_is_not_a_checksum_mismatch
             fired.append(True)
             save_adapter(models[1], tmp_path / "a")
 
-    real_load_file, real_read_one = safetensors.torch.load_file, atomic._read_one
+    real_load_file, real_read_one = safetensors.torch.load_file, reads._read_one
 
     def load_file(*args, **kwargs):  # how 0.1.0 read the tensors, after reading the header separately
         writer_strikes()
@@ -200,15 +202,15 @@ def test_a_save_landing_between_the_readers_two_reads_is_not_a_checksum_mismatch
         return real_read_one(dir_fd, name, *args)
 
     monkeypatch.setattr(safetensors.torch, "load_file", load_file)
-    monkeypatch.setattr(atomic, "_read_one", read_one)
+    monkeypatch.setattr(reads, "_read_one", read_one)
     assert loaded_value(tmp_path / "a") == 0.25 and fired  # the version published while it was read
 
 
 def test_lock_held_too_long_is_a_clear_timeout(tmp_path):
     (tmp_path / "a").mkdir()
-    with atomic.locked(str(tmp_path / "a")):
+    with locks.locked(str(tmp_path / "a")):
         with pytest.raises(TimeoutError, match=r"another process has been saving into .* nothing was written"):
-            with atomic.locked(str(tmp_path / "a"), timeout=0.1):
+            with locks.locked(str(tmp_path / "a"), timeout=0.1):
                 pass
 
 
@@ -255,6 +257,148 @@ def test_weights_that_are_not_a_regular_file_are_named(tmp_path, kind):
 def test_config_and_weights_come_from_one_version(tmp_path):
     """The header's checksum and the tensors are parsed from the same bytes (no second open)."""
     save_adapter(filled_adapter(0.5), tmp_path / "a")
-    files = atomic.read_files(str(tmp_path / "a"), ["adapter_config.json", WEIGHTS, "missing.bin"])
+    files = reads.read_files(str(tmp_path / "a"), ["adapter_config.json", WEIGHTS, "missing.bin"])
     assert json.loads(files["adapter_config.json"])["peft_type"] == "VERA"
     assert files[WEIGHTS] == (tmp_path / "a" / WEIGHTS).read_bytes() and files["missing.bin"] is None
+
+
+# ---------------------------------------------------------------------- named adapters' folders (issue 23, item 12)
+def _named_adapters(values: dict[str, float]):
+    """An MLP holding the adapters ``values`` names (the first the primary), each λ equal to its value."""
+    names = list(values)
+    model = filled_adapter(values[names[0]])
+    for name in names[1:]:
+        add_adapter(model, name, VeraConfig(**CFG))
+    adapter = find_adapter(model)
+    with torch.no_grad():
+        for name in names[1:]:
+            for _, layer in vera_layers(model):
+                for attr in adapter.lambda_names(name):
+                    getattr(layer, attr).fill_(values[name])
+    return model
+
+
+def _tree(root: Path) -> dict[str, bytes]:
+    """Every file under ``root`` (hidden ones too), by relative path: what a refused save must leave alone."""
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def _peft_root(root: Path, model) -> None:
+    """The documented multi-adapter layout: the primary adapter in ``root``, the others in ``root/<name>``."""
+    save_adapter(model, root)
+    for name in ("b", "c"):
+        save_adapter(model, root / name, adapter_name=name)
+    (root / "README.md").write_text("model card")  # as PEFT's save_pretrained writes one
+
+
+def test_resaving_the_primary_adapter_keeps_its_named_adapters_folders(tmp_path):
+    root = tmp_path / "root"
+    _peft_root(root, _named_adapters({"default": 0.5, "b": 0.25, "c": 0.125}))
+    subs = {k: v for k, v in _tree(root).items() if "/" in k}
+    assert sorted(subs) == [f"{n}/{f}" for n in ("b", "c") for f in ("adapter_config.json", WEIGHTS)]
+
+    save_adapter(_named_adapters({"default": 0.75, "b": 0.0, "c": 0.0}), root)  # refused before: "not adapter files"
+    after = _tree(root)
+    assert loaded_value(root) == 0.75 and after["README.md"] == b"model card"
+    assert {k: v for k, v in after.items() if "/" in k} == subs  # byte for byte
+    assert sorted(os.listdir(root)) == ["README.md", "adapter_config.json", WEIGHTS, "b", "c"]
+    assert _leftovers(tmp_path) == [] and _leftovers(root) == []
+    assert loaded_value(root / "b") == 0.25 and loaded_value(root / "c") == 0.125
+    model = load_adapter(_named_adapters({"default": 0.0, "b": 0.0}), root, adapter_name="b")  # PEFT's root layout
+    assert {float(layer.vera_lambda_b_b[0]) for _, layer in vera_layers(model)} == {0.25}
+    save_adapter(_named_adapters({"default": 0.0, "b": 0.375}), root / "b", adapter_name="b")  # and the folders too
+    assert loaded_value(root / "b") == 0.375 and loaded_value(root) == 0.75
+
+
+def test_a_root_holding_only_named_adapters_takes_the_primary(tmp_path):
+    model = _named_adapters({"default": 0.5, "b": 0.25})
+    save_adapter(model, tmp_path / "root" / "b", adapter_name="b")
+    save_adapter(model, tmp_path / "root")
+    assert loaded_value(tmp_path / "root") == 0.5 and loaded_value(tmp_path / "root" / "b") == 0.25
+
+
+@pytest.mark.parametrize("foreign", ["notes.txt", "data/train.tsv", "b/notes.txt", "ckpt.d/adapter_config.json",
+                                     "link"])
+def test_foreign_files_beside_named_adapters_are_still_refused(tmp_path, foreign):
+    root = tmp_path / "root"
+    _peft_root(root, _named_adapters({"default": 0.5, "b": 0.25, "c": 0.125}))
+    if foreign == "link":  # a symlink to a user's adapter folder is not ours to copy
+        save_adapter(filled_adapter(0.5), tmp_path / "elsewhere")
+        (root / "link").symlink_to(tmp_path / "elsewhere")
+    else:
+        (root / foreign).parent.mkdir(exist_ok=True)
+        (root / foreign).write_text("mine")
+    before = _tree(root)
+    shown = foreign.split("/")[0]
+    with pytest.raises(ValueError, match=rf"refuses to replace .*\['{shown}'\], which are not adapter files .*nor "
+                                         r"named adapters' folders .*nothing was changed"):
+        save_adapter(_named_adapters({"default": 0.75, "b": 0.0, "c": 0.0}), root)
+    assert _tree(root) == before and _leftovers(tmp_path) == []
+
+
+def test_a_killed_named_adapter_save_is_cleaned_when_the_root_is_saved(tmp_path):
+    root = tmp_path / "root"
+    _peft_root(root, _named_adapters({"default": 0.5, "b": 0.25, "c": 0.125}))
+    (root / ".b.vera-tmp" / "new").mkdir(parents=True)  # what a save of root/b killed mid-way leaves
+    (root / ".b.vera-tmp" / "new" / WEIGHTS).write_bytes(b"half")
+    save_adapter(filled_adapter(0.75), root)
+    assert sorted(os.listdir(root)) == ["README.md", "adapter_config.json", WEIGHTS, "b", "c"]
+    assert loaded_value(root) == 0.75 and loaded_value(root / "b") == 0.25
+
+
+def test_named_adapter_saves_racing_a_root_save_are_never_lost(tmp_path):
+    root = tmp_path / "root"
+    _peft_root(root, _named_adapters({"default": 0.5, "b": 0.25, "c": 0.125}))
+    primaries = [filled_adapter(0.5), filled_adapter(0.75)]
+    subs = [_named_adapters({"default": 0.0, "b": v}) for v in (0.25, 0.375, 0.0625)]
+    errors: list[BaseException] = []
+
+    def work(save):
+        try:
+            save()
+        except BaseException as err:  # noqa: BLE001 - reported below
+            errors.append(err)
+
+    def roots():
+        for i in range(8):
+            save_adapter(primaries[i % 2], root)
+
+    def named():
+        for i in range(9):
+            save_adapter(subs[i % 3], root / "b", adapter_name="b")
+
+    threads = [threading.Thread(target=work, args=(f,)) for f in (roots, named)]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    assert errors == []
+    assert loaded_value(root) == 0.75 and loaded_value(root / "b") == 0.0625  # the last save of each
+    assert loaded_value(root / "c") == 0.125 and _leftovers(root) == [] and _leftovers(tmp_path) == []
+
+
+def test_a_lock_on_a_directory_swapped_while_waiting_is_taken_on_the_new_one(tmp_path):
+    """A save of ``root/b`` that waited while ``root`` was replaced locks the new ``root`` (what later saves lock)."""
+    root = tmp_path / "root"
+    root.mkdir()
+    waiting, holding, release = threading.Event(), threading.Event(), threading.Event()
+
+    def second_writer():
+        waiting.set()
+        with locks.locked(str(root / "b")):
+            holding.set()
+            release.wait(10)
+
+    with locks.locked_subfolders(str(root)):
+        thread = threading.Thread(target=second_writer)
+        thread.start()
+        waiting.wait(10)
+        time.sleep(0.1)  # it waits on the lock of the old root
+        os.rename(root, tmp_path / "old")
+        root.mkdir()  # root replaced (as a save of it swaps in a new version)
+    try:
+        assert holding.wait(10)
+        with pytest.raises(TimeoutError):  # the new root's lock is the one held
+            with locks.locked(str(root / "c"), timeout=0.1):
+                pass
+    finally:
+        release.set()
+        thread.join()

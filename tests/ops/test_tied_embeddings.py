@@ -20,6 +20,7 @@ from safetensors.torch import load_file
 
 from vera_lightning import (
     VeraConfig,
+    VeraLinear,
     apply_vera,
     export_lora,
     is_quantized,
@@ -194,25 +195,27 @@ def test_a_targeted_tied_head_trains_exactly_and_refuses_to_merge():
     assert torch.equal(logits(ours), logits(pristine))
 
 
-@pytest.mark.xfail(strict=True, reason="library gap: modules_to_save=['lm_head'] on a tied model trains the shared "
-                   "tensor in place, so the input embedding changes too; PEFT trains a copy of the head (its "
-                   "ModulesToSaveWrapper) and loads our file 38% away from our outputs. Remove this marker when "
-                   "apply_vera refuses it or unties like PEFT (see docs/llm.md)")
-def test_modules_to_save_on_a_tied_head_leaves_the_input_embedding_alone(tmp_path):
+def test_modules_to_save_on_a_tied_head_is_refused_and_the_untie_fix_trains_like_peft(tmp_path):
     import peft
 
     pristine = tied_llama()
     fields = {**QV, "modules_to_save": ["lm_head"]}
-    try:
-        ours = apply_vera(copy.deepcopy(pristine), VeraConfig(**fields))
-    except ValueError as refusal:  # the other acceptable fix: one clear refusal naming the tie
-        assert "lm_head" in str(refusal) and "tied" in str(refusal)
-        return
+    model = copy.deepcopy(pristine)
+    with pytest.raises(ValueError, match=r"modules_to_save=\['lm_head'\] refused, the model was not changed: "
+                       r"lm_head\.weight is tied to \['model\.embed_tokens\.weight'\].*Untie first"):
+        apply_vera(model, VeraConfig(**fields))
+    assert is_tied(model) and not hasattr(model, "vera_projections")
+    assert all(type(m) is not VeraLinear for m in model.modules())
+    # the fix the message names: the head gets its own copy, then it trains without touching the input embedding
+    model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.detach().clone())
+    model.config.tie_word_embeddings = False
+    ours = apply_vera(model, VeraConfig(**fields))
     train_steps(ours)
     assert torch.equal(ours.get_input_embeddings().weight, pristine.get_input_embeddings().weight)
+    assert not torch.equal(ours.lm_head.weight, pristine.lm_head.weight)  # the head trained
     save_adapter(ours, tmp_path / "adapter")
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+        warnings.simplefilter("ignore")  # PEFT trains a copy of the head of the tied pristine model: same outputs
         theirs = peft.PeftModel.from_pretrained(copy.deepcopy(pristine), str(tmp_path / "adapter"))
     assert rel(logits(ours), logits(theirs)) <= 1e-5
 

@@ -37,6 +37,7 @@ from vera_lightning.app.build import (
     vera_config_from,
 )
 from vera_lightning.app.checks import check_run_config
+from vera_lightning.app.final_validation import ValidationMemo, final_metrics
 from vera_lightning.app.finetune import check_method, prepare, save_trained
 from vera_lightning.app.records import RunRecord, discard_job_log
 from vera_lightning.app.run_dirs import RngState, check_run_dir, resolve_ckpt_path, slurm_checkpoint
@@ -115,7 +116,9 @@ def _train(cfg: DictConfig) -> dict[str, Any]:
     loggers = instantiate_dict(cfg.get("logger"))
     # nothing is written to the run directory until the run is accepted: loggers, CSV history, .hydra record
     record = RunRecord(cfg, output_dir, loggers, resuming=resuming, keep_history=resuming or overwrite)
-    callbacks = [*prepare(method, model, vera_config), RngState(), record, *instantiate_dict(cfg.get("callbacks"))]
+    memo = ValidationMemo()  # the last validation inside fit, reused when it saw the final weights
+    callbacks = [*prepare(method, model, vera_config), RngState(), record, memo,
+                 *instantiate_dict(cfg.get("callbacks"))]
     trainer: pl.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=False)
 
     metric_name = cfg.optimized_metric
@@ -129,7 +132,7 @@ def _train(cfg: DictConfig) -> dict[str, Any]:
     fit_start = time.perf_counter()
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     fit_s = time.perf_counter() - fit_start
-    after = _metrics(trainer.validate(module, datamodule=datamodule, verbose=False))
+    after, _ = final_metrics(trainer, module, datamodule, memo)
     metrics.update(after)
     _say(trainer, f"[vera] after training:  {metric_name} = {after.get(metric_name, float('nan')):.4f}")
 

@@ -11,7 +11,10 @@ An adapted model carries exactly one :class:`VeraAdapter`, attached as ``model.v
 * the shared frozen projections ``vera_A`` (``r x max_in``) and ``vera_B`` (``max_out x r``),
   drawn from ``projection_prng_key`` (see :mod:`vera_lightning.core.projection`);
 * the cache of their casts to the compute dtype, and the :class:`~vera_lightning.forward.sharing.SiblingCache`
-  that lets q/k/v (gate/up) reuse one ``x A_sᵀ``.
+  that lets q/k/v (gate/up) reuse one ``x A_sᵀ``;
+* whether a ``disable_adapter``/``adapter_batch`` block is open (``forced_path``, ``batch``,
+  :attr:`VeraAdapter.open_block`): an open block is a state, and the operations that would change what it
+  serves refuse it with :func:`check_no_open_block` (see ``docs/reliability.md``, *Open adapter blocks*).
 
 Every :class:`~vera_lightning.VeraLinear` holds an unregistered reference to it. An operation finds
 "the adapter of this model" and its layers once, with :func:`~vera_lightning.core.lookup.find_adapted`
@@ -34,7 +37,8 @@ from vera_lightning.core.refusals import is_meta, materialised
 from vera_lightning.forward.protocol import HALF_DTYPES, VeraPath
 from vera_lightning.forward.sharing import SiblingCache
 
-__all__ = ["VeraAdapter", "ADAPTER_ATTR", "DEFAULT_ADAPTER", "PRIMARY_LAMBDAS", "check_adapter_name"]
+__all__ = ["VeraAdapter", "ADAPTER_ATTR", "DEFAULT_ADAPTER", "PRIMARY_LAMBDAS", "check_adapter_name",
+           "check_no_open_block"]
 
 #: Attribute of the adapted module that holds its :class:`VeraAdapter` (the state-dict prefix).
 ADAPTER_ATTR = "vera_projections"
@@ -52,6 +56,38 @@ def check_adapter_name(name: Any, where: str) -> None:
             f"{where}: adapter name {name!r} is not valid; use 1-64 letters, digits, '_' or '-' (it becomes part of "
             "parameter names and of PEFT's folder names), e.g. 'task_a'"
         )
+
+
+_SERVES = {
+    VeraPath.off: "every VeRA layer returns the base model's output",
+    VeraPath.mixed: "row i gets adapter names[i], from the λ's the block gathered when it opened",
+}
+
+
+def check_no_open_block(adapter: Optional["VeraAdapter"], operation: str) -> None:
+    """Refuse ``operation`` while a ``disable_adapter``/``adapter_batch`` block is open on ``adapter``'s model.
+
+    Merging, unmerging, unloading, loading, deleting, switching or re-adding an adapter inside such a
+    block would change what the block serves (or what it promised to restore), so each refuses, before
+    any state changes. ``adapter=None`` (a model without VeRA) has no block.
+
+    Args:
+        adapter: The model's adapter, or ``None``.
+        operation: The operation, as its message starts (e.g. ``"merge_vera"``, ``"load_adapter('dir')"``).
+
+    Raises:
+        ValueError: Naming the operation, the open block and the fix (close the block first).
+    """
+    block = None if adapter is None else adapter.open_block
+    if block is None:
+        return
+    serves = _SERVES.get(adapter.forced_path, "a forced path")
+    again = operation.split("(")[0]
+    raise ValueError(
+        f"{operation} refused, the model was not changed: a `with {block}:` block is open on this model "
+        f"({serves}), and {again} would change what it serves. Close the block first (leave the `with` "
+        f"statement), then call {again}"
+    )
 
 
 class VeraAdapter(nn.Module):
@@ -164,6 +200,17 @@ class VeraAdapter(nn.Module):
         """Record ``name`` as the active adapter (the layers are switched by ``set_adapter``)."""
         self.config_of(name)
         self._active = name
+
+    @property
+    def open_block(self) -> Optional[str]:
+        """The open ``disable_adapter``/``adapter_batch`` block, as the call that opened it (``None``: none is open)."""
+        if self.forced_path is None:
+            return None
+        if self.forced_path is VeraPath.off:
+            return "disable_adapter(model)"
+        if self.forced_path is VeraPath.mixed:
+            return f"adapter_batch(model, {getattr(self.batch, 'names', '[...]')!r})"
+        return f"a block forcing the {self.forced_path.value!r} path"  # pragma: no cover  (no other block exists)
 
     def extra_repr(self) -> str:
         named = f", adapters={self.names}, active={self._active!r}" if len(self._configs) > 1 else ""

@@ -28,8 +28,9 @@ import torch.nn.functional as F
 from torch import nn
 
 __all__ = [
-    "SCHEMES", "BACKENDS", "QuantizedLinear", "quantize_weight", "dequantize_weight", "weight_scheme",
-    "is_quantized_weight", "quantized_linear", "tensor_bytes", "is_bnb_module", "bnb_available",
+    "SCHEMES", "BACKENDS", "FLOAT_DTYPES", "QuantizedLinear", "quantize_weight", "dequantize_weight", "weight_scheme",
+    "is_quantized_weight", "is_torchao_weight", "quantized_linear", "tensor_bytes", "is_bnb_module", "bnb_available",
+    "float_dtype", "prepare_load",
 ]
 
 SCHEMES = ("nf4", "int8")
@@ -39,6 +40,9 @@ BACKENDS = ("auto", "torchao", "bitsandbytes")
 #: true of every layer whose sizes are multiples of 128. torchao's own ops (clone, deepcopy) assume them.
 NF4_BLOCK, NF4_SCALER_BLOCK = 64, 256
 NF4_MULTIPLE = NF4_BLOCK * NF4_SCALER_BLOCK
+#: The dtypes a quantized weight dequantizes to, by the names accepted for them.
+FLOAT_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+                "float16": torch.float16, "fp16": torch.float16, "float64": torch.float64, "fp64": torch.float64}
 
 
 def _torchao():
@@ -90,6 +94,30 @@ def is_quantized_weight(weight: Optional[torch.Tensor]) -> bool:
     return weight_scheme(weight) is not None
 
 
+def is_torchao_weight(weight: Optional[torch.Tensor]) -> bool:
+    """Whether ``weight`` is a torchao quantized tensor (``NF4Tensor``/``Int8Tensor``), as ``quantize_weight`` makes."""
+    return type(weight).__name__ in ("NF4Tensor", "Int8Tensor")
+
+
+def float_dtype(value: Any, what: str = "dtype") -> torch.dtype:
+    """The float dtype ``value`` names: a ``torch.dtype`` or a string of :data:`FLOAT_DTYPES` (``"bf16"``, ...).
+
+    Raises:
+        ValueError / TypeError: Anything else (an integer dtype would turn every weight into rounded
+            integers), naming ``what``, the value and the accepted ones.
+    """
+    if isinstance(value, torch.dtype) and value in FLOAT_DTYPES.values():
+        return value
+    name = value.strip().lower().removeprefix("torch.") if isinstance(value, str) else None
+    if name in FLOAT_DTYPES:
+        return FLOAT_DTYPES[name]
+    accepted = (f"torch.float32, torch.bfloat16, torch.float16, torch.float64 or one of the strings "
+                f"{list(FLOAT_DTYPES)}")
+    error = ValueError if isinstance(value, (str, torch.dtype)) else TypeError
+    raise error(f"{what} got {value!r}: a quantized weight dequantizes to a float dtype only; use {accepted} "
+                "(None keeps the dtype each layer was quantized from)")
+
+
 def _check_weight(weight: torch.Tensor, scheme: str, name: str) -> None:
     if scheme not in SCHEMES:
         raise ValueError(f"quantize scheme {scheme!r} is not supported; use one of {SCHEMES}")
@@ -138,6 +166,8 @@ def dequantize_weight(weight: torch.Tensor, dtype: Optional[torch.dtype] = None,
     ``module``: the bitsandbytes ``Linear8bitLt`` holding an ``Int8Params`` weight (its row scales move
     from the weight to the module's state at the first forward).
     """
+    if dtype is not None:
+        dtype = float_dtype(dtype, "dequantize_weight(weight, dtype)")
     name = type(weight).__name__
     with torch.no_grad():
         if name == "NF4Tensor":
@@ -180,6 +210,37 @@ def quantized_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch
         return F.linear(x, weight, bias)  # inference, or the first layer: the backend's op as is
     out = _QuantizedMatmul.apply(x, weight)
     return out if bias is None else out + bias
+
+
+def prepare_load(weight: torch.Tensor, value: Any, key: str) -> tuple[Any, Optional[str]]:
+    """What ``load_state_dict`` should copy into the torchao quantized ``weight`` for ``value``, or why it cannot.
+
+    A float tensor of the weight's shape is quantized with the weight's scheme as it loads (as a float32
+    tensor loaded into a bfloat16 parameter is rounded); a tensor quantized the same way loads as it is;
+    one quantized otherwise (another scheme, bitsandbytes) or an integer tensor cannot load.
+
+    Returns:
+        ``(value to load, None)``, or ``(value, the problem)`` naming ``key`` and the fix. Shapes that
+        differ are left to ``load_state_dict``'s own size-mismatch report.
+    """
+    if not isinstance(value, torch.Tensor) or value is weight:
+        return value, None
+    scheme, incoming = weight_scheme(weight), weight_scheme(value)
+    if type(value) is type(weight):
+        return value, None
+    if incoming is not None:
+        bnb = type(value).__name__ in ("Params4bit", "Int8Params")
+        how = f"{incoming!r}" + (", backend='bitsandbytes'" if bnb else "")
+        return value, (f"{key}: the state dict holds a {incoming} weight ({type(value).__name__}), this model's is "
+                       f"{scheme} ({type(weight).__name__}); save the source's state dict after "
+                       "dequantize_base(source_model) (a float weight is quantized as it loads), or quantize this "
+                       f"model the same way: dequantize_base(model), then quantize_base(model, {how})")
+    if tuple(value.shape) != tuple(weight.shape) or value.device.type == "meta":
+        return value, None
+    if not value.dtype.is_floating_point:
+        return value, (f"{key}: the state dict holds a {value.dtype} tensor; a quantized ({scheme}) weight loads a "
+                       f"float tensor (quantized as it loads) or a {scheme} one")
+    return quantize_weight(value.detach().to(device=weight.device, dtype=weight.dtype), scheme, key), None
 
 
 def tensor_bytes(tensor: Optional[torch.Tensor]) -> int:
@@ -237,6 +298,18 @@ class QuantizedLinear(nn.Linear):
         if not is_quantized_weight(self.weight):
             return F.linear(x, self.weight, self.bias)
         return quantized_linear(x, self.weight, self.bias)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs) -> None:
+        """A float ``weight`` is quantized as it loads; another quantization is refused (:func:`prepare_load`)."""
+        key = prefix + "weight"
+        if key in state_dict and is_torchao_weight(self.weight):
+            value, problem = prepare_load(self.weight, state_dict[key], key)
+            if problem is not None:
+                raise ValueError(f"load_state_dict refused: {problem}")
+            state_dict[key] = value  # torch's own copy of the caller's dict
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", scheme={self.scheme}"

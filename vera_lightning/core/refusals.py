@@ -14,6 +14,10 @@ The checks here are called by :mod:`vera_lightning.ops.inject`, :mod:`vera_light
   ``apply_vera`` on a meta model keeps the adapter on meta and the adapter re-initialises itself
   (projections re-drawn from the seed, λ's set to their initial values) when ``to_empty``
   materialises it (:func:`materialised`).
+* **open blocks** (``disable_adapter``/``adapter_batch``): merge, unmerge, unload, load, set, delete and
+  re-adding a held name refuse while one is open, with the one check
+  :func:`~vera_lightning.core.adapter.check_no_open_block` (it lives beside the state it reads, in
+  :mod:`vera_lightning.core.adapter`, which imports this module).
 * **targets** VeRA cannot honour: a matched module that is not ``nn.Linear``/``Conv1D``,
   ``nn.MultiheadAttention.out_proj`` (MHA reads its weight directly and never calls it),
   ``layers_to_transform`` indices the model does not have, an ``r`` whose projections do not

@@ -31,20 +31,24 @@ with ``F`` the float32 GEMM rate, ``BW`` the elementwise bandwidth and ``τ`` th
 overhead of the device, fitted by ``scripts/calibrate_cost.py`` to measured per-path times (the
 values and the run that produced them are in :data:`MACHINES` and ``docs/perf.md``).
 
-Memory preference (``set_vera_path(model, "auto", memory=...)``): ``"lean"`` (default) allows only
-paths that save no more than ``x`` once per group (``lean``, ``merged``, and ``save_h`` when
-``r·4 ≤ in·bytes(x)``); ``"speed"`` allows every path, PEFT's graph included.
+Memory preference (``set_vera_path(model, "auto", memory=...)``): ``"lean"`` (default) allows
+``lean`` and ``merged`` (``x`` once per group, the least an exact form that recomputes keeps, and
+often a tensor the base model keeps anyway, e.g. the output of a ReLU) and ``save_h`` where ``h``
+is no larger than ``x`` and at most :data:`LEAN_SHARE` (¼) of what PEFT's graph keeps for the group;
+never ``plain``, which keeps PEFT's ``h`` and ``u`` per layer. ``"speed"`` allows every path.
 
 The choice is made by the first layer of a group (its leader) for the group it saw the last
 time (:class:`vera_lightning.forward.sharing.SiblingPlans`); siblings follow the leader's path, so
-``x``/``h`` stay shared.
+``x``/``h`` stay shared. :func:`group_of` says which group a leader prices (:class:`Group`);
+:func:`choose_path` prices it with :data:`MACHINES`, :mod:`vera_lightning.forward.autotune` measures
+the candidates instead (the cost model then only orders and prunes them).
 """
 
 from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Sequence, Union
 
 import torch
 
@@ -53,11 +57,13 @@ from vera_lightning.forward.protocol import HALF_DTYPES
 if TYPE_CHECKING:  # pragma: no cover
     from vera_lightning.forward.protocol import AdaptedLayer
 
-__all__ = ["MEMORY_PREFERENCES", "Machine", "MACHINES", "path_terms", "path_costs", "saved_bytes", "allowed_paths",
-           "best_path", "choose_path"]
+__all__ = ["MEMORY_PREFERENCES", "CHOICES", "LEAN_SHARE", "Machine", "MACHINES", "Group", "path_terms", "path_costs",
+           "saved_bytes", "allowed_paths", "best_path", "group_of", "choose_path"]
 
 MEMORY_PREFERENCES = ("lean", "speed")
 CHOICES = ("lean", "save_h", "merged", "plain")
+#: ``memory="lean"``: ``save_h`` keeps ``h`` only where that is at most this share of PEFT's ``h`` + ``u``.
+LEAN_SHARE = 0.25
 
 
 @dataclass(frozen=True)
@@ -140,10 +146,14 @@ def saved_bytes(n: int, in_features: int, outs: Sequence[int], r: int, dtype: to
 
 def allowed_paths(n: int, in_features: int, outs: Sequence[int], r: int, dtype: torch.dtype, memory: str,
                   merged_ok: bool = True) -> list[str]:
-    """The paths ``memory`` allows (``"lean"``: no more saved than ``x`` once per group).
+    """The paths ``memory`` allows, in the order of :data:`CHOICES`.
 
-    ``merged_ok=False`` (a quantized base: the merged form would need a dequantized ``W0``) leaves
-    ``merged`` out.
+    ``"lean"``: ``lean`` and ``merged`` (``x`` once per group), ``save_h`` where ``h`` is no larger
+    than ``x`` and at most :data:`LEAN_SHARE` of PEFT's ``h`` + ``u`` for the group, never ``plain``
+    (PEFT's own graph: all of PEFT's memory; it used to be allowed where ``h`` + ``u`` is smaller than
+    ``x``, e.g. fc2, but there ``x`` is usually kept by the base model already, so it only added).
+    ``"speed"``: every path. ``merged_ok=False`` (a quantized base: the merged form would need a
+    dequantized ``W0``) leaves ``merged`` out.
     """
     if memory not in MEMORY_PREFERENCES:
         raise ValueError(f"memory={memory!r}: must be one of {MEMORY_PREFERENCES}")
@@ -151,7 +161,8 @@ def allowed_paths(n: int, in_features: int, outs: Sequence[int], r: int, dtype: 
     if memory == "speed":
         return choices
     saved = saved_bytes(n, in_features, outs, r, dtype)
-    return [p for p in choices if saved[p] <= saved["lean"]]
+    h_ok = saved["save_h"] <= min(saved["lean"], LEAN_SHARE * saved["plain"])
+    return [p for p in choices if p in ("lean", "merged") or (p == "save_h" and h_ok)]
 
 
 def best_path(n: int, in_features: int, outs: Sequence[int], r: int, dtype: torch.dtype, device_type: str = "cpu",
@@ -167,12 +178,57 @@ def _best_path(n, in_features, outs, r, dtype, device_type, memory, merged_ok) -
     return min(allowed_paths(n, in_features, outs, r, dtype, memory, merged_ok), key=lambda p: costs[p])
 
 
-def choose_path(layer: "AdaptedLayer", x: torch.Tensor) -> str:
-    """The path ``"auto"`` takes for this forward of ``layer`` (autograd recording, no active dropout).
+@dataclass(frozen=True)
+class Group:
+    """The sibling group a leader prices: what the cost model and the tuner decide for.
 
-    A layer that reads the input a sibling already read takes that sibling's path (so the
-    shared ``x``/``h`` is reused); otherwise it leads a group and prices it with the siblings it
-    saw the last time. A quantized base never takes ``merged``.
+    Attributes:
+        n: Tokens (rows of ``x``).
+        in_features: The group's input features.
+        outs: Output features, the leader's first.
+        r: Rank.
+        dtype: The dtype the base matmuls run in (the autocast dtype under autocast).
+        device: Where ``x`` lives.
+        memory: The leader's memory preference.
+        merged_ok: ``False`` over a quantized base (no merged form).
+        grad_x: Whether ``x`` requires grad (``grad x`` is part of the backward).
+        learned: Whether the leader has led a forward before, so ``outs`` holds its siblings.
+        autocast: Whether ``dtype`` comes from autocast (the weights are cast per forward).
+    """
+
+    n: int
+    in_features: int
+    outs: tuple[int, ...]
+    r: int
+    dtype: torch.dtype
+    device: torch.device
+    memory: str
+    merged_ok: bool
+    grad_x: bool
+    learned: bool
+    autocast: bool = False
+
+    def allowed(self) -> list[str]:
+        """:func:`allowed_paths` for this group."""
+        return allowed_paths(self.n, self.in_features, self.outs, self.r, self.dtype, self.memory, self.merged_ok)
+
+    def costs(self) -> dict[str, float]:
+        """:func:`path_costs` for this group with its device type's constants."""
+        machine = MACHINES.get(self.device.type, MACHINES["cuda"])
+        return path_costs(self.n, self.in_features, self.outs, self.r, self.dtype, machine)
+
+    def best(self) -> str:
+        """The cost model's choice (:func:`best_path`)."""
+        return best_path(self.n, self.in_features, self.outs, self.r, self.dtype, self.device.type, self.memory,
+                         self.merged_ok)
+
+
+def group_of(layer: "AdaptedLayer", x: torch.Tensor) -> Union[str, Group]:
+    """The path of the sibling ``layer`` follows, or the :class:`Group` it leads on ``x``.
+
+    A layer that reads the input a sibling already read takes that sibling's path (so the shared
+    ``x``/``h`` is reused); otherwise it leads a group, with the siblings it saw the last time
+    (:class:`~vera_lightning.forward.sharing.SiblingPlans`). A quantized base never takes ``merged``.
     """
     cache = layer.adapter.siblings
     a_s = layer.sliced_projections()[0]
@@ -182,11 +238,19 @@ def choose_path(layer: "AdaptedLayer", x: torch.Tensor) -> str:
             return "lean"  # cannot join a merged group; same values, its own h
         cache.plans.join(layer, x)
         return mode
+    learned = cache.plans.learned(layer)
     members = [m for m in cache.plans.lead(layer, x) if m.in_features == layer.in_features]
-    outs = [layer.out_features] + [m.out_features for m in members]
+    outs = (layer.out_features, *(m.out_features for m in members))
     n = x.numel() // x.shape[-1] if x.dim() else 1
     dtype = layer.weight.dtype if layer.weight.dtype.is_floating_point else layer.lambdas()[1].dtype
-    if torch.is_autocast_enabled(x.device.type):
+    autocast = torch.is_autocast_enabled(x.device.type)
+    if autocast:
         dtype = torch.get_autocast_dtype(x.device.type)
-    return best_path(n, layer.in_features, outs, layer.r, dtype, x.device.type, layer.vera_memory,
-                     merged_ok=not layer.base_is_quantized)
+    return Group(n, layer.in_features, outs, layer.r, dtype, x.device, layer.vera_memory,
+                 not layer.base_is_quantized, x.requires_grad, learned, autocast)
+
+
+def choose_path(layer: "AdaptedLayer", x: torch.Tensor) -> str:
+    """The cost model's path for this forward of ``layer`` (autograd recording, no active dropout)."""
+    group = group_of(layer, x)
+    return group if isinstance(group, str) else group.best()

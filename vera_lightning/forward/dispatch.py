@@ -15,12 +15,14 @@ differ in what autograd keeps for backward (see :mod:`vera_lightning.forward.low
 ``off``     no update at all: the base layer's output (``disable_adapter``)
 ==========  ==============================================================================
 
-``auto`` (the default) asks the cost model (:mod:`vera_lightning.forward.cost`) for the cheapest of
-``lean``/``save_h``/``merged`` (``plain`` too with ``memory="speed"``) when autograd records and
-no dropout is active. A new path is one :class:`VeraPath` member and one entry in
-:data:`PATH_TABLE`; a path that computes the base product itself is also in :data:`REPLACES_BASE`
-(its entry gets ``None`` for the base output). Tests and diagnostics
-observe the chosen paths with :class:`record_paths`; nothing is written on the layer per call.
+``auto`` (the default) takes, when autograd records and no dropout is active, the fastest of the
+paths the memory preference allows (``lean``/``save_h``/``merged``; ``plain`` too with
+``memory="speed"``): measured once per sibling-group shape by :mod:`vera_lightning.forward.autotune`,
+or estimated by the cost model (:mod:`vera_lightning.forward.cost`) when tuning is off. A new path
+is one :class:`VeraPath` member and one entry in :data:`PATH_TABLE`; a path that computes the base
+product itself is also in :data:`REPLACES_BASE` (its entry gets ``None`` for the base output).
+Tests and diagnostics observe the chosen paths with :class:`record_paths`; nothing is written on
+the layer per call.
 ``mixed`` and ``off`` are forced on every layer while their context is open
 (``VeraAdapter.forced_path``); the ``mixed`` entry is :mod:`vera_lightning.forward.mixed`'s.
 Every path reads the active adapter's λ's through ``layer.lambdas()``.
@@ -34,14 +36,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vera_lightning.forward import cost
+from vera_lightning.forward import autotune
 from vera_lightning.forward.lowrank import ProjectIn, SiblingGroup, VeraUpdate
 from vera_lightning.forward.merged import merged_forward
 from vera_lightning.forward.mixed import mixed_update
 from vera_lightning.forward.protocol import AdaptedLayer, VeraPath
 
 __all__ = [
-    "VeraPath", "PATHS", "PATH_TABLE", "REPLACES_BASE", "choose_path", "vera_forward", "record_paths",
+    "VeraPath", "PATHS", "PATH_TABLE", "REPLACES_BASE", "choose_path", "apply_path", "vera_forward", "record_paths",
 ]
 
 
@@ -64,7 +66,7 @@ def choose_path(layer: AdaptedLayer, x: torch.Tensor) -> VeraPath:
     if not records:
         return VeraPath.nograd
     if wanted is VeraPath.auto:
-        return VeraPath(cost.choose_path(layer, x))
+        return VeraPath(autotune.choose_path(layer, x, apply_path))
     if wanted is VeraPath.merged and layer.base_is_quantized:
         return VeraPath.lean  # the merged form needs a dequantized W0 (set_vera_path refuses; quantize_base came later)
     return wanted
@@ -143,14 +145,19 @@ REPLACES_BASE: frozenset[VeraPath] = frozenset({VeraPath.merged})
 _recorders: list["record_paths"] = []
 
 
+def apply_path(layer: AdaptedLayer, x: torch.Tensor, path: VeraPath) -> torch.Tensor:
+    """``layer``'s output for ``x`` on ``path`` (the base forward, unless the path replaces it, then the entry)."""
+    result = None if path in REPLACES_BASE else layer.base_forward(x)
+    return PATH_TABLE[path](layer, result, x)
+
+
 def vera_forward(layer: AdaptedLayer, x: torch.Tensor) -> torch.Tensor:
     """The adapted layer's output for ``x`` (base plus VeRA update), by the path :func:`choose_path` picks."""
     path = choose_path(layer, x)
     if _recorders and not torch.compiler.is_compiling():
         for recorder in _recorders:
             recorder[layer] = path
-    result = None if path in REPLACES_BASE else layer.base_forward(x)
-    return PATH_TABLE[path](layer, result, x)
+    return apply_path(layer, x, path)
 
 
 class record_paths(dict):

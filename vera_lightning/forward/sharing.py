@@ -122,6 +122,10 @@ class SiblingPlans:
         self._open = (weakref.ref(leader), weakref.ref(x), [])
         return self._alive(plan)
 
+    def learned(self, leader: Any) -> bool:
+        """Whether ``leader`` has led a forward before (its plan, possibly empty, is known)."""
+        return leader in self._plan or (self._open is not None and self._open[0]() is leader)
+
     def current(self, leader: Any) -> list:
         """The siblings ``leader``'s latest :meth:`lead` said to expect."""
         return self._alive(self._used.get(leader, ()))

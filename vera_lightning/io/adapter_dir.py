@@ -32,13 +32,13 @@ import torch
 from torch import nn
 
 from vera_lightning.config import VeraConfig
-from vera_lightning.core.adapter import DEFAULT_ADAPTER, VeraAdapter, check_adapter_name
+from vera_lightning.core.adapter import DEFAULT_ADAPTER, VeraAdapter, check_adapter_name, check_no_open_block
 from vera_lightning.core.finite import META_FORMAT, NonFiniteError, file_problems, nonfinite_names, warn_dtype_changes
 from vera_lightning.core.lookup import Adapted, adapter_root, find_adapted
 from vera_lightning.core.messages import shorten
 from vera_lightning.core.refusals import check_not_merged, check_not_meta
 from vera_lightning.forward.protocol import HALF_DTYPES
-from vera_lightning.io import atomic
+from vera_lightning.io import atomic, reads
 from vera_lightning.io import peft_format as fmt
 from vera_lightning.io.peft_format import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME
 from vera_lightning.ops.inject import apply_vera
@@ -59,7 +59,9 @@ def save_adapter(
     Args:
         model: An adapted model (names in the file are relative to it; pass the
             ``transformers`` model, not a LightningModule wrapping it, for PEFT interop).
-        directory: Target directory; created, or replaced if it holds only adapter files.
+        directory: Target directory; created, or replaced if it holds only adapter files. In PEFT's layout
+            for several adapters (the primary one in ``root``, each other in ``root/<name>``), re-saving to
+            ``root`` keeps the ``<name>/`` folders byte for byte (see :mod:`vera_lightning.io.atomic`).
         base_model_name_or_path: Recorded in ``adapter_config.json`` (PEFT uses it to find the base).
         adapter_name: Which named adapter to write (default: the active one). The file has the same
             keys for every name (PEFT's layout); see :mod:`vera_lightning.ops.named`.
@@ -138,11 +140,13 @@ def load_adapter(model: nn.Module, directory: PathLike, adapter_name: Optional[s
 
     Raises:
         FileNotFoundError: If the directory or its files are missing.
-        ValueError: Naming every problem found in the adapter (one error, model unchanged).
+        ValueError: Naming every problem found in the adapter (one error, model unchanged); inside an open
+            ``disable_adapter``/``adapter_batch`` block (it would change what the block serves), or on merged layers.
     """
     directory = os.fspath(directory)
     found = adapted_for(model, f"load_adapter({directory!r})")
     adapter = found.adapter if found is not None else None
+    check_no_open_block(adapter, f"load_adapter({directory!r})")  # it would change what the block serves
     check_not_merged(found.layers if found is not None else (), f"load_adapter({directory!r}) refused, the model was "
                      "not changed", "their weights hold W0 + the current adapter's update: a loaded adapter would not "
                      "take effect and a later unmerge would subtract the wrong update",
@@ -208,13 +212,13 @@ def _adapter_directory(directory: str, name: str) -> str:
 def _read_files(directory: str) -> dict[str, Optional[bytes]]:
     """Both files (and whether pickles are there) from one version of the directory."""
     try:
-        return atomic.read_files(directory, (ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME) + _PICKLES)
+        return reads.read_files(directory, (ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME) + _PICKLES)
     except (FileNotFoundError, NotADirectoryError):
         raise FileNotFoundError(
             f"load_adapter: {directory!r} is not a directory (expected an adapter directory holding "
             f"{ADAPTER_CONFIG_NAME} and {ADAPTER_WEIGHTS_NAME})"
         ) from None
-    except atomic.NotRegularFileError as err:
+    except reads.NotRegularFileError as err:
         raise ValueError(f"load_adapter: {err}") from None
 
 

@@ -1,13 +1,13 @@
-"""Crash-safe, serialised replacement of a directory, and consistent reads of one.
+"""Crash-safe, serialised replacement of a directory, and what an adapter directory may hold.
 
 The promise (used by :func:`vera_lightning.save_adapter`): at every instant a reader or a crash
 can observe, ``<parent>/<name>`` holds a complete directory, the previous version or the new one.
 
 Writing, :func:`replace_directory` under :func:`locked`:
 
-1. **Lock.** ``fcntl.flock`` on the parent directory (a lock file ``<parent>/.vera-lock`` where the
-   file system cannot lock directories). Concurrent writers, threads or processes, wait for each
-   other; after ``timeout`` seconds the waiting one raises ``TimeoutError`` and writes nothing.
+1. **Lock** (:mod:`vera_lightning.io.locks`): ``fcntl.flock`` on the parent directory. Concurrent
+   writers, threads or processes, wait for each other; after ``timeout`` seconds the waiting one
+   raises ``TimeoutError`` and writes nothing.
 2. **Clean leftovers** of saves that were killed (:func:`clean_leftovers`): the staging area
    ``<parent>/.<name>.vera-tmp/`` is deleted; if a kill left ``<name>`` missing and the previous
    version parked there, that version is renamed back first. The lock guarantees no live writer
@@ -19,13 +19,15 @@ Writing, :func:`replace_directory` under :func:`locked`:
    is deleted. Where the exchange is unavailable (other systems, some network file systems) the
    fallback is two renames: the previous version is parked at ``.<name>.vera-tmp/old`` and the new
    one renamed in. Between the two the path is absent for an instant; a reader then reads the
-   parked version (see below) and the next save puts it back if a crash happened there.
+   parked version (:mod:`vera_lightning.io.reads`) and the next save puts it back if a crash
+   happened there.
 
-Reading, :func:`read_files`: the directory is opened once and every file is opened relative to
-that descriptor, so all files come from one version even if a writer swaps the path meanwhile
-(published versions are never modified, only deleted; a file that vanished means the version was
-replaced, and the read starts again on the new one). Only regular files are read: a FIFO or a
-device (``/dev/zero``) is refused without blocking.
+An adapter directory (:func:`check_target_dir`) holds ``adapter_config.json`` and
+``adapter_model.safetensors``, PEFT's model card ``README.md`` (carried over, never deleted) and, in
+PEFT's layout for several adapters, named adapters' folders ``<name>/`` (:func:`sub_adapters`). Saving
+into such a root (:func:`write_adapter_files`) replaces its files and keeps those folders byte for byte
+(hard links to the same files) while holding the lock their own saves take; anything else in the
+directory is refused before anything is written.
 """
 
 from __future__ import annotations
@@ -37,76 +39,25 @@ import json
 import os
 import shutil
 import stat
-import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from typing import Any, Optional
 
+from vera_lightning.core.adapter import check_adapter_name
+from vera_lightning.io.locks import LOCK_FILE, locked, locked_subfolders
 from vera_lightning.io.peft_format import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME
 
-try:
-    import fcntl
-except ImportError:  # pragma: no cover - Windows: no locking
-    fcntl = None  # type: ignore[assignment]
-
-__all__ = ["locked", "replace_directory", "clean_leftovers", "read_files", "staging_root", "NotRegularFileError",
-           "check_target_dir", "write_adapter_files", "ADAPTER_FILES", "MODEL_CARD"]
+__all__ = ["replace_directory", "clean_leftovers", "staging_root", "check_target_dir", "sub_adapters",
+           "write_adapter_files", "ADAPTER_FILES", "MODEL_CARD"]
 
 _STAGING = ".vera-tmp"
 _RENAME_EXCHANGE = 2
 _AT_FDCWD = -100
 
 
-class NotRegularFileError(ValueError):
-    """A path that should be a regular file is a FIFO, a device, a socket or a directory."""
-
-
 def staging_root(directory: str) -> str:
     """``<parent>/.<name>.vera-tmp``: where a save of ``directory`` stages its new version."""
     parent, name = os.path.split(os.path.abspath(directory))
     return os.path.join(parent, f".{name}{_STAGING}")
-
-
-# ---------------------------------------------------------------------- locking
-@contextlib.contextmanager
-def locked(directory: str, timeout: float = 120.0) -> Iterator[None]:
-    """Hold the exclusive save lock of ``directory``'s parent (which must exist).
-
-    Raises:
-        TimeoutError: If another writer holds it for more than ``timeout`` seconds.
-    """
-    if fcntl is None:  # pragma: no cover
-        yield
-        return
-    parent = os.path.dirname(os.path.abspath(directory))
-    fd = os.open(parent, os.O_RDONLY)
-    try:
-        try:
-            _flock(fd, parent, timeout)
-        except OSError as err:
-            if isinstance(err, TimeoutError) or err.errno not in (errno.EBADF, errno.EINVAL, errno.ENOLCK,
-                                                                  errno.EOPNOTSUPP):
-                raise
-            os.close(fd)  # the file system cannot lock a directory: use a lock file beside it
-            fd = os.open(os.path.join(parent, ".vera-lock"), os.O_RDWR | os.O_CREAT, 0o644)
-            _flock(fd, parent, timeout)
-        yield
-    finally:
-        os.close(fd)  # closing releases the lock
-
-
-def _flock(fd: int, parent: str, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            return
-        except BlockingIOError:
-            if time.monotonic() > deadline:
-                raise TimeoutError(
-                    f"another process has been saving into {parent!r} for more than {timeout:.0f} s (it holds the "
-                    "save lock); nothing was written. Wait for it to finish, or save into another directory"
-                ) from None
-            time.sleep(0.02)
 
 
 # ---------------------------------------------------------------------- writing
@@ -146,9 +97,24 @@ def _fsync_dir(path: str) -> None:
 
 def _fsync_files(directory: str) -> None:
     for name in os.listdir(directory):
-        with open(os.path.join(directory, name), "rb") as fh:
+        path = os.path.join(directory, name)
+        if os.path.isdir(path):  # a sub-adapter folder carried over
+            _fsync_files(path)
+            continue
+        with open(path, "rb") as fh:
             os.fsync(fh.fileno())
     _fsync_dir(directory)
+
+
+def _link_folder(source: str, target: str) -> None:
+    """``target``: a new folder holding ``source``'s files as hard links (published versions are never modified in
+    place, only replaced, so sharing their files is safe), or copies where the file system cannot link."""
+    os.mkdir(target)
+    for name in os.listdir(source):
+        try:
+            os.link(os.path.join(source, name), os.path.join(target, name))
+        except OSError:
+            shutil.copy2(os.path.join(source, name), os.path.join(target, name))
 
 
 def clean_leftovers(directory: str, own_files: Iterable[str]) -> None:
@@ -174,7 +140,9 @@ def clean_leftovers(directory: str, own_files: Iterable[str]) -> None:
         shutil.rmtree(root, ignore_errors=True)
 
 
-def replace_directory(directory: str, fill: Callable[[str], None], carry: Iterable[str] = ()) -> None:
+def replace_directory(
+    directory: str, fill: Callable[[str], None], carry: Iterable[str] = (), keep_folders: Iterable[str] = ()
+) -> None:
     """Replace ``directory`` by a new version written by ``fill(staging_dir)``, atomically.
 
     Call under :func:`locked`. If anything fails before the new version is published, the
@@ -184,6 +152,8 @@ def replace_directory(directory: str, fill: Callable[[str], None], carry: Iterab
         directory: The path to (re)place; its parent must exist.
         fill: Writes the new version's files into the directory it is given.
         carry: Names copied from the previous version when ``fill`` did not write them (a README).
+        keep_folders: Subfolders of the previous version (holding files only) that the new version holds unchanged
+            (named sub-adapters); hold :func:`locked_subfolders` so that no save into them runs meanwhile.
     """
     root = staging_root(directory)
     new = os.path.join(root, "new")
@@ -195,6 +165,8 @@ def replace_directory(directory: str, fill: Callable[[str], None], carry: Iterab
             previous = os.path.join(directory, name)
             if os.path.isfile(previous) and not os.path.lexists(os.path.join(new, name)):
                 shutil.copy2(previous, os.path.join(new, name))
+        for name in keep_folders:
+            _link_folder(os.path.join(directory, name), os.path.join(new, name))
         _fsync_files(new)
         if not os.path.isdir(directory):
             os.rename(new, directory)
@@ -217,25 +189,64 @@ ADAPTER_FILES = frozenset({ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME})
 MODEL_CARD = "README.md"  # PEFT's save_pretrained writes one; kept (never deleted) when we replace the adapter
 
 
+def _is_adapter_folder(path: str) -> bool:
+    """A real folder holding ``adapter_config.json``, and else only adapter files and a model card, all regular."""
+    if os.path.islink(path) or not os.path.isdir(path):
+        return False
+    entries = os.listdir(path)
+    return (ADAPTER_CONFIG_NAME in entries and set(entries) <= ADAPTER_FILES | {MODEL_CARD}
+            and all(stat.S_ISREG(os.lstat(os.path.join(path, e)).st_mode) for e in entries))
+
+
+def _own_staging(entry: str) -> Optional[str]:
+    """The sub-adapter name whose save stages in ``entry`` (``.<name>.vera-tmp``), or ``None``."""
+    name = entry[1:-len(_STAGING)] if entry.startswith(".") and entry.endswith(_STAGING) else ""
+    return name if _is_adapter_name(name) else None
+
+
+def _is_adapter_name(name: str) -> bool:
+    try:
+        check_adapter_name(name, "")
+    except ValueError:
+        return False
+    return True
+
+
+def sub_adapters(directory: str) -> list[str]:
+    """Names of the named-adapter folders ``directory`` holds: PEFT's ``save_pretrained`` layout with several
+    adapters, ``<root>/<name>/`` (``name`` a valid adapter name, the folder holding only adapter files)."""
+    if not os.path.isdir(directory) or os.path.islink(directory):
+        return []
+    return sorted(e for e in os.listdir(directory)
+                  if _is_adapter_name(e) and _is_adapter_folder(os.path.join(directory, e)))
+
+
 def check_target_dir(directory: str) -> None:
-    """Refuse to replace ``directory`` unless it is absent or holds only adapter files (and PEFT's model card)."""
+    """Refuse to replace ``directory`` unless it is absent or an adapter directory: adapter files, PEFT's model card
+    (with them), named sub-adapter folders (:func:`sub_adapters`) and what saves into those leave (their staging
+    area and lock file)."""
     if os.path.lexists(directory):
         if not os.path.isdir(directory):
             raise ValueError(f"save_adapter: {directory!r} exists and is not a directory; choose another path")
         entries = set(os.listdir(directory))
-        foreign = entries - ADAPTER_FILES
-        if entries & ADAPTER_FILES:
+        subs = set(sub_adapters(directory))
+        foreign = {e for e in entries - ADAPTER_FILES - subs - {LOCK_FILE} if _own_staging(e) is None}
+        if entries & ADAPTER_FILES or subs:
             foreign.discard(MODEL_CARD)  # the model card of a PEFT-written adapter: carried over, not deleted
         if foreign:
             raise ValueError(
                 f"save_adapter refuses to replace {directory!r}: it holds {sorted(foreign)[:5]}, which are not adapter "
-                f"files ({sorted(ADAPTER_FILES)}); nothing was changed. Choose an empty or new directory"
+                f"files ({sorted(ADAPTER_FILES)}) nor named adapters' folders (<name>/ holding only adapter files); "
+                "nothing was changed. Choose an empty or new directory"
             )
 
 
 def write_adapter_files(directory: str, config: dict[str, Any], tensors: dict, metadata: dict[str, str]) -> None:
     """Write ``adapter_config.json`` and ``adapter_model.safetensors`` to ``directory``: check the target, then
     replace it atomically under the save lock (:func:`check_target_dir`, :func:`locked`, :func:`replace_directory`).
+
+    The named adapters' folders it holds (:func:`sub_adapters`) stay, byte for byte, in the new version; saves
+    into them wait meanwhile (:func:`locked_subfolders`), so none is lost.
 
     Raises:
         ValueError: From :func:`check_target_dir`.
@@ -256,8 +267,12 @@ def write_adapter_files(directory: str, config: dict[str, Any], tensors: dict, m
         os.makedirs(os.path.dirname(os.path.abspath(directory)), exist_ok=True)
         with locked(directory):
             clean_leftovers(directory, ADAPTER_FILES)
-            check_target_dir(directory)
-            replace_directory(directory, fill, carry=(MODEL_CARD,))
+            with locked_subfolders(directory):
+                check_target_dir(directory)
+                for entry in sorted(os.listdir(directory)) if os.path.isdir(directory) else ():
+                    if _own_staging(entry) is not None:  # a killed save of a sub-adapter (its lock is held here)
+                        clean_leftovers(os.path.join(directory, _own_staging(entry)), ADAPTER_FILES)
+                replace_directory(directory, fill, carry=(MODEL_CARD,), keep_folders=sub_adapters(directory))
     except TimeoutError:
         raise
     except OSError as err:
@@ -267,69 +282,3 @@ def write_adapter_files(directory: str, config: dict[str, Any], tensors: dict, m
         raise (type(err)(err.errno, message) if err.errno else type(err)(message)) from None
 
 
-# ---------------------------------------------------------------------- reading
-class _Replaced(Exception):
-    """The version being read was replaced by a writer; read again."""
-
-
-def _kind(mode: int) -> str:
-    for test, name in ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"), (stat.S_ISBLK,
-                       "a block device"), (stat.S_ISSOCK, "a socket"), (stat.S_ISDIR, "a directory")):
-        if test(mode):
-            return name
-    return "not a regular file"
-
-
-def _read_one(dir_fd: int, name: str, shown: str, opened: str) -> Optional[bytes]:
-    try:
-        fd = os.open(name, os.O_RDONLY | os.O_NONBLOCK, dir_fd=dir_fd)
-    except FileNotFoundError:
-        try:
-            if os.stat(opened).st_ino != os.fstat(dir_fd).st_ino:
-                raise _Replaced from None
-        except FileNotFoundError:
-            raise _Replaced from None
-        return None
-    try:
-        info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode):
-            raise NotRegularFileError(
-                f"{shown} is {_kind(info.st_mode)}, not a regular file; an adapter file must be a regular file "
-                "(re-save the adapter)"
-            )
-        chunks = []
-        while True:
-            chunk = os.read(fd, 1 << 24)
-            if not chunk:
-                return b"".join(chunks)
-            chunks.append(chunk)
-    finally:
-        os.close(fd)
-
-
-def read_files(directory: str, names: Iterable[str], attempts: int = 50) -> dict[str, Optional[bytes]]:
-    """Read ``names`` from one version of ``directory``: ``{name: bytes, or None if absent}``.
-
-    Raises:
-        FileNotFoundError: If ``directory`` does not exist (and no save parked a version of it).
-        NotADirectoryError: If it is not a directory.
-        NotRegularFileError: If one of the files is a FIFO, a device, a socket or a directory.
-    """
-    names = list(names)
-    for _ in range(attempts):
-        source = directory
-        if not os.path.lexists(directory) and os.path.isdir(os.path.join(staging_root(directory), "old")):
-            source = os.path.join(staging_root(directory), "old")  # a fallback swap is (or was killed) mid-way
-        try:
-            dir_fd = os.open(source, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-        except FileNotFoundError:
-            if source != directory:
-                continue  # the parked version was just renamed back: read again
-            raise
-        try:
-            return {name: _read_one(dir_fd, name, os.path.join(directory, name), source) for name in names}
-        except _Replaced:
-            continue
-        finally:
-            os.close(dir_fd)
-    raise OSError(errno.EAGAIN, f"{directory!r} kept being replaced while it was read ({attempts} attempts)")

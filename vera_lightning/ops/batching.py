@@ -28,6 +28,10 @@ Choices, and why:
   Train one adapter at a time with :func:`vera_lightning.set_adapter`.
 * Merged layers are refused (their weight holds one adapter's update), as is nesting inside
   ``disable_adapter`` or another ``adapter_batch``. Active dropout (training mode) is applied per layer.
+* **The open block is a state.** The λ's are gathered when the block opens, so what would change them or
+  the rows' adapters (``merge_vera``, ``unmerge_vera``, ``unload_vera``, ``load_adapter``, ``set_adapter``,
+  ``delete_adapter``, ``add_adapter`` of a held name) is refused inside it, before any change, naming the
+  block (:func:`~vera_lightning.core.adapter.check_no_open_block`); ``add_adapter`` of a new name is allowed.
 """
 
 from __future__ import annotations
@@ -94,7 +98,8 @@ def adapter_batch(model: nn.Module, names: Sequence[Optional[str]]) -> Iterator[
 
     Raises:
         ValueError: For unknown names, an empty list, merged layers or a nested block; inside the block,
-            for inputs whose first dimension is not the rows (see the module docstring).
+            for inputs whose first dimension is not the rows (see the module docstring), and for the
+            operations that would change what the block serves.
 
     Example::
 

@@ -13,7 +13,13 @@ import torch
 from torch import nn
 
 from vera_lightning.config import BiasMode, VeraConfig
-from vera_lightning.core.adapter import ADAPTER_ATTR, DEFAULT_ADAPTER, VeraAdapter, check_adapter_name
+from vera_lightning.core.adapter import (
+    ADAPTER_ATTR,
+    DEFAULT_ADAPTER,
+    VeraAdapter,
+    check_adapter_name,
+    check_no_open_block,
+)
 from vera_lightning.core.layer import VeraLinear, is_conv1d, layer_shape
 from vera_lightning.core.lookup import locate_adapter, vera_layers
 from vera_lightning.core.qlinear import is_quantized_weight, merge_refusal
@@ -123,6 +129,7 @@ def apply_vera(model: nn.Module, config: VeraConfig, adapter_name: str = DEFAULT
         raise ValueError(f"{type(model).__name__} already has an attribute {ADAPTER_ATTR!r}; rename it")
     names = resolve_target_names(model, config)
     _refuse_quantized_modules_to_save(model, config)
+    _refuse_tied_modules_to_save(model, config)
     modules = {name: model.get_submodule(name) for name in names}
     if any(isinstance(m, VeraLinear) for m in modules.values()):
         raise ValueError("model holds VeraLinear layers but no vera_projections; it was not adapted by apply_vera")
@@ -173,6 +180,30 @@ def _refuse_quantized_modules_to_save(model: nn.Module, config: VeraConfig) -> N
         )
 
 
+def _refuse_tied_modules_to_save(model: nn.Module, config: VeraConfig) -> None:
+    """``modules_to_save`` train in place: refuse one sharing a weight with a module outside it (tied embeddings).
+
+    Training a tied ``lm_head`` would change the input embedding too (PEFT trains a copy of the head instead);
+    refusing keeps the input embedding and the saved file's meaning intact.
+    """
+    params = list(model.named_parameters(remove_duplicate=False))
+    problems = []
+    for name, module in modules_to_save_of(model, config.modules_to_save):
+        prefix = f"{name}." if name else ""
+        for own_name, param in module.named_parameters(remove_duplicate=False):
+            others = sorted(n for n, p in params if p is param and not n.startswith(prefix))
+            if others:
+                problems.append(f"{prefix}{own_name} is tied to {others}")
+    if problems:
+        first = problems[0].split(" ", 1)[0].rsplit(".", 1)[0]
+        raise ValueError(
+            f"VeraConfig.modules_to_save={config.modules_to_save!r} refused, the model was not changed: "
+            + "; ".join(problems) + ". Training it in full would change the tied module too. Untie first: "
+            f"model.{first}.weight = torch.nn.Parameter(model.{first}.weight.detach().clone()) (and, for a "
+            "transformers model, model.config.tie_word_embeddings = False), or leave it out of modules_to_save"
+        )
+
+
 def _refuse_quantized_merge(layers: list[tuple[str, VeraLinear]], what: str) -> None:
     for name, layer in layers:
         if layer.base_is_quantized and not layer.merged:
@@ -187,9 +218,11 @@ def merge_vera(model: nn.Module, safe_merge: bool = False) -> nn.Module:
 
     Raises:
         ValueError: Over a quantized base (:func:`~vera_lightning.quantize_base`), before any layer
-            changes: re-rounding W0+ΔW would lose the update; ``dequantize_base`` first.
+            changes: re-rounding W0+ΔW would lose the update; ``dequantize_base`` first. Inside an open
+            ``disable_adapter``/``adapter_batch`` block (its layers would serve ``W0 + ΔW`` to every row).
     """
     layers = list(vera_layers(model))
+    check_no_open_block(_adapter_of(layers), "merge_vera")
     _refuse_quantized_merge(layers, "merge_vera")
     check_untied(model, layers, "merge_vera")
     if safe_merge:
@@ -206,10 +239,21 @@ def merge_vera(model: nn.Module, safe_merge: bool = False) -> nn.Module:
 
 
 def unmerge_vera(model: nn.Module) -> nn.Module:
-    """Undo :func:`merge_vera` on every layer (idempotent). Returns ``model``."""
-    for _, layer in vera_layers(model):
+    """Undo :func:`merge_vera` on every layer (idempotent). Returns ``model``.
+
+    Raises:
+        ValueError: Inside an open ``disable_adapter``/``adapter_batch`` block (close it first).
+    """
+    layers = list(vera_layers(model))
+    check_no_open_block(_adapter_of(layers), "unmerge_vera")
+    for _, layer in layers:
         layer.unmerge()
     return model
+
+
+def _adapter_of(layers: list[tuple[str, VeraLinear]]) -> Optional[VeraAdapter]:
+    """The adapter ``layers`` refer to (one per model), read from the first (``None``: no layer)."""
+    return layers[0][1].adapter if layers else None
 
 
 def unload_vera(model: nn.Module, merge: bool = True) -> nn.Module:
@@ -225,9 +269,11 @@ def unload_vera(model: nn.Module, merge: bool = True) -> nn.Module:
         quantized layers unload to :class:`~vera_lightning.core.qlinear.QuantizedLinear` (or their bitsandbytes layer).
 
     Raises:
-        ValueError: ``merge=True`` over a quantized base, before anything changes (``dequantize_base`` first).
+        ValueError: ``merge=True`` over a quantized base, before anything changes (``dequantize_base`` first);
+            inside an open ``disable_adapter``/``adapter_batch`` block (close it first).
     """
     layers = list(vera_layers(model))
+    check_no_open_block(_adapter_of(layers), f"unload_vera(merge={merge})")
     if merge:
         _refuse_quantized_merge(layers, "unload_vera(merge=True)")
         check_untied(model, layers, "unload_vera(merge=True)")
@@ -257,14 +303,17 @@ def set_vera_path(
 
     Args:
         model: An adapted model (or a single ``VeraLinear``).
-        path: ``"auto"`` (default: per forward, the cheapest allowed path by the cost model of
-            :mod:`vera_lightning.forward.cost`; ``"plain"`` while dropout is active), ``"plain"`` (PEFT's
+        path: ``"auto"`` (default: per forward, the fastest allowed path, measured once per
+            sibling-group shape on this machine by :mod:`vera_lightning.forward.autotune`, or priced by
+            the cost model of :mod:`vera_lightning.forward.cost` when tuning is off: see
+            :func:`vera_lightning.configure_autotune`; ``"plain"`` while dropout is active), ``"plain"`` (PEFT's
             autograd graph), ``"lean"`` (saves ``x``, recomputes ``x A_sᵀ`` in backward),
             ``"save_h"`` (saves ``x A_sᵀ`` once per sibling group) or ``"merged"`` (one matmul with
             ``W0 + ΔW``, see :mod:`vera_lightning.forward.merged`; not over a quantized base).
         share: If given, turn reuse of ``x A_sᵀ`` (and of ``x`` by merged siblings) on or off.
-        memory: If given, what ``"auto"`` may keep for backward: ``"lean"`` (the default: no more
-            than the layer input, once per sibling group) or ``"speed"`` (PEFT's graph included).
+        memory: If given, what ``"auto"`` may keep for backward: ``"lean"`` (the default: the layer
+            input once per sibling group, or ``x A_sᵀ`` where that is smaller and at most a quarter of
+            PEFT's; never PEFT's graph) or ``"speed"`` (PEFT's graph included).
 
     Returns:
         ``model``.

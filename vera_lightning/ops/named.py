@@ -29,6 +29,17 @@ name) and the one stored ``vera_A``/``vera_B``. Choices, and why:
   adapter's update: ``unmerge_vera`` first); ``disable_adapter`` refuses merged layers too (the base
   weights are not recoverable bit for bit). The primary adapter cannot be deleted (``unload_vera``
   removes VeRA altogether), nor can the active one.
+* **Open blocks are a state.** While a ``disable_adapter``/``adapter_batch`` block is open,
+  ``set_adapter``, ``delete_adapter`` and ``add_adapter`` of a name the model holds refuse (before any
+  change, naming the block: close it first), as ``merge_vera``/``unmerge_vera``/``unload_vera`` and
+  ``load_adapter`` do (:func:`~vera_lightning.core.adapter.check_no_open_block`); ``add_adapter`` of a
+  *new* name is allowed (the block never serves it). See ``docs/reliability.md``, *Open adapter blocks*.
+* **The whole model.** The active name and every adapter's λ's belong to the whole model, so
+  ``add_adapter``/``set_adapter``/``delete_adapter`` take the module that holds the adapter (the one
+  ``apply_vera`` adapted, or one enclosing it); a part of it (a decoder layer) is refused, since a
+  module has no link to its parents and switching only its layers would leave the model half switched.
+  (PEFT's ``PeftModel.set_adapter`` also acts on the whole model; its per-layer functions keep a state
+  per layer, which ours does not have.)
 * **Names** are 1-64 characters from ``[A-Za-z0-9_-]`` (they become parameter names and, in PEFT's
   ``save_pretrained`` layout, folder names).
 
@@ -44,7 +55,7 @@ from typing import Any, Optional
 from torch import nn
 
 from vera_lightning.config import BiasMode, VeraConfig
-from vera_lightning.core.adapter import VeraAdapter, check_adapter_name
+from vera_lightning.core.adapter import ADAPTER_ATTR, VeraAdapter, check_adapter_name, check_no_open_block
 from vera_lightning.core.layer import initial_lambdas
 from vera_lightning.core.lookup import Adapted, find_adapted
 from vera_lightning.core.refusals import check_not_merged
@@ -52,7 +63,7 @@ from vera_lightning.forward.protocol import VeraPath
 from vera_lightning.ops.inject import mark_trainable, resolve_target_names
 
 __all__ = ["add_adapter", "set_adapter", "delete_adapter", "disable_adapter", "compatibility_problems", "forcing",
-           "require_adapter"]
+           "require_adapter", "require_whole_model"]
 
 
 def require_adapter(model: nn.Module, where: str) -> Adapted:
@@ -61,6 +72,25 @@ def require_adapter(model: nn.Module, where: str) -> Adapted:
     if found is None:
         raise ValueError(
             f"{where}: {type(model).__name__} carries no VeRA adapter; call apply_vera(model, config) first"
+        )
+    return found
+
+
+def require_whole_model(model: nn.Module, where: str) -> Adapted:
+    """:func:`require_adapter` for an operation on the adapters' registry, which refuses a part of an adapted model.
+
+    Raises:
+        ValueError: If ``model`` carries no VeRA, or holds VeRA layers but not their adapter (a decoder
+            layer of an adapted model): the message names the fix.
+    """
+    found = require_adapter(model, where)
+    if not found.name:
+        raise ValueError(
+            f"{where} refused, the model was not changed: {type(model).__name__} is a part of an adapted model (it "
+            f"holds {len(found.layers)} of its VeRA layers but not its adapter, `{ADAPTER_ATTR}`). The active "
+            f"adapter and every adapter's λ's belong to the whole model, so {where} acts on the whole model: call it "
+            f"on the module apply_vera adapted (the one holding `{ADAPTER_ATTR}`, or any module around it, e.g. "
+            "your LightningModule), not on one of its parts"
         )
     return found
 
@@ -125,8 +155,9 @@ def add_adapter(model: nn.Module, name: str, config: VeraConfig) -> nn.Module:
         ``model``.
 
     Raises:
-        ValueError: For an invalid or existing name, or a config that does not fit (every problem at
-            once; the model is not changed).
+        ValueError: For an invalid or existing name (an existing one inside an open ``disable_adapter``/
+            ``adapter_batch`` block: close it first), a config that does not fit (every problem at once),
+            or a part of an adapted model (see :func:`require_whole_model`); the model is not changed.
 
     Example::
 
@@ -139,9 +170,10 @@ def add_adapter(model: nn.Module, name: str, config: VeraConfig) -> nn.Module:
     check_adapter_name(name, "add_adapter")
     if not isinstance(config, VeraConfig):
         raise TypeError(f"add_adapter expects a VeraConfig, got {type(config).__name__}")
-    found = require_adapter(model, "add_adapter")
+    found = require_whole_model(model, "add_adapter")
     adapter = found.adapter
     if name in adapter.names:
+        check_no_open_block(adapter, f"add_adapter({name!r})")  # a new name is never served by the open block
         raise ValueError(f"add_adapter: the model already holds an adapter named {name!r} (it holds {adapter.names}); "
                          "choose another name, or delete_adapter(model, name) first")
     problems = compatibility_problems(model, found, config)
@@ -176,10 +208,13 @@ def set_adapter(model: nn.Module, name: str) -> nn.Module:
         ``model``.
 
     Raises:
-        ValueError: For an unknown name, or while layers are merged with another adapter.
+        ValueError: For an unknown name, while layers are merged with another adapter, inside an open
+            ``disable_adapter``/``adapter_batch`` block, or for a part of an adapted model (see
+            :func:`require_whole_model`); the model is not changed.
     """
-    found = require_adapter(model, "set_adapter")
+    found = require_whole_model(model, "set_adapter")
     adapter = found.adapter
+    check_no_open_block(adapter, "set_adapter")
     config = adapter.config_of(name)
     if name != adapter.active:
         check_not_merged(found.layers, "set_adapter", f"their weights hold adapter {adapter.active!r}'s update")
@@ -198,10 +233,12 @@ def delete_adapter(model: nn.Module, name: str) -> nn.Module:
 
     Raises:
         ValueError: For an unknown name, the primary adapter (``unload_vera`` removes VeRA altogether)
-            or the active one (``set_adapter`` to another first).
+            or the active one (``set_adapter`` to another first); inside an open ``disable_adapter``/
+            ``adapter_batch`` block; for a part of an adapted model (see :func:`require_whole_model`).
     """
-    found = require_adapter(model, "delete_adapter")
+    found = require_whole_model(model, "delete_adapter")
     adapter = found.adapter
+    check_no_open_block(adapter, "delete_adapter")
     adapter.config_of(name)
     if name == adapter.primary:
         raise ValueError(
@@ -221,9 +258,9 @@ def delete_adapter(model: nn.Module, name: str) -> nn.Module:
 @contextmanager
 def forcing(adapter: VeraAdapter, path: VeraPath, where: str, batch: Optional[object] = None) -> Iterator[None]:
     """Force ``path`` on every layer of ``adapter`` (with ``batch`` as its state) for the ``with`` block."""
-    if adapter.forced_path is not None:
+    if adapter.open_block is not None:
         raise ValueError(f"{where} cannot be opened while another disable_adapter/adapter_batch block is open "
-                         f"(the layers take the {adapter.forced_path.value!r} path); close that block first")
+                         f"(`with {adapter.open_block}:`); close that block first")
     adapter.forced_path, adapter.batch = path, batch
     adapter.siblings.clear()
     try:

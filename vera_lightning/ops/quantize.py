@@ -19,18 +19,25 @@ Orders (docs/quantization.md):
 * after ``merge_vera``: refused (the update would be quantized into the base); ``unmerge_vera`` first.
 * ``merge_vera``/``unload_vera(merge=True)`` over a quantized base: refused with the fix,
   :func:`dequantize_base` first (then the export is a float model).
+
+State dicts (docs/quantization.md, "State dicts and save_pretrained"): ``load_state_dict`` into a
+quantized model quantizes a float weight as it loads and refuses one quantized otherwise, before
+anything loads; ``save_pretrained`` of a ``transformers`` model holding torchao weights is refused
+with the fixes (``save_adapter``, or ``dequantize_base`` first).
 """
 
 from __future__ import annotations
 
 import warnings
-from typing import Optional, Sequence
+import weakref
+from typing import Any, Optional, Sequence
 
 import torch
 from torch import nn
 
 from vera_lightning.core.layer import Conv1D, VeraLinear
 from vera_lightning.core.lookup import find_adapter, vera_layers
+from vera_lightning.core.messages import shorten
 from vera_lightning.core.qlinear import (
     BACKENDS,
     NF4_MULTIPLE,
@@ -38,8 +45,11 @@ from vera_lightning.core.qlinear import (
     QuantizedLinear,
     bnb_available,
     dequantize_weight,
+    float_dtype,
     is_bnb_module,
     is_quantized_weight,
+    is_torchao_weight,
+    prepare_load,
     quantize_weight,
     tensor_bytes,
     weight_scheme,
@@ -49,11 +59,12 @@ from vera_lightning.ops.targets import in_modules_to_save, output_heads
 __all__ = ["quantize_base", "dequantize_base", "is_quantized", "quantized_layers", "model_bytes"]
 
 
-def _tied_weights(model: nn.Module) -> set[int]:
+def _tied_weights(model: nn.Module) -> dict[int, list[str]]:
+    """``{id(parameter): the modules holding it}`` for every parameter held by more than one module."""
     owners: dict[int, set[str]] = {}
     for name, param in model.named_parameters(remove_duplicate=False):
         owners.setdefault(id(param), set()).add(name.rpartition(".")[0])
-    return {pid for pid, mods in owners.items() if len(mods) > 1}
+    return {pid: sorted(mods) for pid, mods in owners.items() if len(mods) > 1}
 
 
 def _linears(model: nn.Module):
@@ -67,17 +78,25 @@ def _select(model, scheme, modules, skip) -> tuple[list[tuple[str, nn.Module]], 
     """The layers to quantize, and the problems (each naming the layer and the fix)."""
     problems: list[str] = []
     candidates = list(_linears(model))
+    leaves = sorted({n.rsplit(".", 1)[-1] for n, _ in candidates})
+    skip, tied = list(skip or []), _tied_weights(model)
+    module_names = [n for n, _ in model.named_modules() if n]
+    unknown = [s for s in skip if not any(in_modules_to_save(n, [s]) for n in module_names)]
+    if unknown:  # as for modules=: a typo must not quantize the layer it meant to keep
+        problems.append(f"skip={skip}: {unknown} match no module of {type(model).__name__} (a module's name or name "
+                        f"suffix; its linear layers are left in full precision; candidates: {leaves})")
     if modules is not None:
         chosen = [(n, m) for n, m in candidates if n in modules or any(n.endswith("." + t) for t in modules)]
         missing = [t for t in modules if not any(n == t or n.endswith("." + t) for n, _ in chosen)]
         if missing:
             problems.append(f"modules={list(modules)}: {missing} match no linear layer of {type(model).__name__} "
-                            f"(candidates: {sorted({n.rsplit('.', 1)[-1] for n, _ in candidates})})")
+                            f"(candidates: {leaves})")
+        chosen = [(n, m) for n, m in chosen if not in_modules_to_save(n, skip)]
         explicit = True
     else:
         adapter = find_adapter(model)
-        keep = list(skip or []) + list((adapter.config.modules_to_save if adapter is not None else None) or [])
-        heads, tied = output_heads(model), _tied_weights(model)
+        keep = skip + list((adapter.config.modules_to_save if adapter is not None else None) or [])
+        heads = output_heads(model)
         chosen = [(n, m) for n, m in candidates
                   if id(m) not in heads and id(m.weight) not in tied and not in_modules_to_save(n, keep)]
         explicit = False
@@ -90,6 +109,15 @@ def _select(model, scheme, modules, skip) -> tuple[list[tuple[str, nn.Module]], 
                 f"{name}: transformers Conv1D (weight stored in x out, GPT-2 style) is not supported by quantize_base")
         elif current == scheme:
             continue  # already quantized this way: idempotent
+        elif id(weight) in tied:  # only named in modules=: the default selection leaves tied weights out
+            others = [o or type(model).__name__ for o in tied[id(weight)] if o != name]
+            layer = f"model.get_submodule({name!r})"
+            problems.append(
+                f"{name} (modules={list(modules)}): its weight is tied to {others} (one tensor, e.g. "
+                "tie_word_embeddings); quantizing it would untie them. Leave it out of modules=[...], or untie it "
+                f"first: {layer}.weight = "
+                f"torch.nn.Parameter({layer}.weight.detach().clone()) and, for a transformers model, "
+                "model.config.tie_word_embeddings = False")
         elif current is not None:
             problems.append(f"{name}: already quantized as {current}; call dequantize_base(model) before "
                             f"quantizing as {scheme}")
@@ -126,9 +154,10 @@ def quantize_base(
             ``"int8"`` (weight-only, symmetric, one scale per output row).
         backend: ``"auto"`` (= ``"torchao"``), ``"torchao"`` (CPU/CUDA) or ``"bitsandbytes"``
             (its ``Linear4bit``/``Linear8bitLt`` layers; CUDA, or CPU where its build supports it).
-        skip: Names (or name suffixes) of layers to leave in full precision, e.g. the heads you
-            will train in ``modules_to_save``.
-        modules: Quantize exactly these layers instead of the default selection.
+        skip: Names (or name suffixes) of modules whose linear layers stay in full precision, e.g.
+            the heads you will train in ``modules_to_save``; each must name a module of ``model``.
+        modules: Quantize exactly these layers instead of the default selection (less those in
+            ``skip``). A weight tied to another module (a tied ``lm_head``) is refused: untie it first.
 
     Returns:
         ``model``. Quantized weights are frozen (``requires_grad=False``); plain ``nn.Linear``
@@ -136,7 +165,8 @@ def quantize_base(
         Quantizing again with the same scheme is a no-op.
 
     Raises:
-        ValueError: Unknown scheme/backend, a layer already quantized otherwise, a merged
+        ValueError: Unknown scheme/backend, a name in ``modules``/``skip`` that matches nothing, a
+            tied weight named in ``modules``, a layer already quantized otherwise, a merged
             adapter, a weight NF4 cannot block or on an unsupported device (every problem
             listed once, before any layer is changed).
         TypeError: A module named in ``modules`` that is not a linear layer.
@@ -174,7 +204,72 @@ def quantize_base(
                          "(see the warning above for the ones left out, or name them in modules=[...])")
     for name, module in selected:
         _quantize_layer(model, name, module, scheme, "torchao" if backend == "auto" else backend)
+    _guard_state(model)
     return model
+
+
+# ---------------------------------------------------------------- state dicts and save_pretrained
+_LOAD_GUARDED: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
+
+
+def _has_torchao_weights(module: nn.Module) -> bool:
+    return any(is_torchao_weight(getattr(m, "weight", None)) for m in module.modules())
+
+
+def _guard_state(model: nn.Module) -> None:
+    """Make ``load_state_dict`` and ``save_pretrained`` of ``model`` honour (or refuse) its torchao weights."""
+    if not _has_torchao_weights(model):
+        return
+    for _, module in model.named_modules():
+        # the root checks every weight before anything loads; a VeraLinear for loads started below the root
+        # (QuantizedLinear does it in its own _load_from_state_dict)
+        if (module is model or isinstance(module, VeraLinear)) and module not in _LOAD_GUARDED:
+            module.register_load_state_dict_pre_hook(_check_quantized_load)
+            _LOAD_GUARDED.add(module)
+        is_pretrained = callable(getattr(type(module), "save_pretrained", None)) and hasattr(module, "config")
+        if is_pretrained and "save_pretrained" not in vars(module) and _has_torchao_weights(module):
+            module.save_pretrained = _SavePretrainedRefusal(module)
+
+
+def _check_quantized_load(module: nn.Module, state_dict: dict, prefix: str, *_: Any) -> None:
+    """``load_state_dict`` pre-hook: each incoming quantized weight checked (float ones quantized) first."""
+    loads, problems = {}, []
+    for name, layer in module.named_modules():
+        weight, key = getattr(layer, "weight", None), f"{prefix}{name}.weight" if name else f"{prefix}weight"
+        if is_torchao_weight(weight) and key in state_dict:
+            value, problem = prepare_load(weight, state_dict[key], key)
+            problems += [problem] if problem else []
+            loads[key] = value
+    if problems:
+        raise ValueError(f"load_state_dict refused, nothing of {type(module).__name__} was loaded:\n  - "
+                         + shorten(problems, sep="\n  - ", noun="problems"))
+    state_dict.update(loads)  # torch's own copy of the caller's dict
+
+
+class _SavePretrainedRefusal:
+    """Stands in for ``save_pretrained`` of a ``transformers`` model while torchao weights are in it.
+
+    safetensors cannot store torchao's tensor subclasses (``transformers`` fails half-way, after writing
+    ``config.json``, with "invalid python storage"), and ``from_pretrained`` could not rebuild them.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        model = self.model
+        names = [n for n, m in _linears(model) if is_torchao_weight(m.weight)]
+        if not names:  # dequantized since: the model's own method again
+            vars(model).pop("save_pretrained", None)
+            return model.save_pretrained(*args, **kwargs)
+        schemes = sorted({weight_scheme(model.get_submodule(n).weight) for n in names})
+        raise ValueError(
+            f"save_pretrained refused, nothing was written: {len(names)} linear weights of {type(model).__name__} "
+            f"are quantized by quantize_base ({'/'.join(schemes)}: {shorten(names, 3)}), which safetensors cannot "
+            "store and from_pretrained could not load back. Save the adapter alone: save_adapter(model, dir) (then "
+            "load the original base, quantize_base it again and load_adapter); or write a float model: "
+            "dequantize_base(model) (or dequantize_base(model, torch.bfloat16)) first, then "
+            "model.save_pretrained(dir), or unload_vera(model, merge=True).save_pretrained(dir) to bake the adapter in")
 
 
 def _bnb_layer(weight: torch.Tensor, bias: Optional[nn.Parameter], scheme: str) -> nn.Module:
@@ -211,7 +306,7 @@ def _quantize_layer(model: nn.Module, name: str, module: nn.Module, scheme: str,
         setattr(parent, child, QuantizedLinear.from_linear(module, scheme, name))
 
 
-def dequantize_base(model: nn.Module, dtype: Optional[torch.dtype] = None) -> nn.Module:
+def dequantize_base(model: nn.Module, dtype: Optional[torch.dtype | str] = None) -> nn.Module:
     """Undo :func:`quantize_base`: every quantized weight becomes a plain (frozen) float weight.
 
     The values are the quantized ones (``dequant(Q(W0))``, the base the λ's were trained
@@ -219,12 +314,19 @@ def dequantize_base(model: nn.Module, dtype: Optional[torch.dtype] = None) -> nn
 
     Args:
         model: A model with quantized layers (torchao or bitsandbytes).
-        dtype: dtype of the float weights (and of those layers' biases); ``None`` keeps the
-            dtype they were quantized from. Other modules are untouched (``model.to(dtype)``).
+        dtype: float dtype of the weights (and of those layers' biases): a ``torch.dtype`` or
+            ``"float32"``/``"fp32"``, ``"bfloat16"``/``"bf16"``, ``"float16"``/``"fp16"``,
+            ``"float64"``/``"fp64"``; ``None`` keeps the dtype they were quantized from. Other
+            modules are untouched (``model.to(dtype)``).
 
     Returns:
         ``model`` (a no-op for a model without quantized layers).
+
+    Raises:
+        ValueError / TypeError: ``dtype`` not a float dtype (``torch.int8`` would round every weight
+            to an integer), before any layer changes.
     """
+    dtype = None if dtype is None else float_dtype(dtype, "dequantize_base(model, dtype)")
     for name, module in list(model.named_modules()):
         if isinstance(module, VeraLinear) and module.base_is_quantized:
             module.weight = nn.Parameter(dequantize_weight(module.weight, dtype, module.foreign_base),
@@ -243,6 +345,9 @@ def dequantize_base(model: nn.Module, dtype: Optional[torch.dtype] = None) -> nn
             plain.train(module.training)
             parent_name, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent_name) if parent_name else model, child, plain)
+    for module in model.modules():
+        if isinstance(vars(module).get("save_pretrained"), _SavePretrainedRefusal):
+            del module.save_pretrained  # the model's own method again
     return model
 
 

@@ -6,8 +6,8 @@ Hook placement (see Lightning's ``Trainer._run``):
   ``configure_optimizers``: inject and freeze there, and install the loader that lets a slim
   checkpoint (adapter tensors only) be restored into the model's own frozen base.
 * ``on_fit_start`` runs after the optimizers exist: check that they hold the λ's.
-* ``on_save_checkpoint`` drops the frozen base from the ``.ckpt`` (and can write a
-  PEFT-format adapter directory next to it).
+* ``on_save_checkpoint`` drops the frozen base from the ``.ckpt``, records the named adapters and the
+  active one (checked on resume), and can write a PEFT-format adapter directory next to it.
 
 The callback only wires hooks; the work is done by :mod:`vera_lightning.ops.inject` and
 :mod:`vera_lightning.io.adapter_dir`.
@@ -36,7 +36,7 @@ from vera_lightning.ops.inject import apply_vera, count_parameters
 from vera_lightning.ops.targets import describe_candidates, resolve_target_names
 from vera_lightning.training.ckpt_guard import guard_checkpoint_loading
 from vera_lightning.training.distributed import check_strategy, prepare_ddp, sync_projections
-from vera_lightning.training.slim import install_slim_loading, slim_checkpoint_
+from vera_lightning.training.slim import install_slim_loading, mark_adapters_, slim_checkpoint_
 
 __all__ = ["VeraCallback", "check_strategy", "check_optimizers"]
 
@@ -224,12 +224,13 @@ class VeraCallback(Callback):
             warnings.warn(f"VeraCallback: no adapter directory written at step {trainer.global_step} (NaN/inf)",
                           UserWarning, stacklevel=2)
         writes_adapter = self.adapter_dir is not None and trainer.is_global_zero and finite
-        if not (self.slim_checkpoints or writes_adapter):
-            return
         # the one lookup of this save, passed down (a refusal reads as the step that needs the adapter first)
-        found = find_adapted(pl_module) if self.slim_checkpoints else adapted_for(pl_module, "save_adapter")
+        found = (adapted_for(pl_module, "save_adapter") if writes_adapter and not self.slim_checkpoints
+                 else find_adapted(pl_module))
         if self.slim_checkpoints:
             slim_checkpoint_(checkpoint, pl_module, found)
+        elif found is not None:  # a full checkpoint records its named adapters and the active one too
+            mark_adapters_(checkpoint, found)
         if writes_adapter:
             found = found.at_root() if found is not None else None  # PEFT names tensors relative to adapter_root
             model = found.module if found is not None else pl_module
