@@ -63,6 +63,7 @@ def train_lora(cfg, r: int) -> dict:
     from vera_lightning import count_parameters, model_bytes
     from vera_lightning.app import vera_config_from
     from vera_lightning.app.data import build_datamodule
+    from vera_lightning.app.final_validation import ValidationMemo, final_metrics
     from vera_lightning.app.models import build_model, build_tokenizer
     from vera_lightning.app.module import build_module
 
@@ -79,11 +80,12 @@ def train_lora(cfg, r: int) -> dict:
                           generate=cfg.get("generate") if data_cfg.get("format") == "sft" else None)
     module.param_groups = lambda: _lora_groups(model, float(cfg.optim.lr), float(cfg.optim.head_lr))
     datamodule = build_datamodule(data_cfg, tokenizer)
-    trainer = instantiate(cfg.trainer, callbacks=[], logger=False)
+    memo = ValidationMemo()  # as train(cfg): the validation at fit's last step is the final one when it can be
+    trainer = instantiate(cfg.trainer, callbacks=[memo], logger=False)
     start = time.perf_counter()
     trainer.fit(module, datamodule=datamodule)
     fit_s = time.perf_counter() - start
-    metrics = {k: float(v) for k, v in trainer.validate(module, datamodule=datamodule, verbose=False)[0].items()}
+    metrics, _ = final_metrics(trainer, module, datamodule, memo)
     with tempfile.TemporaryDirectory() as tmp:
         model.save_pretrained(tmp)
         size = sum(f.stat().st_size for f in Path(tmp).rglob("*") if f.is_file())

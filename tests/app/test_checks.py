@@ -4,6 +4,8 @@ max_steps/max_length/devices decisions)."""
 
 from __future__ import annotations
 
+import importlib
+
 import pytest
 from helpers.app import compose_app
 from omegaconf import OmegaConf
@@ -93,3 +95,34 @@ def test_a_row_with_too_few_columns_is_named_with_its_line_not_as_a_bad_label(tm
                                          rf"\['sentence', 'label'\]\), so it has no \['label'\] field; "
                                          rf"separate the fields with {fix}"):
         read_split(cfg, "train")
+
+
+@pytest.mark.parametrize("strategy", ["trainer.strategy=ddp_spawn", "trainer.strategy=ddp_notebook",
+                                      "trainer.strategy=ddp_fork",
+                                      "+trainer.strategy.start_method=spawn"])
+def test_strategies_training_in_child_processes_are_refused_before_any_work(make_cfg, tmp_path, strategy):
+    overrides = ["experiment=smoke", "trainer=ddp", "trainer.accelerator=cpu"]
+    if strategy.startswith("+"):  # a DDPStrategy node with a start method
+        overrides += ["~trainer.strategy", "+trainer.strategy._target_=lightning.pytorch.strategies.DDPStrategy"]
+    name = strategy.split("=", 1)[1]
+    _refused(make_cfg, tmp_path, [*overrides, strategy],
+             rf"trainer.strategy='{name}' trains in child processes of this one, so the trained λ's would not come "
+             r"back to be saved; use trainer=ddp")
+
+
+def test_a_rank_other_than_zero_joins_the_run_directory_rank_zero_checked(tmp_path, monkeypatch):
+    """``trainer=ddp`` re-runs the script for rank 1 into rank 0's directory, which rank 0 may have written to."""
+    from lightning.pytorch.utilities.rank_zero import rank_zero_only
+
+    train_module = importlib.import_module("vera_lightning.app.train")  # the module (the package exports train)
+
+    seen = []
+    monkeypatch.setattr(train_module, "check_run_dir", lambda *a, **k: seen.append(a[0]))
+    monkeypatch.setattr(train_module, "build_components", lambda cfg: (_ for _ in ()).throw(RuntimeError("stop")))
+    cfg = compose_app("train", tmp_path / "run", "experiment=smoke")
+    for rank, checked in ((0, True), (1, False)):
+        monkeypatch.setattr(rank_zero_only, "rank", rank)
+        with pytest.raises(RuntimeError, match="stop"):
+            train_module.train(cfg)
+        assert bool(seen) == checked
+        seen.clear()

@@ -1,5 +1,5 @@
-"""Prompt/response data through ``train(cfg)`` with ``trainer=ddp`` (2 CPU processes, gloo, spawned) on a tiny
-LLaMA with grouped-query attention (k/v narrower than q): both ranks train the same λ's on disjoint rows of the
+"""Prompt/response data through ``scripts/train.py trainer=ddp`` (2 CPU processes, gloo; Lightning re-runs the
+script for rank 1, as it does for a user) on a tiny LLaMA with grouped-query attention (k/v narrower than q): both ranks train the same λ's on disjoint rows of the
 length-grouped batches, every row's loss covers its response only (prompt and padding at -100, as the
 single-process encoding says), and one adapter is written, holding the ranks' λ's. ``trainer=fsdp`` is
 Lightning's FSDP, which needs CUDA: the same run is skipped without it."""
@@ -10,10 +10,9 @@ import json
 
 import pytest
 import torch
-from helpers.app import SMOKE, compose_app
+from helpers.app import SMOKE, compose_app, run_script
 
 from vera_lightning import load_adapter
-from vera_lightning.app import train
 from vera_lightning.app.build import build_components
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
@@ -33,23 +32,13 @@ LLAMA = "{model_type:llama,hidden_size:32,intermediate_size:64,num_hidden_layers
 def _overrides(data_dir, out, trainer: str):
     return [*SMOKE, f"trainer={trainer}", "trainer.accelerator=cpu", "trainer.devices=2",
             "+trainer.use_distributed_sampler=true", "~model.from_config", f"+model.from_config={LLAMA}",
-            "data=sft", f"data.data_dir={data_dir}", "data.train_file=train.csv", "data.val_file=val.csv",
+            f"hydra.run.dir={out.parent / 'run'}", "data=sft", f"data.data_dir={data_dir}", "data.train_file=train.csv", "data.val_file=val.csv",
             "data.prompt_field=mr", "data.response_field=ref", "data.prompt_template='Describe: {mr}\n'",
             "data.max_length=64", "data.batch_size=2", "data.group_by_length=true", "generate.max_new_tokens=4",
             "trainer.max_steps=2", "optim.lr=0.2", "eval_before=false",
             "+callbacks.rank_record._target_=helpers.rank_record.RankRecord", f"+callbacks.rank_record.out={out}"]
 
 
-@pytest.fixture
-def file_system_sharing():
-    """Spawned ranks receive the module and data through shared memory (see test_val_generation.py)."""
-    before = torch.multiprocessing.get_sharing_strategy()
-    torch.multiprocessing.set_sharing_strategy("file_system")
-    yield
-    torch.multiprocessing.set_sharing_strategy(before)
-
-
-@pytest.mark.usefixtures("file_system_sharing")
 @pytest.mark.parametrize("trainer", [
     "ddp",
     pytest.param("fsdp", marks=pytest.mark.skipif(not torch.cuda.is_available(),
@@ -62,9 +51,9 @@ def test_prompt_response_data_trains_the_same_lambdas_on_both_ranks_with_masked_
     for name in ("train.csv", "val.csv"):
         (data_dir / name).write_text("mr,ref\n" + "".join(f'"{mr}",{ref}\n' for mr, ref in ROWS), encoding="utf-8")
     overrides = _overrides(data_dir, out, trainer)
-    if trainer == "ddp":
-        overrides.append("trainer.strategy=ddp_spawn")  # in-process test: spawn instead of re-running sys.argv
-    metrics = train(compose_app("train", tmp_path / "run", *overrides))
+    proc = run_script("train", *overrides, cwd=tmp_path, extra_env={"OMP_NUM_THREADS": "1"}, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    metrics = json.loads((tmp_path / "run" / "summary.json").read_text())
 
     ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
     assert [r["world_size"] for r in ranks] == [2, 2]
@@ -72,6 +61,7 @@ def test_prompt_response_data_trains_the_same_lambdas_on_both_ranks_with_masked_
     assert any(v != 0 for values in ranks[0]["lambdas"].values() for v in values if isinstance(v, float))
 
     # what each rank trained on: whole examples of the single-process encoding, disjoint between ranks
+    overrides = [o for o in overrides if not o.startswith(("hydra.", "+callbacks."))]
     reference = build_components(compose_app("train", tmp_path / "ref", *overrides)).datamodule
     reference.setup("fit")
     encoded = [(item["input_ids"], item["labels"]) for item in reference.splits["train"]]

@@ -21,7 +21,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-__all__ = ["check_run_config", "undecodable_line"]
+__all__ = ["check_run_config", "check_train_strategy", "undecodable_line"]
 
 
 def _is_int(value: Any) -> bool:
@@ -34,6 +34,31 @@ def _is_number(value: Any) -> bool:
 
 def _get(cfg: DictConfig, key: str) -> Any:
     return OmegaConf.select(cfg, key, default=None, throw_on_missing=False)
+
+
+def check_train_strategy(cfg: DictConfig) -> None:
+    """Refuse a strategy that trains in child processes of this one (``ddp_spawn``, ``ddp_fork``, ``ddp_notebook``).
+
+    VeRA is injected by the callback inside each rank, so the λ's a spawned or forked rank trains never come
+    back to the process that saves the adapter; ``trainer=ddp`` re-runs the script once per rank instead, and
+    rank 0 saves.
+
+    Raises:
+        ValueError: Naming the strategy and the fix, before any work.
+    """
+    strategy = _get(cfg, "trainer.strategy")
+    if isinstance(strategy, str):
+        name = strategy
+    elif strategy is not None and hasattr(strategy, "get"):
+        name = str(strategy.get("start_method") or "")
+    else:
+        return
+    if any(word in name for word in ("spawn", "fork", "notebook")):
+        raise ValueError(
+            f"trainer.strategy={name!r} trains in child processes of this one, so the trained λ's would not come "
+            "back to be saved; use trainer=ddp (the script runs once per rank and rank 0 saves the adapter), "
+            "e.g. python scripts/train.py trainer=ddp trainer.accelerator=cpu trainer.devices=2"
+        )
 
 
 def check_run_config(cfg: DictConfig) -> None:

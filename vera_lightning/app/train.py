@@ -22,6 +22,7 @@ from typing import Any
 
 import hydra
 import lightning.pytorch as pl
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig
 
 from vera_lightning import count_parameters, model_bytes
@@ -36,7 +37,7 @@ from vera_lightning.app.build import (
     register_configs,
     vera_config_from,
 )
-from vera_lightning.app.checks import check_run_config
+from vera_lightning.app.checks import check_run_config, check_train_strategy
 from vera_lightning.app.final_validation import ValidationMemo, final_metrics
 from vera_lightning.app.finetune import check_method, prepare, save_trained
 from vera_lightning.app.records import RunRecord, discard_job_log
@@ -98,6 +99,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
 def _train(cfg: DictConfig) -> dict[str, Any]:
     check_run_config(cfg)  # missing (???) and invalid values, before any work
+    check_train_strategy(cfg)
     start = time.perf_counter()
     output_dir = Path(cfg.paths.output_dir)
     vera_config = vera_config_from(cfg)
@@ -106,7 +108,8 @@ def _train(cfg: DictConfig) -> dict[str, Any]:
     ckpt_path = resolve_ckpt_path(cfg)  # checked before any work
     resuming = ckpt_path is not None or slurm_checkpoint(output_dir) is not None
     overwrite = bool(cfg.get("overwrite", False))
-    check_run_dir(output_dir, resuming=resuming, overwrite=overwrite, method=method)
+    if rank_zero_only.rank == 0:  # trainer=ddp re-runs this script per rank: rank 0 checks, the others join its run
+        check_run_dir(output_dir, resuming=resuming, overwrite=overwrite, method=method)
 
     parts = build_components(cfg)  # the DataModule checks its folder and columns before the model loads
     task, model, module, datamodule = parts.task, parts.model, parts.module, parts.datamodule
