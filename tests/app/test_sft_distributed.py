@@ -1,8 +1,9 @@
 """Prompt/response data through ``scripts/train.py trainer=ddp`` (2 CPU processes, gloo; Lightning re-runs the
-script for rank 1, as it does for a user) on a tiny LLaMA with grouped-query attention (k/v narrower than q): both ranks train the same λ's on disjoint rows of the
-length-grouped batches, every row's loss covers its response only (prompt and padding at -100, as the
-single-process encoding says), and one adapter is written, holding the ranks' λ's. ``trainer=fsdp`` is
-Lightning's FSDP, which needs CUDA: the same run is skipped without it."""
+script for rank 1, as it does for a user) on a tiny LLaMA with grouped-query attention (k/v narrower than q):
+both ranks train the same λ's on disjoint rows of the length-grouped batches, every row's loss covers its
+response only (prompt and padding at -100, as the single-process encoding says), and one adapter is written,
+holding the ranks' λ's. ``trainer=fsdp`` is Lightning's FSDP, which needs CUDA: the same run is skipped
+without it."""
 
 from __future__ import annotations
 
@@ -32,7 +33,8 @@ LLAMA = "{model_type:llama,hidden_size:32,intermediate_size:64,num_hidden_layers
 def _overrides(data_dir, out, trainer: str):
     return [*SMOKE, f"trainer={trainer}", "trainer.accelerator=cpu", "trainer.devices=2",
             "+trainer.use_distributed_sampler=true", "~model.from_config", f"+model.from_config={LLAMA}",
-            f"hydra.run.dir={out.parent / 'run'}", "data=sft", f"data.data_dir={data_dir}", "data.train_file=train.csv", "data.val_file=val.csv",
+            f"hydra.run.dir={out.parent / 'run'}", "data=sft", f"data.data_dir={data_dir}",
+            "data.train_file=train.csv", "data.val_file=val.csv",
             "data.prompt_field=mr", "data.response_field=ref", "data.prompt_template='Describe: {mr}\n'",
             "data.max_length=64", "data.batch_size=2", "data.group_by_length=true", "generate.max_new_tokens=4",
             "trainer.max_steps=2", "optim.lr=0.2", "eval_before=false",
