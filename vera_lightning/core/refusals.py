@@ -36,7 +36,7 @@ from torch import nn
 from vera_lightning.core.messages import shorten
 
 __all__ = [
-    "check_not_merged", "check_untied", "check_not_meta",
+    "check_not_merged", "check_untied", "check_not_meta", "shared_parameters",
     "check_projection_memory", "materialised", "is_meta",
 ]
 
@@ -75,6 +75,14 @@ def _span(param: torch.Tensor) -> Optional[tuple[int, int, int]]:
     extent = 1 + sum((size - 1) * abs(stride) for size, stride in zip(param.shape, param.stride()))
     start = param.storage_offset() * param.element_size()
     return storage, start, start + extent * param.element_size()
+
+
+def shared_parameters(model: nn.Module) -> dict[int, list[str]]:
+    """``{id(parameter): its names}`` for every parameter the model holds under more than one name (tied weights)."""
+    names: dict[int, list[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(param), []).append(name)
+    return {pid: sorted(found) for pid, found in names.items() if len(found) > 1}
 
 
 def check_untied(model: nn.Module, layers: list[tuple[str, nn.Module]], operation: str) -> None:

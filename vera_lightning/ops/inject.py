@@ -23,7 +23,7 @@ from vera_lightning.core.adapter import (
 from vera_lightning.core.layer import VeraLinear, is_conv1d, layer_shape
 from vera_lightning.core.lookup import locate_adapter, vera_layers
 from vera_lightning.core.qlinear import is_quantized_weight, merge_refusal
-from vera_lightning.core.refusals import check_projection_memory, check_untied
+from vera_lightning.core.refusals import check_projection_memory, check_untied, shared_parameters
 from vera_lightning.forward import cost
 from vera_lightning.forward.dispatch import PATHS
 from vera_lightning.forward.protocol import VeraPath
@@ -186,12 +186,12 @@ def _refuse_tied_modules_to_save(model: nn.Module, config: VeraConfig) -> None:
     Training a tied ``lm_head`` would change the input embedding too (PEFT trains a copy of the head instead);
     refusing keeps the input embedding and the saved file's meaning intact.
     """
-    params = list(model.named_parameters(remove_duplicate=False))
+    shared = shared_parameters(model)
     problems = []
     for name, module in modules_to_save_of(model, config.modules_to_save):
         prefix = f"{name}." if name else ""
         for own_name, param in module.named_parameters(remove_duplicate=False):
-            others = sorted(n for n, p in params if p is param and not n.startswith(prefix))
+            others = [n for n in shared.get(id(param), []) if not n.startswith(prefix)]
             if others:
                 problems.append(f"{prefix}{own_name} is tied to {others}")
     if problems:

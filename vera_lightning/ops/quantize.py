@@ -54,6 +54,7 @@ from vera_lightning.core.qlinear import (
     tensor_bytes,
     weight_scheme,
 )
+from vera_lightning.core.refusals import shared_parameters
 from vera_lightning.ops.targets import in_modules_to_save, output_heads
 
 __all__ = ["quantize_base", "dequantize_base", "is_quantized", "quantized_layers", "model_bytes"]
@@ -61,10 +62,7 @@ __all__ = ["quantize_base", "dequantize_base", "is_quantized", "quantized_layers
 
 def _tied_weights(model: nn.Module) -> dict[int, list[str]]:
     """``{id(parameter): the modules holding it}`` for every parameter held by more than one module."""
-    owners: dict[int, set[str]] = {}
-    for name, param in model.named_parameters(remove_duplicate=False):
-        owners.setdefault(id(param), set()).add(name.rpartition(".")[0])
-    return {pid: sorted(mods) for pid, mods in owners.items() if len(mods) > 1}
+    return {pid: sorted({n.rpartition(".")[0] for n in names}) for pid, names in shared_parameters(model).items()}
 
 
 def _linears(model: nn.Module):
