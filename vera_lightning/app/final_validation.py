@@ -16,7 +16,7 @@ from typing import Any, Optional
 import lightning.pytorch as pl
 import torch
 
-__all__ = ["ValidationMemo", "final_metrics"]
+__all__ = ["ValidationMemo", "final_metrics", "validation_metrics"]
 
 
 def _fingerprint(module: torch.nn.Module) -> tuple[float, ...]:
@@ -51,11 +51,15 @@ class ValidationMemo(pl.Callback):
         return dict(self.metrics)
 
 
+def validation_metrics(results: list[dict[str, Any]]) -> dict[str, float]:
+    """The metrics ``trainer.validate`` returned (its one dataloader's), as floats."""
+    return {k: float(v) for k, v in (results[0] if results else {}).items()}
+
+
 def final_metrics(trainer: pl.Trainer, module: pl.LightningModule, datamodule: Any,
                   memo: Optional[ValidationMemo]) -> tuple[dict[str, float], bool]:
     """``(metrics, reused)``: the trained model's validation metrics, validating only when ``memo`` cannot answer."""
     remembered = memo.reusable(trainer, module) if memo is not None else None
     if remembered is not None:
         return remembered, True
-    results = trainer.validate(module, datamodule=datamodule, verbose=False)
-    return {k: float(v) for k, v in (results[0] if results else {}).items()}, False
+    return validation_metrics(trainer.validate(module, datamodule=datamodule, verbose=False)), False

@@ -38,7 +38,7 @@ from vera_lightning.app.build import (
     vera_config_from,
 )
 from vera_lightning.app.checks import check_run_config, check_train_strategy
-from vera_lightning.app.final_validation import ValidationMemo, final_metrics
+from vera_lightning.app.final_validation import ValidationMemo, final_metrics, validation_metrics
 from vera_lightning.app.finetune import check_method, prepare, save_trained
 from vera_lightning.app.records import RunRecord, discard_job_log
 from vera_lightning.app.run_dirs import RngState, check_run_dir, resolve_ckpt_path, slurm_checkpoint
@@ -59,10 +59,6 @@ def _dir_size(directory: Path) -> int:
 
 def _size(n: int) -> str:
     return f"{n / 2**20:.1f} MiB" if n >= 2**20 else f"{n / 1024:.1f} KiB"
-
-
-def _metrics(results: list[dict[str, Any]]) -> dict[str, float]:
-    return {k: float(v) for k, v in (results[0] if results else {}).items()}
 
 
 def train(cfg: DictConfig) -> dict[str, Any]:
@@ -127,7 +123,7 @@ def _train(cfg: DictConfig) -> dict[str, Any]:
     metric_name = cfg.optimized_metric
     metrics: dict[str, Any] = {}
     if cfg.get("eval_before", True) and not resuming:
-        before = _metrics(trainer.validate(module, datamodule=datamodule, verbose=False))
+        before = validation_metrics(trainer.validate(module, datamodule=datamodule, verbose=False))
         metrics.update({f"before/{k}": v for k, v in before.items()})
         _say(trainer, f"[vera] before training: {metric_name} = {before.get(metric_name, float('nan')):.4f}")
     if ckpt_path is not None:
