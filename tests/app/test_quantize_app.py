@@ -13,10 +13,10 @@ from vera_lightning.app.models import build_model, build_tokenizer
 from vera_lightning.app.module import build_module
 from vera_lightning.app.train import train, vera_config_from
 from vera_lightning.core.lookup import vera_layers
-from vera_lightning.core.qlinear import weight_scheme
+from vera_lightning.core.qtensor import weight_scheme
 from vera_lightning.ops.quantize import quantized_layers
 
-# tiny_opt at hidden 128: every linear holds a multiple of 16384 values, as NF4 needs
+# tiny_opt at hidden 128: every linear holds a multiple of 64 values, as NF4 needs
 WIDE = ["model.from_config.hidden_size=128", "model.from_config.word_embed_proj_dim=128",
         "model.from_config.ffn_dim=256"]
 
@@ -83,6 +83,8 @@ def test_bad_precision_values_fail_before_the_model_loads(make_cfg):
     with pytest.raises(ValueError, match=r"(?s)model.compute_dtype='fp8': use one of \['bf16', 'fp32'\].*"
                                          r"model.quantize='nf3': use one of \['nf4', 'int8'\] or null"):
         build_model(cfg.model, tokenizer)
-    # tiny_opt (hidden 32) has no weight NF4 can block: said before training starts
+    # tiny_opt at hidden 36, MLP 60: no weight holds a multiple of 64 values (NF4's block); said before training
+    odd = ("model.from_config.hidden_size=36", "model.from_config.word_embed_proj_dim=36",
+           "model.from_config.ffn_dim=60")
     with pytest.raises(ValueError, match="no layer of OPTForCausalLM can be quantized"), pytest.warns(UserWarning):
-        train(make_cfg("experiment=smoke", "model.quantize=nf4"))
+        train(make_cfg("experiment=smoke", "model.quantize=nf4", *odd))

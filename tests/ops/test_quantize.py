@@ -22,7 +22,8 @@ from vera_lightning import (
     unload_vera,
 )
 from vera_lightning.core.lookup import vera_layers
-from vera_lightning.core.qlinear import QuantizedLinear, dequantize_weight, tensor_bytes, weight_scheme
+from vera_lightning.core.qlinear import QuantizedLinear
+from vera_lightning.core.qtensor import dequantize_weight, tensor_bytes, weight_scheme
 from vera_lightning.ops.quantize import quantized_layers
 
 SCHEMES = ["nf4", "int8"]
@@ -33,7 +34,7 @@ def _cfg(**fields) -> VeraConfig:
     return VeraConfig(**{"r": 16, "target_modules": TARGETS, "init_weights": False, **fields})
 
 
-HIDDEN = 128  # NF4 needs multiples of 16384 values per weight: 128 x 128
+HIDDEN = 128  # NF4 needs multiples of 64 values per weight
 
 
 def _opt(seed: int = 0):
@@ -322,7 +323,7 @@ def test_clear_errors_before_anything_changes():
     with pytest.raises(TypeError, match="lists of layer names"):
         quantize_base(model, "nf4", skip="lm_head")
     odd = nn.Sequential(nn.Linear(10, 3), nn.Linear(128, 128))  # 30 and 16384 values
-    with pytest.raises(ValueError, match=r"0: \(3, 10\) has 30 values, not a multiple of 16384.*scheme='int8'"):
+    with pytest.raises(ValueError, match=r"0: \(3, 10\) has 30 values, not a multiple of 64.*scheme='int8'"):
         quantize_base(odd, "nf4", modules=["0"])
     with pytest.warns(UserWarning, match="leaves these layers in full precision"):
         quantize_base(odd, "nf4")
@@ -352,7 +353,7 @@ def test_clear_errors_before_anything_changes():
 
 
 def test_bitsandbytes_backend_needs_bitsandbytes():
-    from vera_lightning.core.qlinear import bnb_available
+    from vera_lightning.core.qtensor import bnb_available
 
     if bnb_available():
         pytest.skip("bitsandbytes is installed here")
@@ -361,7 +362,7 @@ def test_bitsandbytes_backend_needs_bitsandbytes():
 
 
 def test_unsupported_device_is_named():
-    from vera_lightning.core.qlinear import quantize_weight
+    from vera_lightning.core.qtensor import quantize_weight
 
     weight = torch.randn(64, 64)
     with pytest.raises(ValueError, match="device 'meta'.*'cpu' or 'cuda'"):

@@ -16,10 +16,10 @@ from torch import nn
 
 from vera_lightning import VeraConfig, apply_vera, dequantize_base, is_quantized, quantize_base, unload_vera
 from vera_lightning.core.lookup import vera_layers
-from vera_lightning.core.qlinear import dequantize_weight, quantize_weight, weight_scheme
+from vera_lightning.core.qtensor import dequantize_weight, quantize_weight, weight_scheme
 from vera_lightning.ops.quantize import quantized_layers
 
-HIDDEN = 128  # NF4 needs multiples of 16384 values per weight
+HIDDEN = 128  # NF4 needs multiples of 64 values per weight
 
 
 def _adapted(seed: int = 0, scheme: str | None = None):

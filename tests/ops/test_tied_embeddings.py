@@ -221,7 +221,7 @@ def test_modules_to_save_on_a_tied_head_is_refused_and_the_untie_fix_trains_like
 
 
 def test_quantize_base_keeps_the_tied_head_in_full_precision():
-    # NF4 needs layers of a multiple of 16,384 values: hidden 128 with 4 KV heads and MLP 128 are all 128 x 128
+    # NF4 needs layers of a multiple of 64 values: hidden 128 with 4 KV heads and MLP 128 (all 128 x 128)
     pristine = tied_llama(hidden=128, kv_heads=4, intermediate=128)
     model = quantize_base(copy.deepcopy(pristine), "nf4")
     assert_tie_and_embedding_kept(model, pristine)

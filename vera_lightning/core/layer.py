@@ -22,13 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vera_lightning.core.qlinear import (
-    is_bnb_module,
-    is_quantized_weight,
-    merge_refusal,
-    quantized_base_forward,
-    quantized_to_base,
-)
+from vera_lightning.core.qlinear import deepcopy_layer, merge_refusal, quantized_base_forward, quantized_to_base
+from vera_lightning.core.qtensor import is_bnb_module, is_quantized_weight
 from vera_lightning.core.refusals import is_meta, materialised
 from vera_lightning.forward.dispatch import vera_forward
 from vera_lightning.forward.protocol import HALF_DTYPES, VeraPath
@@ -196,6 +191,9 @@ class VeraLinear(nn.Module):
     def adapter_params(self) -> dict[str, nn.Parameter]:
         """The trainable tensors of the active adapter (its λ vectors), by their role."""
         return dict(zip(self.adapter_param_names, self.lambdas()))
+
+    def __deepcopy__(self, memo: dict) -> "VeraLinear":
+        return deepcopy_layer(self, memo)  # a quantized base weight is copied exactly, not re-quantized
 
     def extra_repr(self) -> str:
         return (

@@ -22,7 +22,8 @@ from vera_lightning.core.adapter import (
 )
 from vera_lightning.core.layer import VeraLinear, is_conv1d, layer_shape
 from vera_lightning.core.lookup import locate_adapter, vera_layers
-from vera_lightning.core.qlinear import is_quantized_weight, merge_refusal
+from vera_lightning.core.qlinear import merge_refusal
+from vera_lightning.core.qtensor import is_quantized_weight
 from vera_lightning.core.refusals import check_projection_memory, check_untied, shared_parameters
 from vera_lightning.forward import cost
 from vera_lightning.forward.dispatch import PATHS

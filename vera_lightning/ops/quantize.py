@@ -3,7 +3,7 @@
 With VeRA the trainable part is kilobytes; the frozen base is practically all of the memory.
 :func:`quantize_base` stores the base's linear weights in 4-bit NF4 (QLoRA's format) or 8-bit
 (int8 weight-only, one scale per output row); the λ's train over them as over a float base
-(see :mod:`vera_lightning.core.qlinear` for the backends and the backward).
+(see :mod:`vera_lightning.core.qtensor` for the backends, :mod:`vera_lightning.core.qlinear` for the backward).
 
 What is quantized: every ``nn.Linear`` (adapted or not) except a model's output head (in most
 LMs it is tied to the input embedding, which stays as it is), weights shared with another module,
@@ -29,32 +29,29 @@ with the fixes (``save_adapter``, or ``dequantize_base`` first).
 from __future__ import annotations
 
 import warnings
-import weakref
-from typing import Any, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
 from torch import nn
 
 from vera_lightning.core.layer import Conv1D, VeraLinear
 from vera_lightning.core.lookup import find_adapter, vera_layers
-from vera_lightning.core.messages import shorten
-from vera_lightning.core.qlinear import (
+from vera_lightning.core.qlinear import QuantizedLinear
+from vera_lightning.core.qtensor import (
     BACKENDS,
-    NF4_MULTIPLE,
+    NF4_BLOCK,
     SCHEMES,
-    QuantizedLinear,
     bnb_available,
     dequantize_weight,
     float_dtype,
     is_bnb_module,
     is_quantized_weight,
-    is_torchao_weight,
-    prepare_load,
     quantize_weight,
     tensor_bytes,
     weight_scheme,
 )
 from vera_lightning.core.refusals import shared_parameters
+from vera_lightning.ops.quantize_state import SavePretrainedRefusal, guard_state, linear_layers
 from vera_lightning.ops.targets import in_modules_to_save, output_heads
 
 __all__ = ["quantize_base", "dequantize_base", "is_quantized", "quantized_layers", "model_bytes"]
@@ -65,17 +62,10 @@ def _tied_weights(model: nn.Module) -> dict[int, list[str]]:
     return {pid: sorted({n.rpartition(".")[0] for n in names}) for pid, names in shared_parameters(model).items()}
 
 
-def _linears(model: nn.Module):
-    for name, module in model.named_modules():
-        if name and (isinstance(module, (nn.Linear, VeraLinear))
-                     or (Conv1D is not None and isinstance(module, Conv1D))):
-            yield name, module
-
-
 def _select(model, scheme, modules, skip) -> tuple[list[tuple[str, nn.Module]], list[str]]:
     """The layers to quantize, and the problems (each naming the layer and the fix)."""
     problems: list[str] = []
-    candidates = list(_linears(model))
+    candidates = list(linear_layers(model))
     leaves = sorted({n.rsplit(".", 1)[-1] for n, _ in candidates})
     skip, tied = list(skip or []), _tied_weights(model)
     module_names = [n for n, _ in model.named_modules() if n]
@@ -124,10 +114,10 @@ def _select(model, scheme, modules, skip) -> tuple[list[tuple[str, nn.Module]], 
                             "unload_vera(model, merge=True) and quantize the merged model as a new base)")
         elif weight.device.type == "meta":
             problems.append(f"{name}: weight on the meta device; load the weights before quantizing")
-        elif scheme == "nf4" and weight.numel() % NF4_MULTIPLE:
+        elif scheme == "nf4" and weight.numel() % NF4_BLOCK:
             (problems if explicit else left_out).append(
-                f"{name}: {tuple(weight.shape)} has {weight.numel()} values, not a multiple of {NF4_MULTIPLE} "
-                "(NF4 blocks of 64 values, scales in groups of 256); use scheme='int8' for it")
+                f"{name}: {tuple(weight.shape)} has {weight.numel()} values, not a multiple of {NF4_BLOCK} "
+                f"(NF4 blocks of {NF4_BLOCK} values); use scheme='int8' for it")
         else:
             selected.append((name, module))
     if left_out:
@@ -202,72 +192,8 @@ def quantize_base(
                          "(see the warning above for the ones left out, or name them in modules=[...])")
     for name, module in selected:
         _quantize_layer(model, name, module, scheme, "torchao" if backend == "auto" else backend)
-    _guard_state(model)
+    guard_state(model)
     return model
-
-
-# ---------------------------------------------------------------- state dicts and save_pretrained
-_LOAD_GUARDED: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
-
-
-def _has_torchao_weights(module: nn.Module) -> bool:
-    return any(is_torchao_weight(getattr(m, "weight", None)) for m in module.modules())
-
-
-def _guard_state(model: nn.Module) -> None:
-    """Make ``load_state_dict`` and ``save_pretrained`` of ``model`` honour (or refuse) its torchao weights."""
-    if not _has_torchao_weights(model):
-        return
-    for _, module in model.named_modules():
-        # the root checks every weight before anything loads; a VeraLinear for loads started below the root
-        # (QuantizedLinear does it in its own _load_from_state_dict)
-        if (module is model or isinstance(module, VeraLinear)) and module not in _LOAD_GUARDED:
-            module.register_load_state_dict_pre_hook(_check_quantized_load)
-            _LOAD_GUARDED.add(module)
-        is_pretrained = callable(getattr(type(module), "save_pretrained", None)) and hasattr(module, "config")
-        if is_pretrained and "save_pretrained" not in vars(module) and _has_torchao_weights(module):
-            module.save_pretrained = _SavePretrainedRefusal(module)
-
-
-def _check_quantized_load(module: nn.Module, state_dict: dict, prefix: str, *_: Any) -> None:
-    """``load_state_dict`` pre-hook: each incoming quantized weight checked (float ones quantized) first."""
-    loads, problems = {}, []
-    for name, layer in module.named_modules():
-        weight, key = getattr(layer, "weight", None), f"{prefix}{name}.weight" if name else f"{prefix}weight"
-        if is_torchao_weight(weight) and key in state_dict:
-            value, problem = prepare_load(weight, state_dict[key], key)
-            problems += [problem] if problem else []
-            loads[key] = value
-    if problems:
-        raise ValueError(f"load_state_dict refused, nothing of {type(module).__name__} was loaded:\n  - "
-                         + shorten(problems, sep="\n  - ", noun="problems"))
-    state_dict.update(loads)  # torch's own copy of the caller's dict
-
-
-class _SavePretrainedRefusal:
-    """Stands in for ``save_pretrained`` of a ``transformers`` model while torchao weights are in it.
-
-    safetensors cannot store torchao's tensor subclasses (``transformers`` fails half-way, after writing
-    ``config.json``, with "invalid python storage"), and ``from_pretrained`` could not rebuild them.
-    """
-
-    def __init__(self, model: nn.Module) -> None:
-        self.model = model
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        model = self.model
-        names = [n for n, m in _linears(model) if is_torchao_weight(m.weight)]
-        if not names:  # dequantized since: the model's own method again
-            vars(model).pop("save_pretrained", None)
-            return model.save_pretrained(*args, **kwargs)
-        schemes = sorted({weight_scheme(model.get_submodule(n).weight) for n in names})
-        raise ValueError(
-            f"save_pretrained refused, nothing was written: {len(names)} linear weights of {type(model).__name__} "
-            f"are quantized by quantize_base ({'/'.join(schemes)}: {shorten(names, 3)}), which safetensors cannot "
-            "store and from_pretrained could not load back. Save the adapter alone: save_adapter(model, dir) (then "
-            "load the original base, quantize_base it again and load_adapter); or write a float model: "
-            "dequantize_base(model) (or dequantize_base(model, torch.bfloat16)) first, then "
-            "model.save_pretrained(dir), or unload_vera(model, merge=True).save_pretrained(dir) to bake the adapter in")
 
 
 def _bnb_layer(weight: torch.Tensor, bias: Optional[nn.Parameter], scheme: str) -> nn.Module:
@@ -344,7 +270,7 @@ def dequantize_base(model: nn.Module, dtype: Optional[torch.dtype | str] = None)
             parent_name, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent_name) if parent_name else model, child, plain)
     for module in model.modules():
-        if isinstance(vars(module).get("save_pretrained"), _SavePretrainedRefusal):
+        if isinstance(vars(module).get("save_pretrained"), SavePretrainedRefusal):
             del module.save_pretrained  # the model's own method again
     return model
 
@@ -356,7 +282,7 @@ def _cast_bias(module: nn.Module, dtype: Optional[torch.dtype]) -> None:
 
 def quantized_layers(model: nn.Module) -> dict[str, str]:
     """``{layer name: scheme}`` of every layer with a quantized weight."""
-    return {name: weight_scheme(m.weight) for name, m in _linears(model) if is_quantized_weight(m.weight)}
+    return {name: weight_scheme(m.weight) for name, m in linear_layers(model) if is_quantized_weight(m.weight)}
 
 
 def is_quantized(model: nn.Module) -> bool:
