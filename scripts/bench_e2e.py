@@ -59,8 +59,8 @@ def signature(cfg, method: str) -> dict:
             "max_steps": cfg.trainer.max_steps, "lr": None if kind == "eval" else float(cfg.optim.lr),
             "r": cfg.vera.r if kind == "vera" else (8 if kind == "lora" else None),
             "targets": list(cfg.vera.target_modules), "quantize": cfg.model.quantize,
-            # which weights quantize: 2 = NF4 of every linear holding a multiple of 64 values (1: of 16,384)
-            "quantize_rev": 2 if cfg.model.quantize else None,
+            # which weights quantize: 2 = NF4 of every linear holding a multiple of 64 values (1, unnamed: of 16,384)
+            **({"quantize_rev": 2} if cfg.model.quantize else {}),
             "val_prompts": cfg.generate.val_prompts, "max_new_tokens": cfg.generate.max_new_tokens,
             "max_val": cfg.data.max_val_samples, "prompt": cfg.data.prompt_template}
 
