@@ -30,7 +30,7 @@ from torch import nn
 __all__ = [
     "SCHEMES", "BACKENDS", "FLOAT_DTYPES", "NF4_BLOCK", "quantize_weight", "dequantize_weight", "weight_scheme",
     "is_quantized_weight", "is_torchao_weight", "tensor_bytes", "is_bnb_module", "bnb_available", "float_dtype",
-    "prepare_load", "nf4_scale_group", "copy_quantized",
+    "prepare_load", "nf4_scale_group", "nf4_shape_problem", "copy_quantized",
 ]
 
 SCHEMES = ("nf4", "int8")
@@ -127,11 +127,17 @@ def _check_weight(weight: torch.Tensor, scheme: str, name: str) -> None:
             f"{name}: its weight is on device {weight.device.type!r}; the torchao backend quantizes on 'cpu' or "
             "'cuda'. Move the model there first (model.to('cpu')), or materialise meta weights (load them)."
         )
-    if scheme == "nf4" and weight.numel() % NF4_BLOCK:
-        raise ValueError(
-            f"{name}: {tuple(weight.shape)} has {weight.numel()} values, not a multiple of {NF4_BLOCK} (NF4 "
-            f"blocks of {NF4_BLOCK} values); leave it out (skip=[...]) or use scheme='int8'"
-        )
+    problem = nf4_shape_problem(weight, name) if scheme == "nf4" else None
+    if problem:
+        raise ValueError(problem)
+
+
+def nf4_shape_problem(weight: torch.Tensor, name: str) -> Optional[str]:
+    """Why NF4 cannot block ``weight`` (not a multiple of :data:`NF4_BLOCK` values), naming ``name`` and the fix."""
+    if weight.numel() % NF4_BLOCK == 0:
+        return None
+    return (f"{name}: {tuple(weight.shape)} has {weight.numel()} values, not a multiple of {NF4_BLOCK} (NF4 blocks "
+            f"of {NF4_BLOCK} values); leave it out (skip=[...]) or use scheme='int8'")
 
 
 def nf4_scale_group(numel: int) -> int:

@@ -39,13 +39,13 @@ from vera_lightning.core.lookup import find_adapter, vera_layers
 from vera_lightning.core.qlinear import QuantizedLinear
 from vera_lightning.core.qtensor import (
     BACKENDS,
-    NF4_BLOCK,
     SCHEMES,
     bnb_available,
     dequantize_weight,
     float_dtype,
     is_bnb_module,
     is_quantized_weight,
+    nf4_shape_problem,
     quantize_weight,
     tensor_bytes,
     weight_scheme,
@@ -59,7 +59,8 @@ __all__ = ["quantize_base", "dequantize_base", "is_quantized", "quantized_layers
 
 def _tied_weights(model: nn.Module) -> dict[int, list[str]]:
     """``{id(parameter): the modules holding it}`` for every parameter held by more than one module."""
-    return {pid: sorted({n.rpartition(".")[0] for n in names}) for pid, names in shared_parameters(model).items()}
+    owners = {pid: sorted({n.rpartition(".")[0] for n in names}) for pid, names in shared_parameters(model).items()}
+    return {pid: modules for pid, modules in owners.items() if len(modules) > 1}
 
 
 def _select(model, scheme, modules, skip) -> tuple[list[tuple[str, nn.Module]], list[str]]:
@@ -114,10 +115,8 @@ def _select(model, scheme, modules, skip) -> tuple[list[tuple[str, nn.Module]], 
                             "unload_vera(model, merge=True) and quantize the merged model as a new base)")
         elif weight.device.type == "meta":
             problems.append(f"{name}: weight on the meta device; load the weights before quantizing")
-        elif scheme == "nf4" and weight.numel() % NF4_BLOCK:
-            (problems if explicit else left_out).append(
-                f"{name}: {tuple(weight.shape)} has {weight.numel()} values, not a multiple of {NF4_BLOCK} "
-                f"(NF4 blocks of {NF4_BLOCK} values); use scheme='int8' for it")
+        elif scheme == "nf4" and (shape_problem := nf4_shape_problem(weight, name)):
+            (problems if explicit else left_out).append(shape_problem)
         else:
             selected.append((name, module))
     if left_out:
