@@ -13,15 +13,8 @@ from vera_lightning.io.lora_export import LoraExport, export_lora
 from vera_lightning.io.peft_format import ADAPTER_CONFIG_NAME
 from vera_lightning.ops.batching import adapter_batch
 from vera_lightning.ops.grad_checkpointing import enable_gradient_checkpointing
-from vera_lightning.ops.inject import (
-    apply_vera,
-    count_parameters,
-    mark_trainable,
-    merge_vera,
-    set_vera_path,
-    unload_vera,
-    unmerge_vera,
-)
+from vera_lightning.ops.inject import apply_vera, count_parameters, mark_trainable, set_vera_path
+from vera_lightning.ops.merge import merge_vera, unload_vera, unmerge_vera
 from vera_lightning.ops.named import add_adapter, delete_adapter, disable_adapter, set_adapter
 from vera_lightning.ops.quantize import dequantize_base, is_quantized, model_bytes, quantize_base
 from vera_lightning.training.callback import VeraCallback

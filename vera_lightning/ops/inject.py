@@ -1,6 +1,7 @@
-"""Swap :class:`VeraLinear` into the layers a :class:`VeraConfig` targets, freeze, merge, unload.
+"""Swap :class:`VeraLinear` into the layers a :class:`VeraConfig` targets, freeze, choose the autograd path.
 
-Which layers are targeted is decided by :mod:`vera_lightning.ops.targets` (PEFT's matching rules).
+Which layers are targeted is decided by :mod:`vera_lightning.ops.targets` (PEFT's matching rules); folding
+the update into the base and removing it again is :mod:`vera_lightning.ops.merge`.
 """
 
 from __future__ import annotations
@@ -9,7 +10,6 @@ import warnings
 from collections.abc import Iterable
 from typing import Optional
 
-import torch
 from torch import nn
 
 from vera_lightning.config import BiasMode, VeraConfig
@@ -18,13 +18,11 @@ from vera_lightning.core.adapter import (
     DEFAULT_ADAPTER,
     VeraAdapter,
     check_adapter_name,
-    check_no_open_block,
 )
 from vera_lightning.core.layer import VeraLinear, is_conv1d, layer_shape
 from vera_lightning.core.lookup import locate_adapter, vera_layers
-from vera_lightning.core.qlinear import merge_refusal
 from vera_lightning.core.qtensor import is_quantized_weight
-from vera_lightning.core.refusals import check_projection_memory, check_untied, shared_parameters
+from vera_lightning.core.refusals import check_projection_memory, shared_parameters
 from vera_lightning.forward import cost
 from vera_lightning.forward.dispatch import PATHS
 from vera_lightning.forward.protocol import VeraPath
@@ -34,19 +32,10 @@ from vera_lightning.ops.targets import modules_to_save_of, resolve_target_names
 __all__ = [
     "set_vera_path",
     "apply_vera",
-    "unload_vera",
-    "merge_vera",
-    "unmerge_vera",
     "vera_layers",
     "mark_trainable",
     "count_parameters",
 ]
-
-def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, new)
-
 
 def mark_trainable(
     model: nn.Module, config: VeraConfig, layers: Optional[Iterable[tuple[str, VeraLinear]]] = None
@@ -148,7 +137,7 @@ def apply_vera(model: nn.Module, config: VeraConfig, adapter_name: str = DEFAULT
     for name, module in modules.items():
         layer = VeraLinear(module, adapter, dropout=config.vera_dropout, d_initial=config.d_initial,
                            init_weights=config.init_weights, fan_in_fan_out=_fan_in_fan_out(name, module, config))
-        _set_submodule(model, name, layer)
+        model.set_submodule(name, layer)
     setattr(model, ADAPTER_ATTR, adapter)
     mark_trainable(model, config)
     install_checkpointing_guard(model)  # reentrant gradient checkpointing of a frozen base (checkpointing.py)
@@ -203,86 +192,6 @@ def _refuse_tied_modules_to_save(model: nn.Module, config: VeraConfig) -> None:
             f"model.{first}.weight = torch.nn.Parameter(model.{first}.weight.detach().clone()) (and, for a "
             "transformers model, model.config.tie_word_embeddings = False), or leave it out of modules_to_save"
         )
-
-
-def _refuse_quantized_merge(layers: list[tuple[str, VeraLinear]], what: str) -> None:
-    for name, layer in layers:
-        if layer.base_is_quantized and not layer.merged:
-            raise merge_refusal(f"{what} ({name})", layer.weight)
-
-
-def merge_vera(model: nn.Module, safe_merge: bool = False) -> nn.Module:
-    """Fold every VeRA update into its base weight (idempotent). Returns ``model``.
-
-    With ``safe_merge=True`` every merged weight is checked for NaN/inf before any
-    layer is written, so a failure leaves the whole model unchanged.
-
-    Raises:
-        ValueError: Over a quantized base (:func:`~vera_lightning.quantize_base`), before any layer
-            changes: re-rounding W0+ΔW would lose the update; ``dequantize_base`` first. Inside an open
-            ``disable_adapter``/``adapter_batch`` block (its layers would serve ``W0 + ΔW`` to every row).
-    """
-    layers = list(vera_layers(model))
-    check_no_open_block(_adapter_of(layers), "merge_vera")
-    _refuse_quantized_merge(layers, "merge_vera")
-    check_untied(model, layers, "merge_vera")
-    if safe_merge:
-        with torch.no_grad():
-            for name, layer in layers:
-                if not layer.merged and not torch.isfinite(layer.weight + layer.delta_weight()).all():
-                    raise ValueError(
-                        f"safe_merge refused: merging {name} gives non-finite weights (NaN/inf in its λ's or "
-                        "base weight); no layer was changed. Inspect its vera_lambda_b/vera_lambda_d."
-                    )
-    for _, layer in layers:
-        layer.merge()
-    return model
-
-
-def unmerge_vera(model: nn.Module) -> nn.Module:
-    """Undo :func:`merge_vera` on every layer (idempotent). Returns ``model``.
-
-    Raises:
-        ValueError: Inside an open ``disable_adapter``/``adapter_batch`` block (close it first).
-    """
-    layers = list(vera_layers(model))
-    check_no_open_block(_adapter_of(layers), "unmerge_vera")
-    for _, layer in layers:
-        layer.unmerge()
-    return model
-
-
-def _adapter_of(layers: list[tuple[str, VeraLinear]]) -> Optional[VeraAdapter]:
-    """The adapter ``layers`` refer to (one per model), read from the first (``None``: no layer)."""
-    return layers[0][1].adapter if layers else None
-
-
-def unload_vera(model: nn.Module, merge: bool = True) -> nn.Module:
-    """Replace every VeraLinear by a plain ``nn.Linear``/``Conv1D`` and drop the projections.
-
-    Args:
-        model: An adapted model.
-        merge: Keep the adaptation by folding it into the weights (``True``), or return
-            the original base weights (``False``).
-
-    Returns:
-        The same ``model`` object, free of VeRA modules (its ``requires_grad`` flags are left as they were);
-        quantized layers unload to :class:`~vera_lightning.core.qlinear.QuantizedLinear` (or their bitsandbytes layer).
-
-    Raises:
-        ValueError: ``merge=True`` over a quantized base, before anything changes (``dequantize_base`` first);
-            inside an open ``disable_adapter``/``adapter_batch`` block (close it first).
-    """
-    layers = list(vera_layers(model))
-    check_no_open_block(_adapter_of(layers), f"unload_vera(merge={merge})")
-    if merge:
-        _refuse_quantized_merge(layers, "unload_vera(merge=True)")
-        check_untied(model, layers, "unload_vera(merge=True)")
-    for name, layer in layers:
-        _set_submodule(model, name, layer.to_base(merge=merge))
-    if isinstance(getattr(model, ADAPTER_ATTR, None), VeraAdapter):
-        delattr(model, ADAPTER_ATTR)
-    return model
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:

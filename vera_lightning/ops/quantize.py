@@ -212,8 +212,6 @@ def _bnb_layer(weight: torch.Tensor, bias: Optional[nn.Parameter], scheme: str) 
 
 
 def _quantize_layer(model: nn.Module, name: str, module: nn.Module, scheme: str, backend: str) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
     if isinstance(module, VeraLinear):
         if backend == "bitsandbytes":
             base = _bnb_layer(module.weight, module.bias, scheme)
@@ -224,9 +222,9 @@ def _quantize_layer(model: nn.Module, name: str, module: nn.Module, scheme: str,
     elif backend == "bitsandbytes":
         layer = _bnb_layer(module.weight, module.bias, scheme)
         layer.train(module.training)
-        setattr(parent, child, layer)
+        model.set_submodule(name, layer)
     else:
-        setattr(parent, child, QuantizedLinear.from_linear(module, scheme, name))
+        model.set_submodule(name, QuantizedLinear.from_linear(module, scheme, name))
 
 
 def dequantize_base(model: nn.Module, dtype: Optional[torch.dtype | str] = None) -> nn.Module:
@@ -266,8 +264,7 @@ def dequantize_base(model: nn.Module, dtype: Optional[torch.dtype | str] = None)
             plain.bias = module.bias
             _cast_bias(plain, dtype)
             plain.train(module.training)
-            parent_name, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent_name) if parent_name else model, child, plain)
+            model.set_submodule(name, plain)
     for module in model.modules():
         if isinstance(vars(module).get("save_pretrained"), SavePretrainedRefusal):
             del module.save_pretrained  # the model's own method again

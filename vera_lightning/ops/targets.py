@@ -210,8 +210,7 @@ def check_matches(
     mha_out = []
     for name in found:
         parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        if child == "out_proj" and isinstance(parent, nn.MultiheadAttention):
+        if child == "out_proj" and isinstance(model.get_submodule(parent_name), nn.MultiheadAttention):
             mha_out.append(name)
     if mha_out and not all_linear:
         problems.append(
