@@ -24,7 +24,6 @@ the new one, whatever is killed when; loading reads both files from one version.
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Optional, Union
 
@@ -38,8 +37,9 @@ from vera_lightning.core.lookup import Adapted, adapter_root, find_adapted
 from vera_lightning.core.messages import shorten
 from vera_lightning.core.refusals import check_not_merged, check_not_meta
 from vera_lightning.forward.protocol import HALF_DTYPES
-from vera_lightning.io import atomic, reads
+from vera_lightning.io import atomic
 from vera_lightning.io import peft_format as fmt
+from vera_lightning.io.adapter_read import read_adapter
 from vera_lightning.io.peft_format import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME
 from vera_lightning.ops.inject import apply_vera
 from vera_lightning.ops.named import add_adapter, compatibility_problems
@@ -155,10 +155,7 @@ def load_adapter(model: nn.Module, directory: PathLike, adapter_name: Optional[s
     if adapter_name is not None:
         check_adapter_name(adapter_name, "load_adapter")
     name = adapter_name or (adapter.active if adapter is not None else DEFAULT_ADAPTER)
-    directory = _adapter_directory(directory, name)
-    files = _read_files(directory)
-    config = _read_config(directory, files[ADAPTER_CONFIG_NAME])
-    tensors, metadata = _read_weights(directory, files)
+    directory, config, tensors, metadata = read_adapter(directory, name)
     if adapter is not None and (name != adapter.primary or len(adapter.names) > 1):
         problems = file_problems(tensors, metadata, fmt.META_CONTENT, fmt.META_PROJECTION)
         if problems:
@@ -195,74 +192,6 @@ def adapted_for(model: nn.Module, operation: str) -> Optional[Adapted]:
         return find_adapted(model)
     except ValueError as err:
         raise ValueError(f"{operation} refused: {err}") from None
-
-
-# ---------------------------------------------------------------------- reading
-_PICKLES = ("adapter_model.bin", "adapter_model.pt")
-
-
-def _adapter_directory(directory: str, name: str) -> str:
-    """PEFT's ``save_pretrained`` writes adapters other than ``"default"`` to ``<root>/<name>/``."""
-    sub = os.path.join(directory, name)
-    if name != DEFAULT_ADAPTER and os.path.isfile(os.path.join(sub, ADAPTER_CONFIG_NAME)):
-        return sub
-    return directory
-
-
-def _read_files(directory: str) -> dict[str, Optional[bytes]]:
-    """Both files (and whether pickles are there) from one version of the directory."""
-    try:
-        return reads.read_files(directory, (ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME) + _PICKLES)
-    except (FileNotFoundError, NotADirectoryError):
-        raise FileNotFoundError(
-            f"load_adapter: {directory!r} is not a directory (expected an adapter directory holding "
-            f"{ADAPTER_CONFIG_NAME} and {ADAPTER_WEIGHTS_NAME})"
-        ) from None
-    except reads.NotRegularFileError as err:
-        raise ValueError(f"load_adapter: {err}") from None
-
-
-def _read_config(directory: str, raw: Optional[bytes]) -> VeraConfig:
-    path = os.path.join(directory, ADAPTER_CONFIG_NAME)
-    if raw is None:
-        raise FileNotFoundError(
-            f"load_adapter: {path} is missing; an adapter directory holds {ADAPTER_CONFIG_NAME} and "
-            f"{ADAPTER_WEIGHTS_NAME} (as written by save_adapter or PEFT's save_pretrained)"
-        )
-    try:
-        data = json.loads(raw.decode("utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"load_adapter: {path} is not valid JSON ({err}); re-save the adapter") from None
-    return fmt.config_from_peft_dict(data, path)
-
-
-def _header_metadata(raw: bytes) -> dict[str, str]:
-    size = int.from_bytes(raw[:8], "little")
-    header = json.loads(raw[8 : 8 + size].decode("utf-8"))
-    return dict(header.get("__metadata__") or {})
-
-
-def _read_weights(directory: str, files: dict[str, Optional[bytes]]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    path = os.path.join(directory, ADAPTER_WEIGHTS_NAME)
-    raw = files[ADAPTER_WEIGHTS_NAME]
-    if raw is None:
-        pickled = [n for n in _PICKLES if files.get(n) is not None]
-        hint = (
-            f" It holds {pickled[0]}, a pickle, which is never loaded (it can run arbitrary code); re-save the "
-            "adapter with safe_serialization=True" if pickled else ""
-        )
-        raise FileNotFoundError(f"load_adapter: {path} is missing.{hint}")
-    from safetensors import SafetensorError
-    from safetensors.torch import load
-
-    try:  # metadata and tensors from the same bytes: a writer replacing the file cannot mix two versions
-        tensors = load(raw)
-        metadata = _header_metadata(raw)
-    except (SafetensorError, OSError, RuntimeError, ValueError, AttributeError) as err:
-        raise ValueError(
-            f"load_adapter: {path} is truncated or corrupted and could not be read ({err}); re-save the adapter"
-        ) from None
-    return tensors, metadata
 
 
 # ---------------------------------------------------------------------- writing
