@@ -1,7 +1,7 @@
 """LightningModules around a Hugging Face model: sequence classification/regression and causal LM.
 
-Validation metrics of a sequence task come from the data config (``data.metrics``: ``{name:
-{_target_: torchmetrics class, ...}}``, logged as ``val/<name>``), so a GLUE task names its own
+Validation metrics of a sequence task come from the data config (``data.metrics``, logged as
+``val/<name>``; built by :mod:`vera_lightning.app.task_metrics`), so a GLUE task names its own
 (Matthews correlation for CoLA, Pearson/Spearman for STS-B); without one, classification logs
 accuracy and macro F1 and regression Pearson and Spearman.
 
@@ -23,11 +23,11 @@ from lightning.pytorch.strategies import FSDPStrategy
 from omegaconf import OmegaConf
 from torch import nn
 from torch.distributed.fsdp import FullyShardedDataParallel
-from torchmetrics import MeanMetric, Metric, PearsonCorrCoef, SpearmanCorrCoef
-from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
+from torchmetrics import MeanMetric, Metric
 
 from vera_lightning import vera_layers
 from vera_lightning.app.generation import GenerateSettings
+from vera_lightning.app.task_metrics import build_metrics, default_metrics
 from vera_lightning.app.val_generation import ValidationGeneration
 
 try:
@@ -40,8 +40,6 @@ __all__ = [
     "ClassificationModule",
     "RegressionModule",
     "CausalLMModule",
-    "default_metrics",
-    "build_metrics",
     "build_module",
     "linear_warmup",
 ]
@@ -128,42 +126,6 @@ class VeraTaskModule(pl.LightningModule):
         loss = self.model(**batch).loss
         self.log("train/loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
         return loss
-
-
-def default_metrics(num_labels: int) -> dict[str, Metric]:
-    """Accuracy and macro F1 for ``num_labels`` classes; Pearson and Spearman for regression (1)."""
-    if num_labels == 1:
-        return {"pearson": PearsonCorrCoef(), "spearman": SpearmanCorrCoef()}
-    return {
-        "acc": MulticlassAccuracy(num_classes=num_labels, average="micro"),
-        "f1": MulticlassF1Score(num_classes=num_labels, average="macro"),
-    }
-
-
-def build_metrics(specs: Optional[Mapping[str, Any]]) -> Optional[dict[str, Metric]]:
-    """Instantiate ``data.metrics`` (``{name: {_target_: ..., **kwargs}}``); ``None`` for none given.
-
-    Raises:
-        ValueError: Naming the ``data.metrics.<name>`` entry that fails to build or is not a torchmetrics
-            ``Metric``.
-    """
-    if not specs:
-        return None
-    from hydra.utils import instantiate
-
-    metrics = {}
-    for name, spec in specs.items():
-        try:
-            metric = instantiate(spec)
-        except Exception as error:  # hydra wraps import and argument errors alike
-            raise ValueError(f"data.metrics.{name}={spec!r} could not be built: {error}") from None
-        if not isinstance(metric, Metric):
-            raise ValueError(
-                f"data.metrics.{name}: {type(metric).__name__} is not a torchmetrics Metric; give a _target_ "
-                "such as torchmetrics.classification.BinaryF1Score"
-            )
-        metrics[str(name)] = metric
-    return metrics
 
 
 class ClassificationModule(VeraTaskModule):
