@@ -12,6 +12,9 @@ Prints one table per case (tokens x rank x targets) with the paths ``auto`` took
 choice (``ours``) and with the cost model alone, the seconds it spent measuring, and the thread
 count; with ``--json``, writes every number. Several ``--threads`` run one after the other in this
 process (every case is tagged with its thread count; ``auto`` measures again for each count).
+The ``--json`` file is written after every case, and the same command run again resumes: the cases
+it holds are kept and only the rest is measured (a file holding another command's numbers is refused,
+never overwritten).
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import argparse
 import dataclasses
 import itertools
 import json
+import os
 import platform
 import resource
 import statistics
@@ -271,26 +275,68 @@ def main(argv=None) -> dict:
         return run_cases(args, thread_counts)
 
 
+def _case_key(case: dict) -> tuple:
+    return case["threads"], case["batch"], case["seq_len"], case["targets"], case["r"]
+
+
+def resumable(path, header: dict) -> dict:
+    """What an earlier, interrupted run of the same command left in ``--json`` (``{}``: none, start afresh).
+
+    Raises:
+        SystemExit: ``path`` holds something else (another command's numbers, or not this script's JSON):
+            it is never overwritten; the message names what differs and the two ways on.
+    """
+    if not path:
+        return {}
+    try:
+        with open(path) as f:
+            earlier = json.load(f)
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as err:
+        raise SystemExit(f"bench.py: --json {path} exists and is not a benchmark file this script wrote ({err}); "
+                         "it is left as it is: pass another --json path, or remove the file") from None
+    differs = [k for k in ("machine", "args", "shape") if not isinstance(earlier, dict) or earlier.get(k) != header[k]]
+    if differs:
+        detail = ""
+        if isinstance(earlier, dict) and isinstance(earlier.get("args"), dict) and "args" in differs:
+            keys = sorted(k for k in set(earlier["args"]) | set(header["args"])
+                          if earlier["args"].get(k) != header["args"].get(k))
+            detail = f" (options differing: {', '.join(keys)})"
+        raise SystemExit(f"bench.py: --json {path} holds the numbers of another run: its {', '.join(differs)} "
+                         f"differ{detail}. Nothing was measured and the file is left as it is: pass another --json "
+                         "path, or rerun that file's own command to resume it")
+    return earlier
+
+
 def run_cases(args, thread_counts: list[int]) -> dict:
-    dtype = getattr(torch, args.dtype)
-    t0 = time.time()
-    base = build_base(args.shape, dtype, args.device)
-    floor = build_variant(base, "floor", 0, [])
     result = {"machine": {"platform": platform.platform(), "processor": platform.processor(),
                           "torch": torch.__version__, "threads": args.threads, "device": args.device},
               "args": {k: v for k, v in vars(args).items() if k not in ("shape", "rss_child")},
               "shape": vars(args.shape), "cases": []}
+    result = json.loads(json.dumps(result))  # as the file holds it (tuples as lists), to compare with an earlier run
+    earlier = resumable(args.json, result)
+    result["cases"], result["wall_s"] = earlier.get("cases", []), earlier.get("wall_s", 0.0)
+    done = {_case_key(c) for c in result["cases"]}
+    if done:
+        print(f"resuming {args.json}: {len(done)} case(s) already measured by the same command are kept")
+    base = build_base(args.shape, getattr(torch, args.dtype), args.device)
+    floor = build_variant(base, "floor", 0, [])
     for threads in thread_counts:  # one after the other, in this process; each case is tagged with its count
         torch.set_num_threads(threads)
         for (batch, seq_len), targets, r in itertools.product(args.cases, args.targets, args.ranks):
+            if (threads, batch, seq_len, targets, r) in done:
+                continue
             ids = _inputs(args, batch, seq_len)
+            start = time.time()
             case = run_case(args, base, floor, r, targets, ids)
             print_case(case)
             result["cases"].append(case)
-            result["wall_s"] = time.time() - t0
-            if args.json:  # after every case, so a long run that is cut short still leaves its numbers
-                with open(args.json, "w") as f:
+            result["wall_s"] += time.time() - start
+            if args.json:  # after every case (whole or not at all), so a run cut short resumes where it stopped
+                with open(f"{args.json}.partial", "w") as f:
                     json.dump(result, f, indent=1)
+                os.replace(f"{args.json}.partial", args.json)
     print_summary(result["cases"])
     return result
 

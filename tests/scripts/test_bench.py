@@ -6,6 +6,8 @@ import importlib.util
 import json
 from pathlib import Path
 
+import pytest
+
 SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "bench.py"
 
 
@@ -58,3 +60,25 @@ def test_token_sweep_reports_the_path_auto_took(tmp_path, capsys):
         assert 0 < rows["ours"]["saved_over_floor"] <= x_bytes  # auto: x, or h = x·A_sᵀ when r·4 <= in·4
     printed = capsys.readouterr().out
     assert "N=256 (B=8, T=32)  auto took" in printed
+
+
+def test_an_interrupted_run_resumes_and_another_commands_file_is_never_overwritten(tmp_path, capsys):
+    out = tmp_path / "sweep.json"
+    command = ["--quick", "--ranks", "8", "--targets", "qv", "--repeats", "1", "--batch", "1", "2",
+               "--variants", "floor", "ours", "--merged-repeats", "0", "--json", str(out)]
+    main = _bench_main()
+    main(command)
+    first = json.loads(out.read_text())
+    assert [c["batch"] for c in first["cases"]] == [1, 2]
+    # as if the run had been killed after its first case
+    cut = dict(first, cases=first["cases"][:1])
+    out.write_text(json.dumps(cut))
+    resumed = main(command)
+    assert "resuming" in capsys.readouterr().out
+    assert resumed["cases"][0] == first["cases"][0]  # kept as measured, not measured again
+    assert [c["batch"] for c in resumed["cases"]] == [1, 2]
+    assert json.loads(out.read_text())["cases"] == json.loads(json.dumps(resumed["cases"]))
+    before = out.read_bytes()
+    with pytest.raises(SystemExit, match=r"options differing: repeats\)\. Nothing was measured.*pass another --json"):
+        main([*command[:-2], "--repeats", "2", "--json", str(out)])
+    assert out.read_bytes() == before
