@@ -278,3 +278,23 @@ def test_the_job_log_of_a_run_into_a_used_directory_is_held_until_the_run_is_acc
         handler.emit(record)  # after a refusal nothing more is written; after admission everything is
         handler.close()
         assert log.read_text() == expected
+
+
+def test_a_run_refused_by_the_modules_checks_writes_no_record_and_the_fixed_command_can_use_the_directory(tmp_path):
+    """Lightning calls the callbacks' setup before the module's: the prompt-length check of the generation
+    metrics (CausalLMModule) used to fail after RunRecord had accepted the run, leaving .hydra/ behind, so the
+    corrected command was refused as "already holds a training run"."""
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    for name in ("train.csv", "val.csv"):
+        (data_dir / name).write_text("mr,ref\n" + "".join(f'"name[N{i}], food[F{i}]",N{i} serves F{i}.\n'
+                                                           for i in range(8)), encoding="utf-8")
+    run_dir = tmp_path / "run"
+    sft = [*SMOKE, "data=sft", f"data.data_dir={data_dir}", "data.train_file=train.csv", "data.val_file=val.csv",
+           "data.prompt_field=mr", "data.response_field=ref", "data.max_length=32", "trainer.max_steps=1"]
+    with pytest.raises(ValueError, match=r"generate.max_new_tokens=500: \d+ positions, but the model has 128"):
+        train(compose_app("train", run_dir, *sft, "generate.max_new_tokens=500"))
+    assert previous_run(run_dir) == [] and not (run_dir / ".hydra").exists()
+    metrics = train(compose_app("train", run_dir, *sft, "generate.max_new_tokens=4"))
+    assert metrics["steps"] == 1 and "val/bleu" in metrics
+    assert {"summary.json", "adapter"} <= set(previous_run(run_dir))

@@ -88,6 +88,13 @@ class VeraTaskModule(pl.LightningModule):
     def forward(self, **batch: torch.Tensor) -> Any:
         return self.model(**batch)
 
+    def check_before_run(self) -> None:
+        """The checks that need the model and the data, run before the run directory is written (idempotent).
+
+        Called by :class:`~vera_lightning.app.records.RunRecord` before it accepts a fresh run (Lightning runs the
+        callbacks' ``setup`` before the module's), so a run refused here leaves its directory as it was.
+        """
+
     def param_groups(self) -> list[dict[str, Any]]:
         """AdamW groups: trainable λ's at ``lr``, other trainable parameters at ``head_lr``."""
         lambdas = {id(p): p for _, layer in vera_layers(self.model) for p in layer.adapter_params().values()}
@@ -215,10 +222,15 @@ class CausalLMModule(VeraTaskModule):
         return ["val/loss", "val/ppl", *extra]
 
     @override
-    def setup(self, stage: str) -> None:
+    def check_before_run(self) -> None:
+        """Every validation prompt plus ``generate.max_new_tokens`` fits the model's positions."""
         datamodule = getattr(self.trainer, "datamodule", None)
         if self.val_generation is not None and datamodule is not None:
             self.val_generation.prepare(datamodule, self.model)
+
+    @override
+    def setup(self, stage: str) -> None:
+        self.check_before_run()  # already done for a fresh app run (RunRecord.setup); a resume or eval gets it here
 
     @override
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:

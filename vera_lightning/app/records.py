@@ -6,7 +6,8 @@ refused leaves it byte for byte as it was. The checks that need no model
 model and the checkpoint (a resume into a model built differently) run when Lightning restores the
 checkpoint. So nothing of the run is written before :class:`RunRecord` accepts it:
 
-* a fresh run is accepted in ``setup`` (every process of a distributed run has passed its checks by then);
+* a fresh run is accepted in ``setup`` (every process of a distributed run has passed its checks by then), after
+  the module's ``check_before_run`` (e.g. that every validation prompt leaves room for ``max_new_tokens``);
 * a resumed run in ``on_train_start``, after Lightning restored the model, the callbacks, the optimizers and
   the loops from the checkpoint.
 
@@ -171,6 +172,9 @@ class RunRecord(Callback):
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if not self.resuming:
+            check = getattr(pl_module, "check_before_run", None)
+            if callable(check):  # the module's own setup comes after the callbacks': its checks first
+                check()
             self.accept(trainer)
 
     @override
