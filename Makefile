@@ -35,10 +35,17 @@ test-cpu-kernels: $(STAMP)
 
 # ruff (lint + import order; the rules are in pyproject.toml's [tool.ruff])
 lint: $(STAMP)
-	$(PY) -m ruff check vera_lightning tests scripts
+	$(PY) -m ruff check vera_lightning tests scripts benchmarks tools
 
 train: $(STAMP)
 	$(PY) scripts/train.py $(ARGS)
 
 clean:
 	rm -rf $(VENV) outputs multirun .pytest_cache
+
+# the GPU check (benchmarks/gpu_check.sh, docs/perf.md "GPU check"): gpu tests, autotune, the bf16 SmolLM2 step
+# table, NF4 via bitsandbytes, 2-GPU DDP; one JSON of results in GPU_JSON. Refuses at once without CUDA.
+GPU_JSON ?= benchmarks/results/gpu-check.json
+.PHONY: gpu-check
+gpu-check: $(STAMP)
+	PYTHON=$(PY) benchmarks/gpu_check.sh $(GPU_JSON)

@@ -1,6 +1,6 @@
 """Evaluate a saved adapter (or the base model): ``python scripts/eval.py adapter=PATH [group=option ...]``.
 
-A thin ``@hydra.main`` wrapper around :func:`vera_lightning.app.evaluate.evaluate` over the same
+A thin ``@hydra.main`` wrapper around :func:`vera_lightning.app.commands.evaluate.evaluate` over the same
 ``conf/`` groups as training (config ``conf/eval.yaml``). It prints the validation metrics and
 writes ``metrics.json`` into the run directory (``outputs/eval/<date>/<time>/``). Examples::
 
@@ -18,8 +18,8 @@ import hydra
 from omegaconf import DictConfig
 
 from vera_lightning.app import register_configs
-from vera_lightning.app.cli import user_errors
-from vera_lightning.app.evaluate import evaluate
+from vera_lightning.app.commands.cli import user_errors
+from vera_lightning.app.commands.evaluate import evaluate
 
 register_configs()  # VeraConfig as the schema of the `vera` group, before Hydra composes
 

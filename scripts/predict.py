@@ -1,6 +1,6 @@
 """Predict with a saved adapter: ``python scripts/predict.py adapter=PATH input=FILE [output=FILE]``.
 
-A thin ``@hydra.main`` wrapper around :func:`vera_lightning.app.predict.predict` over the same
+A thin ``@hydra.main`` wrapper around :func:`vera_lightning.app.commands.predict.predict` over the same
 ``conf/`` groups as training (config ``conf/predict.yaml``). Classification writes a TSV
 (``input``, ``label``, ``probability``); a causal LM generates a continuation per prompt line
 and writes JSON lines (``prompt``, ``generation``). Examples::
@@ -19,8 +19,8 @@ import hydra
 from omegaconf import DictConfig
 
 from vera_lightning.app import register_configs
-from vera_lightning.app.cli import user_errors
-from vera_lightning.app.predict import predict
+from vera_lightning.app.commands.cli import user_errors
+from vera_lightning.app.commands.predict import predict
 
 register_configs()  # VeraConfig as the schema of the `vera` group, before Hydra composes
 

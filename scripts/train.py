@@ -1,6 +1,6 @@
 """Fine-tune a model with VeRA: ``python scripts/train.py [group=option ...] [key=value ...]``.
 
-A thin ``@hydra.main`` wrapper around :func:`vera_lightning.app.train`; it returns the
+A thin ``@hydra.main`` wrapper around :func:`vera_lightning.app.commands.train`; it returns the
 optimised metric so Hydra sweepers (e.g. Optuna) can use it. Examples::
 
     python scripts/train.py                                  # offline default: MiniLM on the demo sentiment set
@@ -19,7 +19,7 @@ import hydra
 from omegaconf import DictConfig
 
 from vera_lightning.app import register_configs, train
-from vera_lightning.app.cli import user_errors
+from vera_lightning.app.commands.cli import user_errors
 
 register_configs()  # VeraConfig as the schema of the `vera` group, before Hydra composes
 

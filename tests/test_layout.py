@@ -4,6 +4,9 @@ Every ``import``/``from ... import`` of ``vera_lightning`` anywhere in a module 
 function, under ``TYPE_CHECKING``) is an edge. Floors, bottom to top: ``config`` < ``forward`` < ``core``
 < ``ops`` < ``io`` < ``training`` < ``app``; a module may import its own floor or lower ones. The package's
 ``__init__`` (the public front) may import anything below the app; the app imports only the front and itself.
+
+Inside the app the same rule holds between its sub-packages, bottom to top: ``data`` < ``generation`` <
+``models`` < ``tasks`` < ``runs`` < ``commands``; ``app/__init__`` (the app's front) may import any of them.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import vera_lightning
 
 ROOT = Path(vera_lightning.__file__).resolve().parent
 FLOORS = ["config", "forward", "core", "ops", "io", "training", "app"]
+APP_FLOORS = ["data", "generation", "models", "tasks", "runs", "commands"]
 
 
 def module_name(path: Path) -> str:
@@ -111,7 +115,33 @@ def test_no_private_name_crosses_modules():
     assert crossing == []
 
 
-@pytest.mark.parametrize("sub", FLOORS[1:])
+def app_floor(module: str) -> int:
+    """The app sub-package's floor, -1 for the app's front, -2 for a module outside every sub-package."""
+    parts = module.split(".")
+    if len(parts) == 2:
+        return -1
+    return APP_FLOORS.index(parts[2]) if parts[2] in APP_FLOORS else -2
+
+
+APP = {m: edges for m, edges in GRAPH.items() if m.startswith("vera_lightning.app")}
+
+
+def test_every_app_module_lives_in_a_sub_package():
+    assert [m for m in APP if app_floor(m) == -2] == []
+
+
+def test_app_imports_only_look_down():
+    upward = [f"{m}:{line} -> {t}" for m, edges in APP.items() if app_floor(m) >= 0
+              for t, line in edges if t.startswith("vera_lightning.app") and app_floor(t) > app_floor(m)]
+    assert upward == []
+
+
+def test_app_sub_packages_do_not_import_the_app_front():
+    assert [f"{m}:{line}" for m, edges in APP.items() if app_floor(m) >= 0
+            for t, line in edges if t == "vera_lightning.app"] == []
+
+
+@pytest.mark.parametrize("sub", FLOORS[1:] + [f"app/{s}" for s in APP_FLOORS])
 def test_subpackage_init_holds_a_docstring_not_logic(sub):
     tree = ast.parse((ROOT / sub / "__init__.py").read_text(encoding="utf-8"))
     assert ast.get_docstring(tree), f"vera_lightning/{sub}/__init__.py needs a docstring saying what the folder holds"

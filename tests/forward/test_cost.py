@@ -115,7 +115,7 @@ def test_memory_preference_is_validated_and_stored():
 
 
 def test_calibration_script_smoke(tmp_path):
-    """scripts/calibrate_cost.py --quick measures every path and fits usable constants."""
+    """benchmarks/calibrate_cost.py --quick measures every path and fits usable constants."""
     from calibrate_cost import fit_machine, main
 
     out = tmp_path / "calib.json"

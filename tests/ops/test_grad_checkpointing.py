@@ -191,8 +191,8 @@ def test_app_flag_trains_the_same_adapter(tmp_path):
     from hydra import compose, initialize_config_dir
     from safetensors.torch import load_file
 
-    from vera_lightning.app.models import build_model, build_tokenizer
-    from vera_lightning.app.train import register_configs, train
+    from vera_lightning.app.commands.train import register_configs, train
+    from vera_lightning.app.models.load import build_model, build_tokenizer
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     register_configs()

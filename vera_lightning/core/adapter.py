@@ -127,6 +127,10 @@ class VeraAdapter(nn.Module):
         self.forced_path: Optional[VeraPath] = None
         #: Per-row λ's of the open ``adapter_batch`` (see :mod:`vera_lightning.ops.batching`).
         self.batch: Optional[object] = None
+        #: The dtype the projection products run in (``None``: the λ's dtype, PEFT's rule). A half dtype here is
+        #: the bf16 training form (:func:`vera_lightning.set_projection_dtype`): ``x·A_sᵀ`` and ``(λ_d ⊙ h)·B_sᵀ``
+        #: run in bf16 while the λ's, their gradients and the optimizer state stay float32.
+        self.compute_dtype: Optional[torch.dtype] = None
         vera_A, vera_B = self._draw()
         self.register_buffer("vera_A", vera_A, persistent=config.save_projection)
         self.register_buffer("vera_B", vera_B, persistent=config.save_projection)

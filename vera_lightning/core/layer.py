@@ -219,9 +219,10 @@ class VeraLinear(nn.Module):
         return F.linear(x, self.weight, self.bias)
 
     def sliced_projections(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(A_s, B_s)`` in the λ's dtype and device."""
+        """``(A_s, B_s)`` on the λ's device, in the adapter's compute dtype (default: the λ's dtype)."""
         lam = self.vera_lambda_d
-        return self.adapter.sliced(self.in_features, self.out_features, lam.dtype, lam.device)
+        dtype = self.adapter.compute_dtype or lam.dtype
+        return self.adapter.sliced(self.in_features, self.out_features, dtype, lam.device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged:

@@ -28,7 +28,7 @@ kernels. The estimated time is::
     t = 2·MAC / F  +  bytes / BW  +  kernels · τ
 
 with ``F`` the float32 GEMM rate, ``BW`` the elementwise bandwidth and ``τ`` the per-kernel
-overhead of the device, fitted by ``scripts/calibrate_cost.py`` to measured per-path times (the
+overhead of the device, fitted by ``benchmarks/calibrate_cost.py`` to measured per-path times (the
 values and the run that produced them are in :data:`MACHINES` and ``docs/perf.md``).
 
 Memory preference (``set_vera_path(model, "auto", memory=...)``): ``"lean"`` (default) allows
@@ -48,7 +48,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Sequence, Union
+from typing import TYPE_CHECKING, Optional, Sequence, Union
 
 import torch
 
@@ -68,7 +68,7 @@ LEAN_SHARE = 0.25
 
 @dataclass(frozen=True)
 class Machine:
-    """Device constants, fitted to measured path times by ``scripts/calibrate_cost.py``.
+    """Device constants, fitted to measured path times by ``benchmarks/calibrate_cost.py``.
 
     Attributes:
         gemm: Float32 GEMM rate, flop/s (2 per multiply-add; every extra product runs in float32).
@@ -84,7 +84,7 @@ class Machine:
 
 
 #: Per device type. "cpu": fitted to 24 sibling groups x 4 paths measured on the project's 2-core
-#: AMD EPYC VM (1 thread, shared with other jobs): ``scripts/calibrate_cost.py --threads 1 --repeats 5
+#: AMD EPYC VM (1 thread, shared with other jobs): ``benchmarks/calibrate_cost.py --threads 1 --repeats 5
 #: --groups 768:768,768 768:768,768,768 768:3072 3072:768``, raw rows in
 #: ``benchmarks/results/cpu1-float32-calibration.json``; the fitted "overhead" also absorbs every
 #: size-independent cost (Python, autograd nodes), hence its size. "cuda": not measured (no GPU was
@@ -207,6 +207,7 @@ class Group:
     grad_x: bool
     learned: bool
     autocast: bool = False
+    proj_dtype: Optional[torch.dtype] = None
 
     def allowed(self) -> list[str]:
         """:func:`allowed_paths` for this group."""
@@ -234,7 +235,7 @@ def group_of(layer: "AdaptedLayer", x: torch.Tensor) -> Union[str, Group]:
     a_s = layer.sliced_projections()[0]
     mode = cache.peek_mode(x, a_s)
     if mode in ("lean", "save_h", "merged"):
-        if mode == "merged" and layer.base_is_quantized:
+        if mode == "merged" and (layer.base_is_quantized or a_s.dtype != layer.lambdas()[1].dtype):
             return "lean"  # cannot join a merged group; same values, its own h
         cache.plans.join(layer, x)
         return mode
@@ -246,8 +247,10 @@ def group_of(layer: "AdaptedLayer", x: torch.Tensor) -> Union[str, Group]:
     autocast = torch.is_autocast_enabled(x.device.type)
     if autocast:
         dtype = torch.get_autocast_dtype(x.device.type)
+    lam_dtype = layer.lambdas()[1].dtype
+    proj = a_s.dtype if a_s.dtype != lam_dtype else None  # the bf16 training form: no merged form (float32 ΔW)
     return Group(n, layer.in_features, outs, layer.r, dtype, x.device, layer.vera_memory,
-                 not layer.base_is_quantized, x.requires_grad, learned, autocast)
+                 not layer.base_is_quantized and proj is None, x.requires_grad, learned, autocast, proj)
 
 
 def choose_path(layer: "AdaptedLayer", x: torch.Tensor) -> str:

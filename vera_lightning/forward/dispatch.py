@@ -76,15 +76,15 @@ def _plain(layer: AdaptedLayer, result: torch.Tensor, x: torch.Tensor) -> torch.
     """PEFT's formulation under plain autograd."""
     lam_b, lam_d = layer.lambdas()
     a_s, b_s = layer.sliced_projections()
-    if x.dtype != lam_d.dtype:  # as PEFT: the adapter runs in the λ's dtype
-        x = x.to(lam_d.dtype)
-    update = lam_b * F.linear(lam_d * F.linear(layer.vera_dropout(x), a_s), b_s)
+    if x.dtype != a_s.dtype:  # as PEFT: the adapter runs in the λ's dtype (or the adapter's compute dtype)
+        x = x.to(a_s.dtype)
+    update = lam_b * F.linear((lam_d * F.linear(layer.vera_dropout(x), a_s)).to(b_s.dtype), b_s)
     return (result + update).to(result.dtype)
 
 
 def _shared_h(layer: AdaptedLayer, x: torch.Tensor, a_s: torch.Tensor, path: VeraPath):
     """``(h, group)`` for this layer: a sibling's if it read the same ``x``, else a new one."""
-    cache, dtype = layer.adapter.siblings, layer.vera_lambda_d.dtype
+    cache, dtype = layer.adapter.siblings, a_s.dtype
     hit = cache.lookup(x, a_s, path.value, id(layer))
     if path is VeraPath.nograd and cache.enabled:  # sibling groups are learned here too: reentrant
         if hit is not None:                          # checkpointing runs no grad-recording forward outside backward
@@ -105,7 +105,7 @@ def _nograd(layer: AdaptedLayer, result: torch.Tensor, x: torch.Tensor) -> torch
     a_s, b_s = layer.sliced_projections()
     h, _ = _shared_h(layer, x, a_s, VeraPath.nograd)
     lam_b, lam_d = layer.lambdas()
-    return (result + lam_b * F.linear(lam_d * h, b_s)).to(result.dtype)
+    return (result + lam_b * F.linear((lam_d * h).to(b_s.dtype), b_s)).to(result.dtype)
 
 
 def _custom(save_h: bool) -> Callable[[AdaptedLayer, torch.Tensor, torch.Tensor], torch.Tensor]:

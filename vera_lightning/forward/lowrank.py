@@ -93,7 +93,7 @@ class VeraUpdate(torch.autograd.Function):
     @staticmethod
     def forward(ctx, result, h, x, lam_b, lam_d, b_s, group, save_h):
         # Exactly PEFT's operations, in its order: bit-identical outputs.
-        out = (result + lam_b * F.linear(lam_d * h, b_s)).to(result.dtype)
+        out = (result + lam_b * F.linear((lam_d * h).to(b_s.dtype), b_s)).to(result.dtype)
         ctx.save_for_backward(h if save_h else x, lam_b, lam_d, b_s)
         ctx.group, ctx.save_h = group, save_h
         return out
@@ -102,14 +102,16 @@ class VeraUpdate(torch.autograd.Function):
     def backward(ctx, grad_out: torch.Tensor):
         saved, lam_b, lam_d, b_s = ctx.saved_tensors
         need_result, need_h, _, need_b, need_d = ctx.needs_input_grad[:5]
-        g = grad_out.to(lam_b.dtype)
+        # the products run in the projections' dtype: the λ's (float32), or bf16 in the bf16 training form,
+        # where M = gᵀh and grad h are bf16 products (float32 accumulation) and the λ-gradients float32 sums
+        g = grad_out.to(b_s.dtype)
         grad_b = grad_d = grad_h = None
         if need_b or need_d:
             h = (saved if ctx.save_h else ctx.group.recompute_h(saved)).to(g.dtype)  # autocast: h may be half
-            m = g.reshape(-1, g.shape[-1]).T @ h.reshape(-1, h.shape[-1])  # out x r
+            m = (g.reshape(-1, g.shape[-1]).T @ h.reshape(-1, h.shape[-1])).to(lam_b.dtype)  # out x r
             mb = m.mul_(b_s)
             grad_b = mb @ lam_d if need_b else None
             grad_d = lam_b @ mb if need_d else None
         if need_h:
-            grad_h = g @ (b_s * lam_b[:, None] * lam_d)
+            grad_h = g @ (b_s * lam_b[:, None] * lam_d).to(g.dtype)
         return grad_out if need_result else None, grad_h, None, grad_b, grad_d, None, None, None

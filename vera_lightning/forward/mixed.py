@@ -46,7 +46,7 @@ def mixed_update(layer: AdaptedLayer, result: torch.Tensor, x: torch.Tensor) -> 
     _check_rows(layer, x, batch)
     lam_b, lam_d = lambdas
     a_s, b_s = layer.sliced_projections()
-    dtype = lam_d.dtype
+    dtype = a_s.dtype
     if layer.training and isinstance(layer.vera_dropout, nn.Dropout):
         h = F.linear(layer.vera_dropout(x.to(dtype)), a_s)  # each layer draws its own mask: nothing to share
     else:
@@ -58,4 +58,4 @@ def mixed_update(layer: AdaptedLayer, result: torch.Tensor, x: torch.Tensor) -> 
         else:
             h = hit[0]
     shape = (x.shape[0],) + (1,) * (x.dim() - 2) + (-1,)
-    return (result + lam_b.view(shape) * F.linear(lam_d.view(shape) * h, b_s)).to(result.dtype)
+    return (result + lam_b.view(shape) * F.linear((lam_d.view(shape) * h).to(b_s.dtype), b_s)).to(result.dtype)

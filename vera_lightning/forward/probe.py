@@ -80,7 +80,7 @@ class GroupProbe:
     Attributes:
         tokens: Rows of the synthetic ``x``.
         in_features, outs, r: The group's dims.
-        x_dtype, base_dtype, lam_dtype: Dtypes of the input, the frozen weights, the λ's/projections.
+        x_dtype, base_dtype, lam_dtype: Dtypes of the input, the frozen weights, the λ's.
         bias: Whether the layers have a bias.
         grad_x: Whether ``x`` requires grad.
         memory: The memory preference (read by nothing that changes the work; kept for fidelity).
@@ -100,6 +100,7 @@ class GroupProbe:
     memory: str
     device: torch.device
     autocast: Optional[torch.dtype]
+    proj_dtype: Optional[torch.dtype] = None  # the projections' dtype (``None``: the λ's)
 
     @classmethod
     def of(cls, layer: AdaptedLayer, x: torch.Tensor, tokens: int, outs: tuple[int, ...]) -> "GroupProbe":
@@ -108,8 +109,10 @@ class GroupProbe:
         base_dtype = layer.weight.dtype if layer.weight.dtype.is_floating_point else lam_dtype
         dev = x.device.type
         autocast = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else None
+        proj_dtype = layer.sliced_projections()[0].dtype
         return cls(tokens, layer.in_features, tuple(outs), layer.r, x.dtype, base_dtype, lam_dtype,
-                   layer.bias is not None, x.requires_grad, layer.vera_memory, x.device, autocast)
+                   layer.bias is not None, x.requires_grad, layer.vera_memory, x.device, autocast,
+                   proj_dtype if proj_dtype != lam_dtype else None)
 
     def build(self, apply: Apply) -> Callable[[str], None]:
         """Allocate the stand-in group; returns ``run(path)`` (one forward + backward of every member)."""
@@ -119,8 +122,9 @@ class GroupProbe:
         def randn(*shape, dtype, scale=1.0):
             return (torch.randn(*shape, generator=g, device=dev, dtype=torch.float32) * scale).to(dtype)
 
-        adapter = _ProbeAdapter(randn(self.r, self.in_features, dtype=self.lam_dtype, scale=self.in_features ** -0.5),
-                                randn(max(self.outs), self.r, dtype=self.lam_dtype, scale=self.r ** -0.5))
+        proj = self.proj_dtype or self.lam_dtype
+        adapter = _ProbeAdapter(randn(self.r, self.in_features, dtype=proj, scale=self.in_features ** -0.5),
+                                randn(max(self.outs), self.r, dtype=proj, scale=self.r ** -0.5))
         layers = []
         for out in self.outs:
             weight = randn(out, self.in_features, dtype=self.base_dtype, scale=self.in_features ** -0.5)

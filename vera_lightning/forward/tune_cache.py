@@ -97,6 +97,8 @@ class Signature:
     @classmethod
     def of(cls, group: cost.Group) -> "Signature":
         dtype = str(group.dtype).removeprefix("torch.") + ("-autocast" if group.autocast else "")
+        if group.proj_dtype is not None:  # projections in another dtype than the λ's (the bf16 training form)
+            dtype += "-proj" + str(group.proj_dtype).removeprefix("torch.")
         return cls(group.device.type, dtype, torch.get_num_threads(),
                    group.in_features, tuple(group.outs), group.r, bucket_tokens(group.n), group.grad_x, group.memory,
                    group.merged_ok)

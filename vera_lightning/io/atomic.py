@@ -28,6 +28,11 @@ PEFT's layout for several adapters, named adapters' folders ``<name>/`` (:func:`
 into such a root (:func:`write_adapter_files`) replaces its files and keeps those folders byte for byte
 (hard links to the same files) while holding the lock their own saves take; anything else in the
 directory is refused before anything is written.
+
+A single file (:func:`replace_file`, e.g. an app's ``predictions.jsonl``) is written to a temporary file beside it
+(``.<name>.<random>.vera-tmp``), flushed to disk and renamed into place when the writing block ends without an
+error: the path holds the previous file or the complete new one, never a part; a failed or interrupted write
+leaves no temporary file behind.
 """
 
 from __future__ import annotations
@@ -39,14 +44,15 @@ import json
 import os
 import shutil
 import stat
-from collections.abc import Callable, Iterable
+import tempfile
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any, Optional
 
 from vera_lightning.core.adapter import check_adapter_name
 from vera_lightning.io.locks import LOCK_FILE, locked, locked_subfolders
 from vera_lightning.io.peft_format import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME
 
-__all__ = ["replace_directory", "clean_leftovers", "staging_root", "check_target_dir", "sub_adapters",
+__all__ = ["replace_file", "replace_directory", "clean_leftovers", "staging_root", "check_target_dir", "sub_adapters",
            "write_adapter_files", "ADAPTER_FILES", "MODEL_CARD"]
 
 _STAGING = ".vera-tmp"
@@ -181,6 +187,73 @@ def replace_directory(
     finally:
         shutil.rmtree(root, ignore_errors=True)  # the previous version (swapped or parked), or a failed staging
     _fsync_dir(os.path.dirname(os.path.abspath(directory)))
+
+
+@contextlib.contextmanager
+def replace_file(path: str | os.PathLike, *, overwrite: bool = False, encoding: Optional[str] = "utf-8",
+                 newline: Optional[str] = "") -> Iterator[Any]:
+    """Write ``path`` through a temporary file beside it, renamed into place when the block ends without an error.
+
+    Example::
+
+        >>> import tempfile, os
+        >>> target = os.path.join(tempfile.mkdtemp(), "out.txt")
+        >>> with replace_file(target) as handle:
+        ...     _ = handle.write("done\\n")
+        >>> open(target).read()
+        'done\\n'
+
+    Args:
+        path: The file to write; its parent directory is created if missing.
+        overwrite: Replace an existing file (at the rename, never before); if false, a file that exists when the
+            block ends (another writer was faster) is left alone and ``FileExistsError`` is raised.
+        encoding: The text encoding; ``None`` opens the temporary file in binary mode.
+        newline: As :func:`open` (``""``: no newline translation).
+
+    Raises:
+        FileExistsError: If ``path`` exists and ``overwrite`` is false (nothing written).
+        OSError: Of the same type, naming ``path`` and saying nothing was written, if the disk is full or the
+            location not writable. Any exception from the block propagates; in every case the temporary file is
+            removed and ``path`` is as it was.
+    """
+    target = os.path.abspath(os.fspath(path))
+    parent, name = os.path.split(target)
+    tmp: Optional[str] = None
+    try:
+        os.makedirs(parent, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=_STAGING, dir=parent)
+        mode = "wb" if encoding is None else "w"
+        with (os.fdopen(fd, mode) if encoding is None else os.fdopen(fd, mode, encoding=encoding, newline=newline)
+              ) as handle:
+            yield handle
+            handle.flush()
+            os.fsync(handle.fileno())
+        if overwrite:
+            os.replace(tmp, target)
+        else:
+            try:
+                os.link(tmp, target)  # fails if the target appeared meanwhile: never replaced silently
+            except FileExistsError:
+                raise FileExistsError(errno.EEXIST, f"{target!r} already exists; nothing was written") from None
+            except OSError:  # a file system without hard links: check, then rename
+                if os.path.lexists(target):
+                    raise FileExistsError(errno.EEXIST, f"{target!r} already exists; nothing was written") from None
+                os.replace(tmp, target)
+            else:
+                os.unlink(tmp)
+        tmp = None
+        _fsync_dir(parent)
+    except OSError as err:
+        if not err.errno or err.errno == errno.EEXIST:
+            raise
+        message = (f"could not write {target!r}: {err.strerror or err}. Nothing was written"
+                   + (" (the previous file is intact)" if os.path.exists(target) else "")
+                   + "; check that the location is writable and has free space")
+        raise type(err)(err.errno, message) from None
+    finally:
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
 
 
 # ---------------------------------------------------------------------- adapter directories

