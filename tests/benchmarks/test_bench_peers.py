@@ -89,6 +89,7 @@ def test_rerun_runs_only_the_missing_runs_and_refuses_a_foreign_or_corrupt_file(
     assert len(ran) == 4  # nothing ran after a refusal
 
 
+@pytest.mark.slow
 def test_trl_sees_our_batches_and_padding_free_gives_the_padded_loss(tiny, tmp_path):
     pytest.importorskip("trl", reason="TRL is the bench extra (pip install -e '.[bench]')")
     import bench_peers_run as run

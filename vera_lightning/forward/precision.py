@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vera_lightning.forward.autotune import TUNER
 from vera_lightning.forward.tune_cache import TuneFile, machine_key
 from vera_lightning.forward.tune_settings import Settings
 
@@ -131,7 +132,8 @@ def measure_precision(model: nn.Module, device: Optional[torch.device] = None, *
         device: Where it will train; CUDA decides by ``torch.cuda.is_bf16_supported()``.
         timer: A clock (tests pass a fake one).
         repeats: Timed runs per dtype (median), after one warm-up each.
-        settings: The tuner's settings (default: the environment's, as the path tuner reads them).
+        settings: On/off and cache file (default: the path tuner's, as :func:`vera_lightning.configure_autotune`
+            and the environment set them).
         tokens: Rows of the timed input.
     """
     if device is None:
@@ -141,7 +143,7 @@ def measure_precision(model: nn.Module, device: Optional[torch.device] = None, *
     if device.type == "cuda":
         supported = torch.cuda.is_bf16_supported()
         return PrecisionChoice(torch.bfloat16 if supported else torch.float32, "cuda")
-    settings = settings or Settings()
+    settings = settings or TUNER.settings
     shape = representative_shape(model, tokens)
     if shape is None:
         return PrecisionChoice(torch.float32, "no linear layer")

@@ -7,6 +7,9 @@
   evenly spaced values. A base built differently (another seed, other pretrained weights, another
   dtype) is refused; a change confined to values between the samples is not seen. Sharded
   parameters (FSDP) are not fingerprinted: their local shards depend on the world size.
+* ``base_bf16``: the same samples rounded to bf16, without the dtype: a base that differs only by its storage
+  precision (a run trained in bf16 resumed in float32, or the other way round) is the same base. The λ's are
+  float32 in both, so the optimizer state carries over unchanged.
 * ``projections``: SHA-256 of ``vera_A``/``vera_B``. Checked when ``save_projection=False`` (the
   ``.ckpt`` does not hold them, so the model's own draw must be the one trained with).
 
@@ -66,11 +69,14 @@ def _sharded(module: nn.Module) -> bool:
     )
 
 
-def _fingerprint(tensor: torch.Tensor) -> str:
+def _fingerprint(tensor: torch.Tensor, rounded: bool = False) -> str:
     flat = tensor.detach().reshape(-1)
     step = max(1, flat.numel() // _SAMPLES)
     sample = flat[::step][:_SAMPLES].to("cpu").contiguous()
-    hasher = hashlib.sha256(f"{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+    if rounded and sample.dtype.is_floating_point:  # precision-neutral: the values as bf16, no dtype
+        sample = sample.to(torch.bfloat16)
+    hasher = hashlib.sha256((f"{tuple(tensor.shape)}|" if rounded else f"{tensor.dtype}|{tuple(tensor.shape)}|")
+                            .encode())
     hasher.update(sample.view(torch.uint8).numpy().tobytes() if sample.numel() else b"")
     return hasher.hexdigest()[:16]
 
@@ -89,10 +95,10 @@ def resume_record(module: nn.Module, found: Optional[Adapted], kept: set[str]) -
     """
     record: dict[str, Any] = {"projections": _projection_digest(found)}
     if not _sharded(module):
-        record["base"] = {
-            name: _fingerprint(p) for name, p in module.named_parameters(remove_duplicate=False)
-            if not p.requires_grad and name not in kept
-        }
+        frozen = [(name, p) for name, p in module.named_parameters(remove_duplicate=False)
+                  if not p.requires_grad and name not in kept]
+        record["base"] = {name: _fingerprint(p) for name, p in frozen}
+        record["base_bf16"] = {name: _fingerprint(p, rounded=True) for name, p in frozen}
     return record
 
 
@@ -104,8 +110,12 @@ def resume_problems(record: Optional[dict[str, Any]], module: nn.Module, found: 
     problems = []
     saved_base = record.get("base")
     if saved_base is not None and not _sharded(module):
-        now = resume_record(module, found, kept_state_keys(module, found))["base"]
+        current = resume_record(module, found, kept_state_keys(module, found))
+        now = current["base"]
         differ = sorted(n for n in set(saved_base) | set(now) if saved_base.get(n) != now.get(n))
+        saved_rounded = record.get("base_bf16")
+        if differ and saved_rounded is not None and saved_rounded == current["base_bf16"]:
+            differ = []  # the same base stored in another precision (bf16 <-> float32)
         if differ:
             problems.append(
                 f"the frozen base differs from the one this checkpoint was trained on ({len(differ)} of "

@@ -80,7 +80,7 @@ def test_int8_and_bf16_compute_dtype(make_cfg):
 def test_bad_precision_values_fail_before_the_model_loads(make_cfg):
     cfg = make_cfg("experiment=smoke", "model.quantize=nf3", "model.compute_dtype=fp8")
     tokenizer = build_tokenizer(cfg.model)
-    with pytest.raises(ValueError, match=r"(?s)model.compute_dtype='fp8': use one of \['bf16', 'fp32'\].*"
+    with pytest.raises(ValueError, match=r"(?s)model.compute_dtype='fp8': use one of \['auto', 'bf16', 'fp32'\].*"
                                          r"model.quantize='nf3': use one of \['nf4', 'int8'\] or null"):
         build_model(cfg.model, tokenizer)
     # tiny_opt at hidden 36, MLP 60: no weight holds a multiple of 64 values (NF4's block); said before training

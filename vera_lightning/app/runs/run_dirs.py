@@ -21,10 +21,12 @@
 from __future__ import annotations
 
 import random
+import sys
 from pathlib import Path
 from typing import Any, Optional
 
 import torch
+from hydra.experimental.callback import Callback as HydraCallback
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.plugins.environments import SLURMEnvironment
@@ -36,7 +38,7 @@ except ImportError:  # Python < 3.12
     from typing_extensions import override
 
 __all__ = ["RUN_RECORDS", "previous_run", "check_run_dir", "check_command_dir", "resolve_ckpt_path",
-           "slurm_checkpoint", "RngState", "keep_csv_history"]
+           "slurm_checkpoint", "RngState", "keep_csv_history", "RunDirCheck"]
 
 #: Entries of a run directory that are records of a run (directories count when not empty).
 RUN_RECORDS = (".hydra", "summary.json", "checkpoints", "csv", "tensorboard", "mlflow.db", "wandb")
@@ -139,6 +141,25 @@ def check_command_dir(output_dir: Path, command: str) -> None:
             f"outputs/{command}/<date>/<time>/) or give a directory of its own, e.g. "
             f"hydra.run.dir={str(output_dir / command)!r}"
         )
+
+
+class RunDirCheck(HydraCallback):
+    """A Hydra callback (``hydra.callbacks``): refuse a ``hydra.run.dir`` that is, or lies inside, an existing file.
+
+    Hydra creates the run directory before any app code runs, and a file there ends in its traceback; this runs
+    first (``on_run_start``), says it in one line on stderr and exits with status 1 (Hydra turns a callback's
+    exception into a warning, so it exits instead).
+    """
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        run_dir = Path(str(config.hydra.run.dir)).expanduser()
+        for path in (run_dir, *run_dir.parents):
+            if path.exists():
+                if not path.is_dir():
+                    print(f"Error: hydra.run.dir={str(run_dir)!r}: {path} is a file, not a directory; nothing was "
+                          "written. Give a directory path, or leave hydra.run.dir unset", file=sys.stderr, flush=True)
+                    raise SystemExit(1)
+                return
 
 
 def resolve_ckpt_path(cfg: DictConfig) -> Optional[str]:
