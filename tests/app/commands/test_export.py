@@ -269,3 +269,18 @@ def test_llama_cpp_applies_the_gguf_lora_over_the_real_smollm2_base(tmp_path):
     ours, theirs = after - before, theirs_after - theirs_before
     cosine = torch.nn.functional.cosine_similarity(ours, theirs, dim=0).item()
     assert ours.norm() > 1.0 and cosine > 0.9, (cosine, ours.norm().item(), theirs.norm().item())
+
+
+def test_train_with_export_writes_the_lora_beside_the_adapter(tmp_path):
+    cfg = compose_app("train", tmp_path / "run", "experiment=smoke", "export=lora", "eval_before=false")
+    train(cfg)
+    config = json.loads((tmp_path / "run" / "lora" / "adapter_config.json").read_text())
+    assert config["peft_type"] == "LORA" and config["r"] == cfg.vera.r
+    assert (tmp_path / "run" / "adapter" / "adapter_config.json").is_file()
+
+
+def test_train_with_an_unknown_export_format_is_refused_before_any_work(tmp_path):
+    cfg = compose_app("train", tmp_path / "run", "experiment=smoke", "export=onnx")
+    with pytest.raises(ValueError, match="onnx"):
+        train(cfg)
+    assert not (tmp_path / "run").exists() or not any((tmp_path / "run").iterdir())

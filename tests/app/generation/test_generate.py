@@ -130,7 +130,9 @@ def test_a_prompt_that_does_not_fit_the_positions_is_refused_before_any_work(tok
 
 def test_settings_from_config_refuse_bad_values_together():
     assert GenerateSettings.from_config(None) == GenerateSettings()
-    assert GenerateSettings.from_config({"val_prompts": "8", "top_p": 1}).val_prompts == 8
+    assert GenerateSettings.from_config({"val_prompts": 8, "top_p": 1}) == GenerateSettings(val_prompts=8, top_p=1.0)
+    with pytest.raises(ValueError, match=r"generate.val_prompts='8': must be null or an integer"):
+        GenerateSettings.from_config({"val_prompts": "8"})  # typed values, never cast (issue 30)
     with pytest.raises(ValueError, match=r"unknown key\(s\) \['max_tokens'\]; the keys are \[.*'max_new_tokens'"):
         GenerateSettings.from_config({"max_tokens": 3})
     with pytest.raises(ValueError) as err:

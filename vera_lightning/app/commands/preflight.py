@@ -5,7 +5,8 @@ and works from what it returns (:class:`Checked`). In order:
 
 1. **Settings**: missing (``???``) and invalid values (:func:`~vera_lightning.app.commands.checks.check_run_config`),
    the model and data tasks, the ``generate`` settings
-   (:class:`~vera_lightning.app.generation.generate.GenerateSettings`, sampling vs beams); for ``train`` the strategy, the ``vera`` config, ``finetune`` and ``ckpt_path``.
+   (:class:`~vera_lightning.app.generation.generate.GenerateSettings`, sampling vs beams); for ``train`` the
+   strategy, the ``vera`` config, ``finetune`` and ``ckpt_path``.
 2. **Where it writes**: ``train`` may use its run directory (:func:`~vera_lightning.app.runs.run_dirs.check_run_dir`);
    ``eval`` and ``predict`` never write into a training run's directory
    (:func:`~vera_lightning.app.runs.run_dirs.check_command_dir`); ``predict``'s output file: not a directory, not

@@ -34,6 +34,7 @@ from vera_lightning.app.commands.build import (
     register_configs,
     vera_config_from,
 )
+from vera_lightning.app.commands.export import check_format, export_run
 from vera_lightning.app.commands.preflight import preflight
 from vera_lightning.app.runs import trackers
 from vera_lightning.app.runs.records import RunRecord, discard_job_log
@@ -93,6 +94,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
 def _train(cfg: DictConfig) -> dict[str, Any]:
     start = time.perf_counter()
+    export_fmt = check_format(cfg.export) if cfg.get("export") else None  # train.py export=merged|lora|gguf-lora
     checked = preflight(cfg, "train")  # settings, run directory, every data row: before any model or write
     output_dir = Path(cfg.paths.output_dir)
     vera_config, method, ckpt_path, resuming = checked.vera_config, checked.method, checked.ckpt_path, checked.resuming
@@ -129,6 +131,9 @@ def _train(cfg: DictConfig) -> dict[str, Any]:
     adapter_dir = output_dir / "adapter"
     if trainer.is_global_zero:
         save_trained(method, module, adapter_dir, base_model_name_or_path=base_model_id(cfg.model))
+        if export_fmt is not None and method == "vera":  # beside adapter/: merged/, lora/ or adapter-lora.gguf
+            exported = export_run(adapter_dir, export_fmt, base=cfg, overwrite=True)
+            _say(trainer, f"[vera] exported {export_fmt}: {getattr(exported, 'output', exported)}")
     trainable, total = count_parameters(model)
     memory = model_bytes(model)
     metrics.update(
