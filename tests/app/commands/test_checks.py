@@ -115,10 +115,11 @@ def test_a_rank_other_than_zero_joins_the_run_directory_rank_zero_checked(tmp_pa
     from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
     train_module = importlib.import_module("vera_lightning.app.commands.train")  # the module, not the function
+    preflight_module = importlib.import_module("vera_lightning.app.commands.preflight")
 
     seen = []
-    monkeypatch.setattr(train_module, "check_run_dir", lambda *a, **k: seen.append(a[0]))
-    monkeypatch.setattr(train_module, "build_components", lambda cfg: (_ for _ in ()).throw(RuntimeError("stop")))
+    monkeypatch.setattr(preflight_module, "check_run_dir", lambda *a, **k: seen.append(a[0]))
+    monkeypatch.setattr(train_module, "build_components", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("stop")))
     cfg = compose_app("train", tmp_path / "run", "experiment=smoke")
     for rank, checked in ((0, True), (1, False)):
         monkeypatch.setattr(rank_zero_only, "rank", rank)

@@ -18,6 +18,7 @@ import math
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 __all__ = ["check_run_config", "check_train_strategy"]
 
@@ -65,7 +66,12 @@ def check_run_config(cfg: DictConfig) -> None:
     Raises:
         ValueError: Listing every problem at once.
     """
-    missing = sorted(OmegaConf.missing_keys(cfg))
+    try:
+        missing = sorted(OmegaConf.missing_keys(cfg))
+    except OmegaConfBaseException:  # generate.seed (a typed int) interpolates a bad seed: reported below
+        if _is_int(_get(cfg, "seed")):
+            raise
+        missing = []
     problems = []
     for key in missing:
         group = key.split(".")[0]
