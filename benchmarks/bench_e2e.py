@@ -33,14 +33,15 @@ ROOT = Path(__file__).resolve().parents[1]
 START, END = "<!-- bench_e2e:start -->", "<!-- bench_e2e:end -->"
 
 #: method -> (kind, extra overrides)
-METHODS = {
-    "zero_shot": ("eval", []),
-    "vera_r256": ("vera", []),
-    "lora_r8": ("lora", []),
-    "vera_r256_nf4": ("vera", ["model.quantize=nf4"]),
+METHODS = {  # float32 pinned where the records predate model.compute_dtype=auto (their signatures stay valid)
+    "zero_shot": ("eval", ["model.compute_dtype=fp32"]),
+    "vera_r256": ("vera", ["model.compute_dtype=fp32"]),
+    "lora_r8": ("lora", ["model.compute_dtype=fp32"]),
+    "vera_r256_nf4": ("vera", ["model.quantize=nf4", "model.compute_dtype=fp32"]),
+    "vera_r256_bf16": ("vera", ["model.compute_dtype=bf16"]),
 }
 LABELS = {"zero_shot": "zero-shot (no training)", "vera_r256": "VeRA r=256 (q,v)", "lora_r8": "LoRA r=8 (q,v; PEFT)",
-          "vera_r256_nf4": "VeRA r=256 (q,v), NF4 base"}
+          "vera_r256_nf4": "VeRA r=256 (q,v), NF4 base", "vera_r256_bf16": "VeRA r=256 (q,v), bf16 training form"}
 METRICS = ("val/bleu", "val/rougeL", "val/chrf", "val/loss")
 
 
@@ -61,6 +62,9 @@ def signature(cfg, method: str) -> dict:
             "targets": list(cfg.vera.target_modules), "quantize": cfg.model.quantize,
             # which weights quantize: 2 = NF4 of every linear holding a multiple of 64 values (1, unnamed: of 16,384)
             **({"quantize_rev": 2} if cfg.model.quantize else {}),
+            # the precision (absent: float32, as every record before model.compute_dtype=auto); bf16_form 1: bf16
+            # projection products, float32 λ's, response-only loss (issue 32)
+            **({"compute_dtype": cfg.model.compute_dtype, "bf16_form": 1} if cfg.model.compute_dtype != "fp32" else {}),
             "val_prompts": cfg.generate.val_prompts, "max_new_tokens": cfg.generate.max_new_tokens,
             "max_val": cfg.data.max_val_samples, "prompt": cfg.data.prompt_template}
 
@@ -107,6 +111,14 @@ def run_one(spec: dict) -> dict:
                 from vera_lightning.app import train
 
                 result = train(cfg)
+                if spec.get("keep"):  # the trained adapter, for what comes after (e.g. benchmarks/bench_export.py)
+                    import shutil
+
+                    kept = Path(spec["keep"]) / f"{spec['method']}-seed{spec['seed']}"
+                    shutil.rmtree(kept, ignore_errors=True)
+                    shutil.copytree(Path(work) / "adapter", kept / "adapter")
+                    if (Path(work) / ".hydra").is_dir():
+                        shutil.copytree(Path(work) / ".hydra", kept / ".hydra", dirs_exist_ok=True)
             fit_s = float(result["fit_s"])
         wall = time.perf_counter() - start
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
@@ -119,10 +131,40 @@ def run_one(spec: dict) -> dict:
             "threads": spec["threads"], "signature": spec["signature"]}
 
 
+#: What every record of this benchmark holds (``run_one``); a line without them is not this benchmark's.
+RECORD_KEYS = {"method": str, "seed": int, "signature": dict, "metrics": dict, "trainable_params": int,
+               "model_bytes": int, "peak_rss_bytes": int, "wall_s": (int, float)}
+
+
 def load_runs(path: Path) -> list[dict]:
+    """This benchmark's records in ``path`` ([] when it does not exist); the file is only read.
+
+    Raises:
+        SystemExit: Naming the file and its first line that is not JSON or not a bench_e2e record (a corrupt or
+            foreign file), and the fix; the file is left as it is.
+    """
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        raise SystemExit(f"bench_e2e: cannot read {path} ({err}); move it away or pass another --out") from None
+    records = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise SystemExit(f"bench_e2e: {path}: line {number} is not JSON ({err.msg}); the file is corrupt or not "
+                             "this benchmark's and was left as it is: move it away or pass another --out") from None
+        bad = ([k for k, kind in RECORD_KEYS.items() if not isinstance(record.get(k), kind)]
+               if isinstance(record, dict) else [type(record).__name__])
+        if bad:
+            raise SystemExit(f"bench_e2e: {path}: line {number} is not a bench_e2e record (missing or wrong: "
+                             f"{', '.join(bad)}); the file was left as it is: move it away or pass another --out")
+        records.append(record)
+    return records
 
 
 def plan(args) -> list[dict]:
@@ -132,7 +174,7 @@ def plan(args) -> list[dict]:
             ov = overrides(method, seed, args)
             cfg = compose([*ov, *QUIET])
             specs.append({"method": method, "seed": seed, "overrides": ov, "threads": args.threads,
-                          "signature": signature(cfg, method)})
+                          "signature": signature(cfg, method), "keep": args.keep})
     return specs
 
 
@@ -244,6 +286,8 @@ def main(argv=None) -> None:
     parser.add_argument("--docs", default=None, help="a Markdown file whose bench_e2e markers get the table")
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0])
+    parser.add_argument("--keep", default=None,
+                        help="copy each trained adapter (and its .hydra/) to DIR/<method>-seed<k>/")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--lora-lr", type=float, default=1e-3)
     parser.add_argument("--smoke", action="store_true", help="a tiny budget (checks the harness, not a result)")

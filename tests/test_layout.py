@@ -147,3 +147,26 @@ def test_subpackage_init_holds_a_docstring_not_logic(sub):
     assert ast.get_docstring(tree), f"vera_lightning/{sub}/__init__.py needs a docstring saying what the folder holds"
     logic = [type(n).__name__ for n in tree.body[1:] if not isinstance(n, (ast.Import, ast.ImportFrom, ast.Assign))]
     assert logic == []  # re-exports and __all__ only
+
+
+TESTS = Path(__file__).resolve().parent
+
+
+def _test_docstrings() -> str:
+    files = TESTS.rglob("test_*.py")
+    return "\n".join(ast.get_docstring(ast.parse(p.read_text(encoding="utf-8"))) or "" for p in files)
+
+
+def test_tests_mirror_the_tree():
+    """Every module has tests/<package>/test_<module>.py, or a test file whose docstring names it (path or dotted)."""
+    docstrings = _test_docstrings()
+    untested = []
+    for path in sorted(ROOT.rglob("*.py")):
+        if path.name == "__init__.py" or "demo_data" in path.parts:
+            continue
+        rel = path.relative_to(ROOT)
+        mirror = TESTS.joinpath(*rel.parts[:-1], f"test_{path.name}")
+        dotted = module_name(path)
+        if not mirror.is_file() and str(rel) not in docstrings and dotted not in docstrings:
+            untested.append(str(rel))
+    assert untested == []

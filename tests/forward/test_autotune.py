@@ -1,4 +1,7 @@
-"""Measured path choice (vera_lightning/forward/autotune.py): what it measures, remembers, refuses and costs."""
+"""Measured path choice (vera_lightning/forward/autotune.py): what it measures, remembers, refuses and costs.
+
+Modules: vera_lightning/forward/probe.py, vera_lightning/forward/tune_settings.py.
+"""
 
 from __future__ import annotations
 

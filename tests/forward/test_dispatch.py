@@ -1,4 +1,7 @@
-"""The lean autograd paths and sibling sharing against the plain path and against PEFT."""
+"""The lean autograd paths and sibling sharing against the plain path and against PEFT.
+
+Modules: vera_lightning/forward/lowrank.py, vera_lightning/forward/sharing.py.
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,7 @@
-"""save_adapter/load_adapter (checkpoint.py): PEFT interop both ways, file layout, bad files, atomic saves."""
+"""save_adapter/load_adapter (checkpoint.py): PEFT interop both ways, file layout, bad files, atomic saves.
+
+Modules: vera_lightning/io/adapter_read.py, vera_lightning/io/peft_format.py.
+"""
 
 from __future__ import annotations
 

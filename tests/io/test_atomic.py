@@ -1,5 +1,8 @@
 """vera_lightning/atomic.py and the save path: saves that never lose data (atomic, locked, cleaned up)
-and reads that never mix versions or open what is not a regular file (issue 10, items 3, 4, 12)."""
+and reads that never mix versions or open what is not a regular file (issue 10, items 3, 4, 12).
+
+Modules: vera_lightning/io/locks.py, vera_lightning/io/reads.py.
+"""
 
 from __future__ import annotations
 

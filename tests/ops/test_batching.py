@@ -1,4 +1,7 @@
-"""Mixed-adapter batches: row-by-row equality (forward and generate), shared h, cost, errors."""
+"""Mixed-adapter batches: row-by-row equality (forward and generate), shared h, cost, errors.
+
+Modules: vera_lightning/forward/mixed.py.
+"""
 
 from __future__ import annotations
 

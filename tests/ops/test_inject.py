@@ -1,4 +1,7 @@
-"""Injection, freezing, idempotency, PEFT-equal targeting (merge and unload: test_merge.py)."""
+"""Injection, freezing, idempotency, PEFT-equal targeting (merge and unload: test_merge.py).
+
+Modules: vera_lightning/ops/targets.py.
+"""
 
 from __future__ import annotations
 

@@ -151,3 +151,26 @@ def test_refusals():
         set_projection_dtype(torch.nn.Linear(2, 2), torch.int8)
     with pytest.raises(ValueError, match="has no VeRA layer; call apply_vera first"):
         set_projection_dtype(torch.nn.Linear(2, 2), torch.bfloat16)
+
+
+def test_the_tuner_measures_the_form_that_runs(base):
+    """The autotuner's group, cache key and synthetic probe carry the projections' dtype; no merged form."""
+    from vera_lightning.forward import cost
+    from vera_lightning.forward.dispatch import apply_path
+    from vera_lightning.forward.probe import GroupProbe
+    from vera_lightning.forward.tune_cache import Signature
+
+    model = ours(base, torch.bfloat16, torch.bfloat16)
+    layer = next(layer for _, layer in vera_layers(model))
+    x = torch.randn(4, layer.in_features, dtype=torch.bfloat16, requires_grad=True)
+    group = cost.group_of(layer, x)
+    assert group.proj_dtype == torch.bfloat16 and not group.merged_ok and "merged" not in group.allowed()
+    assert "bfloat16-projbfloat16" in Signature.of(group).key()
+    probe = GroupProbe.of(layer, x, 8, group.outs)
+    assert probe.proj_dtype == torch.bfloat16
+    probe.build(apply_path)("lean")  # a forward + backward of the stand-in group in the bf16 form
+
+    exact = ours(base, torch.bfloat16)  # PEFT's form over the same bf16 base: its own key, merged allowed
+    layer = next(layer for _, layer in vera_layers(exact))
+    group = cost.group_of(layer, x)
+    assert group.proj_dtype is None and group.merged_ok and "proj" not in Signature.of(group).key()

@@ -3,6 +3,8 @@
 
 Every refusal is checked twice: the message (option, value, fix) and that nothing changed (the stored
 tensors, bit for bit, and the model's output).
+
+Modules: vera_lightning/ops/quantize_state.py.
 """
 
 from __future__ import annotations

@@ -230,6 +230,8 @@ class VeraAdapter(nn.Module):
         a, b = self.vera_A, self.vera_B
         if a.dtype == dtype and a.device == device:
             return a, b
+        if torch.compiler.is_compiling():  # traced: the cast is part of the graph (versions are not guardable)
+            return a.to(device=device, dtype=dtype), b.to(device=device, dtype=dtype)
         key = (dtype, device)
         stamp = (id(a), a._version, id(b), b._version)
         hit = self._cast_cache.get(key)

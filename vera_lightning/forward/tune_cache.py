@@ -10,7 +10,9 @@ and the thread count (:func:`machine_key`); the signature key the sibling group
 (:meth:`Signature.key`: tokens bucketed by :func:`bucket_tokens`). A file that is not valid
 JSON or not in this format (a corrupt one, a newer version, someone else's file at that path) is
 ignored with one warning and never written over; writes replace the file atomically (a temporary
-file in the same directory, ``os.replace``), after merging what other processes wrote meanwhile.
+file in the same directory, ``os.replace``), after merging what other processes wrote meanwhile. The
+read-merge-write holds an exclusive lock (``fcntl.flock`` on the sidecar ``.<name>.lock`` beside the file,
+kept there), so concurrent writers never lose each other's entries.
 """
 
 from __future__ import annotations
@@ -22,11 +24,17 @@ import os
 import platform
 import tempfile
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import torch
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - Windows: no advisory lock, writes stay atomic
+    fcntl = None  # type: ignore[assignment]
 
 from vera_lightning.forward import cost
 
@@ -161,10 +169,46 @@ class TuneFile:
             return {}
         return {k: v for k, v in entries.items() if isinstance(v, dict) and isinstance(v.get("path"), str)}
 
+    @property
+    def lock_path(self) -> Path:
+        """The sidecar lock file (``.<name>.lock`` beside the cache file; left in place)."""
+        return self.path.parent / f".{self.path.name}.lock"
+
+    @contextmanager
+    def _locked(self) -> Iterator[None]:
+        """Hold the exclusive lock on :attr:`lock_path` (creating the directory and the lock file)."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if fcntl is None:  # pragma: no cover
+            yield
+            return
+        fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)  # closing releases the lock
+
     def store(self, machine: str, key: str, entry: dict[str, Any]) -> bool:
-        """Add one entry (merged into the file's current content), atomically; ``False`` if not written."""
+        """Add one entry, merged into the file's current content under the lock, atomically.
+
+        Returns:
+            ``False`` if not written (a foreign/corrupt file, or a directory that cannot be written: warned).
+        """
         if not self.writable:
             return False
+        try:
+            with self._locked():
+                return self._merge_and_write(machine, key, entry)
+        except OSError as err:
+            return self._unwritable(err)
+
+    def _unwritable(self, err: OSError) -> bool:
+        self.writable = False
+        warnings.warn(f"vera-lightning autotune: cannot write the cache file {self.path} ({err}); "
+                      "measured choices are kept in this process only", RuntimeWarning, stacklevel=4)
+        return False
+
+    def _merge_and_write(self, machine: str, key: str, entry: dict[str, Any]) -> bool:
         doc = self._read()
         if doc is None:
             return False
@@ -172,7 +216,6 @@ class TuneFile:
         doc["machines"][machine] = {**(section if isinstance(section, dict) else {}), key: entry}
         tmp = None
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
             fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent)
             with os.fdopen(fd, "w", encoding="utf-8") as f:
                 json.dump(doc, f, indent=1, sort_keys=True)
@@ -182,10 +225,7 @@ class TuneFile:
             tmp = None
             return True
         except OSError as err:
-            self.writable = False
-            warnings.warn(f"vera-lightning autotune: cannot write the cache file {self.path} ({err}); "
-                          "measured choices are kept in this process only", RuntimeWarning, stacklevel=3)
-            return False
+            return self._unwritable(err)
         finally:
             if tmp is not None:
                 try:

@@ -1,6 +1,9 @@
 """vera_lightning/app/commands/checks.py: the app refuses bad values at startup, naming the key, the value
 and the fix, before any work or any file is written (issue 10, items 6, 8, 12 and the
-max_steps/max_length/devices decisions)."""
+max_steps/max_length/devices decisions).
+
+Modules: vera_lightning/app/commands/build.py, vera_lightning/app/data/text_files.py.
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,7 @@
-"""scripts/eval.py's evaluate(cfg): adapters (ours, PEFT's, slim .ckpt), baselines, dev-only folders, mismatches."""
+"""scripts/eval.py's evaluate(cfg): adapters (ours, PEFT's, slim .ckpt), baselines, dev-only folders, mismatches.
+
+Modules: vera_lightning/app/commands/adapters.py.
+"""
 
 from __future__ import annotations
 

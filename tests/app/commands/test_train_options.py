@@ -1,4 +1,7 @@
-"""Training options around the loop: early stopping, debug= configs, the Optuna sweeper."""
+"""Training options around the loop: early stopping, debug= configs, the Optuna sweeper.
+
+Modules: vera_lightning/app/runs/sweep.py.
+"""
 
 from __future__ import annotations
 

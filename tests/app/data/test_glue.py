@@ -1,4 +1,7 @@
-"""GLUE tasks in the app, on a few dozen real rows of each: pair tokenisation, regression, metrics, groups, errors."""
+"""GLUE tasks in the app, on a few dozen real rows of each: pair tokenisation, regression, metrics, groups, errors.
+
+Modules: vera_lightning/app/tasks/task_metrics.py.
+"""
 
 from __future__ import annotations
 

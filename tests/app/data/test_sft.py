@@ -1,4 +1,7 @@
-"""Prompt/response and chat data (data.format=sft): reading, prompts, exact label positions, truncation, errors."""
+"""Prompt/response and chat data (data.format=sft): reading, prompts, exact label positions, truncation, errors.
+
+Modules: vera_lightning/app/data/sft_tokens.py.
+"""
 
 from __future__ import annotations
 

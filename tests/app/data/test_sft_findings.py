@@ -1,16 +1,22 @@
 """vera_lightning/app/data/sft.py, tables.py, inputs.py: rows refused rather than read wrongly (issue 30's data
 findings): extra fields, a repeated header name, non-string JSON responses, assistant turns out of place, a system
-prompt without a chat template, special-token text in the data."""
+prompt without a chat template, special-token text in the data; sft_tokens.py: left truncation of chat prompts
+reports how many rows it cut; a prompt_template's \\n written on the command line is a newline.
+
+Modules: vera_lightning/app/data/inputs.py, vera_lightning/app/data/tables.py.
+"""
 
 from __future__ import annotations
 
 import json
+import logging
 import re
 
 import pytest
+from helpers.app import compose_app
 from helpers.llm import CORPUS, byte_bpe_tokenizer, sft_cfg  # noqa: F401
 
-from vera_lightning.app.data import sft
+from vera_lightning.app.data import sft, sft_tokens
 from vera_lightning.app.data.datamodules import TextDataModule, build_datamodule
 from vera_lightning.app.data.inputs import read_inputs, read_prompt_input
 from vera_lightning.app.data.tables import read_table
@@ -101,3 +107,33 @@ def test_truncation_drop_of_every_row_is_refused_at_setup_without_a_model(tmp_pa
     datamodule = TextDataModule(sft_cfg(tmp_path, truncation="drop", max_length=16), chat_tok)
     with pytest.raises(ValueError, match=r"all 1 rows are longer than data.max_length=16 under data.truncation='drop'"):
         datamodule.setup("fit")  # the preflight calls this before any model is built
+
+
+def test_left_truncation_of_chat_prompts_says_how_many_rows_it_cut(tmp_path, chat_tok, caplog):
+    cfg = sft_cfg(tmp_path, prompt_field=None, response_field=None, messages_field="messages", chat_template=True)
+    long = {"messages": [{"role": "user", "content": "Hello there, how are you? " * 12},
+                         {"role": "assistant", "content": "Fine."}]}
+    short = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Fine."}]}
+    ids, _, start = sft_tokens.encode_row(cfg, chat_tok, long)
+    max_length = len(ids) - start + 30  # the response and 30 prompt tokens
+    assert len(sft_tokens.encode_row(cfg, chat_tok, short)[0]) <= max_length < len(ids)
+    with caplog.at_level(logging.WARNING, logger="vera_lightning.app.data.sft_tokens"):
+        items = sft_tokens.encode_rows([long, short, long], {**cfg, "max_length": max_length}, chat_tok, "c.jsonl")
+    assert [len(i["input_ids"]) for i in items] == [max_length, len(items[1]["input_ids"]), max_length]
+    assert items[0]["input_ids"] == ids[-max_length:]
+    assert f"c.jsonl: cut the prompt of 2 of 3 rows from the left to fit data.max_length={max_length} " \
+           "(data.truncation=left; their responses are whole)" in caplog.text
+    assert "dropped" not in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="vera_lightning.app.data.sft_tokens"):
+        sft_tokens.encode_rows([short], {**cfg, "max_length": max_length}, chat_tok, "c.jsonl")
+    assert caplog.text == ""  # nothing cut: nothing said
+
+
+@pytest.mark.parametrize("override", ['data.prompt_template="Q: {mr}\\n"', "data.prompt_template='Q: {mr}\\n'"])
+def test_a_newline_escape_in_a_prompt_template_override_is_a_newline(tmp_path, override):
+    cfg = compose_app("train", tmp_path, "data=e2e", "data.chat_template=false", override)
+    assert cfg.data.prompt_template == "Q: {mr}\\n"  # Hydra keeps the backslash
+    assert sft.format_prompt(cfg.data, None, {"mr": "name[A]", "ref": "x"}) == "Q: name[A]\n"
+    literal = {"prompt_template": "C:\\\\n{mr}\tend\\t"}  # \\ is one backslash; a real tab stays a tab
+    assert sft.format_prompt(literal, None, {"mr": "a"}) == "C:\\na\tend\t"

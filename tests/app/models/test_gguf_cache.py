@@ -14,11 +14,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import save_file
 
 from vera_lightning.app.models import gguf_cache
 from vera_lightning.app.models.gguf_cache import (
     CACHE_ENV,
     MARKER_NAME,
+    CacheError,
     cache_root,
     ensure_converted,
 )
@@ -52,6 +54,8 @@ def writes(monkeypatch):
     def write(source: Path, directory: Path) -> None:
         calls.append(directory)
         (directory / "config.json").write_text(json.dumps({"written": len(calls)}))
+        (directory / "tokenizer.json").write_text("{}")
+        save_file({"w": torch.zeros(64)}, str(directory / "model.safetensors"))
 
     monkeypatch.setattr(gguf_cache, "write_hf_folder", write)
     return calls
@@ -211,3 +215,94 @@ def test_packaged_smollm2_converts_loads_and_generates(tmp_path, monkeypatch):
         out = model.generate(**prompt, max_new_tokens=12, do_sample=False, pad_token_id=tokenizer.pad_token_id)
     reply = tokenizer.decode(out[0, prompt["input_ids"].shape[1]:], skip_special_tokens=True)
     assert reply.strip(), "greedy generation produced no text"
+
+
+def _tree(root: Path) -> dict[str, str]:
+    return {str(p.relative_to(root)): p.read_bytes().hex() if p.is_file() else "dir" for p in sorted(root.rglob("*"))}
+
+
+def test_a_folder_the_app_did_not_write_is_refused_and_left_as_it_is(fake_package, writes, tmp_path):
+    folder = tmp_path / "cache" / "models" / "Tiny-Model"
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text('{"mine": true}')
+    (folder / "notes.txt").write_text("my notes")
+    before = _tree(tmp_path / "cache")
+    with pytest.raises(CacheError) as refused:
+        ensure_converted(FAKE, announce=lambda _: None)
+    assert str(refused.value) == (
+        f"{folder} is a folder the app did not write (no {MARKER_NAME}), where {FAKE} is converted; it was left as "
+        f"it is. Move it away, or point {CACHE_ENV} at another directory")
+    assert _tree(tmp_path / "cache") == before and writes == []
+
+
+@pytest.mark.parametrize("damage, problem", [
+    (lambda f: f.joinpath("tokenizer.json").unlink(), "tokenizer.json is missing"),
+    (lambda f: f.joinpath("model.safetensors").write_bytes(f.joinpath("model.safetensors").read_bytes()[:-40]),
+     "model.safetensors: it is truncated"),
+])
+def test_a_damaged_folder_is_one_message_naming_it_and_the_fix(fake_package, writes, tmp_path, damage, problem):
+    folder = ensure_converted(FAKE, announce=lambda _: None)
+    damage(folder)
+    with pytest.raises(CacheError) as refused:
+        build_tokenizer({"name_or_path": FAKE})  # through the loader: not its "use model=smollm2" offline hint
+    message = str(refused.value)
+    assert message.startswith(f"the converted model folder {folder} is damaged (") and problem in message
+    assert f"delete the folder (rm -r '{folder}'; the next use converts again) or point {CACHE_ENV}" in message
+    assert "model=smollm2" not in message and len(writes) == 1
+
+
+@pytest.mark.parametrize("case", ["a file", "read-only", "full disk"])
+def test_a_cache_that_cannot_be_written_is_one_message_naming_path_error_and_fix(fake_package, monkeypatch,
+                                                                                 tmp_path, case):
+    import errno
+
+    root = tmp_path / "cache"
+    if case == "a file":
+        root.write_text("not a folder")
+    elif case == "read-only":
+        root.mkdir()
+        root.chmod(0o500)
+        if os.geteuid() == 0:  # root writes into read-only folders: the OS error it would get instead
+            def denied(*args, **kwargs):
+                raise PermissionError(errno.EACCES, "Permission denied", str(root / "models"))
+
+            monkeypatch.setattr(gguf_cache.Path, "mkdir", denied)
+    else:
+        def full(source: Path, directory: Path) -> None:
+            (directory / "model.safetensors").write_bytes(b"half")
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        monkeypatch.setattr(gguf_cache, "write_hf_folder", full)
+    try:
+        with pytest.raises(CacheError) as refused:
+            build_tokenizer({"name_or_path": FAKE})
+    finally:
+        if case == "read-only":
+            root.chmod(0o700)
+    message = str(refused.value)
+    folder = root / "models" / "Tiny-Model"
+    assert message.startswith(f"cannot write the converted model to the cache {folder} ([Errno ")
+    assert {"a file": "Not a directory", "read-only": "Permission denied",
+            "full disk": "No space left on device"}[case] in message
+    assert f"point {CACHE_ENV} at a writable directory" in message and "model=smollm2" not in message
+    if case == "full disk":
+        assert sorted(p.name for p in (root / "models").iterdir()) == []  # no partial folder left
+    else:
+        assert not folder.exists()
+
+
+def test_an_adapter_from_a_moved_cache_records_the_same_base(fake_package, writes, tmp_path, monkeypatch):
+    folder = ensure_converted(FAKE, announce=lambda _: None)
+    moved = tmp_path / "moved"
+    (moved / "models").mkdir(parents=True)
+    os.replace(folder, moved / "models" / "Tiny-Model")
+    assert gguf_cache.same_conversion(str(folder), str(moved / "models" / "Tiny-Model"))  # the old one is gone
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "third"))
+    again = ensure_converted(FAKE, announce=lambda _: None)
+    assert gguf_cache.same_conversion(str(moved / "models" / "Tiny-Model"), str(again))  # both there: same SHA-256
+    other = tmp_path / "other" / "models" / "Tiny-Model"
+    other.mkdir(parents=True)
+    (other / MARKER_NAME).write_text(json.dumps({"sha256": "0" * 64}))
+    assert not gguf_cache.same_conversion(str(other), str(again))  # another GGUF: another base
+    assert not gguf_cache.same_conversion("/somewhere/models/Other", str(again))
+    assert not gguf_cache.same_conversion("facebook/opt-125m", str(again))

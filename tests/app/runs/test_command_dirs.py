@@ -61,3 +61,15 @@ def test_a_run_dir_that_is_a_file_is_one_message_without_traceback(tmp_path):
         assert done.stderr.strip() == (f"Error: hydra.run.dir='{target}': {afile} is a file, not a directory; nothing "
                                        "was written. Give a directory path, or leave hydra.run.dir unset")
     assert afile.read_text(encoding="utf-8") == "mine\n"
+
+
+def test_train_into_a_run_dir_that_is_a_file_is_one_message_without_traceback(tmp_path):
+    afile = tmp_path / "afile"
+    afile.write_text("mine\n", encoding="utf-8")
+    for target in (afile, afile / "sub"):
+        done = run_script("train", "experiment=smoke", "trainer.enable_progress_bar=false",
+                          f"hydra.run.dir={target}", cwd=tmp_path)
+        assert done.returncode == 1
+        assert done.stderr.strip() == (f"Error: hydra.run.dir='{target}': {afile} is a file, not a directory; nothing "
+                                       "was written. Give a directory path, or leave hydra.run.dir unset")
+    assert afile.read_text(encoding="utf-8") == "mine\n"

@@ -1,6 +1,9 @@
 """vera_lightning/app/runs/run_dirs.py, records.py: run directories are append-only records (a refused run leaves
 its directory byte for byte as it was, issue 23 items 1, 2, 18); resuming an interrupted run: ckpt_path=last
-after a SIGKILL, epoch-boundary exactness, SLURM requeue."""
+after a SIGKILL, epoch-boundary exactness, SLURM requeue.
+
+Modules: vera_lightning/app/runs/records.py.
+"""
 
 from __future__ import annotations
 
@@ -298,3 +301,41 @@ def test_a_run_refused_by_the_modules_checks_writes_no_record_and_the_fixed_comm
     metrics = train(compose_app("train", run_dir, *sft, "generate.max_new_tokens=4"))
     assert metrics["steps"] == 1 and "val/bleu" in metrics
     assert {"summary.json", "adapter"} <= set(previous_run(run_dir))
+
+
+def test_resuming_with_other_data_settings_is_refused_naming_both_values(tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(Path(__file__).resolve().parents[3] / "vera_lightning" / "app" / "data" / "demo_data", data)
+    run_dir = tmp_path / "run"
+    first = run_script("train", *LONG, "trainer.max_epochs=1", "eval_before=false", f"hydra.run.dir={run_dir}",
+                       cwd=tmp_path)
+    assert first.returncode == 0, first.stderr
+    before = _tree(run_dir)
+    done = run_script("train", *LONG, "trainer.max_epochs=2", "eval_before=false", f"hydra.run.dir={run_dir}",
+                      "ckpt_path=last", f"data.data_dir={data}", "data.max_length=24", "data.eval_batch_size=2",
+                      cwd=tmp_path)
+    assert done.returncode == 1
+    record = run_dir / ".hydra" / "config.yaml"
+    assert "Traceback" not in done.stderr
+    assert (
+        f"Error: ckpt_path=last: the run in {run_dir} was trained with other data settings than this command gives "
+        f"({record}): data.data_dir=None (recorded) vs '{data}' (given); data.max_length=32 (recorded) vs 24 (given). "
+        "A resumed run continues on the data it started with: give the recorded values (or leave those overrides "
+        "out), or start a new run from that checkpoint in another directory (hydra.run.dir=<new dir> ckpt_path=<the "
+        ".ckpt file>). Nothing was changed") in done.stderr
+    assert _tree(run_dir) == before
+
+
+def test_resume_data_check_compares_the_record_and_lets_batch_sizes_for_eval_change(tmp_path):
+    (tmp_path / ".hydra").mkdir()
+    (tmp_path / ".hydra" / "config.yaml").write_text(
+        "seed: 3\ndata:\n  data_dir: ./d\n  max_length: 32\n  eval_batch_size: 8\n  seed: ${seed}\n", encoding="utf-8")
+    from omegaconf import OmegaConf
+
+    from vera_lightning.app.runs.run_dirs import check_resume_data
+
+    same = {"data_dir": str((Path.cwd() / "d")), "max_length": 32, "eval_batch_size": 2, "seed": 3}
+    check_resume_data(tmp_path, OmegaConf.create(same), "last")  # the same folder written another way; eval batch
+    with pytest.raises(ValueError, match=r"data.seed=3 \(recorded\) vs 4 \(given\)"):
+        check_resume_data(tmp_path, OmegaConf.create({**same, "seed": 4}), "last")
+    check_resume_data(tmp_path / "elsewhere", OmegaConf.create({"max_length": 1}), "x.ckpt")  # no record: no check

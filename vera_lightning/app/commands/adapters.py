@@ -30,6 +30,7 @@ from torch import nn
 
 from vera_lightning import ADAPTER_CONFIG_NAME, checkpoint_config, load_adapter, load_vera_checkpoint
 from vera_lightning.app.commands.build import Components, base_model_id
+from vera_lightning.app.models.gguf_cache import same_conversion
 
 __all__ = ["AdapterSource", "resolve_adapter", "model_config_for", "attach_adapter"]
 
@@ -106,7 +107,7 @@ def _mismatch(source: AdapterSource, model_cfg: Mapping[str, Any], problem: str)
     used = base_model_id(model_cfg)
     lines = [f"adapter={str(source.path)!r} cannot be used with model={model_cfg.get('name')} ({used!r}):",
              problem.strip()]
-    if source.base and source.base != used:
+    if source.base and not same_conversion(source.base, used):
         lines.append(f"The adapter was trained on {source.base!r} (base_model_name_or_path in {ADAPTER_CONFIG_NAME}).")
     overrides = _training_overrides(source.path)
     if overrides is not None:
@@ -149,7 +150,7 @@ def attach_adapter(parts: Components, source: Optional[AdapterSource], model_cfg
     except (ValueError, FileNotFoundError) as err:
         raise _mismatch(source, model_cfg, str(err)) from None
     used = base_model_id(model_cfg)
-    if source.base and source.base != used:
+    if source.base and not same_conversion(source.base, used):  # a moved cache holds the same GGUF weights
         warnings.warn(
             f"adapter={str(source.path)!r} records base_model_name_or_path={source.base!r} but model="
             f"{model_cfg.get('name')} is {used!r}; the shapes fit, but the results only mean something on the base "

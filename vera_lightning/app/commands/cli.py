@@ -29,6 +29,7 @@ from hydra.errors import CompactHydraException
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from omegaconf.errors import OmegaConfBaseException
 
+from vera_lightning.app.models.gguf_cache import CacheError
 from vera_lightning.app.models.load import ModelUnavailableError
 
 __all__ = ["UserError", "USER_ERRORS", "ENVIRONMENT_ERRNOS", "is_user_error", "user_errors"]
@@ -37,6 +38,7 @@ __all__ = ["UserError", "USER_ERRORS", "ENVIRONMENT_ERRNOS", "is_user_error", "u
 USER_ERRORS: tuple[type[BaseException], ...] = (
     ValueError, TypeError, FileNotFoundError, FileExistsError, NotADirectoryError, ImportError,
     ModelUnavailableError, MisconfigurationException, OmegaConfBaseException,
+    CacheError,  # the model cache (model=smollm2): a foreign or damaged folder, a cache that cannot be written
     TimeoutError,  # another process holds the save lock of the output directory (the message says which)
 )
 #: ``OSError`` numbers that the machine or the chosen path caused, not the program: a full disk or quota,

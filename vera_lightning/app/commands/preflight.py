@@ -6,7 +6,8 @@ and works from what it returns (:class:`Checked`). In order:
 1. **Settings**: missing (``???``) and invalid values (:func:`~vera_lightning.app.commands.checks.check_run_config`),
    the model and data tasks, the ``generate`` settings
    (:class:`~vera_lightning.app.generation.generate.GenerateSettings`, sampling vs beams); for ``train`` the
-   strategy, the ``vera`` config, ``finetune`` and ``ckpt_path``.
+   strategy, the ``vera`` config, ``finetune`` and ``ckpt_path`` (a resume: the ``data`` settings its run recorded,
+   :func:`~vera_lightning.app.runs.run_dirs.check_resume_data`).
 2. **Where it writes**: ``train`` may use its run directory (:func:`~vera_lightning.app.runs.run_dirs.check_run_dir`);
    ``eval`` and ``predict`` never write into a training run's directory
    (:func:`~vera_lightning.app.runs.run_dirs.check_command_dir`); ``predict``'s output file: not a directory, not
@@ -38,7 +39,13 @@ from vera_lightning.app.data.datamodules import TextDataModule, build_datamodule
 from vera_lightning.app.data.inputs import PromptInput, read_inputs, read_prompt_input
 from vera_lightning.app.generation.generate import GenerateSettings
 from vera_lightning.app.models.load import build_tokenizer
-from vera_lightning.app.runs.run_dirs import check_command_dir, check_run_dir, resolve_ckpt_path, slurm_checkpoint
+from vera_lightning.app.runs.run_dirs import (
+    check_command_dir,
+    check_resume_data,
+    check_run_dir,
+    resolve_ckpt_path,
+    slurm_checkpoint,
+)
 from vera_lightning.app.tasks.finetune import check_method
 
 __all__ = ["COMMANDS", "Checked", "preflight", "prediction_output"]
@@ -133,6 +140,8 @@ def preflight(cfg: DictConfig, command: str) -> Checked:
         found["method"] = method = check_method(cfg.get("finetune", "vera"))
         found["ckpt_path"] = ckpt_path = resolve_ckpt_path(cfg)
         found["resuming"] = resuming = ckpt_path is not None or slurm_checkpoint(output_dir) is not None
+        if resuming:  # the data the run recorded in .hydra/config.yaml: the same, or refused naming both values
+            check_resume_data(output_dir, cfg.data, cfg.get("ckpt_path") or "slurm-requeue")
         if rank_zero_only.rank == 0:  # trainer=ddp re-runs the script per rank: rank 0 checks, the others join
             check_run_dir(output_dir, resuming=resuming, overwrite=bool(cfg.get("overwrite", False)), method=method)
     else:

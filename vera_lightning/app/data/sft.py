@@ -32,13 +32,26 @@ from vera_lightning.app.data.tables import check_header_names, check_row_width
 from vera_lightning.app.data.text_files import undecodable_line
 
 __all__ = ["ROLES", "TRUNCATIONS", "SUFFIXES", "check_config", "read_rows", "with_system", "prompt_turns",
-           "conversation", "check_special_text", "format_prompt",
+           "conversation", "check_special_text", "format_prompt", "template_text",
            "encode_text", "prompt_token_ids", "reference_of", "prompt_references",
            "position_limit", "check_max_length"]
 
 ROLES = ("system", "user", "assistant")
 TRUNCATIONS = ("left", "drop")
 SUFFIXES = {".csv": ",", ".tsv": "\t", ".tab": "\t", ".jsonl": None}
+
+
+_ESCAPES = {"n": "\n", "t": "\t", "\\": "\\"}
+
+
+def template_text(template: str) -> str:
+    """``prompt_template`` with the escapes ``\\n`` (newline), ``\\t`` (tab) and ``\\\\`` (a backslash) applied.
+
+    Hydra keeps a backslash in an override (``'data.prompt_template="Q: {prompt}\\n"'`` arrives as ``Q: {prompt}``
+    plus a backslash and an ``n``), so a template written that way gets the newline it means; a YAML file's
+    ``"...\\n"`` is already a newline and is unchanged.
+    """
+    return re.sub(r"\\(n|t|\\)", lambda m: _ESCAPES[m.group(1)], template)
 
 
 def _template_columns(template: str) -> list[str]:
@@ -272,7 +285,7 @@ def _user_text(cfg: Mapping[str, Any], row: Mapping[str, Any]) -> str:
     if not template:
         return str(row[cfg["prompt_field"]])
     try:
-        return template.format(**row)
+        return template_text(template).format(**row)
     except (KeyError, IndexError, AttributeError) as err:
         raise ValueError(f"data.prompt_template={template!r} names {err} which the row does not hold (it has "
                          f"{sorted(row)})") from None

@@ -15,7 +15,8 @@
   response), keeping at least ``min(prompt length, max_length // 4)`` prompt tokens; ``truncation:
   drop`` drops every example longer than ``max_length``. Under both, an example whose final response
   (with EOS) does not fit beside that prompt reserve is dropped rather than cut (a response without its
-  EOS would teach the model not to stop); one warning says how many were dropped.
+  EOS would teach the model not to stop); one warning says how many were dropped, and one how many prompts
+  (conversations: the turns before the last response) were cut from the left.
 """
 
 from __future__ import annotations
@@ -108,13 +109,13 @@ def encode_rows(rows: list[Mapping[str, Any]], data_cfg: Mapping[str, Any], toke
     """Tokenise rows into ``{"input_ids", "labels"}`` items of at most ``data_cfg["max_length"]`` tokens.
 
     Truncates or drops per ``data_cfg["truncation"]`` (see the module docstring); one warning counts the
-    dropped rows.
+    dropped rows, one the rows whose prompt was cut from the left.
 
     Raises:
         ValueError: If every row is dropped, naming ``where``, ``max_length`` and the shortest need.
     """
     max_length, mode = int(data_cfg.get("max_length") or 512), data_cfg.get("truncation") or "left"
-    items, dropped, shortest = [], 0, None
+    items, dropped, cut, shortest = [], 0, 0, None
     for row in rows:
         ids, labels, start = encode_row(data_cfg, tokenizer, row)
         fitted = _fit(ids, labels, start, max_length, mode)
@@ -123,6 +124,7 @@ def encode_rows(rows: list[Mapping[str, Any]], data_cfg: Mapping[str, Any], toke
             need = len(ids) if mode == "drop" else len(ids) - start + min(start, max_length // 4)
             shortest = need if shortest is None else min(shortest, need)
             continue
+        cut += len(fitted[0]) < len(ids)
         items.append({"input_ids": fitted[0], "labels": fitted[1]})
     if not items and rows:
         raise ValueError(f"{where}: all {len(rows)} rows are longer than data.max_length={max_length} under "
@@ -131,4 +133,8 @@ def encode_rows(rows: list[Mapping[str, Any]], data_cfg: Mapping[str, Any], toke
     if dropped:
         log.warning("%s: dropped %d of %d rows longer than data.max_length=%d (data.truncation=%s)",
                     where, dropped, len(rows), max_length, mode)
+    if cut:
+        log.warning("%s: cut the prompt of %d of %d rows from the left to fit data.max_length=%d "
+                    "(data.truncation=left; their responses are whole); raise data.max_length to keep them whole",
+                    where, cut, len(rows), max_length)
     return items

