@@ -1,4 +1,4 @@
-"""``model.compile=true|false|auto`` (app/models/load.py): what each value means, and a compiled body with VeRA
+"""``model.compile=true|false|auto`` (app/models/precision.py): what each value means, and a compiled body with VeRA
 layers in bf16 traced in one graph, with the loss eager gives."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import torch
 from helpers.models import tiny_llama
 
 from vera_lightning import VeraConfig, apply_vera, set_projection_dtype
-from vera_lightning.app.models.load import compile_body, compile_wanted
+from vera_lightning.app.models.precision import compile_body, compile_wanted
 from vera_lightning.app.tasks.lm_loss import response_loss
 
 

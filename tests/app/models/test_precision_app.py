@@ -1,5 +1,5 @@
-"""``model.compute_dtype=auto|fp32|bf16`` in the app: the measured choice, the bf16 training form, checkpoints
-that move between precisions (the λ's are float32 in both)."""
+"""``model.compute_dtype=auto|fp32|bf16`` in the app (app/models/precision.py): the measured choice, the bf16
+training form, checkpoints that move between precisions (the λ's are float32 in both)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from helpers.app import compose_app
 from vera_lightning import VeraCallback, configure_autotune
 from vera_lightning.app.commands.train import vera_config_from
 from vera_lightning.app.data.datamodules import build_datamodule
-from vera_lightning.app.models import load
+from vera_lightning.app.models import precision
 from vera_lightning.app.models.load import build_model, build_tokenizer
 from vera_lightning.app.tasks.module import build_module
 from vera_lightning.core.lookup import vera_layers
@@ -43,8 +43,8 @@ def fit(cfg, max_steps, ckpt_path=None):
 def test_auto_takes_the_measured_choice_and_logs_it(make_cfg, monkeypatch, caplog):
     for dtype in (torch.bfloat16, torch.float32):
         chosen = PrecisionChoice(dtype, "measured", (512, 32, 64), 2.0, 1.0 if dtype == torch.bfloat16 else 4.0)
-        monkeypatch.setattr(load, "measure_precision", lambda model, device, c=chosen: c)
-        with caplog.at_level(logging.INFO, logger=load.__name__):
+        monkeypatch.setattr(precision, "measure_precision", lambda model, device, c=chosen: c)
+        with caplog.at_level(logging.INFO, logger=precision.__name__):
             model = built(make_cfg("model.compute_dtype=auto"))
         assert model.lm_head.weight.dtype == dtype
         assert f"precision auto: {chosen.name} (measured" in caplog.text
@@ -56,7 +56,7 @@ def test_auto_with_tuning_off_is_float32(make_cfg):  # the suite runs with VERA_
 
 def test_explicit_bf16_where_it_measured_slower_warns_with_the_slowdown(make_cfg, monkeypatch):
     slow = PrecisionChoice(torch.float32, "measured", (512, 32, 64), 2.0, 100.0)
-    monkeypatch.setattr(load, "measure_precision", lambda model, device: slow)
+    monkeypatch.setattr(precision, "measure_precision", lambda model, device: slow)
     with pytest.warns(UserWarning, match=r"model.compute_dtype=bf16 is 50.0x slower than float32 on this CPU"):
         built(make_cfg("model.compute_dtype=bf16"))
 

@@ -1,4 +1,7 @@
-"""``model.quantize`` / ``model.compute_dtype`` in the Hydra app: a quantized run end to end, its checkpoint, errors."""
+"""``model.quantize`` / ``model.compute_dtype`` in the Hydra app: a quantized run end to end, its checkpoint, errors.
+
+Modules: vera_lightning/app/models/load.py (build_model, build_tokenizer).
+"""
 
 from __future__ import annotations
 

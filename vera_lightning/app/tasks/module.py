@@ -28,7 +28,7 @@ from torchmetrics import MeanMetric, Metric
 from vera_lightning import vera_layers
 from vera_lightning.app.generation.generate import GenerateSettings
 from vera_lightning.app.generation.val_generation import ValidationGeneration
-from vera_lightning.app.models.load import use_base_precision
+from vera_lightning.app.models.precision import use_base_precision
 from vera_lightning.app.tasks.lm_loss import response_loss
 from vera_lightning.app.tasks.task_metrics import build_metrics, default_metrics
 
