@@ -25,6 +25,7 @@ import json
 import os
 import platform
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -119,7 +120,7 @@ def main(argv=None) -> dict:
     med = {v: statistics.median(wall[v]) for v in args.variants}
     base = med.get("fp32")
     result = {
-        "command": "python benchmarks/bench_precision.py " + " ".join(argv or []),
+        "command": "python benchmarks/bench_precision.py " + " ".join(sys.argv[1:] if argv is None else argv),
         "cpu_flags": cpu_flags(), "threads": args.threads, "torch": torch.__version__,
         "machine": platform.processor() or platform.machine(), "loadavg_end": os.getloadavg()[0],
         "variants": {v: {"wall_s_median": med[v], "cpu_s_median": statistics.median(cpu[v]), "wall_s": wall[v],

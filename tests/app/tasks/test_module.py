@@ -67,3 +67,23 @@ def test_classification_metrics_match_a_hand_count():
         denom = (preds == c).sum().item() + (labels == c).sum().item()
         f1s.append(2 * tp / denom if denom else 0.0)
     assert module.val_metrics["f1"].compute().item() == pytest.approx(sum(f1s) / 2)
+
+
+def test_causal_lm_validation_loss_is_transformers_loss_over_the_scored_tokens():
+    torch.manual_seed(0)
+    module = CausalLMModule(tiny_opt())
+    module.eval()
+    module.log = lambda *args, **kwargs: None  # no Trainer attached
+    ids = torch.randint(4, 50, (2, 3, 7))
+    expected, weights = [], []
+    for rows in ids:  # two batches, different numbers of scored tokens: the mean is weighted by tokens
+        labels = rows.clone()
+        labels[0, :4] = -100
+        labels[1, :2] = -100
+        batch = {"input_ids": rows, "attention_mask": torch.ones_like(rows), "labels": labels}
+        with torch.no_grad():
+            module.validation_step(batch, 0)
+            expected.append(module.model(**batch).loss.item())
+        weights.append(int((labels[:, 1:] != -100).sum()))
+    mean = sum(e * w for e, w in zip(expected, weights)) / sum(weights)
+    assert module.val_nll.compute().item() == pytest.approx(mean, rel=1e-5)
