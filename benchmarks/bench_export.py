@@ -38,10 +38,18 @@ def _cached(path: Path, compute) -> Any:
     return value
 
 
-def _run_config(adapter: Path):
+def _run_config(adapter: Path, experiment: str):
+    """The training run's composed config beside ``adapter``; else ``experiment=<experiment>`` composed afresh
+    (an adapter kept away from its run, e.g. by ``bench_e2e.py --keep``)."""
     from omegaconf import OmegaConf
 
-    return OmegaConf.load(adapter.parent / ".hydra" / "config.yaml")
+    recorded = adapter.parent / ".hydra" / "config.yaml"
+    if recorded.is_file():
+        return OmegaConf.load(recorded)
+    from bench_app import compose
+
+    print(f"[bench_export] no {recorded}: using experiment={experiment} as composed now", flush=True)
+    return compose([f"experiment={experiment}"])
 
 
 def step_export(adapter: Path, out: Path) -> dict:
@@ -118,9 +126,11 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--adapter", type=Path, required=True, help="a training run's adapter/ (E2E SmolLM2)")
     parser.add_argument("--out", type=Path, default=Path("/tmp/bench_export"))
+    parser.add_argument("--experiment", default="e2e_smollm2",
+                        help="the recipe's config when the adapter is not inside its training run")
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
-    cfg = _run_config(args.adapter)
+    cfg = _run_config(args.adapter, args.experiment)
     exported = _cached(args.out / "export.json", lambda: step_export(args.adapter, args.out))
     ours = _cached(args.out / "ours.json", lambda: step_ours(args.adapter, cfg))
     start = time.perf_counter()

@@ -242,14 +242,21 @@ def test_script_prints_one_message_without_traceback(tmp_path, tokenizer_dir):
 
 
 @pytest.mark.slow
-def test_llama_cpp_applies_the_gguf_lora_over_the_real_smollm2_base(tmp_path):
-    """llama.cpp (llama-cpp-python) loads the packaged SmolLM2 GGUF plus our GGUF LoRA; its logits move like ours."""
+def test_llama_cpp_applies_the_gguf_lora_over_the_real_smollm2_base(tmp_path, monkeypatch):
+    """llama.cpp (llama-cpp-python) loads the packaged SmolLM2 GGUF plus our GGUF LoRA; its logits move like ours.
+
+    llama.cpp runs the Q4_1 base with 8-bit activations, whose rounding moves its logits by a norm of ~30 for any
+    change of the residual stream, however small: the λ's are scaled so that our change (~200) is well above that
+    and still nearly linear (measured: cosine 0.976, norms 205 and 180). The same adapter exported without the
+    RoPE row order of q/k moves them less alike (0.892).
+    """
     llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is the optional export-test extra "
                                     "(pip install -e .[export-test], built from source)")
-    from vera_lightning import export_gguf_lora
+    import vera_lightning.io.gguf_lora as gguf_lora
+    from vera_lightning import export_gguf_lora, vera_layers
     from vera_lightning.app.models.gguf_cache import gguf_source
 
-    cfg = compose_app("train", tmp_path / "run", "model=smollm2")
+    cfg = compose_app("train", tmp_path / "run", "model=smollm2", "model.compute_dtype=fp32")
     base_file = gguf_source(cfg.model.name_or_path)
     model, tokenizer = _base(OmegaConf.to_container(cfg.model, resolve=True), {}, 0)
     ids = tokenizer("The Eagle is a French restaurant by the riverside. It")["input_ids"]
@@ -257,18 +264,29 @@ def test_llama_cpp_applies_the_gguf_lora_over_the_real_smollm2_base(tmp_path):
         before = model(input_ids=torch.tensor([ids])).logits[0, -1].double()
         model = apply_vera(model, VeraConfig(r=16, target_modules=["q_proj", "v_proj"]))
         random_lambdas_(model)
+        for _, layer in vera_layers(model):
+            layer.adapter_params()["vera_lambda_b"].mul_(0.35)
         after = model(input_ids=torch.tensor([ids])).logits[0, -1].double()
     export_gguf_lora(model, tmp_path / "adapter.gguf")
+    monkeypatch.setattr(gguf_lora, "llama_rope_permute", lambda rows, heads: rows)
+    export_gguf_lora(model, tmp_path / "unpermuted.gguf")
 
     def last_logits(**kwargs):
         llm = llama_cpp.Llama(model_path=str(base_file), n_ctx=128, verbose=False, logits_all=True, **kwargs)
         llm.eval(ids)
         return torch.tensor(llm.scores[len(ids) - 1], dtype=torch.float64)
 
-    theirs_before, theirs_after = last_logits(), last_logits(lora_path=str(tmp_path / "adapter.gguf"))
-    ours, theirs = after - before, theirs_after - theirs_before
-    cosine = torch.nn.functional.cosine_similarity(ours, theirs, dim=0).item()
-    assert ours.norm() > 1.0 and cosine > 0.9, (cosine, ours.norm().item(), theirs.norm().item())
+    def cosine(a, b):
+        return torch.nn.functional.cosine_similarity(a, b, dim=0).item()
+
+    theirs_before = last_logits()
+    ours = after - before
+    theirs = last_logits(lora_path=str(tmp_path / "adapter.gguf")) - theirs_before
+    unpermuted = last_logits(lora_path=str(tmp_path / "unpermuted.gguf")) - theirs_before
+    assert 100 < ours.norm() < 1000, ours.norm()
+    assert cosine(ours, theirs) > 0.95 and 0.8 < theirs.norm() / ours.norm() < 1.25, (
+        cosine(ours, theirs), ours.norm().item(), theirs.norm().item())
+    assert cosine(ours, unpermuted) < cosine(ours, theirs) - 0.03, (cosine(ours, unpermuted), cosine(ours, theirs))
 
 
 def test_train_with_export_writes_the_lora_beside_the_adapter(tmp_path):

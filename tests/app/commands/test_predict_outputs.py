@@ -168,3 +168,14 @@ def test_an_empty_prompt_is_refused_before_the_model_and_before_any_output(tmp_p
         predict(compose_app("predict", tmp_path / "run", *overrides, f"input={table}",
                             f"output={out_dir / 'preds.jsonl'}", "overwrite=true"))
     assert _tree(out_dir) == before
+
+
+def test_a_classification_output_not_named_tsv_is_refused_before_the_model(tmp_path, monkeypatch):
+    import vera_lightning.app.commands.predict as predict_module
+
+    monkeypatch.setattr(predict_module, "build_components", lambda *a, **k: pytest.fail("built the model"))
+    cfg = compose_app("predict", tmp_path / "run", f"input={_prompts(tmp_path)}", f"output={tmp_path / 'p.jsonl'}")
+    with pytest.raises(ValueError, match=r"output='.*p.jsonl': classification writes tab-separated lines with a "
+                                         r"header row; name the file \.tsv, e\.g\. output='.*p.tsv'"):
+        predict(cfg)
+    assert not (tmp_path / "p.jsonl").exists() and not (tmp_path / "run").exists()

@@ -80,7 +80,7 @@ def prediction_output(cfg: DictConfig, task: str, input_path: Path) -> Path:
 
     Raises:
         ValueError: If it is a directory, the input file, or not a ``.jsonl`` for a causal LM (which writes JSON
-            lines).
+            lines) or a ``.tsv``/``.txt`` for classification (tab-separated lines).
         FileExistsError: If it exists and ``overwrite`` is not true.
     """
     default = "predictions.tsv" if task == "classification" else "predictions.jsonl"
@@ -93,6 +93,9 @@ def prediction_output(cfg: DictConfig, task: str, input_path: Path) -> Path:
     if task == "causal_lm" and output.suffix.lower() != ".jsonl":
         raise ValueError(f"output={str(output)!r}: a causal LM writes JSON lines (each input row plus its "
                          f"generation); name the file .jsonl, e.g. output={str(output.with_suffix('.jsonl'))!r}")
+    if task == "classification" and output.suffix.lower() not in (".tsv", ".txt"):
+        raise ValueError(f"output={str(output)!r}: classification writes tab-separated lines with a header "
+                         f"row; name the file .tsv, e.g. output={str(output.with_suffix('.tsv'))!r}")
     if output.exists() and not cfg.get("overwrite", False):
         raise FileExistsError(
             f"output={str(output)!r} already exists and is never replaced silently; choose another path or pass "
