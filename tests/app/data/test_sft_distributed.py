@@ -26,13 +26,15 @@ ROWS = [("name[The Eagle], food[French]", "The Eagle serves French food."),
         ("name[Cotto]", "Cotto."),
         ("name[Alimentum], food[Chinese], priceRange[cheap]", "Alimentum is a cheap Chinese place."),
         ("name[Aromi], food[Italian]", "Aromi serves Italian food.")]
-LLAMA = "{model_type:llama,hidden_size:32,intermediate_size:64,num_hidden_layers:2,num_attention_heads:4," \
-        "num_key_value_heads:2,max_position_embeddings:128}"
+# tiny_opt's from_config (hidden 32, 2 layers, 4 heads, 128 positions) made a LLaMA: a structured model config
+# cannot delete the node and put another in its place; the OPT-only keys left in it are ignored by LlamaConfig
+LLAMA = ["model.from_config.model_type=llama", "+model.from_config.intermediate_size=64",
+         "+model.from_config.num_key_value_heads=2"]
 
 
 def _overrides(data_dir, out, trainer: str):
     return [*SMOKE, f"trainer={trainer}", "trainer.accelerator=cpu", "trainer.devices=2",
-            "+trainer.use_distributed_sampler=true", "~model.from_config", f"+model.from_config={LLAMA}",
+            "+trainer.use_distributed_sampler=true", *LLAMA,
             f"hydra.run.dir={out.parent / 'run'}", "data=sft", f"data.data_dir={data_dir}",
             "data.train_file=train.csv", "data.val_file=val.csv",
             "data.prompt_field=mr", "data.response_field=ref", "data.prompt_template='Describe: {mr}\n'",

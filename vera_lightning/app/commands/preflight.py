@@ -39,6 +39,7 @@ from vera_lightning.app.data.datamodules import TextDataModule, build_datamodule
 from vera_lightning.app.data.inputs import PromptInput, read_inputs, read_prompt_input
 from vera_lightning.app.generation.generate import GenerateSettings
 from vera_lightning.app.models.load import build_tokenizer
+from vera_lightning.app.models.schema import check_model_keys
 from vera_lightning.app.runs.run_dirs import (
     check_command_dir,
     check_resume_data,
@@ -133,6 +134,7 @@ def preflight(cfg: DictConfig, command: str) -> Checked:
     if command not in COMMANDS:
         raise ValueError(f"preflight: command={command!r}: must be one of {list(COMMANDS)}")
     check_run_config(cfg)
+    check_model_keys(cfg.model)
     task = check_task(cfg)
     data_cfg = OmegaConf.to_container(cfg.data, resolve=True)
     output_dir = Path(cfg.paths.output_dir)
