@@ -130,13 +130,12 @@ def build_variant(base: nn.Module, name: str, r: int, targets: list[str], inplac
             warnings.simplefilter("ignore")
             model = peft.get_peft_model(model, config)
     elif lib == "ours":
-        from vera_lightning import VeraConfig, apply_vera, set_projection_dtype, set_vera_path
+        from vera_lightning import VeraConfig, apply_vera, set_vera_path
+        from vera_lightning.app.models.precision import use_base_precision
 
         apply_vera(model, VeraConfig(r=r, target_modules=targets))
         set_vera_path(model, path, share=share, memory=memory)
-        half = next(model.parameters()).dtype
-        if half in (torch.bfloat16, torch.float16):  # a half base: the bf16 training form, as the app runs it
-            set_projection_dtype(model, half)
+        use_base_precision(model)  # a half base: the bf16 training form, as the app runs it
     gate = _add_gate(model.base_model.model if lib in ("peft", "lora") else model)
     gate.requires_grad_(True)
     return model.train()
