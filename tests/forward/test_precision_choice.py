@@ -1,8 +1,11 @@
-"""forward/precision.py: ``auto`` picks bf16 only where it measured faster by the margin, and caches the choice."""
+"""forward/precision.py: ``auto`` picks bf16 only where it measured faster by the margin (the warm-up call never
+decides), or on CUDA where it is native, and caches the choice."""
 
 from __future__ import annotations
 
 import json
+from collections import Counter
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -17,12 +20,12 @@ from vera_lightning.forward.tune_settings import Settings
 class FakeClock:
     """A clock whose every timed step takes ``fp32_s`` seconds in float32 and ``bf16_s`` in bf16.
 
-    ``measure_precision`` times float32 first (``2 * (repeats + 1)`` clock reads), then bf16.
+    ``measure_precision`` times float32 first (``2 * repeats`` clock reads: the warm-up is not timed), then bf16.
     """
 
     def __init__(self, fp32_s: float, bf16_s: float, repeats: int = 3) -> None:
         self.steps = {"fp32": fp32_s, "bf16": bf16_s}
-        self.fp32_reads = 2 * (repeats + 1)
+        self.fp32_reads = 2 * repeats
         self.reads = 0
         self.now = 0.0
 
@@ -68,8 +71,29 @@ def test_never_bf16_where_it_is_not_clearly_faster(settings, bf16_s):
     clock = FakeClock(0.010, bf16_s)
     choice = measure_precision(tiny_mlp_model(), "cpu", timer=clock, settings=settings)
     assert choice.dtype == torch.float32
-    if bf16_s == 0.5:  # emulated bf16: the first step past 3x float32 ends the measuring
+    if bf16_s == 0.5:  # emulated bf16: the first timed step past 3x float32 ends the measuring
         assert clock.reads == clock.fp32_reads + 2
+
+
+class ColdKernels:
+    """``F.linear`` whose first call per dtype takes ``cold_s`` and every later one ``warm_s[dtype]`` (a fake clock)."""
+
+    def __init__(self, cold_s: float, warm_s: dict) -> None:
+        self.cold_s, self.warm_s, self.now, self.calls = cold_s, warm_s, 0.0, Counter()
+
+    def linear(self, x, w):
+        self.now += self.cold_s if not self.calls[x.dtype] else self.warm_s[x.dtype]
+        self.calls[x.dtype] += 1
+        return torch.nn.functional.linear(x, w)
+
+
+def test_the_warm_up_call_never_decides(settings, monkeypatch):
+    """A cold first bf16 call 100x a float32 one (kernel selection) neither counts nor ends the measuring."""
+    kernels = ColdKernels(cold_s=1.0, warm_s={torch.float32: 0.010, torch.bfloat16: 0.004})
+    monkeypatch.setattr(precision, "F", SimpleNamespace(linear=kernels.linear))
+    choice = measure_precision(tiny_mlp_model(), "cpu", timer=lambda: kernels.now, settings=settings, repeats=3)
+    assert (choice.dtype, choice.ms_fp32, choice.ms_bf16) == (torch.bfloat16, pytest.approx(10.0), pytest.approx(4.0))
+    assert kernels.calls == {torch.float32: 4, torch.bfloat16: 4}  # one warm-up and three timed calls each
 
 
 def test_tuning_off_means_float32_without_timing():
@@ -80,14 +104,17 @@ def test_tuning_off_means_float32_without_timing():
     assert (choice.dtype, choice.reason) == (torch.float32, "tuning off")
 
 
-def test_cuda_decides_by_device_support(monkeypatch):
+def test_cuda_decides_by_compute_capability_not_by_emulated_support(monkeypatch):
     def clock():
         raise AssertionError("timed on CUDA")
 
-    for supported, dtype in ((True, torch.bfloat16), (False, torch.float32)):
-        monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda s=supported: s)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)  # counts emulation (V100, T4)
+    for capability, dtype in (((8, 0), torch.bfloat16), ((9, 0), torch.bfloat16), ((7, 5), torch.float32),
+                              ((7, 0), torch.float32)):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None, c=capability: c)
         choice = measure_precision(tiny_mlp_model(), torch.device("cuda"), timer=clock)
         assert (choice.dtype, choice.reason) == (dtype, "cuda")
+    assert precision.bf16_native_cuda((8, 6)) and not precision.bf16_native_cuda((7, 5))
 
 
 def test_real_clock_gives_a_choice_with_both_timings(settings):

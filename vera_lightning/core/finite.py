@@ -159,6 +159,6 @@ class NonFiniteGuard:
             "(optim.lr), check the data and d_initial, or use gradient clipping"
         )
         if self.on_nonfinite == "raise":
-            raise NonFiniteError(message + ". Training stopped; nothing was written.")
+            raise NonFiniteError(message + ". Training stopped; the adapter was not saved.")
         warnings.warn(message + " (on_nonfinite='warn': training goes on)", UserWarning, stacklevel=3)
         return problems

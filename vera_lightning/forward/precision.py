@@ -1,10 +1,12 @@
 """The compute precision ``auto`` picks: bf16 where this machine runs it faster, float32 elsewhere, by measurement.
 
-On a GPU that supports it (``torch.cuda.is_bf16_supported()``) bf16 is chosen without timing. On a CPU the
-answer depends on the chip: with AVX-512 BF16 or AMX a bf16 product is several times a float32 one; without
-them bf16 is emulated and tens of times slower. So :func:`measure_precision` times one forward + backward of
-the model's most frequent linear shape (a frozen weight, an input that needs its gradient, as in training) in
-both dtypes and picks bf16 when it is at least :data:`MIN_SPEEDUP` times faster.
+On CUDA, bf16 is chosen without timing where it is native: compute capability 8.0 or above (Ampere on). Not
+``torch.cuda.is_bf16_supported()``, which also counts the emulation of a V100 or T4. On a CPU the answer depends
+on the chip: with AVX-512 BF16 or AMX a bf16 product is several times a float32 one; without them bf16 is
+emulated and tens of times slower. So :func:`measure_precision` times one forward + backward of the model's most
+frequent linear shape (a frozen weight, an input that needs its gradient, as in training) in both dtypes and
+picks bf16 when it is at least :data:`MIN_SPEEDUP` times faster. Each dtype's first call (kernel selection, cold
+caches) is a warm-up that is never timed and never ends the measuring: only timed calls decide.
 
 It shares the autotuner's machinery (:mod:`vera_lightning.forward.tune_settings`): its on/off switch
 (``VERA_LIGHTNING_AUTOTUNE=0``: no timing, float32 on a CPU), its cache file (one entry per machine and shape,
@@ -28,12 +30,15 @@ from vera_lightning.forward.autotune import TUNER
 from vera_lightning.forward.tune_cache import TuneFile, machine_key
 from vera_lightning.forward.tune_settings import Settings
 
-__all__ = ["MIN_SPEEDUP", "PrecisionChoice", "representative_shape", "measure_precision", "bf16_native_cpu"]
+__all__ = ["MIN_SPEEDUP", "BF16_CUDA_CAPABILITY", "PrecisionChoice", "representative_shape", "measure_precision",
+           "bf16_native_cpu", "bf16_native_cuda"]
 
 #: bf16 must be at least this many times faster than float32 to be chosen (a clear margin over timing noise).
 MIN_SPEEDUP = 1.3
 #: Rows of the timed input (a typical batch's tokens).
 TOKENS = 512
+#: The CUDA compute capability from which bf16 products are native (Ampere, sm_80).
+BF16_CUDA_CAPABILITY = (8, 0)
 
 
 @dataclass(frozen=True)
@@ -42,7 +47,7 @@ class PrecisionChoice:
 
     Attributes:
         dtype: ``torch.bfloat16`` or ``torch.float32``.
-        reason: ``"measured"``, ``"cached"``, ``"cuda"`` (bf16 support reported by the device),
+        reason: ``"measured"``, ``"cached"``, ``"cuda"`` (native bf16 from compute capability 8.0),
             ``"tuning off"`` or ``"no linear layer"``.
         shape: ``(tokens, in, out)`` that was timed (``None`` when nothing was timed).
         ms_fp32, ms_bf16: Milliseconds per forward + backward (``None`` when not timed).
@@ -85,6 +90,11 @@ def bf16_native_cpu() -> Optional[bool]:
     return ("avx512_bf16" in flags or "amx_bf16" in flags) if flags else None
 
 
+def bf16_native_cuda(capability: tuple[int, int]) -> bool:
+    """Whether a GPU of this compute capability runs bf16 natively (:data:`BF16_CUDA_CAPABILITY` or above)."""
+    return tuple(capability) >= BF16_CUDA_CAPABILITY
+
+
 def representative_shape(model: nn.Module, tokens: int = TOKENS) -> Optional[tuple[int, int, int]]:
     """``(tokens, in, out)`` of the linear shape holding the most weights in ``model`` (``None``: no linear)."""
     weights: Counter = Counter()
@@ -102,22 +112,26 @@ def representative_shape(model: nn.Module, tokens: int = TOKENS) -> Optional[tup
 
 def _time_step(dtype: torch.dtype, shape: tuple[int, int, int], timer: Callable[[], float], repeats: int,
                give_up_s: Optional[float] = None) -> float:
-    """Median seconds of one forward + backward (``y = x Wᵀ``; grad of ``x``) in ``dtype`` (after one warm-up)."""
+    """Median seconds of one forward + backward (``y = x Wᵀ``; grad of ``x``) in ``dtype``.
+
+    The first call is a warm-up: never timed, so it can neither count nor stop the measuring (a cold first bf16
+    call can take many times a warm one). ``give_up_s``: a timed call slower than this ends the measuring early
+    (the dtype is clearly slower; more samples would only cost time).
+    """
     n, in_f, out_f = shape
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(n, in_f, generator=gen).to(dtype).requires_grad_(True)
     w = (torch.randn(out_f, in_f, generator=gen) * in_f ** -0.5).to(dtype)
     grad = torch.randn(n, out_f, generator=gen).to(dtype)
+    F.linear(x, w).backward(grad)  # the warm-up, untimed
+    x.grad = None
     times = []
-    for i in range(repeats + 1):
+    for _ in range(max(1, repeats)):
         start = timer()
         F.linear(x, w).backward(grad)
         x.grad = None
-        elapsed = timer() - start
-        if i:
-            times.append(elapsed)
-        if give_up_s is not None and elapsed > give_up_s:  # clearly slower: one more sample would only cost time
-            times.append(elapsed)
+        times.append(timer() - start)
+        if give_up_s is not None and times[-1] > give_up_s:
             break
     return statistics.median(times)
 
@@ -129,9 +143,9 @@ def measure_precision(model: nn.Module, device: Optional[torch.device] = None, *
 
     Args:
         model: The model (its linear shapes are what is timed).
-        device: Where it will train; CUDA decides by ``torch.cuda.is_bf16_supported()``.
+        device: Where it will train; CUDA decides by compute capability (:func:`bf16_native_cuda`), untimed.
         timer: A clock (tests pass a fake one).
-        repeats: Timed runs per dtype (median), after one warm-up each.
+        repeats: Timed runs per dtype (median), after one untimed warm-up each.
         settings: On/off and cache file (default: the path tuner's, as :func:`vera_lightning.configure_autotune`
             and the environment set them).
         tokens: Rows of the timed input.
@@ -141,15 +155,16 @@ def measure_precision(model: nn.Module, device: Optional[torch.device] = None, *
         device = param.device if param is not None else torch.device("cpu")
     device = torch.device(device)
     if device.type == "cuda":
-        supported = torch.cuda.is_bf16_supported()
-        return PrecisionChoice(torch.bfloat16 if supported else torch.float32, "cuda")
+        native = bf16_native_cuda(torch.cuda.get_device_capability(device))
+        return PrecisionChoice(torch.bfloat16 if native else torch.float32, "cuda")
     settings = settings or TUNER.settings
     shape = representative_shape(model, tokens)
     if shape is None:
         return PrecisionChoice(torch.float32, "no linear layer")
     if not settings.enabled():
         return PrecisionChoice(torch.float32, "tuning off", shape)
-    key = f"precision {device.type} n{shape[0]} in{shape[1]} out{shape[2]}"
+    # "warm": measured with the warm-up excluded from every decision (older entries could be decided by a cold call)
+    key = f"precision {device.type} n{shape[0]} in{shape[1]} out{shape[2]} warm"
     machine = machine_key(device, torch.get_num_threads())
     path = settings.cache_file()
     cache = TuneFile(path) if path is not None else None

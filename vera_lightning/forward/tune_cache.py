@@ -10,7 +10,7 @@ and the thread count (:func:`machine_key`); the signature key the sibling group
 (:meth:`Signature.key`: tokens bucketed by :func:`bucket_tokens`). A file that is not valid
 JSON or not in this format (a corrupt one, a newer version, someone else's file at that path) is
 ignored with one warning and never written over; writes replace the file atomically (a temporary
-file in the same directory, ``os.replace``), after merging what other processes wrote meanwhile. The
+file in the same directory, ``os.replace``; the umask's mode, 0644 under 022), after merging what other processes wrote meanwhile. The
 read-merge-write holds an exclusive lock (``fcntl.flock`` on the sidecar ``.<name>.lock`` beside the file,
 kept there), so concurrent writers never lose each other's entries.
 """
@@ -55,6 +55,18 @@ def bucket_tokens(n: int) -> int:
 
 
 @functools.lru_cache(maxsize=None)
+def _umask_mode() -> int:
+    """``0o666`` less the umask (0644 under 022): the mode a plain ``open`` gives (``io.atomic.umask_mode``'s rule;
+    this floor cannot import it). Read from ``/proc/self/status`` where it is there."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            mask = next(int(line.split()[1], 8) for line in status if line.startswith("Umask:"))
+    except (OSError, ValueError, StopIteration):  # pragma: no cover - systems without /proc
+        mask = os.umask(0o022)
+        os.umask(mask)
+    return 0o666 & ~mask
+
+
 def _device_name(device: str) -> str:
     if device.startswith("cuda"):
         return torch.cuda.get_device_name(torch.device(device))
@@ -217,6 +229,7 @@ class TuneFile:
         tmp = None
         try:
             fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent)
+            os.fchmod(fd, _umask_mode())  # the cache file gets the umask's mode (0644 under 022), not mkstemp's 0600
             with os.fdopen(fd, "w", encoding="utf-8") as f:
                 json.dump(doc, f, indent=1, sort_keys=True)
                 f.flush()

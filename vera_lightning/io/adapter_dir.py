@@ -52,7 +52,7 @@ PathLike = Union[str, "os.PathLike[str]"]
 
 def save_adapter(
     model: nn.Module, directory: PathLike, base_model_name_or_path: Optional[str] = None,
-    adapter_name: Optional[str] = None,
+    adapter_name: Optional[str] = None, metadata: Optional[dict[str, str]] = None,
 ) -> str:
     """Write the VeRA adapter of ``model`` to ``directory`` in PEFT's layout.
 
@@ -65,6 +65,8 @@ def save_adapter(
         base_model_name_or_path: Recorded in ``adapter_config.json`` (PEFT uses it to find the base).
         adapter_name: Which named adapter to write (default: the active one). The file has the same
             keys for every name (PEFT's layout); see :mod:`vera_lightning.ops.named`.
+        metadata: Extra string entries for the safetensors header (e.g. the app's ``vera_lightning.precision``:
+            the precision the adapter was trained in); PEFT ignores them. They cannot replace this module's own.
 
     Returns:
         The directory path.
@@ -83,12 +85,13 @@ def save_adapter(
         ['adapter_config.json', 'adapter_model.safetensors']
     """
     directory = _target_path(directory)
-    return save_adapted(model, adapted_for(model, "save_adapter"), directory, base_model_name_or_path, adapter_name)
+    return save_adapted(model, adapted_for(model, "save_adapter"), directory, base_model_name_or_path, adapter_name,
+                        metadata=metadata)
 
 
 def save_adapted(
     model: nn.Module, found: Optional[Adapted], directory: PathLike, base_model_name_or_path: Optional[str] = None,
-    adapter_name: Optional[str] = None,
+    adapter_name: Optional[str] = None, metadata: Optional[dict[str, str]] = None,
 ) -> str:
     """:func:`save_adapter` for a caller that has looked the adapter up already (``found``, from
     :func:`adapted_for` or :func:`~vera_lightning.core.lookup.find_adapted` of ``model``): nothing is looked up again.
@@ -113,10 +116,11 @@ def save_adapted(
             "the adapter is broken (training diverged?). Lower the learning rate or restore an earlier adapter"
         )
     projection_sha = fmt.check_projections_match_seed(config, every)
-    metadata = {"format": "pt", META_FORMAT: "1", fmt.META_PROJECTION: projection_sha,
-                fmt.META_CONTENT: fmt.content_sha256(tensors)}
+    header = {str(k): str(v) for k, v in (metadata or {}).items()}
+    header.update({"format": "pt", META_FORMAT: "1", fmt.META_PROJECTION: projection_sha,
+                   fmt.META_CONTENT: fmt.content_sha256(tensors)})
     payload = {**config.to_dict(), **fmt.peft_extra_fields(base_model_name_or_path)}
-    atomic.write_adapter_files(directory, payload, tensors, metadata)
+    atomic.write_adapter_files(directory, payload, tensors, header)
     return directory
 
 

@@ -33,6 +33,12 @@ A single file (:func:`replace_file`, e.g. an app's ``predictions.jsonl``) is wri
 (``.<name>.<random>.vera-tmp``), flushed to disk and renamed into place when the writing block ends without an
 error: the path holds the previous file or the complete new one, never a part; a failed or interrupted write
 leaves no temporary file behind.
+
+:func:`publish` is the one helper for a command's declared output, a directory or one file (``export.py``): under
+the save lock of the output it cleans what killed writes of it left, runs the caller's ``check`` (which sees the
+output as no other writer can change it until the rename: the place to refuse an output that appeared meanwhile)
+and then :func:`replace_directory`. Published files follow the umask (:func:`umask_mode`: 0644 under umask 022),
+also those a library wrote with a narrower mode (``safetensors`` writes 0600).
 """
 
 from __future__ import annotations
@@ -52,8 +58,8 @@ from vera_lightning.core.adapter import check_adapter_name
 from vera_lightning.io.locks import LOCK_FILE, locked, locked_subfolders
 from vera_lightning.io.peft_format import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME
 
-__all__ = ["replace_file", "replace_directory", "clean_leftovers", "staging_root", "check_target_dir", "sub_adapters",
-           "write_adapter_files", "ADAPTER_FILES", "MODEL_CARD"]
+__all__ = ["replace_file", "replace_directory", "publish", "umask_mode", "clean_leftovers", "staging_root",
+           "check_target_dir", "sub_adapters", "write_adapter_files", "ADAPTER_FILES", "MODEL_CARD"]
 
 _STAGING = ".vera-tmp"
 _RENAME_EXCHANGE = 2
@@ -67,6 +73,32 @@ def staging_root(directory: str) -> str:
 
 
 # ---------------------------------------------------------------------- writing
+def umask_mode(directory: bool = False) -> int:
+    """The mode ``open()`` (``mkdir()`` with ``directory``) gives a new file here: ``0o666`` (``0o777``) less the
+    process's umask, e.g. ``0o644`` under umask 022. Read from ``/proc/self/status`` where it is there (reading the
+    umask elsewhere means setting it for an instant)."""
+    mask = None
+    with contextlib.suppress(OSError, ValueError):
+        with open("/proc/self/status", encoding="ascii") as status:
+            mask = next((int(line.split()[1], 8) for line in status if line.startswith("Umask:")), None)
+    if mask is None:  # pragma: no cover - systems without /proc
+        mask = os.umask(0o022)
+        os.umask(mask)
+    return (0o777 if directory else 0o666) & ~mask
+
+
+def _follow_umask(path: str) -> None:
+    """Give ``path`` (a file, or a folder and everything in it) the modes a plain ``open``/``mkdir`` would."""
+    if os.path.islink(path):
+        return
+    if not os.path.isdir(path):
+        os.chmod(path, umask_mode())
+        return
+    os.chmod(path, umask_mode(directory=True))
+    for name in os.listdir(path):
+        _follow_umask(os.path.join(path, name))
+
+
 def _exchange(a: str, b: str) -> bool:
     """Atomically swap two directory entries; ``False`` where the system cannot."""
     libc_swap = getattr(_libc(), "renameat2", None)
@@ -147,12 +179,14 @@ def clean_leftovers(directory: str, own_files: Iterable[str]) -> None:
 
 
 def replace_directory(
-    directory: str, fill: Callable[[str], None], carry: Iterable[str] = (), keep_folders: Iterable[str] = ()
+    directory: str, fill: Callable[[str], None], carry: Iterable[str] = (), keep_folders: Iterable[str] = (),
+    *, file: bool = False,
 ) -> None:
     """Replace ``directory`` by a new version written by ``fill(staging_dir)``, atomically.
 
     Call under :func:`locked`. If anything fails before the new version is published, the
-    staging area is removed and ``directory`` is untouched.
+    staging area is removed and ``directory`` is untouched. What ``fill`` wrote gets the modes of the umask
+    (:func:`umask_mode`).
 
     Args:
         directory: The path to (re)place; its parent must exist.
@@ -160,33 +194,64 @@ def replace_directory(
         carry: Names copied from the previous version when ``fill`` did not write them (a README).
         keep_folders: Subfolders of the previous version (holding files only) that the new version holds unchanged
             (named sub-adapters); hold :func:`locked_subfolders` so that no save into them runs meanwhile.
+        file: ``directory`` is one file: ``fill`` writes the file at the path it is given (which does not exist yet),
+            and it is renamed over the previous file.
     """
     root = staging_root(directory)
     new = os.path.join(root, "new")
     try:
         os.makedirs(root, exist_ok=True)
-        os.mkdir(new)
+        if not file:
+            os.mkdir(new)
         fill(new)
-        for name in carry:
+        _follow_umask(new)
+        for name in () if file else carry:
             previous = os.path.join(directory, name)
             if os.path.isfile(previous) and not os.path.lexists(os.path.join(new, name)):
                 shutil.copy2(previous, os.path.join(new, name))
-        for name in keep_folders:
+        for name in () if file else keep_folders:
             _link_folder(os.path.join(directory, name), os.path.join(new, name))
-        _fsync_files(new)
-        if not os.path.isdir(directory):
-            os.rename(new, directory)
-        elif not _exchange(new, directory):
-            parked = os.path.join(root, "old")
-            os.rename(directory, parked)  # fallback: the previous version waits here
-            try:
+        if file:
+            with open(new, "rb") as fh:
+                os.fsync(fh.fileno())
+            os.replace(new, directory)  # one file: the rename replaces the previous one atomically
+        else:
+            _fsync_files(new)
+            if not os.path.isdir(directory):
                 os.rename(new, directory)
-            except BaseException:
-                os.rename(parked, directory)
-                raise
+            elif not _exchange(new, directory):
+                parked = os.path.join(root, "old")
+                os.rename(directory, parked)  # fallback: the previous version waits here
+                try:
+                    os.rename(new, directory)
+                except BaseException:
+                    os.rename(parked, directory)
+                    raise
     finally:
         shutil.rmtree(root, ignore_errors=True)  # the previous version (swapped or parked), or a failed staging
     _fsync_dir(os.path.dirname(os.path.abspath(directory)))
+
+
+def publish(target: str | os.PathLike, fill: Callable[[str], None], *, file: bool = False,
+            check: Optional[Callable[[], None]] = None, timeout: float = 120.0) -> None:
+    """Write a command's output ``target`` (a directory, or one file with ``file``) through ``fill`` and rename it
+    into place, under ``target``'s save lock.
+
+    In order, holding :func:`locked`: leftovers of killed writes of ``target`` are cleaned (:func:`clean_leftovers`:
+    its staging area ``.<name>.vera-tmp/``); ``check()`` runs, seeing ``target`` as no other writer can change it
+    until the rename (refuse there an output that appeared or changed since the caller last looked); then
+    :func:`replace_directory`. A second writer of the same ``target`` waits for the first, then runs its ``check``.
+
+    Raises:
+        TimeoutError: If another writer holds the lock for more than ``timeout`` seconds (nothing written).
+        Exception: Whatever ``check`` or ``fill`` raise; ``target`` is then as it was.
+    """
+    path = os.path.abspath(os.fspath(target))
+    with locked(path, timeout):
+        clean_leftovers(path, ())
+        if check is not None:
+            check()
+        replace_directory(path, fill, file=file)
 
 
 @contextlib.contextmanager
@@ -222,6 +287,7 @@ def replace_file(path: str | os.PathLike, *, overwrite: bool = False, encoding: 
     try:
         os.makedirs(parent, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=_STAGING, dir=parent)
+        os.fchmod(fd, umask_mode())  # mkstemp's 0600 would be the published file's mode
         mode = "wb" if encoding is None else "w"
         with (os.fdopen(fd, mode) if encoding is None else os.fdopen(fd, mode, encoding=encoding, newline=newline)
               ) as handle:

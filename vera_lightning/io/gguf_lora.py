@@ -21,7 +21,8 @@ The header says ``general.type = adapter``, ``adapter.type = lora``, ``adapter.l
 ``general.architecture``, which llama.cpp compares with the base's. Only LLaMA-architecture models
 (``model_type == "llama"``: LLaMA 2/3, SmolLM2, TinyLlama, ...) are known; other architectures are
 refused by name, as are adapters that also train biases or ``modules_to_save`` (a GGUF LoRA holds only
-``lora_a``/``lora_b``). The file is written beside its target and renamed into place.
+``lora_a``/``lora_b``). The file is written beside its target and renamed into place, with the mode of the
+umask (0644 under umask 022).
 
 The ``gguf`` package (the ``llm`` extra) is needed; it is imported when an export runs.
 """
@@ -39,6 +40,7 @@ from torch import nn
 from vera_lightning.config import BiasMode
 from vera_lightning.core.lookup import find_adapted
 from vera_lightning.io.adapter_dir import PathLike
+from vera_lightning.io.atomic import umask_mode
 from vera_lightning.io.lora_export import lora_factors
 
 __all__ = ["GgufLoraExport", "GGUF_ARCHITECTURES", "export_gguf_lora", "gguf_lora_problems", "llama_rope_permute"]
@@ -214,6 +216,7 @@ def export_gguf_lora(
     path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(path))
     handle, staging = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".partial", dir=directory)
+    os.fchmod(handle, umask_mode())  # the writer reopens it: the published file keeps this mode, not mkstemp's 0600
     os.close(handle)
     try:
         writer = gguf.GGUFWriter(staging, GGUF_ARCHITECTURES[model.config.model_type])

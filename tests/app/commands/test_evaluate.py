@@ -13,6 +13,7 @@ from helpers.app import SMOKE, compose_app
 from safetensors import safe_open
 
 from vera_lightning.app.commands.build import build_components
+from vera_lightning.app.commands.planning import make_plan
 from vera_lightning.app.commands.evaluate import evaluate
 from vera_lightning.app.commands.train import train
 from vera_lightning.app.data.datamodules import DEMO_DIR, TextDataModule
@@ -73,7 +74,7 @@ def test_eval_of_a_peft_saved_adapter(smoke_run, tmp_path):
     from peft import PeftModel
 
     train_metrics, run_dir = smoke_run
-    base = build_components(compose_app("eval", tmp_path / "base", *SMOKE)).model  # the same seeded base
+    base = build_components(make_plan(compose_app("eval", tmp_path / "base", *SMOKE), "eval")).model  # the same seeded base
     peft_model = PeftModel.from_pretrained(base, str(run_dir / "adapter"))
     peft_dir = tmp_path / "peft_adapter"
     peft_model.save_pretrained(str(peft_dir))  # PEFT writes its own files (no checksums of ours)
@@ -219,7 +220,7 @@ def test_eval_scores_generations_for_every_prompt_against_all_its_references(sft
     assert [g["references"] for g in generations] == [
         ["The Eagle serves French food.", "French food at The Eagle.", "The Eagle has French food."],
         ["Zizzi is by the riverside."], ["Aromi is a restaurant."]]
-    parts = build_components(compose_app("eval", tmp_path / "ref", *_sft(data_dir)))
+    parts = build_components(make_plan(compose_app("eval", tmp_path / "ref", *_sft(data_dir)), "eval"))
     load_adapter(parts.model, adapter)
     prompts = [g["prompt"] for g in generations]
     assert prompts == [mr for mr, _ in E2E_ROWS[:2]] + [E2E_ROWS[3][0]]

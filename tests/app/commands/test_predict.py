@@ -11,6 +11,7 @@ from helpers.app import SMOKE, compose_app
 
 from vera_lightning import load_adapter, unload_vera
 from vera_lightning.app.commands.build import build_components
+from vera_lightning.app.commands.planning import make_plan
 from vera_lightning.app.commands.predict import predict
 from vera_lightning.app.commands.train import train
 
@@ -38,7 +39,7 @@ def minilm_adapter(tmp_path_factory):
 
 def _adapted(config: str, tmp_path, adapter, *overrides):
     """The reference model: built as training builds it, the adapter loaded with the library's load_adapter."""
-    parts = build_components(compose_app(config, tmp_path / "reference", *overrides, "input=unused"))
+    parts = build_components(make_plan(compose_app(config, tmp_path / "reference", *overrides, "input=unused"), config))
     load_adapter(parts.model, adapter)
     return parts.model.eval(), parts.tokenizer
 
@@ -106,7 +107,7 @@ def test_a_merged_export_directory_is_a_valid_adapter(smoke_adapter, tmp_path):
     out = predict(compose_app("predict", tmp_path / "run", *SMOKE, f"adapter={merged_dir}", f"input={prompts}",
                               "generate.max_new_tokens=8"))
     merged = AutoModelForCausalLM.from_pretrained(str(merged_dir)).eval()
-    tokenizer = build_components(compose_app("predict", tmp_path / "tok", *SMOKE, "input=x")).tokenizer
+    tokenizer = build_components(make_plan(compose_app("predict", tmp_path / "tok", *SMOKE, "input=x"), "predict")).tokenizer
     expected = _generate_reference(merged, tokenizer, PROMPTS, max_new_tokens=8, do_sample=False)
     assert [row["generation"] for row in _jsonl(out)] == expected
 
@@ -225,7 +226,8 @@ def _sft_reference(tmp_path, data_dir, adapter, mrs):
     """One-by-one model.generate on the training-formatted prompt tokens ('Describe: <mr>'), decoded and stripped."""
     from vera_lightning.app.data import sft
 
-    parts = build_components(compose_app("predict", tmp_path / "reference", *_sft_overrides(data_dir), "input=x"))
+    parts = build_components(make_plan(compose_app("predict", tmp_path / "reference", *_sft_overrides(data_dir), "input=x"),
+                                       "predict"))
     if adapter is not None:
         load_adapter(parts.model, adapter)
     model, tokenizer, data_cfg = parts.model.eval(), parts.tokenizer, dict(parts.datamodule.cfg)

@@ -179,3 +179,28 @@ def test_a_classification_output_not_named_tsv_is_refused_before_the_model(tmp_p
                                          r"header row; name the file \.tsv, e\.g\. output='.*p.tsv'"):
         predict(cfg)
     assert not (tmp_path / "p.jsonl").exists() and not (tmp_path / "run").exists()
+
+
+def test_one_row_per_input_line_whatever_unicode_calls_a_line_break_and_no_bom(tmp_path):
+    """Issue 36 W3/S11: U+2028 and a form feed stay inside their row; a UTF-8 BOM never reaches the output."""
+    lines = ["first prompt", "second\u2028half", "third\x0cform"]
+    path = tmp_path / "lsep.txt"
+    path.write_bytes("\ufeff".encode() + ("\n".join(lines) + "\n").encode())
+    out = predict(_cfg(tmp_path, f"input={path}", "generate.max_new_tokens=1"))
+    data = out.read_bytes()
+    assert not data.startswith("\ufeff".encode()) and "\ufeff".encode() not in data
+    rows = [json.loads(line) for line in data.decode("utf-8").split("\n") if line]
+    assert [row["prompt"] for row in rows] == lines
+
+
+def test_a_non_utf8_input_is_refused_before_the_model_naming_file_line_and_fix(tmp_path, monkeypatch):
+    import vera_lightning.app.commands.predict as predict_module
+
+    monkeypatch.setattr(predict_module, "build_components", lambda *a, **k: pytest.fail("built the model"))
+    path = tmp_path / "in.txt"
+    path.write_bytes(b"first prompt\ncaf\xe9\n")
+    with pytest.raises(ValueError, match=r"in.txt:2: not UTF-8 \(byte 0xe9 at column 4\), byte offset 16 of the "
+                                         r"file; save the file as UTF-8") as err:
+        predict(_cfg(tmp_path, f"input={path}"))
+    assert is_user_error(err.value)
+    assert not (tmp_path / "run").exists()

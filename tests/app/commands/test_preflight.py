@@ -8,6 +8,7 @@ from helpers.app import SMOKE, compose_app
 from hydra.errors import ConfigCompositionException
 
 import vera_lightning.app.commands.build as build_module
+from vera_lightning.app.commands.planning import make_plan
 from vera_lightning.app.commands.preflight import preflight
 from vera_lightning.app.commands.train import train
 from vera_lightning.app.generation.generate import GenerateSettings
@@ -32,7 +33,7 @@ def test_generate_values_of_the_wrong_type_fail_at_compose_time_naming_the_key(t
     cfg = compose_app("predict", tmp_path, "input=x", "experiment=smoke", "generate.do_sample=true",
                       "generate.num_beams=2")
     with pytest.raises(ValueError, match=r"beam sampling is not supported"):  # cross-field: the dataclass's rule
-        preflight(cfg, "predict")
+        preflight(make_plan(cfg, "predict"))
 
 
 @pytest.mark.parametrize("problem, fix, message", [

@@ -1,4 +1,4 @@
-"""Prompt/response and chat data (data.format=sft): reading, prompts, exact label positions, truncation, errors.
+"""Prompt/response and chat data (data.format=sft): prompts, exact label positions, truncation, lengths.
 
 Modules: vera_lightning/app/data/sft_tokens.py.
 """
@@ -15,7 +15,8 @@ from helpers.app import compose_app
 from helpers.llm import CHATML, CORPUS, byte_bpe_tokenizer, sft_cfg  # noqa: F401
 from omegaconf import OmegaConf
 
-from vera_lightning.app.data.datamodules import TextDataModule, sft, sft_tokens
+from vera_lightning.app.data import sft, sft_rows, sft_tokens
+from vera_lightning.app.data.datamodules import TextDataModule
 
 
 @pytest.fixture(scope="module")
@@ -41,62 +42,6 @@ def masked(ids, labels):
 
 ROWS = [["name[A], food[French]", "A serves French food."], ["name[B]", "B is a pub."],
         ["name[A], food[French]", "French food at A."]]
-
-
-def test_read_rows_csv_tsv_jsonl_and_bom(tmp_path):
-    write_csv(tmp_path / "a.csv", ROWS, bom=True)
-    (tmp_path / "a.tsv").write_text("mr\tref\textra\n" + "".join(f"{m}\t{r}\tx\n" for m, r in ROWS), encoding="utf-8")
-    (tmp_path / "a.jsonl").write_text("".join(json.dumps({"mr": m, "ref": r}) + "\n\n" for m, r in ROWS))
-    cfg = sft_cfg(tmp_path)
-    expected = [{"mr": m, "ref": r} for m, r in ROWS]
-    assert sft.read_rows(tmp_path / "a.csv", cfg) == expected  # the BOM is not part of the first column's name
-    assert sft.read_rows(tmp_path / "a.tsv", cfg) == [{**row, "extra": "x"} for row in expected]
-    assert sft.read_rows(tmp_path / "a.jsonl", cfg) == expected
-    (tmp_path / "c.csv").write_text('messages\n"[{""role"": ""user"", ""content"": ""hi""}, '
-                                    '{""role"": ""assistant"", ""content"": ""yo""}]"\n')
-    chat = sft_cfg(tmp_path, prompt_field=None, response_field=None, messages_field="messages", chat_template=True)
-    assert sft.read_rows(tmp_path / "c.csv", chat)[0]["messages"][1] == {"role": "assistant", "content": "yo"}
-
-
-def test_bad_rows_name_the_file_row_and_option(tmp_path):
-    write_csv(tmp_path / "a.csv", [["m1", "r1"], ["m2", " "]])
-    with pytest.raises(ValueError, match=r"a.csv, row 2: empty response in column 'ref' \(data.response_field\)"):
-        sft.read_rows(tmp_path / "a.csv", sft_cfg(tmp_path))
-    with pytest.raises(ValueError, match=r"a.csv: column\(s\) \['text'\] not in the header \['mr', 'ref'\]; set "
-                                         r"data.response_field \(now naming 'text'\)"):
-        sft.read_rows(tmp_path / "a.csv", sft_cfg(tmp_path, response_field="text"))
-    with pytest.raises(ValueError, match=r"column\(s\) \['name'\] not in the header .*data.prompt_template"):
-        sft.read_rows(tmp_path / "a.csv", sft_cfg(tmp_path, prompt_template="Describe {name}:"))
-    (tmp_path / "a.jsonl").write_text(json.dumps({"mr": "m"}) + "\n")
-    with pytest.raises(ValueError, match=r"a.jsonl, row 1: no \['ref'\] \(the row has \['mr'\]\); set "
-                                         r"data.response_field"):
-        sft.read_rows(tmp_path / "a.jsonl", sft_cfg(tmp_path))
-    chat = sft_cfg(tmp_path, prompt_field=None, response_field=None, messages_field="m", chat_template=True)
-    turns = [{"role": "user", "content": "hi"}, {"role": "bot", "content": "yo"}]
-    (tmp_path / "c.jsonl").write_text("\n" + json.dumps({"m": turns}) + "\n")
-    with pytest.raises(ValueError, match=r"c.jsonl, row 2: turn 2 of data.messages_field='m' has role 'bot'; roles "
-                                         r"must be one of \['system', 'user', 'assistant'\]"):
-        sft.read_rows(tmp_path / "c.jsonl", chat)
-    (tmp_path / "c.jsonl").write_text(json.dumps({"m": turns[:1]}) + "\n")
-    with pytest.raises(ValueError, match=r"c.jsonl, row 1: the last turn .* is a 'user' turn"):
-        sft.read_rows(tmp_path / "c.jsonl", chat)
-    assert sft.read_rows(tmp_path / "c.jsonl", chat, responses=False)[0]["m"] == turns[:1]  # prompts to generate from
-    with pytest.raises(ValueError, match=r"a.txt: data.format=sft reads .csv, .tsv, .tab, .jsonl"):
-        sft.read_rows(tmp_path / "a.txt", sft_cfg(tmp_path))
-
-
-def test_config_errors_before_any_work(tmp_path, chat_tok, bos_tok):
-    with pytest.raises(ValueError, match=r"data.chat_template=true but the tokenizer .* has no chat template"):
-        sft.check_config(sft_cfg(tmp_path, chat_template=True), bos_tok)
-    with pytest.raises(ValueError) as err:
-        sft.check_config(sft_cfg(tmp_path, messages_field="m", truncation="right", prompt_template="{0}"), bos_tok)
-    message = str(err.value)
-    assert "set either both prompt_field and response_field, or messages_field alone" in message
-    assert "data.messages_field='m' needs the tokenizer's chat template" in message
-    assert "data.truncation='right': must be one of ['left', 'drop']" in message
-    assert "data.prompt_template='{0}': name the columns" in message
-    with pytest.raises(ValueError, match=r"data.format='sft' is causal-LM data but data.task='classification'"):
-        TextDataModule(sft_cfg(tmp_path, task="classification"), chat_tok)
 
 
 def test_plain_labels_prompt_bos_and_eos(tmp_path, bos_tok):
@@ -240,7 +185,7 @@ def test_smollm2_chat_template_labels_and_e2e_lengths(tmp_path):
     assert tok.decode(ids[start:]) == "The Eagle serves French food.<|im_end|>" and labels[start:] == ids[start:]
     cfg["data_dir"] = str(Path(__file__).resolve().parents[4] / "shared" / "data" / "e2e")
     if Path(cfg["data_dir"]).is_dir():  # every E2E row fits data.max_length untruncated
-        rows = sft.read_rows(Path(cfg["data_dir"]) / "train.csv", cfg)
+        rows = sft_rows.read_rows(Path(cfg["data_dir"]) / "train.csv", cfg)
         assert max(len(sft_tokens.encode_row(cfg, tok, r)[0]) for r in rows) <= cfg["max_length"]
 
 

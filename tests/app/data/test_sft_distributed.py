@@ -15,6 +15,7 @@ from helpers.app import SMOKE, compose_app, run_script
 
 from vera_lightning import load_adapter
 from vera_lightning.app.commands.build import build_components
+from vera_lightning.app.commands.planning import make_plan
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
@@ -66,7 +67,7 @@ def test_prompt_response_data_trains_the_same_lambdas_on_both_ranks_with_masked_
 
     # what each rank trained on: whole examples of the single-process encoding, disjoint between ranks
     overrides = [o for o in overrides if not o.startswith(("hydra.", "+callbacks."))]
-    reference = build_components(compose_app("train", tmp_path / "ref", *overrides)).datamodule
+    reference = build_components(make_plan(compose_app("train", tmp_path / "ref", *overrides), "train")).datamodule
     reference.setup("fit")
     encoded = [(item["input_ids"], item["labels"]) for item in reference.splits["train"]]
     seen = [[(row["input_ids"], row["labels"]) for row in rank["rows"]] for rank in ranks]
@@ -85,7 +86,7 @@ def test_prompt_response_data_trains_the_same_lambdas_on_both_ranks_with_masked_
     assert sorted(p.name for p in adapter.iterdir() if p.suffix in (".json", ".safetensors")) == [
         "adapter_config.json", "adapter_model.safetensors"]
     assert not list(adapter.glob("*/adapter_config.json"))
-    loaded = build_components(compose_app("train", tmp_path / "ref2", *overrides)).model
+    loaded = build_components(make_plan(compose_app("train", tmp_path / "ref2", *overrides), "train")).model
     load_adapter(loaded, adapter)
     theirs = {n: p.detach() for n, p in loaded.named_parameters() if "vera_lambda" in n}
     assert len(theirs) == len(ranks[0]["lambdas"]) == 2 * 2 * 2  # 2 layers x (q, v) x (λ_b, λ_d)

@@ -1,4 +1,4 @@
-"""vera_lightning/app/data/sft.py, tables.py, inputs.py: rows refused rather than read wrongly (issue 30's data
+"""vera_lightning/app/data/sft_rows.py, tables.py, inputs.py: rows refused rather than read wrongly (issue 30's data
 findings): extra fields, a repeated header name, non-string JSON responses, assistant turns out of place, a system
 prompt without a chat template, special-token text in the data; sft_tokens.py: left truncation of chat prompts
 reports how many rows it cut; a prompt_template's \\n written on the command line is a newline.
@@ -16,7 +16,7 @@ import pytest
 from helpers.app import compose_app
 from helpers.llm import CORPUS, byte_bpe_tokenizer, sft_cfg  # noqa: F401
 
-from vera_lightning.app.data import sft, sft_tokens
+from vera_lightning.app.data import sft, sft_rows, sft_tokens
 from vera_lightning.app.data.datamodules import TextDataModule, build_datamodule
 from vera_lightning.app.data.inputs import read_inputs, read_prompt_input
 from vera_lightning.app.data.tables import read_table
@@ -31,10 +31,10 @@ def test_a_row_with_more_fields_than_the_header_is_refused_naming_file_row_and_c
     (tmp_path / "a.csv").write_text("mr,ref\nname[A],A is here\nname[B],B is, here\n", encoding="utf-8")
     with pytest.raises(ValueError, match=r"a.csv, row 2: the row has 3 fields but the header has 2 columns "
                                          r"\(\['mr', 'ref'\]\); the extra text starts at ' here'.*unquoted comma"):
-        sft.read_rows(tmp_path / "a.csv", sft_cfg(tmp_path))
+        sft_rows.read_rows(tmp_path / "a.csv", sft_cfg(tmp_path))
     (tmp_path / "a.tsv").write_text('mr\tref\nname[A]\t"A\tis"\n', encoding="utf-8")
     with pytest.raises(ValueError, match=r"a.tsv, row 1: the row has 3 fields .*a tab inside a field"):
-        sft.read_rows(tmp_path / "a.tsv", sft_cfg(tmp_path))
+        sft_rows.read_rows(tmp_path / "a.tsv", sft_cfg(tmp_path))
     (tmp_path / "c.tsv").write_text("sentence\tlabel\ngood\t1\textra\n", encoding="utf-8")
     with pytest.raises(ValueError, match=r"c.tsv:2: the row has 3 fields but the header has 2 columns"):
         read_table(tmp_path / "c.tsv", {"text_field": "sentence", "label_field": "label"})
@@ -45,7 +45,7 @@ def test_a_row_with_more_fields_than_the_header_is_refused_naming_file_row_and_c
 def test_a_header_naming_a_column_twice_is_refused(tmp_path):
     (tmp_path / "a.csv").write_text("mr,ref,ref\nname[A],A is here,other\n", encoding="utf-8")
     with pytest.raises(ValueError, match=r"a.csv: the header names the column\(s\) \['ref'\] more than once"):
-        sft.read_rows(tmp_path / "a.csv", sft_cfg(tmp_path))
+        sft_rows.read_rows(tmp_path / "a.csv", sft_cfg(tmp_path))
     with pytest.raises(ValueError, match=r"more than once"):
         read_table(tmp_path / "a.csv", {"text_field": "mr"})
 
@@ -56,7 +56,7 @@ def test_a_json_response_that_is_not_a_string_is_refused(tmp_path, response):
     shown = re.escape(json.dumps(response))
     with pytest.raises(ValueError, match=rf"a.jsonl, row 1: the response in column 'ref' \(data.response_field\) is "
                                          rf"{shown}, not a string"):
-        sft.read_rows(tmp_path / "a.jsonl", sft_cfg(tmp_path))
+        sft_rows.read_rows(tmp_path / "a.jsonl", sft_cfg(tmp_path))
 
 
 @pytest.mark.parametrize("turns, responses, message", [
@@ -73,13 +73,13 @@ def test_assistant_turns_out_of_place_are_refused_with_our_own_message(tmp_path,
     (tmp_path / "c.jsonl").write_text(json.dumps({"m": turns}) + "\n", encoding="utf-8")
     chat = sft_cfg(tmp_path, messages_field="m", prompt_field=None, response_field=None, chat_template=True)
     with pytest.raises(ValueError, match=r"c.jsonl, row 1: " + message):
-        sft.read_rows(tmp_path / "c.jsonl", chat, responses=responses)
+        sft_rows.read_rows(tmp_path / "c.jsonl", chat, responses=responses)
 
 
 def test_a_system_prompt_without_a_chat_template_is_refused(tmp_path, chat_tok):
     with pytest.raises(ValueError, match=r"data.system_prompt='Be brief.' is a system turn of the chat template, but "
                                          r"data.chat_template=false: set data.chat_template=true"):
-        sft.check_config(sft_cfg(tmp_path, system_prompt="Be brief."), chat_tok)
+        sft_rows.check_config(sft_cfg(tmp_path, system_prompt="Be brief."), chat_tok)
 
 
 def test_eos_text_in_a_response_or_prompt_is_refused_naming_the_row(tmp_path, chat_tok):
@@ -92,7 +92,7 @@ def test_eos_text_in_a_response_or_prompt_is_refused_naming_the_row(tmp_path, ch
     (tmp_path / "p.csv").write_text(f"mr\nname[{eos}]\n", encoding="utf-8")
     rows = read_prompt_input(tmp_path / "p.csv", sft_cfg(tmp_path)).rows
     with pytest.raises(ValueError, match=rf"input, row 1: column 'mr' holds '{eos}'"):
-        sft.check_special_text(rows, sft_cfg(tmp_path), chat_tok, "input")
+        sft_rows.check_special_text(rows, sft_cfg(tmp_path), chat_tok, "input")
 
 
 def test_an_empty_prompt_to_generate_from_is_refused(tmp_path):

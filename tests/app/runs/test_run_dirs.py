@@ -90,7 +90,7 @@ def test_ckpt_path_names_a_missing_checkpoint_before_any_work(tmp_path):
         train(compose_app("train", tmp_path / "run", *SMOKE, "ckpt_path=last"))
     assert not (tmp_path / "run").exists()
     with pytest.raises(FileNotFoundError, match=r"ckpt_path='.*nope.ckpt': no such checkpoint file"):
-        resolve_ckpt_path(compose_app("train", tmp_path / "run", f"ckpt_path={tmp_path / 'nope.ckpt'}"))
+        resolve_ckpt_path(str(tmp_path / "nope.ckpt"), tmp_path / "run")
 
 
 @pytest.mark.slow

@@ -14,16 +14,17 @@ from typing import Any, Mapping, Optional
 import hydra
 import lightning.pytorch as pl
 from hydra.core.config_store import ConfigStore
-from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from vera_lightning import VeraConfig
 from vera_lightning.app.data.datamodules import TextDataModule, build_datamodule
 from vera_lightning.app.data.packing import check_packing
+from vera_lightning.app.data.schema import register_schema as register_data_schema
 from vera_lightning.app.data.sft import check_max_length, position_limit
 from vera_lightning.app.generation.generate import register_schema
 from vera_lightning.app.models.load import build_model, build_tokenizer, resolve_path
 from vera_lightning.app.models.schema import register_schema as register_model_schema
+from vera_lightning.app.runs.plan import RunPlan
 from vera_lightning.app.tasks.module import VeraTaskModule, build_module
 
 __all__ = [
@@ -44,10 +45,11 @@ def register_configs() -> None:
     store.store(group="vera", name="schema", node=VeraConfig)
     register_schema(store)
     register_model_schema(store)
+    register_data_schema(store)
 
 
-def vera_config_from(cfg: DictConfig) -> VeraConfig:
-    """The :class:`VeraConfig` of a composed config's ``vera`` node (validated by ``__post_init__``).
+def vera_config_from(vera: Mapping[str, Any]) -> VeraConfig:
+    """The :class:`VeraConfig` of a plan's ``vera`` settings (validated by ``__post_init__``).
 
     Keys added with ``+vera.<key>=...`` get past Hydra's schema check, so unknown keys are
     rejected here too.
@@ -56,19 +58,19 @@ def vera_config_from(cfg: DictConfig) -> VeraConfig:
         ValueError: Naming unknown keys, or with :class:`VeraConfig`'s message listing every
             invalid option.
     """
-    return VeraConfig.from_dict(OmegaConf.to_container(cfg.vera, resolve=True), source="vera", warn=True)
+    return VeraConfig.from_dict(dict(vera or {}), source="vera", warn=True)
 
 
-def check_task(cfg: DictConfig) -> str:
+def check_task(model: Mapping[str, Any], data: Mapping[str, Any]) -> str:
     """The task (``classification`` or ``causal_lm``) the model and data configs agree on.
 
     Raises:
         ValueError: If they name different tasks (the message lists both ways to fix it).
     """
-    model_task, data_task = cfg.model.task, cfg.data.task
+    model_task, data_task = model.get("task"), data.get("task")
     if model_task != data_task:
         raise ValueError(
-            f"model={cfg.model.name} is a {model_task} model but data={cfg.data.name} is a {data_task} task. "
+            f"model={model.get('name')} is a {model_task} model but data={data.get('name')} is a {data_task} task. "
             + (
                 "Pick classification data (data=demo_sentiment, data=sst2 data.data_dir=DIR, data=table) "
                 if model_task == "classification"
@@ -105,11 +107,12 @@ def check_monitored(metric_name: str, logged: list[str]) -> None:
         )
 
 
-def instantiate_dict(node: Any) -> list[Any]:
-    """Instantiate every non-null value of a config node (``callbacks``, ``logger``)."""
-    if not node:
+def instantiate_dict(specs: Any) -> list[Any]:
+    """Instantiate every spec (``_target_`` dicts) of a plan's ``callbacks`` / ``loggers``, in order."""
+    if not specs:
         return []
-    return [hydra.utils.instantiate(value) for value in node.values() if value is not None]
+    values = specs.values() if isinstance(specs, Mapping) else specs
+    return [hydra.utils.instantiate(value) for value in values if value is not None]
 
 
 def base_model_id(model_cfg: Mapping[str, Any]) -> str:
@@ -133,17 +136,17 @@ class Components:
     module: VeraTaskModule
 
 
-def build_components(cfg: DictConfig, model_cfg: Optional[Mapping[str, Any]] = None, *, tokenizer: Any = None,
+def build_components(plan: RunPlan, model_cfg: Optional[Mapping[str, Any]] = None, *, tokenizer: Any = None,
                      datamodule: Optional[TextDataModule] = None) -> Components:
-    """Seed, then build tokenizer, model, DataModule and LightningModule from ``cfg``.
+    """Seed, then build tokenizer, model, DataModule and LightningModule from ``plan``.
 
     The DataModule reads nothing yet (each stage reads the splits it needs), so this works
-    for data folders without a training file.
+    for data folders without a training file. The model is cast to the plan's resolved precision
+    (``plan.model['compute_dtype']``): nothing is decided here.
 
     Args:
-        cfg: A composed ``train``, ``eval`` or ``predict`` config (``seed``, ``model``, ``data``,
-            optionally ``optim``).
-        model_cfg: Replaces ``cfg.model`` (e.g. a merged export directory as ``name_or_path``).
+        plan: The command's :class:`~vera_lightning.app.runs.plan.RunPlan`.
+        model_cfg: Replaces ``plan.model`` (e.g. a merged export directory as ``name_or_path``).
         tokenizer: The tokenizer already built for ``model_cfg`` (by the preflight), else built here.
         datamodule: The DataModule already built (and set up) with ``tokenizer``, else built here.
 
@@ -151,19 +154,20 @@ def build_components(cfg: DictConfig, model_cfg: Optional[Mapping[str, Any]] = N
         ValueError: If the model and data tasks differ, or the model config is incomplete.
         ModelUnavailableError: If the model or tokenizer cannot be loaded.
     """
-    task = check_task(cfg)
-    model_cfg = model_cfg if model_cfg is not None else cfg.model
-    data_cfg = OmegaConf.to_container(cfg.data, resolve=True)
+    task = check_task(plan.model, plan.data)
+    model_cfg = model_cfg if model_cfg is not None else plan.model
+    data_cfg = plan.data
     num_labels, problem_type = data_cfg.get("num_labels"), data_cfg.get("problem_type")
-    pl.seed_everything(cfg.seed, workers=True, verbose=False)
+    pl.seed_everything(plan.seed, workers=True, verbose=False)
     tokenizer = tokenizer if tokenizer is not None else build_tokenizer(model_cfg)
     if datamodule is None:
         datamodule = build_datamodule(data_cfg, tokenizer)  # checks the folder and the columns first
-    model = build_model(model_cfg, tokenizer, num_labels=num_labels, problem_type=problem_type)
+    model = build_model(model_cfg, tokenizer, num_labels=num_labels, problem_type=problem_type,
+                        compute_dtype=plan.base_dtype)
     check_max_length(data_cfg, position_limit(model, tokenizer))  # before any training or generation
     if data_cfg.get("packing"):
         check_packing(model)
-    module = build_module(task, model, cfg.get("optim") or {}, num_labels=num_labels,
+    module = build_module(task, model, plan.optim or {}, num_labels=num_labels,
                           metrics=data_cfg.get("metrics"), problem_type=problem_type,
-                          generate=cfg.get("generate") if data_cfg.get("format") == "sft" else None)
+                          generate=plan.generate if data_cfg.get("format") == "sft" else None)
     return Components(task=task, tokenizer=tokenizer, model=model, datamodule=datamodule, module=module)

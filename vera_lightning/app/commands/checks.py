@@ -35,7 +35,7 @@ def _get(cfg: DictConfig, key: str) -> Any:
     return OmegaConf.select(cfg, key, default=None, throw_on_missing=False)
 
 
-def check_train_strategy(cfg: DictConfig) -> None:
+def check_train_strategy(trainer: dict[str, Any]) -> None:
     """Refuse a strategy that trains in child processes of this one (``ddp_spawn``, ``ddp_fork``, ``ddp_notebook``).
 
     VeRA is injected by the callback inside each rank, so the λ's a spawned or forked rank trains never come
@@ -45,7 +45,7 @@ def check_train_strategy(cfg: DictConfig) -> None:
     Raises:
         ValueError: Naming the strategy and the fix, before any work.
     """
-    strategy = _get(cfg, "trainer.strategy")
+    strategy = trainer.get("strategy")
     if isinstance(strategy, str):
         name = strategy
     elif strategy is not None and hasattr(strategy, "get"):
@@ -72,6 +72,7 @@ def check_run_config(cfg: DictConfig) -> None:
         if _is_int(_get(cfg, "seed")):
             raise
         missing = []
+    missing = [key for key in missing if key not in ("data.monitor", "data.monitor_mode")]  # unset: the model's
     problems = []
     for key in missing:
         group = key.split(".")[0]

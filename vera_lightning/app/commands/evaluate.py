@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import json
 import time
-from pathlib import Path
 from typing import Any
 
 import hydra
@@ -34,23 +33,28 @@ from omegaconf import DictConfig
 from vera_lightning import replace_file
 from vera_lightning.app.commands.adapters import attach_adapter
 from vera_lightning.app.commands.build import build_components, instantiate_dict
+from vera_lightning.app.commands.planning import make_plan
 from vera_lightning.app.commands.preflight import preflight
+from vera_lightning.app.runs.plan import RunPlan, plan_json
 from vera_lightning.app.runs.records import command_record_name, discard_job_log, write_hydra_record
 
-__all__ = ["evaluate"]
+__all__ = ["evaluate", "run_evaluation"]
 
 
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
     """Evaluate ``cfg.adapter`` (or the base model) on the validation split of ``cfg.data``.
 
     Args:
-        cfg: A composed ``conf/eval.yaml`` (``paths.output_dir`` set; ``adapter`` a path or null).
+        cfg: A composed ``conf/eval.yaml`` (``paths.output_dir`` set; ``adapter`` a path or null), read once into
+            the command's :class:`~vera_lightning.app.runs.plan.RunPlan`: with an adapter from a training run, its
+            recorded precision is replayed, whatever this machine would measure.
 
     Returns:
         The validation metrics (``val/acc``, ``val/f1``, ``val/loss``; ``val/loss`` and
         ``val/ppl`` for a causal LM, plus ``val/bleu``, ``val/rougeL``, ``val/chrf`` for prompt/response
         data) plus ``metric`` (the value of ``optimized_metric``),
-        ``examples``, ``adapter`` and ``wall_time_s``; the same record is in ``metrics.json``.
+        ``examples``, ``adapter``, ``precision``, ``device`` and ``wall_time_s``; the same record is in
+        ``metrics.json``.
 
     Raises:
         FileNotFoundError: If ``adapter`` or the validation file does not exist.
@@ -58,30 +62,32 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         FileExistsError: If ``hydra.run.dir`` holds a training run.
     """
     try:
-        return _evaluate(cfg)
+        return run_evaluation(make_plan(cfg, "eval"))
     except BaseException:
         discard_job_log()  # a refused run leaves Hydra's job log as it was
         raise
 
 
-def _evaluate(cfg: DictConfig) -> dict[str, Any]:
+def run_evaluation(plan: RunPlan) -> dict[str, Any]:
+    """Evaluate as ``plan`` says (see :func:`evaluate`)."""
     start = time.perf_counter()
-    checked = preflight(cfg, "eval")  # settings, directory, the whole validation file: before the model
+    checked = preflight(plan)  # directory, the whole validation file: before the model
     source = checked.adapter
-    output_dir = Path(cfg.paths.output_dir)
-    parts = build_components(cfg, model_cfg=checked.model_cfg, tokenizer=checked.tokenizer,
+    output_dir = plan.run_dir
+    print(f"[vera] {plan.describe_precision()}", flush=True)
+    parts = build_components(plan, model_cfg=checked.model_cfg, tokenizer=checked.tokenizer,
                              datamodule=checked.datamodule)
     described = attach_adapter(parts, source, checked.model_cfg)
     output_dir.mkdir(parents=True, exist_ok=True)
-    write_hydra_record(cfg, output_dir, False, command_record_name(output_dir, "eval"))
-    loggers = instantiate_dict(cfg.get("logger"))
+    write_hydra_record(plan.record, output_dir, False, command_record_name(output_dir, "eval"), plan=plan_json(plan))
+    loggers = instantiate_dict(plan.loggers)
     trainer: pl.Trainer = hydra.utils.instantiate(
-        cfg.trainer, callbacks=instantiate_dict(cfg.get("callbacks")), logger=loggers or False
+        plan.trainer, callbacks=instantiate_dict(plan.callbacks), logger=loggers or False
     )
     results = trainer.validate(parts.module, datamodule=parts.datamodule, verbose=False)
     values = {k: float(v) for k, v in (results[0] if results else {}).items()}
 
-    metric_name = cfg.optimized_metric
+    metric_name = plan.optimized_metric
     record: dict[str, Any] = {
         **values,
         "metric_name": metric_name,
@@ -89,9 +95,12 @@ def _evaluate(cfg: DictConfig) -> dict[str, Any]:
         "examples": len(parts.datamodule.splits["val"]),
         "adapter": str(source.path) if source else None,
         "adapter_kind": source.kind if source else None,
-        "model": cfg.model.name,
-        "data": cfg.data.name,
-        "split": str(cfg.data.get("val_file") or cfg.data.get("hf_val_split")),
+        "model": plan.model.get("name"),
+        "data": plan.data.get("name"),
+        "split": str(plan.data.get("val_file") or plan.data.get("hf_val_split")),
+        "precision": plan.precision,
+        "precision_replayed_from": plan.replay.plan_file,
+        "device": plan.device.accelerator,
         "wall_time_s": round(time.perf_counter() - start, 2),
     }
     scored = getattr(parts.module, "val_generation", None)
@@ -104,8 +113,9 @@ def _evaluate(cfg: DictConfig) -> dict[str, Any]:
         with replace_file(output_dir / "metrics.json", overwrite=True) as handle:
             handle.write(json.dumps(record, indent=2) + "\n")
         lines = ["", "VeRA evaluation", f"  evaluated         : {described}",
-                 f"  model / data      : {cfg.model.name} / {cfg.data.name} ({record['examples']} examples, "
-                 f"{record['split']})"]
+                 f"  model / data      : {plan.model.get('name')} / {plan.data.get('name')} ({record['examples']} "
+                 f"examples, {record['split']})",
+                 f"  precision         : {plan.dtype} ({plan.scheme}) on {plan.device.accelerator}"]
         lines += [f"  {name:<18}: {value:.6g}" for name, value in sorted(values.items())]
         lines += [f"  metrics.json      : {output_dir / 'metrics.json'}", ""]
         print("\n".join(lines), flush=True)

@@ -48,21 +48,24 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from torch import nn
 from tqdm.auto import tqdm
 
 from vera_lightning import replace_file
 from vera_lightning.app.commands.adapters import attach_adapter
 from vera_lightning.app.commands.build import build_components
+from vera_lightning.app.commands.planning import make_plan
 from vera_lightning.app.commands.preflight import Checked, preflight
 from vera_lightning.app.data import sft
 from vera_lightning.app.data.inputs import Example, PromptInput
 from vera_lightning.app.data.tables import is_regression
 from vera_lightning.app.generation.generate import Generated, GenerateSettings, generate_results
+from vera_lightning.app.models.precision import use_base_precision
+from vera_lightning.app.runs.plan import RunPlan, plan_json
 from vera_lightning.app.runs.records import command_record_name, discard_job_log, write_hydra_record
 
-__all__ = ["predict", "partial_path"]
+__all__ = ["predict", "run_prediction", "partial_path"]
 
 
 def partial_path(output: Path) -> Path:
@@ -71,13 +74,6 @@ def partial_path(output: Path) -> Path:
     while path.exists():
         path, n = output.with_name(f"{output.name}.partial.{n}"), n + 1
     return path
-
-
-def _device(cfg: DictConfig) -> torch.device:
-    wanted = str(cfg.trainer.get("accelerator", "cpu"))
-    if wanted in ("gpu", "cuda", "auto") and torch.cuda.is_available():
-        return torch.device("cuda")
-    return torch.device("cpu")
 
 
 def _batches(items: list, size: int) -> Iterator[list]:
@@ -92,15 +88,15 @@ def _tsv_line(values: list[Any]) -> str:
 
 
 @torch.inference_mode()
-def _classify(model: nn.Module, tokenizer: Any, examples: list[Example], cfg: DictConfig,
+def _classify(model: nn.Module, tokenizer: Any, examples: list[Example], plan: RunPlan,
               device: torch.device) -> Iterator[str]:
     """The TSV's lines: the header, then one line per example, in input order."""
     pairs = bool(examples) and isinstance(examples[0], tuple)
-    regression = is_regression(cfg.data)
+    regression = is_regression(plan.data)
     yield _tsv_line(["input"] + (["input_pair"] if pairs else []) + (["prediction"] if regression else
                                                                      ["label", "probability"]))
-    max_length = int(cfg.data.get("max_length", 128))
-    for chunk in _batches(examples, max(1, int(cfg.get("batch_size", 32)))):
+    max_length = int(plan.data.get("max_length") or 128)
+    for chunk in _batches(examples, max(1, int(plan.option("batch_size", 32)))):
         texts = [e[0] for e in chunk] if pairs else chunk
         second = [e[1] for e in chunk] if pairs else None
         batch = tokenizer(texts, second, padding=True, truncation="longest_first", max_length=max_length,
@@ -133,9 +129,9 @@ def _write_partial(output: Path, lines: list[str], early: dict[int, str], total:
           f"finished so far are in {target}, in input order", flush=True)
 
 
-def _generate(model: nn.Module, tokenizer: Any, source: PromptInput, cfg: DictConfig, settings: GenerateSettings,
+def _generate(model: nn.Module, tokenizer: Any, source: PromptInput, plan: RunPlan, settings: GenerateSettings,
               output: Path, overwrite: bool, accept: Callable[[], None]) -> None:
-    data_cfg = OmegaConf.to_container(cfg.data, resolve=True)
+    data_cfg = plan.data
     if source.rows is not None:  # prompt/response data: the prompt exactly as training formats it
         prompts = [sft.format_prompt(data_cfg, tokenizer, row) for row in source.rows]
         encode = partial(sft.prompt_token_ids, data_cfg, tokenizer)
@@ -143,7 +139,7 @@ def _generate(model: nn.Module, tokenizer: Any, source: PromptInput, cfg: DictCo
         prompts, encode = source.prompts, None
     early: dict[int, Generated] = {}
     results = generate_results(model, tokenizer, prompts, settings, encode=encode,  # every prompt checked here
-                               progress=bool(cfg.get("progress", True)) and settings.progress, desc="predict",
+                               progress=bool(plan.option("progress", True)) and settings.progress, desc="predict",
                                finished_early=early)
     accept()
     lines: list[str] = []
@@ -162,13 +158,13 @@ def _generate(model: nn.Module, tokenizer: Any, source: PromptInput, cfg: DictCo
         raise
 
 
-def _predict_classes(model: nn.Module, tokenizer: Any, inputs: list[Example], cfg: DictConfig, output: Path,
+def _predict_classes(model: nn.Module, tokenizer: Any, inputs: list[Example], plan: RunPlan, output: Path,
                      overwrite: bool, count: int) -> None:
     lines: list[str] = []
     try:
         with replace_file(output, overwrite=overwrite) as handle, \
-                tqdm(total=count, desc="predict", unit="ex", disable=not cfg.get("progress", True)) as bar:
-            for line in _classify(model, tokenizer, inputs, cfg, _device(cfg)):
+                tqdm(total=count, desc="predict", unit="ex", disable=not plan.option("progress", True)) as bar:
+            for line in _classify(model, tokenizer, inputs, plan, torch.device(plan.device.torch_device)):
                 lines.append(line)
                 handle.write(line)
                 bar.update(1 if len(lines) > 1 else 0)
@@ -180,6 +176,10 @@ def _predict_classes(model: nn.Module, tokenizer: Any, inputs: list[Example], cf
 def predict(cfg: DictConfig) -> Path:
     """Write predictions for ``cfg.input`` and return the output path.
 
+    ``cfg`` is read once, into the command's :class:`~vera_lightning.app.runs.plan.RunPlan`: with an adapter from a
+    training run the model runs in the precision that run recorded, in the same form validation used (a bf16 base:
+    the bf16 training form), and the record folder ``.hydra-predict-<time>/plan.json`` says which.
+
     Raises:
         FileNotFoundError: If ``input`` or ``adapter`` does not exist.
         FileExistsError: If the output exists and ``overwrite`` is false, or ``hydra.run.dir`` holds a training run.
@@ -189,29 +189,32 @@ def predict(cfg: DictConfig) -> Path:
         OSError: If the output cannot be written (a full disk): no file is left and the old one is unchanged.
     """
     try:
-        return _predict(cfg)
+        return run_prediction(make_plan(cfg, "predict"))
     except BaseException:
         discard_job_log()  # a refused run leaves Hydra's job log as it was
         raise
 
 
-def _predict(cfg: DictConfig) -> Path:
-    checked: Checked = preflight(cfg, "predict")
-    output, overwrite = checked.output, bool(cfg.get("overwrite", False))
-    parts = build_components(cfg, model_cfg=checked.model_cfg, tokenizer=checked.tokenizer,
+def run_prediction(plan: RunPlan) -> Path:
+    """Predict as ``plan`` says (see :func:`predict`)."""
+    checked: Checked = preflight(plan)
+    output, overwrite = checked.output, bool(plan.option("overwrite", False))
+    print(f"[vera] {plan.describe_precision()}", flush=True)
+    parts = build_components(plan, model_cfg=checked.model_cfg, tokenizer=checked.tokenizer,
                              datamodule=checked.datamodule)
     described = attach_adapter(parts, checked.adapter, checked.model_cfg)
-    model = parts.model.to(_device(cfg)).eval()
-    run_dir = Path(cfg.paths.output_dir)
+    use_base_precision(parts.model)  # a bf16 base: the form validation used (bf16 projections, float32 λ's)
+    model = parts.model.to(plan.device.torch_device).eval()
+    run_dir = plan.run_dir
 
-    def accept() -> None:  # every check passed: this run's record, in a folder of its own
-        write_hydra_record(cfg, run_dir, False, command_record_name(run_dir, "predict"))
+    def accept() -> None:  # every check passed: this run's record (and its plan), in a folder of its own
+        write_hydra_record(plan.record, run_dir, False, command_record_name(run_dir, "predict"), plan=plan_json(plan))
 
     if checked.task == "classification":
         print(f"[vera] predicting with {described}: {checked.count} examples -> {output}", flush=True)
         accept()
-        _predict_classes(model, parts.tokenizer, checked.inputs, cfg, output, overwrite, checked.count)
+        _predict_classes(model, parts.tokenizer, checked.inputs, plan, output, overwrite, checked.count)
     else:
         print(f"[vera] predicting with {described}: {checked.count} prompts -> {output}", flush=True)
-        _generate(model, parts.tokenizer, checked.inputs, cfg, checked.generate, output, overwrite, accept)
+        _generate(model, parts.tokenizer, checked.inputs, plan, checked.generate, output, overwrite, accept)
     return output

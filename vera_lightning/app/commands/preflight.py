@@ -1,10 +1,10 @@
-"""``preflight(cfg, command)``: every check that needs no training, run first by train, eval and predict.
+"""``preflight(plan)``: every check of a :class:`~vera_lightning.app.runs.plan.RunPlan` that needs no training.
 
-Check everything, then act: an entry point calls :func:`preflight` before it builds a model or writes a byte,
-and works from what it returns (:class:`Checked`). In order:
+Check everything, then act: an entry point builds its plan (:func:`~vera_lightning.app.commands.planning.make_plan`:
+keys, values, device, precision, inputs and outputs) and calls :func:`preflight` before it builds a model or writes a
+byte, and works from what it returns (:class:`Checked`). In order:
 
-1. **Settings**: missing (``???``) and invalid values (:func:`~vera_lightning.app.commands.checks.check_run_config`),
-   the model and data tasks, the ``generate`` settings
+1. **Settings**: the model and data tasks, the ``generate`` settings
    (:class:`~vera_lightning.app.generation.generate.GenerateSettings`, sampling vs beams); for ``train`` the
    strategy, the ``vera`` config, ``finetune`` and ``ckpt_path`` (a resume: the ``data`` settings its run recorded,
    :func:`~vera_lightning.app.runs.run_dirs.check_resume_data`).
@@ -23,27 +23,30 @@ after the model is built, still before anything is written.
 
 from __future__ import annotations
 
+import errno
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
-from omegaconf import DictConfig, OmegaConf
 
 from vera_lightning import VeraConfig
 from vera_lightning.app.commands.adapters import AdapterSource, model_config_for, resolve_adapter
 from vera_lightning.app.commands.build import check_task, vera_config_from
-from vera_lightning.app.commands.checks import check_run_config, check_train_strategy
+from vera_lightning.app.commands.checks import check_train_strategy
+from vera_lightning.app.commands.planning import check_outputs
 from vera_lightning.app.data import sft
 from vera_lightning.app.data.datamodules import TextDataModule, build_datamodule
 from vera_lightning.app.data.inputs import PromptInput, read_inputs, read_prompt_input
 from vera_lightning.app.generation.generate import GenerateSettings
 from vera_lightning.app.models.load import build_tokenizer
-from vera_lightning.app.models.schema import check_model_keys
+from vera_lightning.app.runs.plan import RunPlan
 from vera_lightning.app.runs.run_dirs import (
     check_command_dir,
     check_resume_data,
     check_run_dir,
+    previous_run,
     resolve_ckpt_path,
     slurm_checkpoint,
 )
@@ -76,7 +79,7 @@ class Checked:
     count: int = 0
 
 
-def prediction_output(cfg: DictConfig, task: str, input_path: Path) -> Path:
+def prediction_output(plan: RunPlan, input_path: Path) -> Path:
     """``predict``'s output file, checked (nothing is opened).
 
     Raises:
@@ -84,8 +87,10 @@ def prediction_output(cfg: DictConfig, task: str, input_path: Path) -> Path:
             lines) or a ``.tsv``/``.txt`` for classification (tab-separated lines).
         FileExistsError: If it exists and ``overwrite`` is not true.
     """
+    task = plan.task
     default = "predictions.tsv" if task == "classification" else "predictions.jsonl"
-    output = Path(str(cfg.output)).expanduser() if cfg.get("output") else Path(cfg.paths.output_dir) / default
+    given = plan.option("output")
+    output = Path(str(given)).expanduser() if given else plan.run_dir / default
     if output.is_dir():
         raise ValueError(f"output={str(output)!r} is a directory; give a file path, "
                          f"e.g. output={str(output / default)!r}")
@@ -97,19 +102,37 @@ def prediction_output(cfg: DictConfig, task: str, input_path: Path) -> Path:
     if task == "classification" and output.suffix.lower() not in (".tsv", ".txt"):
         raise ValueError(f"output={str(output)!r}: classification writes tab-separated lines with a header "
                          f"row; name the file .tsv, e.g. output={str(output.with_suffix('.tsv'))!r}")
-    if output.exists() and not cfg.get("overwrite", False):
+    problems = check_outputs([output], [Path(p) for p in plan.inputs if Path(p) != input_path], "output")
+    for parent in (output.parent, *output.parent.parents):
+        if previous_run(parent):
+            records = ", ".join(previous_run(parent))
+            problems.append(f"output={str(output)!r} lies inside the training run {parent} ({records}); predict never "
+                            "writes into a training run. Choose a path outside it")
+            break
+    if problems:
+        raise ValueError(problems[0])
+    if output.exists() and not plan.option("overwrite", False):
         raise FileExistsError(
             f"output={str(output)!r} already exists and is never replaced silently; choose another path or pass "
-            "overwrite=true (the old file is replaced only once every prediction is written)"
+            "overwrite=true to replace that predictions file (the old file is replaced only once every prediction is "
+            "written)"
         )
+    if not output.parent.is_dir():
+        raise FileNotFoundError(f"output={str(output)!r}: its folder {str(output.parent)!r} does not exist; create it "
+                                "first or choose another path")
+    if not os.access(output.parent, os.W_OK):
+        raise PermissionError(errno.EACCES, f"output={str(output)!r}: its folder {str(output.parent)!r} cannot be "
+                              "written (read-only or not yours); choose another output path")
     return output
 
 
-def _predict_inputs(cfg: DictConfig, task: str, data_cfg: dict[str, Any]) -> tuple[Any, int]:
-    input_path = Path(str(cfg.input)).expanduser()
+def _predict_inputs(plan: RunPlan) -> tuple[Any, int]:
+    given = str(plan.option("input"))
+    input_path = Path(given).expanduser()
     if not input_path.is_file():
-        raise FileNotFoundError(f"input={str(cfg.input)!r}: no such file (one example or prompt per line)")
-    if task == "classification":
+        raise FileNotFoundError(f"input={given!r}: no such file (one example or prompt per line)")
+    data_cfg = plan.data
+    if plan.task == "classification":
         inputs: Any = read_inputs(input_path, str(data_cfg.get("text_field") or "sentence"),
                                   data_cfg.get("text_pair_field"))
         count = len(inputs)
@@ -117,12 +140,28 @@ def _predict_inputs(cfg: DictConfig, task: str, data_cfg: dict[str, Any]) -> tup
         inputs = read_prompt_input(input_path, data_cfg)
         count = len(inputs.echo)
     if not count:
-        raise ValueError(f"input={str(cfg.input)!r} holds no examples (empty lines are skipped)")
+        raise ValueError(f"input={given!r} holds no examples (empty lines are skipped)")
     return inputs, count
 
 
-def preflight(cfg: DictConfig, command: str) -> Checked:
-    """Run every check of ``command`` (``train``, ``eval`` or ``predict``) that needs no model (see the module).
+def _check_eval_dir(plan: RunPlan) -> None:
+    """``eval``/``predict``'s run directory: not a training run, not inside one, not an input or inside one."""
+    check_command_dir(plan.run_dir, plan.command)
+    for parent in plan.run_dir.parents:
+        if previous_run(parent):
+            raise FileExistsError(
+                f"hydra.run.dir={str(plan.run_dir)!r} lies inside the training run {parent} "
+                f"({', '.join(previous_run(parent))}); {plan.command}.py never writes into a training run, so nothing "
+                f"was written. Leave hydra.run.dir unset (a new outputs/{plan.command}/<date>/<time>/) or give a "
+                "directory of its own"
+            )
+    problems = check_outputs([plan.run_dir], [Path(p) for p in plan.inputs], "hydra.run.dir")
+    if problems:
+        raise ValueError(problems[0])
+
+
+def preflight(plan: RunPlan) -> Checked:
+    """Run every check of ``plan.command`` (``train``, ``eval`` or ``predict``) that needs no model (see the module).
 
     Returns:
         What the command acts on; nothing has been written and no model built.
@@ -131,41 +170,40 @@ def preflight(cfg: DictConfig, command: str) -> Checked:
         ValueError, TypeError, FileNotFoundError, FileExistsError, NotADirectoryError: The first problem found, or
             every invalid setting at once, naming the option, the value and the fix.
     """
+    command = plan.command
     if command not in COMMANDS:
         raise ValueError(f"preflight: command={command!r}: must be one of {list(COMMANDS)}")
-    check_run_config(cfg)
-    check_model_keys(cfg.model)
-    task = check_task(cfg)
-    data_cfg = OmegaConf.to_container(cfg.data, resolve=True)
-    output_dir = Path(cfg.paths.output_dir)
+    task = check_task(plan.model, plan.data)
+    data_cfg = plan.data
+    output_dir = plan.run_dir
     found: dict[str, Any] = {}
     if command == "train":
-        check_train_strategy(cfg)
-        found["vera_config"] = vera_config_from(cfg)
-        found["method"] = method = check_method(cfg.get("finetune", "vera"))
-        found["ckpt_path"] = ckpt_path = resolve_ckpt_path(cfg)
+        check_train_strategy(plan.trainer)
+        found["vera_config"] = vera_config_from(plan.vera)
+        found["method"] = method = check_method(plan.method)
+        found["ckpt_path"] = ckpt_path = resolve_ckpt_path(plan.option("ckpt_path"), output_dir)
         found["resuming"] = resuming = ckpt_path is not None or slurm_checkpoint(output_dir) is not None
         if resuming:  # the data the run recorded in .hydra/config.yaml: the same, or refused naming both values
-            check_resume_data(output_dir, cfg.data, cfg.get("ckpt_path") or "slurm-requeue")
+            check_resume_data(output_dir, data_cfg, plan.option("ckpt_path") or "slurm-requeue")
         if rank_zero_only.rank == 0:  # trainer=ddp re-runs the script per rank: rank 0 checks, the others join
-            check_run_dir(output_dir, resuming=resuming, overwrite=bool(cfg.get("overwrite", False)), method=method)
+            check_run_dir(output_dir, resuming=resuming, overwrite=bool(plan.option("overwrite", False)),
+                          method=method)
     else:
-        check_command_dir(output_dir, command)
-        found["adapter"] = resolve_adapter(cfg.adapter) if cfg.get("adapter") else None
+        _check_eval_dir(plan)
+        found["adapter"] = resolve_adapter(plan.adapter["path"]) if plan.adapter else None
     if task == "causal_lm" and (data_cfg.get("format") == "sft" or command == "predict"):
-        found["generate"] = GenerateSettings.from_config(OmegaConf.to_container(cfg.get("generate") or {},
-                                                                                resolve=True))
+        found["generate"] = GenerateSettings.from_config(dict(plan.generate or {}))
     if command == "predict":
-        found["inputs"], found["count"] = _predict_inputs(cfg, task, data_cfg)
-        found["output"] = prediction_output(cfg, task, Path(str(cfg.input)).expanduser())
+        found["inputs"], found["count"] = _predict_inputs(plan)
+        found["output"] = prediction_output(plan, Path(str(plan.option("input"))).expanduser())
 
-    model_cfg = model_config_for(found.get("adapter"), cfg.model) or cfg.model
+    model_cfg = model_config_for(found.get("adapter"), plan.model) or plan.model
     tokenizer = build_tokenizer(model_cfg)
     datamodule = build_datamodule(data_cfg, tokenizer)  # checks the folder, the columns, the rows of sft files
     if COMMANDS[command] is not None:
         datamodule.setup(COMMANDS[command])  # every row of the splits read, validated and tokenised (cached)
     inputs = found.get("inputs")
     if isinstance(inputs, PromptInput) and inputs.rows is not None:
-        sft.check_special_text(inputs.rows, data_cfg, tokenizer, f"input={str(cfg.input)!r}")
+        sft.check_special_text(inputs.rows, data_cfg, tokenizer, f"input={str(plan.option('input'))!r}")
     return Checked(command=command, task=task, model_cfg=model_cfg, tokenizer=tokenizer, datamodule=datamodule,
                    **found)

@@ -18,13 +18,14 @@ import json
 import logging
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import hydra
 import lightning.pytorch as pl
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig
 
-from vera_lightning import count_parameters, model_bytes
+from vera_lightning import apply_vera, count_parameters, gguf_lora_problems, model_bytes, replace_file
 from vera_lightning.app.commands.build import (
     base_model_id,
     build_components,
@@ -35,14 +36,16 @@ from vera_lightning.app.commands.build import (
     vera_config_from,
 )
 from vera_lightning.app.commands.export import check_format, export_run
+from vera_lightning.app.commands.planning import make_plan
 from vera_lightning.app.commands.preflight import preflight
 from vera_lightning.app.runs import trackers
+from vera_lightning.app.runs.plan import RunPlan
 from vera_lightning.app.runs.records import RunRecord, discard_job_log
 from vera_lightning.app.runs.run_dirs import RngState
 from vera_lightning.app.tasks.final_validation import ValidationMemo, final_metrics, validation_metrics
 from vera_lightning.app.tasks.finetune import prepare, save_trained
 
-__all__ = ["register_configs", "vera_config_from", "train"]
+__all__ = ["register_configs", "vera_config_from", "train", "run_training"]
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +68,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
     Args:
         cfg: A composed ``conf/train.yaml`` (``paths.output_dir`` must be set; under
-            ``@hydra.main`` it is the run directory).
+            ``@hydra.main`` it is the run directory). It is read once, into the run's
+            :class:`~vera_lightning.app.runs.plan.RunPlan` (:func:`~vera_lightning.app.commands.planning.make_plan`);
+            everything below works from the plan.
 
     Returns:
         The final validation metrics (``val/acc``, ``val/f1``, ``val/loss`` or ``val/ppl``), the
@@ -73,8 +78,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         (the value of ``optimized_metric``), ``trainable_params``, ``total_params``,
         ``adapter_bytes``, ``adapter_dir``, ``model_bytes`` and ``quantized_bytes`` (parameters and
         buffers in memory, see :func:`vera_lightning.model_bytes`), ``fit_s`` (seconds in
-        this call's ``trainer.fit``: the training loop with its validation) and ``wall_time_s`` (the whole call,
-        model loading and the final validation included).
+        this call's ``trainer.fit``: the training loop with its validation), ``wall_time_s`` (the whole call,
+        model loading and the final validation included), ``precision`` and ``device`` (what the plan resolved).
 
     Raises:
         ValueError: For an inconsistent config (the message names the option and the fix).
@@ -86,36 +91,64 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     (:mod:`vera_lightning.app.runs.records`).
     """
     try:
-        return _train(cfg)
+        return run_training(make_plan(cfg, "train"))
     except BaseException:
         discard_job_log()  # a refused run leaves Hydra's job log as it was (no effect once the run was accepted)
         raise
 
 
-def _train(cfg: DictConfig) -> dict[str, Any]:
-    start = time.perf_counter()
-    export_fmt = check_format(cfg.export) if cfg.get("export") else None  # train.py export=merged|lora|gguf-lora
-    checked = preflight(cfg, "train")  # settings, run directory, every data row: before any model or write
-    output_dir = Path(cfg.paths.output_dir)
-    vera_config, method, ckpt_path, resuming = checked.vera_config, checked.method, checked.ckpt_path, checked.resuming
-    overwrite = bool(cfg.get("overwrite", False))
+def _check_export(plan: RunPlan, vera_config: Any) -> Optional[str]:
+    """``export=`` checked before training: the format, and that this run has a VeRA adapter to export."""
+    value = plan.option("export")
+    if value is None:
+        return None
+    fmt = check_format(value)
+    if plan.method != "vera":
+        raise ValueError(f"export={fmt} with finetune={plan.method}: export converts a VeRA adapter, and "
+                         f"finetune={plan.method} trains no VeRA adapter (it saves the trained tensors in "
+                         "adapter/model.safetensors). Drop export= or use finetune=vera")
+    return fmt
 
-    parts = build_components(cfg, tokenizer=checked.tokenizer, datamodule=checked.datamodule)
+
+def _check_trains_something(plan: RunPlan, vera_config: Any) -> None:
+    if plan.method == "head" and not vera_config.modules_to_save:
+        raise ValueError("finetune=head trains model.modules_to_save only, and it is empty "
+                         f"(model={plan.model.get('name')}): nothing would train. Name the modules to train, e.g. "
+                         "model.modules_to_save=[lm_head] (a causal LM) or [classifier], or use finetune=vera")
+
+
+def run_training(plan: RunPlan) -> dict[str, Any]:
+    """Train as ``plan`` says (see :func:`train`); the plan was built and checked by the caller."""
+    start = time.perf_counter()
+    checked = preflight(plan)  # run directory, every data row: before any model or write
+    output_dir = plan.run_dir
+    vera_config, method, ckpt_path, resuming = checked.vera_config, checked.method, checked.ckpt_path, checked.resuming
+    export_fmt = _check_export(plan, vera_config)  # train.py export=merged|lora|gguf-lora
+    _check_trains_something(plan, vera_config)
+    overwrite = bool(plan.option("overwrite", False))
+    _say_plan(plan)
+
+    parts = build_components(plan, tokenizer=checked.tokenizer, datamodule=checked.datamodule)
     task, model, module, datamodule = parts.task, parts.model, parts.module, parts.datamodule
     check_head_trains(task, model, vera_config, method)
-    check_monitored(cfg.optimized_metric, module.metric_names)
+    check_monitored(plan.optimized_metric, module.metric_names)
+    if export_fmt == "gguf-lora":  # the architecture, known once the model is built: still before any write
+        apply_vera(model, vera_config)  # what VeraCallback's setup does (idempotent: it then finds it in place)
+        problems = gguf_lora_problems(model)
+        if problems:
+            raise ValueError(f"export=gguf-lora cannot export this run's adapter: {'; '.join(problems)}. Use "
+                             "export=lora (vLLM, TGI, PEFT) or export=merged, or drop export=")
 
-    loggers = instantiate_dict(cfg.get("logger"))
+    loggers = instantiate_dict(plan.loggers)
     # nothing is written to the run directory until the run is accepted: loggers, CSV history, .hydra record
-    record = RunRecord(cfg, output_dir, loggers, resuming=resuming, keep_history=resuming or overwrite)
+    record = RunRecord(plan, loggers, resuming=resuming, keep_history=resuming or overwrite)
     memo = ValidationMemo()  # the last validation inside fit, reused when it saw the final weights
-    callbacks = [*prepare(method, model, vera_config), RngState(), record, memo,
-                 *instantiate_dict(cfg.get("callbacks"))]
-    trainer: pl.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=False)
+    callbacks = [*prepare(method, model, vera_config), RngState(), record, memo, *instantiate_dict(plan.callbacks)]
+    trainer: pl.Trainer = hydra.utils.instantiate(plan.trainer, callbacks=callbacks, logger=False)
 
-    metric_name = cfg.optimized_metric
+    metric_name = plan.optimized_metric
     metrics: dict[str, Any] = {}
-    if cfg.get("eval_before", True) and not resuming:
+    if plan.option("eval_before", True) and not resuming:
         before = validation_metrics(trainer.validate(module, datamodule=datamodule, verbose=False))
         metrics.update({f"before/{k}": v for k, v in before.items()})
         _say(trainer, f"[vera] before training: {metric_name} = {before.get(metric_name, float('nan')):.4f}")
@@ -130,9 +163,10 @@ def _train(cfg: DictConfig) -> dict[str, Any]:
 
     adapter_dir = output_dir / "adapter"
     if trainer.is_global_zero:
-        save_trained(method, module, adapter_dir, base_model_name_or_path=base_model_id(cfg.model))
-        if export_fmt is not None and method == "vera":  # beside adapter/: merged/, lora/ or adapter-lora.gguf
-            exported = export_run(adapter_dir, export_fmt, base=cfg, overwrite=True)
+        save_trained(method, module, adapter_dir, base_model_name_or_path=base_model_id(plan.model),
+                     precision=plan.precision)
+        if export_fmt is not None:  # beside adapter/: merged/, lora/ or adapter-lora.gguf
+            exported = export_run(adapter_dir, export_fmt, base=_export_base(plan), overwrite=True)
             _say(trainer, f"[vera] exported {export_fmt}: {getattr(exported, 'output', exported)}")
     trainable, total = count_parameters(model)
     memory = model_bytes(model)
@@ -149,25 +183,42 @@ def _train(cfg: DictConfig) -> dict[str, Any]:
         steps=trainer.global_step,
         fit_s=round(fit_s, 2),
         wall_time_s=round(time.perf_counter() - start, 2),
+        precision=plan.precision,
+        device=plan.device.accelerator,
     )
     if trainer.is_global_zero:
         trackers.log_adapter(loggers, adapter_dir, metrics)
-        _write_summary(cfg, output_dir, metrics)
+        _write_summary(plan, metrics)
     trackers.close(loggers)
     return metrics
 
 
-def _write_summary(cfg: DictConfig, output_dir: Path, metrics: dict[str, Any]) -> None:
+def _export_base(plan: RunPlan) -> dict[str, Any]:
+    """The base ``train.py export=`` merges onto: this run's model, data and seed (as the plan resolved them)."""
+    return {"model": plan.model, "data": plan.data, "seed": plan.seed}
+
+
+def _say_plan(plan: RunPlan) -> None:
+    if rank_zero_only.rank == 0:
+        log.info(plan.device.describe())
+        log.info(plan.describe_precision())
+
+
+def _write_summary(plan: RunPlan, metrics: dict[str, Any]) -> None:
     from hydra.core.hydra_config import HydraConfig
 
+    output_dir = plan.run_dir
     overrides = list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
-    record = {"overrides": overrides, "model": cfg.model.name, "data": cfg.data.name, "r": cfg.vera.r, **metrics}
-    (output_dir / "summary.json").write_text(json.dumps(record, indent=2, default=str) + "\n", encoding="utf-8")
+    record = {"overrides": overrides, "model": plan.model.get("name"), "data": plan.data.get("name"),
+              "r": (plan.vera or {}).get("r"), **metrics}
+    with replace_file(output_dir / "summary.json", overwrite=True) as handle:
+        handle.write(json.dumps(record, indent=2, default=str) + "\n")
     before = metrics.get(f"before/{metrics['metric_name']}")
+    r = f"r={(plan.vera or {}).get('r')}, " if plan.method == "vera" else f"finetune={plan.method}, "
     lines = [
         "",
         "VeRA run summary",
-        f"  model / data      : {cfg.model.name} / {cfg.data.name}   (r={cfg.vera.r}, {metrics['steps']} steps)",
+        f"  model / data      : {plan.model.get('name')} / {plan.data.get('name')}   ({r}{metrics['steps']} steps)",
         f"  {metrics['metric_name']:<18}: "
         + (f"{before:.4f} -> " if before is not None else "")
         + f"{metrics['metric']:.4f}",
@@ -175,8 +226,9 @@ def _write_summary(cfg: DictConfig, output_dir: Path, metrics: dict[str, Any]) -
         f"({100.0 * metrics['trainable_params'] / max(metrics['total_params'], 1):.3f}%)",
         f"  adapter size      : {metrics['adapter_bytes'] / 1024:.1f} KiB  ({metrics['adapter_dir']})",
         f"  model in memory   : {_size(metrics['model_bytes'])}  (quantized weights "
-        f"{_size(metrics['quantized_bytes'])}, model.quantize={cfg.model.get('quantize')}, "
-        f"compute_dtype={cfg.model.get('compute_dtype', 'fp32')})",
+        f"{_size(metrics['quantized_bytes'])}, model.quantize={plan.model.get('quantize')})",
+        f"  precision         : {plan.dtype} ({plan.scheme}; model.compute_dtype="
+        f"{plan.precision.get('requested')}) on {plan.device.accelerator}",
         f"  wall time         : {metrics['wall_time_s']:.1f} s",
         "",
     ]

@@ -6,22 +6,25 @@
   ``.csv``/``.tsv``/``.jsonl`` holding the data group's prompt column(s), or one prompt per line filling
   ``data.prompt_field`` (or the user turn of a ``messages_field`` conversation); with plain text data the
   ``data.text_field`` column, or the lines as they are. An empty prompt and a conversation ending with an
-  assistant turn are refused (:func:`~vera_lightning.app.data.sft.read_rows`).
+  assistant turn are refused (:func:`~vera_lightning.app.data.sft_rows.read_rows`).
 
-Tables are read as training reads them: a header naming a column twice, or a row with more fields than the
-header, is refused naming the file and row (:mod:`~vera_lightning.app.data.tables`).
+Tables are read as training reads them: a header naming a column twice, or a row with more or fewer fields than
+the header, is refused naming the file and row (:mod:`~vera_lightning.app.data.tables`).
+
+Lines are split on ``\\n`` only (a CRLF file's ``\\r`` dropped), so each output row is one input line: U+2028, a
+form feed or another character ``str.splitlines`` treats as a break stays inside its row. A UTF-8 byte-order mark
+is not part of the first example, and bytes that are not UTF-8 are refused naming the file, line and byte offset
+(:mod:`~vera_lightning.app.data.text_files`).
 """
 
 from __future__ import annotations
 
-import csv
-import json
 from pathlib import Path
 from typing import Any, Mapping, NamedTuple, Optional, Union
 
-from vera_lightning.app.data import sft
-from vera_lightning.app.data.tables import check_header_names, check_row_width, read_table
-from vera_lightning.app.data.text_files import undecodable_line
+from vera_lightning.app.data import sft, sft_rows
+from vera_lightning.app.data.tables import check_row_complete, read_records, read_table
+from vera_lightning.app.data.text_files import read_lines
 
 __all__ = ["TABLES", "Example", "read_inputs", "PromptInput", "read_prompt_input"]
 
@@ -39,7 +42,8 @@ def read_inputs(path: Path, text_field: str, pair_field: Optional[str] = None) -
         One entry per example: the text, or ``(text, text_pair)`` when ``pair_field`` is given.
 
     Raises:
-        ValueError: If a pair task gets a plain text file, or a column is missing (naming the option).
+        ValueError: If a pair task gets a plain text file, or a column is missing (naming the option), or the
+            file, line and byte offset of bytes that are not UTF-8.
     """
     table = path.suffix.lower() in (".tsv", ".tab", ".csv")
     if pair_field:
@@ -52,41 +56,7 @@ def read_inputs(path: Path, text_field: str, pair_field: Optional[str] = None) -
         return [(record["text"], record["text_pair"]) for record in records]
     if table:
         return [record["text"] for record in read_table(path, {"text_field": text_field})]
-    return [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-
-
-def _records(path: Path) -> list[dict[str, Any]]:
-    """Every row of a ``.csv``/``.tsv``/``.jsonl`` file (all columns)."""
-    try:
-        return _read_records(path)
-    except UnicodeDecodeError as err:
-        raise undecodable_line(path, err) from None
-
-
-def _read_records(path: Path) -> list[dict[str, Any]]:
-    with path.open(encoding="utf-8-sig", newline="") as handle:
-        if path.suffix.lower() == ".jsonl":
-            rows = []
-            for number, line in enumerate(handle, start=1):
-                if line.strip():
-                    try:
-                        row = json.loads(line)
-                    except json.JSONDecodeError as err:
-                        raise ValueError(f"{path}, row {number}: not a JSON object ({err})") from None
-                    if not isinstance(row, dict):
-                        raise ValueError(f"{path}, row {number}: a JSONL row must be an object, "
-                                         f"got {type(row).__name__}")
-                    rows.append(row)
-            return rows
-        tsv = path.suffix.lower() in (".tsv", ".tab")
-        reader = csv.DictReader(handle, delimiter="\t" if tsv else ",",
-                                quoting=csv.QUOTE_NONE if tsv else csv.QUOTE_MINIMAL)
-        header = list(reader.fieldnames or [])
-        check_header_names(path, header)
-        rows = list(reader)
-    for number, row in enumerate(rows, start=1):
-        check_row_width(path, f"{path}, row {number}", row, header)
-    return rows
+    return [line for line in read_lines(path) if line.strip()]
 
 
 class PromptInput(NamedTuple):
@@ -111,7 +81,7 @@ def read_prompt_input(path: Path, data_cfg: Mapping[str, Any]) -> PromptInput:
     table = path.suffix.lower() in TABLES
     if data_cfg.get("format") == "sft":
         if table:
-            rows = sft.read_rows(path, data_cfg, responses=False)
+            rows = sft_rows.read_rows(path, data_cfg, responses=False)
             return PromptInput(rows, rows, None)
         messages, field = data_cfg.get("messages_field"), data_cfg.get("prompt_field")
         lines = read_inputs(path, "text")
@@ -127,9 +97,12 @@ def read_prompt_input(path: Path, data_cfg: Mapping[str, Any]) -> PromptInput:
     if not table:
         lines = read_inputs(path, column)
         return PromptInput([{"prompt": line} for line in lines], None, lines)
-    rows = _records(path)
-    empty = [number for number, row in enumerate(rows, start=1) if not str(row.get(column) or "").strip()]
-    if empty:
-        raise ValueError(f"{path}, row {empty[0]}: no text in column {column!r} (data.text_field); the row has "
-                         f"{sorted(rows[empty[0] - 1])}")
+    header, numbered = read_records(path)
+    for number, row in numbered:
+        if header is not None:
+            check_row_complete(path, f"{path}, row {number}", row, header, [column])
+        if not str(row.get(column) or "").strip():
+            raise ValueError(f"{path}, row {number}: no text in column {column!r} (data.text_field); the row has "
+                             f"{sorted(row)}")
+    rows = [row for _, row in numbered]
     return PromptInput(rows, None, [row[column] for row in rows])

@@ -1,20 +1,31 @@
 """Reading GLUE-style tables: the configured columns (text, optional text pair, label), labels as class ids
 or floats (regression), and one clear error naming the file, the column, the header and the option to set.
-A row with too few columns is named with its line; a row with more fields than the header (an unquoted comma, a
-quoted tab in a TSV) and a header naming a column twice are refused (:func:`check_header_names`,
-:func:`check_row_width`), never read with the extra text dropped; a UTF-8 byte-order mark (Excel, Notepad) is not
-part of the first column's name.
+A row with too few columns is named with its line (:func:`check_row_complete`); a row with more fields than the
+header (an unquoted comma, a quoted tab in a TSV) and a header naming a column twice are refused
+(:func:`check_header_names`, :func:`check_row_width`), never read with the extra text dropped; a UTF-8 byte-order
+mark (Excel, Notepad) is not part of the first column's name, and bytes that are not UTF-8 are named by file, line
+and offset (:func:`~vera_lightning.app.data.text_files.undecodable_line`).
+
+:func:`read_records` reads every column of a ``.csv``/``.tsv``/``.tab``/``.jsonl`` file with the same checks, for
+the prompt/response reader and predict's inputs; a JSONL row is one ``\\n``-separated line.
 """
 
 from __future__ import annotations
 
 import csv
+import io
+import json
 import math
 from pathlib import Path
-from typing import Any, Mapping, Optional
+from typing import Any, Iterable, Mapping, Optional
 
-__all__ = ["COLUMN_OPTIONS", "is_regression", "columns_of", "parse_label", "check_header_names", "check_row_width",
-           "check_columns", "read_table"]
+from vera_lightning.app.data.text_files import read_lines, read_text, undecodable_line
+
+__all__ = ["COLUMN_OPTIONS", "SUFFIXES", "is_regression", "columns_of", "parse_label", "check_header_names",
+           "check_row_width", "check_row_complete", "check_columns", "read_table", "read_records"]
+
+#: The table files :func:`read_records` reads, by extension: their field separator (None: JSON lines).
+SUFFIXES = {".csv": ",", ".tsv": "\t", ".tab": "\t", ".jsonl": None}
 
 #: data.<option> -> the record key its column fills.
 COLUMN_OPTIONS = {"text_field": "text", "text_pair_field": "text_pair", "label_field": "label"}
@@ -93,13 +104,21 @@ def _check_header(path: Path, header: list[str], columns: Mapping[str, str]) -> 
         )
 
 
-def _short_row(path: Path, line: int, row: Mapping[Any, Any], header: list[str], absent: list[str]) -> ValueError:
-    fields = sum(value is not None for key, value in row.items() if key is not None)
-    separator = "tabs" if _reader_delimiter(path) == "\t" else "commas (quote fields that contain one)"
-    return ValueError(
-        f"{path}:{line}: the row has too few columns ({fields} of the header's {len(header)}: {header}), so it has "
-        f"no {absent} field; separate the fields with {separator}, or fix or drop that row"
-    )
+def check_row_complete(path: Path, where: str, row: Mapping[Any, Any], header: list[str],
+                       columns: Iterable[str]) -> None:
+    """Refuse a ``csv.DictReader`` row too short to hold ``columns`` (the fields it lacks are None).
+
+    Raises:
+        ValueError: Naming the file and row (``where``), the number of fields and of columns, and the fix.
+    """
+    absent = [column for column in columns if row.get(column) is None]
+    if absent:
+        fields = sum(value is not None for key, value in row.items() if key is not None)
+        separator = "tabs" if _reader_delimiter(path) == "\t" else "commas (quote fields that contain one)"
+        raise ValueError(
+            f"{where}: the row has too few columns ({fields} of the header's {len(header)}: {header}), so it has "
+            f"no {absent} field; separate the fields with {separator}, or fix or drop that row"
+        )
 
 
 def check_columns(cfg: Mapping[str, Any], directory: Path) -> None:
@@ -114,8 +133,12 @@ def check_columns(cfg: Mapping[str, Any], directory: Path) -> None:
     for split in ("train", "val"):
         path = directory / str(cfg.get(f"{split}_file"))
         if cfg.get(f"{split}_file") and path.is_file():
-            with path.open(encoding="utf-8-sig", newline="") as handle:
-                _check_header(path, _reader(path, handle).fieldnames or [], columns_of(cfg))
+            try:
+                with path.open(encoding="utf-8-sig", newline="") as handle:
+                    header = _reader(path, handle).fieldnames or []
+            except UnicodeDecodeError as err:  # the codec decodes ahead of the header, so any line can raise
+                raise undecodable_line(path, err) from None
+            _check_header(path, header, columns_of(cfg))
 
 
 def read_table(path: Path, columns: Mapping[str, str], regression: bool = False) -> list[dict[str, Any]]:
@@ -125,8 +148,6 @@ def read_table(path: Path, columns: Mapping[str, str], regression: bool = False)
         ValueError: Naming the file, each missing column with its option, and the header; or the
             file, line and byte of text that is not UTF-8.
     """
-    from vera_lightning.app.data.text_files import undecodable_line
-
     try:
         return _read_table(path, columns, regression)
     except UnicodeDecodeError as err:
@@ -152,9 +173,7 @@ def _read_table(path: Path, columns: Mapping[str, str], regression: bool = False
         records = []
         for line, row in enumerate(reader, start=2):
             check_row_width(path, f"{path}:{line}", row, header)
-            absent = [column for column in columns.values() if row[column] is None]
-            if absent:
-                raise _short_row(path, line, row, header, absent)
+            check_row_complete(path, f"{path}:{line}", row, header, columns.values())
             record: dict[str, Any] = {}
             for option, column in columns.items():
                 key = COLUMN_OPTIONS[option]
@@ -162,3 +181,42 @@ def _read_table(path: Path, columns: Mapping[str, str], regression: bool = False
                 record[key] = parse_label(value, regression, f"{path}:{line}", column) if key == "label" else value
             records.append(record)
     return records
+
+
+def read_records(path: Path) -> tuple[Optional[list[str]], list[tuple[int, dict[str, Any]]]]:
+    """Every row of a ``.csv``/``.tsv``/``.tab``/``.jsonl`` file (by extension), with all its columns.
+
+    Rows are numbered from 1: the first data row after a CSV/TSV header is row 1; a JSONL row is its line number
+    (blank lines skipped but counted). A CSV/TSV row shorter than the header keeps None in the fields it lacks:
+    check the columns you need with :func:`check_row_complete`.
+
+    Returns:
+        ``(header, [(number, row)])``; the header is None for JSONL.
+
+    Raises:
+        ValueError: Naming the file (and row) for an unknown extension, a repeated header name, a row with more
+            fields than the header, a JSONL line that is not a JSON object, or bytes that are not UTF-8.
+    """
+    suffix = path.suffix.lower()
+    if suffix not in SUFFIXES:
+        raise ValueError(f"{path}: reads {', '.join(SUFFIXES)} files (chosen by extension)")
+    if SUFFIXES[suffix] is None:
+        rows = []
+        for number, line in enumerate(read_lines(path), start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path}, row {number}: not a JSON object ({err})") from None
+            if not isinstance(row, dict):
+                raise ValueError(f"{path}, row {number}: a JSONL row must be an object, got {type(row).__name__}")
+            rows.append((number, row))
+        return None, rows
+    reader = _reader(path, io.StringIO(read_text(path), newline=""))
+    header = list(reader.fieldnames or [])
+    check_header_names(path, header)
+    numbered = list(enumerate(reader, start=1))
+    for number, row in numbered:
+        check_row_width(path, f"{path}, row {number}", row, header)
+    return header, numbered

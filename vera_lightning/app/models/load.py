@@ -17,16 +17,27 @@ message naming the offline alternatives.
 from __future__ import annotations
 
 import importlib
+import logging
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
+import torch
 from torch import nn
 
 from vera_lightning import enable_gradient_checkpointing
 from vera_lightning.app.models.gguf_cache import ensure_converted, is_gguf_spec
-from vera_lightning.app.models.precision import apply_precision, compile_body, compile_wanted, precision_settings
+from vera_lightning.app.models.precision import (
+    apply_precision,
+    check_load_dtype,
+    compile_body,
+    compile_wanted,
+    precision_settings,
+)
+from vera_lightning.app.models.precision_choice import COMPUTE_DTYPES, decide_precision
 
 __all__ = ["TASKS", "PROBLEM_TYPES", "ModelUnavailableError", "resolve_path", "build_tokenizer", "build_model"]
+
+log = logging.getLogger(__name__)
 
 #: The tasks a model config may declare, with the ``transformers`` auto class each uses.
 TASKS = {"classification": "AutoModelForSequenceClassification", "causal_lm": "AutoModelForCausalLM"}
@@ -133,7 +144,8 @@ def _auto_class(task: str):
 
 
 def build_model(
-    model_cfg: Mapping[str, Any], tokenizer, num_labels: Optional[int] = None, problem_type: Optional[str] = None
+    model_cfg: Mapping[str, Any], tokenizer, num_labels: Optional[int] = None, problem_type: Optional[str] = None,
+    *, compute_dtype: Optional[str] = None,
 ) -> nn.Module:
     """Build the ``transformers`` model a ``model/`` config describes.
 
@@ -144,6 +156,10 @@ def build_model(
         num_labels: Classes of a classification task (a fresh head is created); 1 for regression.
         problem_type: ``"regression"`` (one output, MSE loss) or ``"single_label_classification"``
             (cross-entropy); ``None`` lets ``transformers`` infer it from ``num_labels``.
+        compute_dtype: The decided dtype to store the model in, ``fp32`` or ``bf16`` (a run's
+            :attr:`PrecisionDecision.dtype <vera_lightning.app.models.precision_choice.PrecisionDecision.dtype>`,
+            recorded or replayed). ``None``: decided here from ``model.compute_dtype`` for the device
+            ``torch.cuda.is_available()`` names (for callers that do not decide once per run yet; logged).
 
     Returns:
         The model in training mode (VeRA is injected later, by :class:`VeraCallback`).
@@ -156,7 +172,11 @@ def build_model(
 
     task = model_cfg.get("task")
     auto = _auto_class(task)
-    precision_settings(model_cfg)  # a bad value fails before the (slow) load
+    _, quantize = precision_settings(model_cfg)  # a bad value fails before the (slow) load
+    if compute_dtype is not None and compute_dtype not in COMPUTE_DTYPES:
+        raise ValueError(f"build_model(compute_dtype={compute_dtype!r}): pass a decided dtype, one of "
+                         f"{list(COMPUTE_DTYPES)} (decide_precision resolves model.compute_dtype=auto)")
+    check_load_dtype(model_cfg.get("from_pretrained_kwargs"), compute_dtype or model_cfg.get("compute_dtype") or "fp32")
     extra: dict[str, Any] = {}
     if task == "classification":
         if problem_type not in PROBLEM_TYPES:
@@ -189,7 +209,12 @@ def build_model(
             model.config.pad_token_id = tokenizer.pad_token_id
     else:
         raise ValueError("model config sets neither name_or_path nor from_config; set one (see conf/model/)")
-    model = apply_precision(model, model_cfg)
+    if compute_dtype is None:  # not decided once per run by the caller: decide here, as before plans existed
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        decision = decide_precision(model_cfg.get("compute_dtype") or "fp32", device, model=model)
+        log.info("%s; decided by build_model (the caller passed no compute_dtype)", decision.describe())
+        compute_dtype = decision.dtype
+    model = apply_precision(model, compute_dtype, quantize, model_cfg.get("modules_to_save") or [])
     model.train()
     if model_cfg.get("gradient_checkpointing"):  # activation checkpointing (non-reentrant), ops/grad_checkpointing.py
         enable_gradient_checkpointing(model, use_reentrant=False)

@@ -1,8 +1,10 @@
-"""A model's precision and compilation: ``model.compute_dtype`` (``auto|fp32|bf16``), ``model.quantize`` and
-``model.compile``, applied by :func:`~vera_lightning.app.models.load.build_model`.
+"""A model's precision and compilation, applied: ``model.compute_dtype`` as decided, ``model.quantize`` and
+``model.compile``, by :func:`~vera_lightning.app.models.load.build_model`.
 
-* :func:`apply_precision` casts the model to the resolved dtype (``auto``: measured by
-  :func:`vera_lightning.measure_precision`, one log line) and quantizes its frozen linears;
+* :func:`apply_precision` casts the model to a **decided** dtype (``fp32`` is enforced too: a model loaded in
+  bf16 or fp16 is cast to float32), keeps ``modules_to_save`` float32 masters in a bf16 base, and quantizes its
+  frozen linears. It never decides: :func:`~vera_lightning.app.models.precision_choice.decide_precision` does;
+* :func:`check_load_dtype` refuses a ``from_pretrained_kwargs`` dtype that contradicts the compute dtype;
 * :func:`use_base_precision` puts an adapted model with a bf16 base into the bf16 training form (projection
   products in bf16, float32 λ's), called by the task module's hooks once VeRA is in place;
 * :func:`compile_wanted` / :func:`compile_body`: ``torch.compile`` of the model body.
@@ -13,23 +15,17 @@ Which tensor lives in which dtype, and why: ``docs/llm.md`` (*Precision*).
 from __future__ import annotations
 
 import logging
-import warnings
-from typing import Any, Mapping, Optional
+from typing import Any, Iterable, Mapping, Optional, Union
 
 import torch
 from torch import nn
 
-from vera_lightning import (
-    QUANTIZE_SCHEMES,
-    bf16_native_cpu,
-    measure_precision,
-    quantize_base,
-    set_projection_dtype,
-    vera_layers,
-)
+from vera_lightning import QUANTIZE_SCHEMES, quantize_base, set_projection_dtype, vera_layers
+from vera_lightning.app.models.precision_choice import COMPUTE_DTYPE_CHOICES, COMPUTE_DTYPES
+from vera_lightning.app.models.trained_float32 import HALF_DTYPES, keep_float32
 
-__all__ = ["COMPUTE_DTYPES", "COMPUTE_DTYPE_CHOICES", "COMPILE_CHOICES", "precision_settings",
-           "resolve_compute_dtype", "apply_precision", "use_base_precision", "compile_wanted", "compile_body"]
+__all__ = ["COMPILE_CHOICES", "precision_settings", "check_load_dtype", "apply_precision", "use_base_precision",
+           "compile_wanted", "compile_body"]
 
 
 log = logging.getLogger(__name__)
@@ -67,13 +63,6 @@ def compile_body(model: nn.Module) -> nn.Module:
     return model
 
 
-#: ``model.compute_dtype`` values and the dtype each casts the model to (``auto``: measured, see below).
-COMPUTE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-#: The values ``model.compute_dtype`` accepts.
-COMPUTE_DTYPE_CHOICES = ("auto", *COMPUTE_DTYPES)
-
-
-
 def precision_settings(model_cfg: Mapping[str, Any]) -> tuple[Optional[torch.dtype], Optional[str]]:
     """``(compute dtype or None for auto, quantization scheme or None)`` of a ``model`` config, validated.
 
@@ -93,49 +82,76 @@ def precision_settings(model_cfg: Mapping[str, Any]) -> tuple[Optional[torch.dty
     return COMPUTE_DTYPES.get(dtype_name), scheme
 
 
-def _training_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+#: The spellings of ``from_pretrained_kwargs.dtype`` / ``torch_dtype`` that mean each compute dtype.
+_LOAD_DTYPE_NAMES = {"fp32": {"float32", "fp32", "torch.float32", torch.float32},
+                     "bf16": {"bfloat16", "bf16", "torch.bfloat16", torch.bfloat16}}
 
 
-def resolve_compute_dtype(model: nn.Module, requested: Optional[torch.dtype]) -> torch.dtype:
-    """The dtype ``model`` is stored and computed in: ``requested``, or the measured choice for ``auto`` (``None``).
+def check_load_dtype(from_pretrained_kwargs: Optional[Mapping[str, Any]], compute_dtype: str) -> None:
+    """Refuse ``from_pretrained_kwargs`` keys ``dtype``/``torch_dtype`` that contradict ``compute_dtype``.
 
-    ``auto`` logs one line with the choice and both timings. An explicit bf16 on a CPU where bf16 is measured
-    (or, with the tuner off, known from the CPU flags) to be slower than float32 gets a warning naming the slowdown.
+    The compute dtype alone sets the model's dtype: a model loaded in another one would be cast (rounding a
+    float32 checkpoint through it) or, before this check, silently trained in it. The same dtype (e.g.
+    ``bfloat16`` with ``bf16``) is accepted: the model then loads straight into it. Under ``auto`` the dtype is
+    not known yet, so any is refused.
+
+    Raises:
+        ValueError: Naming both options, their values and the fix.
     """
-    device = _training_device()
-    if requested is None:
-        choice = measure_precision(model, device)
-        log.info(choice.describe())
-        return choice.dtype
-    if requested == torch.bfloat16 and device.type == "cpu":
-        choice = measure_precision(model, device)
-        if choice.speedup is not None and choice.speedup < 1.0:
-            warnings.warn(f"model.compute_dtype=bf16 is {1 / choice.speedup:.1f}x slower than float32 on this CPU "
-                          f"(measured: {choice.ms_bf16:.2f} ms vs {choice.ms_fp32:.2f} ms per linear forward+backward; "
-                          "it has no native bf16, so bf16 is emulated): use model.compute_dtype=auto or fp32",
-                          UserWarning, stacklevel=2)
-        elif choice.speedup is None and bf16_native_cpu() is False:
-            warnings.warn("model.compute_dtype=bf16 on a CPU without native bf16 (no avx512_bf16/amx_bf16 flag): bf16 "
-                          "products are emulated, typically tens of times slower than float32; use "
-                          "model.compute_dtype=auto or fp32", UserWarning, stacklevel=2)
-    return requested
+    kwargs = dict(from_pretrained_kwargs or {})
+    for key in ("dtype", "torch_dtype"):
+        if key in kwargs and kwargs[key] not in _LOAD_DTYPE_NAMES.get(compute_dtype, ()):
+            raise ValueError(
+                f"model.from_pretrained_kwargs.{key}={kwargs[key]!s} conflicts with model.compute_dtype="
+                f"{compute_dtype}: the compute dtype alone sets the model's dtype; remove from_pretrained_kwargs."
+                f"{key} and set model.compute_dtype=fp32|bf16 (or auto) instead")
 
 
-def apply_precision(model: nn.Module, model_cfg: Mapping[str, Any]) -> nn.Module:
-    """Cast ``model`` to ``model.compute_dtype`` and quantize its frozen linears (``model.quantize``).
+def _dtype_of(dtype: Union[str, torch.dtype]) -> torch.dtype:
+    if isinstance(dtype, torch.dtype) and dtype in COMPUTE_DTYPES.values():
+        return dtype
+    if dtype in COMPUTE_DTYPES:
+        return COMPUTE_DTYPES[dtype]
+    raise ValueError(f"apply_precision(dtype={dtype!r}): apply a decided dtype, one of {list(COMPUTE_DTYPES)} "
+                     "(decide_precision resolves auto)")
 
-    ``compute_dtype: auto`` measures which of bf16 and float32 is faster here
-    (:func:`vera_lightning.measure_precision`). ``quantize`` (``nf4``, ``int8`` or null) runs
-    :func:`vera_lightning.quantize_base` before VeRA is injected, leaving the config's ``modules_to_save``
-    (trained in full) in full precision.
+
+def _trained_in_full(model: nn.Module, modules_to_save: list[str]) -> list[tuple[str, nn.Parameter]]:
+    """``(name, parameter)`` inside the modules ``modules_to_save`` names (PEFT's rule: the full name, or its end)."""
+    found = {}
+    for module_name, module in model.named_modules():
+        if module_name and any(module_name == m or module_name.endswith("." + m) for m in modules_to_save):
+            found.update({f"{module_name}.{n}": p for n, p in module.named_parameters(remove_duplicate=False)
+                          if p.is_floating_point()})
+    return list(found.items())
+
+
+def apply_precision(model: nn.Module, dtype: Union[str, torch.dtype], quantize: Optional[str] = None,
+                    modules_to_save: Iterable[str] = ()) -> nn.Module:
+    """Store ``model`` in the decided ``dtype``, then quantize its frozen linears; decides nothing.
+
+    Every floating parameter and buffer is cast, float32 included: a model loaded in bf16 or fp16 (a
+    ``from_pretrained_kwargs`` dtype, a bf16 checkpoint) is stored in float32 under ``fp32``. Under ``bf16`` the
+    modules named in ``modules_to_save`` (trained in full) keep their float32 values and become float32 masters
+    used in bf16 (:mod:`~vera_lightning.app.models.trained_float32`). ``quantize`` (``nf4``, ``int8`` or None) runs
+    :func:`vera_lightning.quantize_base` before VeRA is injected, leaving ``modules_to_save`` in full precision.
+
+    Raises:
+        ValueError: For a dtype that is not decided (``auto``) or a quantization scheme outside the choices.
     """
-    requested, scheme = precision_settings(model_cfg)
-    dtype = resolve_compute_dtype(model, requested)
-    if dtype != torch.float32:
-        model = model.to(dtype)
-    if scheme is not None:
-        quantize_base(model, scheme, skip=list(model_cfg.get("modules_to_save") or []))
+    target = _dtype_of(dtype)
+    if quantize is not None and quantize not in QUANTIZE_SCHEMES:
+        raise ValueError(f"model.quantize={quantize!r}: use one of {list(QUANTIZE_SCHEMES)} or null (no quantization)")
+    skip = list(modules_to_save or [])
+    kept = {name: p.detach().float() for name, p in _trained_in_full(model, skip)} if target in HALF_DTYPES else {}
+    model = model.to(target)
+    if kept:
+        params = dict(model.named_parameters(remove_duplicate=False))
+        for name, value in kept.items():
+            params[name].data = value
+        keep_float32(model, kept, target)
+    if quantize is not None:
+        quantize_base(model, quantize, skip=skip)
     return model
 
 

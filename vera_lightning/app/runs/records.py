@@ -30,9 +30,10 @@ import lightning.pytorch as pl
 from hydra.core.hydra_config import HydraConfig
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers.logger import DummyLogger
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import OmegaConf
 
 from vera_lightning.app.runs import trackers
+from vera_lightning.app.runs.plan import PLAN_FILE, RunPlan, plan_json
 from vera_lightning.app.runs.run_dirs import keep_csv_history
 
 try:
@@ -109,7 +110,8 @@ def discard_job_log() -> None:
         handler.discard()
 
 
-def write_hydra_record(cfg: DictConfig, output_dir: Path, resuming: bool, name: str = RECORD_DIR) -> Optional[Path]:
+def write_hydra_record(record: str, output_dir: Path, resuming: bool, name: str = RECORD_DIR,
+                       plan: Optional[str] = None) -> Optional[Path]:
     """Write what Hydra writes to ``<run dir>/.hydra/`` (the composed config, Hydra's config, the overrides).
 
     A resumed run keeps the record of the run it continues and writes its own to ``.hydra/resume.<n>/``
@@ -117,8 +119,11 @@ def write_hydra_record(cfg: DictConfig, output_dir: Path, resuming: bool, name: 
     then wrote the record itself).
 
     Args:
+        record: The composed config as YAML (the plan's ``record``).
         name: The record's folder: ``.hydra`` for a training run; ``eval.py``/``predict.py`` write
             ``.hydra-<command>-<date>_<time>`` (:func:`command_record_name`), never a training run's ``.hydra``.
+        plan: ``plan.json``'s text, written into ``eval``/``predict``'s record folder (a training run writes its
+            plan beside ``summary.json``: :class:`RunRecord`).
 
     Returns:
         The directory written, or ``None``.
@@ -133,9 +138,11 @@ def write_hydra_record(cfg: DictConfig, output_dir: Path, resuming: bool, name: 
             n += 1
         target = target / f"resume.{n}"
     target.mkdir(parents=True, exist_ok=True)
-    for file_name, node in (("config.yaml", cfg), ("hydra.yaml", hydra_cfg),
-                            ("overrides.yaml", hydra_cfg.hydra.overrides.task)):
+    (target / "config.yaml").write_text(record, encoding="utf-8")
+    for file_name, node in (("hydra.yaml", hydra_cfg), ("overrides.yaml", hydra_cfg.hydra.overrides.task)):
         (target / file_name).write_text(OmegaConf.to_yaml(node), encoding="utf-8")
+    if plan is not None:
+        (target / PLAN_FILE).write_text(plan, encoding="utf-8")
     return target
 
 
@@ -152,17 +159,16 @@ class RunRecord(Callback):
     """Write the run's records once it has passed every check (see the module docstring).
 
     Args:
-        cfg: The composed config (recorded in ``.hydra/`` and logged to the loggers).
-        output_dir: The run directory.
+        plan: The run's plan: its ``record`` goes to ``.hydra/config.yaml`` and the loggers, the plan itself to
+            ``plan.json`` (a resume keeps the run's and writes ``plan.resume.<n>.json``).
         loggers: The run's loggers; the Trainer is built with ``logger=False`` and gets them here.
         resuming: Whether the run continues a checkpoint (accepted in ``on_train_start``, not ``setup``).
         keep_history: Move the CSV logger's ``metrics.csv``/``hparams.yaml`` aside when accepted (a resume,
             ``overwrite=true``).
     """
 
-    def __init__(self, cfg: DictConfig, output_dir: Path, loggers: list[Any], resuming: bool,
-                 keep_history: bool) -> None:
-        self.cfg, self.output_dir, self.loggers = cfg, output_dir, loggers
+    def __init__(self, plan: RunPlan, loggers: list[Any], resuming: bool, keep_history: bool) -> None:
+        self.plan, self.output_dir, self.loggers = plan, plan.run_dir, loggers
         self.resuming, self.keep_history = resuming, keep_history
         self.accepted = False
 
@@ -175,10 +181,16 @@ class RunRecord(Callback):
         if trainer.is_global_zero:
             if self.keep_history:
                 keep_csv_history(self.loggers)  # Lightning's CSV logger would delete metrics.csv
-            write_hydra_record(self.cfg, self.output_dir, self.resuming)
+            write_hydra_record(self.plan.record, self.output_dir, self.resuming)
+            if self.resuming and (self.output_dir / PLAN_FILE).is_file():  # the run's own plan stays its record
+                name = next(f"plan.resume.{n}.json" for n in range(1, 10**6)
+                            if not (self.output_dir / f"plan.resume.{n}.json").exists())
+                (self.output_dir / name).write_text(plan_json(self.plan), encoding="utf-8")
+            else:
+                (self.output_dir / PLAN_FILE).write_text(plan_json(self.plan), encoding="utf-8")
         # what Trainer(logger=...) would have made of them: fast_dev_run suppresses logging
         trainer.loggers = [DummyLogger()] if trainer.fast_dev_run and self.loggers else self.loggers
-        trackers.log_config(self.loggers, self.cfg)
+        trackers.log_config(self.loggers, self.plan.record)
         if pl_module is not None and pl_module.hparams:
             for logger in self.loggers:
                 logger.log_hyperparams(pl_module.hparams)

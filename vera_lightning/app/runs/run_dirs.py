@@ -221,18 +221,17 @@ class RunDirCheck(HydraCallback):
                 return
 
 
-def resolve_ckpt_path(cfg: DictConfig) -> Optional[str]:
-    """The checkpoint ``ckpt_path`` names, checked to exist (``None`` when not resuming).
+def resolve_ckpt_path(value: Optional[str], output_dir: Path) -> Optional[str]:
+    """The checkpoint ``ckpt_path=value`` names, checked to exist (``None`` when not resuming).
 
     Raises:
         FileNotFoundError: If ``last.ckpt`` or the given file does not exist (the message
             says how to point at the interrupted run).
     """
-    value = cfg.get("ckpt_path")
     if value in (None, ""):
         return None
     if str(value) == "last":
-        path = Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt"
+        path = Path(output_dir) / "checkpoints" / "last.ckpt"
         if not path.is_file():
             raise FileNotFoundError(
                 f"ckpt_path=last: {path} does not exist. Run the command again with hydra.run.dir=<the interrupted "

@@ -17,16 +17,20 @@ from pathlib import Path
 from typing import Any
 
 from lightning.pytorch.loggers import MLFlowLogger, WandbLogger  # importable without mlflow / wandb
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import OmegaConf
 
 __all__ = ["log_config", "log_adapter", "close"]
 
 
-def log_config(loggers: list[Any], cfg: DictConfig) -> None:
-    """Log the composed config (resolved, nested keys flattened by each logger) as hyper-parameters."""
+def log_config(loggers: list[Any], record: str) -> None:
+    """Log the composed config (the plan's resolved YAML record; nested keys flattened by each logger)."""
     if not loggers:
         return
-    params = OmegaConf.to_container(cfg, resolve=True)
+    node = OmegaConf.create(record)
+    try:
+        params = OmegaConf.to_container(node, resolve=True)
+    except Exception:  # an interpolation only Hydra's job can resolve (${hydra:...}): logged as written
+        params = OmegaConf.to_container(node, resolve=False)
     for logger in loggers:
         logger.log_hyperparams(params)
 

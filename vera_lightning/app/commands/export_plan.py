@@ -1,0 +1,303 @@
+"""The export's typed options and its plan: every setting resolved once and checked before anything is loaded.
+
+``conf/export.yaml`` is validated against :class:`ExportOptions` (``export_schema`` in Hydra's ``ConfigStore``,
+:func:`register_export_schema`): an unknown key (``+foo=1``) or a wrong type (``seed=abc``) fails when Hydra
+composes. ``rank`` and ``overwrite`` are typed ``Any`` there on purpose and checked here, so that every problem comes
+in one message and ``overwrite=no``/``off``/``'false'`` are refused (OmegaConf would read them as booleans, and
+``bool()`` of a string is true), as ``train.py`` and ``predict.py`` refuse them.
+
+:func:`plan_export` turns the options into one immutable :class:`ExportPlan`: the adapter (a run directory resolves
+to its ``adapter/``, said in one line), its rank and VeRA options, the base model with its seed and where it came
+from (:mod:`~vera_lightning.app.commands.export_base`), the format, the rank and dtype to write and the **one
+output** it will write, with ``overwrite`` as a bool. Every problem is collected (the options, the adapter, the
+base and its seed against the training run's, the architecture for ``gguf-lora``, the output against every input:
+:mod:`~vera_lightning.app.commands.export_output`) and raised in one ``ValueError`` naming the option, the value
+and the fix, before any model is loaded or any byte written.
+
+:func:`export_problems` is the part ``train.py export=...``'s preflight needs (no adapter yet): the format, a
+method that saves no VeRA adapter (``finetune=head|full``), and ``gguf-lora`` on an architecture or with options
+a GGUF LoRA cannot carry.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Optional, Sequence
+
+import torch
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+from vera_lightning import ADAPTER_CONFIG_NAME, GGUF_ARCHITECTURES, checkpoint_config
+from vera_lightning.app.commands.adapters import AdapterSource, resolve_adapter
+from vera_lightning.app.commands.export_base import ExportBase, base_architecture, base_inputs, find_base
+from vera_lightning.app.commands.export_output import Inputs, output_problems
+from vera_lightning.app.models.schema import check_model_keys
+from vera_lightning.app.runs.run_dirs import RUN_RECORDS, previous_run
+
+__all__ = ["FORMATS", "DEFAULT_OUTPUTS", "DTYPES", "ExportOptions", "ExportPlan", "register_export_schema",
+           "check_format", "export_problems", "plan_export"]
+
+#: ``format=`` values.
+FORMATS = ("merged", "lora", "gguf-lora")
+#: Where each format goes when ``output`` is not given: beside the adapter, in its run directory.
+DEFAULT_OUTPUTS = {"merged": "merged", "lora": "lora", "gguf-lora": "adapter-lora.gguf"}
+#: ``dtype=`` values (``format=merged``): what the merged weights are written in (the merge is float32).
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+FIX_FORMAT = "format=lora (vLLM, TGI, PEFT) or format=merged (any Hugging Face runtime)"
+_ADAPTER_HINT = ("export takes a VeRA adapter directory (adapter_config.json + adapter_model.safetensors: a training "
+                 "run's adapter/, or the run directory itself) or a .ckpt written by a training run "
+                 "(<run dir>/checkpoints/last.ckpt)")
+
+
+@dataclass
+class ExportOptions:
+    """``conf/export.yaml``'s keys and types (the ``export_schema`` node; see the module docstring)."""
+
+    adapter: str = MISSING
+    format: str = MISSING
+    output: Optional[str] = None
+    rank: Any = None  # checked by plan_export: a positive int or null
+    overwrite: Any = False  # checked by plan_export: true or false only
+    dtype: str = "fp32"
+    seed: Optional[int] = None
+    model: Any = None
+    data: Any = None
+    paths: Any = None
+
+
+def register_export_schema() -> None:
+    """Store :class:`ExportOptions` as ``export_schema`` in Hydra's ``ConfigStore`` (``conf/export.yaml``'s first
+    default). Idempotent."""
+    ConfigStore.instance().store(name="export_schema", node=ExportOptions)
+
+
+@dataclass(frozen=True)
+class ExportPlan:
+    """One export, resolved and checked (:func:`plan_export`); nothing below reads the options again.
+
+    Attributes:
+        adapter: The adapter directory or ``.ckpt``.
+        r: The adapter's VeRA rank.
+        format: ``merged``, ``lora`` or ``gguf-lora``.
+        output: The one path the export writes.
+        overwrite: Whether an earlier export of the same format there may be replaced.
+        rank: The LoRA rank to write (``None``: exact, ``r``).
+        dtype: ``fp32`` or ``bf16``: what ``merged`` writes (the merge itself is float32).
+        base: The base model, its seed and where they came from.
+        run_dir: The training run the adapter lies in, if any.
+        notes: One-line notes to print (a run directory resolved to its adapter, ...).
+        checkpoint: The loaded ``.ckpt`` (``None`` for an adapter directory).
+    """
+
+    adapter: AdapterSource
+    r: int
+    format: str
+    output: Path
+    overwrite: bool
+    rank: Optional[int]
+    dtype: str
+    base: ExportBase
+    run_dir: Optional[Path] = None
+    notes: tuple[str, ...] = ()
+    checkpoint: Any = field(default=None, repr=False, compare=False)
+
+
+def check_format(value: Any, option: str = "format") -> str:
+    """``value`` if it is a known export format.
+
+    Raises:
+        ValueError: Naming the value and the choices.
+    """
+    if value not in FORMATS:
+        raise ValueError(f"{option}={value!r} is not an export format; use one of {list(FORMATS)}")
+    return str(value)
+
+
+def export_problems(fmt: Any, model_cfg: Mapping[str, Any], method: str = "vera", *,
+                    modules_to_save: Optional[Sequence[str]] = None, bias: Any = "none",
+                    option: str = "export") -> list[str]:
+    """Why ``fmt`` cannot export a ``method`` run on the base ``model_cfg`` names (no model is loaded).
+
+    Args:
+        fmt: The format (``export=`` of ``train.py``, ``format=`` of ``export.py``).
+        model_cfg: The ``model`` config of the base.
+        method: ``finetune``: only ``vera`` saves a VeRA adapter.
+        modules_to_save, bias: The VeRA options (a GGUF LoRA carries neither trained modules nor biases).
+        option: The option's name in the messages.
+
+    Returns:
+        One message per problem (empty: the export can go ahead as far as can be told before training).
+    """
+    if fmt not in FORMATS:
+        return [f"{option}={fmt!r} is not an export format; use one of {list(FORMATS)}"]
+    problems = []
+    if method != "vera":
+        problems.append(f"{option}={fmt} with finetune={method}: export converts a VeRA adapter, and finetune={method} "
+                        "saves trained weights instead (adapter/model.safetensors). Drop export= or use finetune=vera")
+    if fmt == "gguf-lora":
+        arch = base_architecture(model_cfg)
+        if arch is not None and arch[0] not in GGUF_ARCHITECTURES:
+            problems.append(f"{option}=gguf-lora: the base is a {arch[0]!r} model ({arch[1]}); GGUF LoRA export knows "
+                            f"the llama.cpp tensor names of {sorted(GGUF_ARCHITECTURES)} models only (LLaMA, SmolLM2, "
+                            f"TinyLlama). Use {FIX_FORMAT.replace('format=', option + '=')}")
+        trained = list(modules_to_save or []) + list(model_cfg.get("modules_to_save") or [])
+        if trained:
+            problems.append(f"{option}=gguf-lora: the adapter also trains modules_to_save={sorted(set(trained))}, which "
+                            f"a GGUF LoRA cannot carry. Use {FIX_FORMAT.replace('format=', option + '=')}")
+        if str(getattr(bias, "value", bias) or "none") != "none":
+            problems.append(f"{option}=gguf-lora: the adapter also trains biases (bias={getattr(bias, 'value', bias)!r}), "
+                            f"which a GGUF LoRA cannot carry. Use {FIX_FORMAT.replace('format=', option + '=')}")
+    return problems
+
+
+def _home(path: Path, kind: str) -> Path:
+    """The folder an adapter's default output goes to: its run directory (``checkpoints/``'s parent for a ``.ckpt``)."""
+    parent = path.parent
+    return parent.parent if kind == "checkpoint" and parent.name == "checkpoints" else parent
+
+
+def _resolve(value: Any) -> tuple[Optional[AdapterSource], Optional[str], Optional[str]]:
+    """``(source, note, problem)`` for ``adapter=value``; a run directory resolves to its ``adapter/``."""
+    path = Path(str(value)).expanduser()
+    if not path.exists():
+        return None, None, f"adapter={str(value)!r}: no such file or directory. {_ADAPTER_HINT}"
+    note = None
+    if path.is_dir() and not (path / ADAPTER_CONFIG_NAME).is_file():
+        if (path / "config.json").is_file():
+            return None, None, (f"adapter={str(value)!r} is a model directory (config.json), not a VeRA adapter: it is "
+                                "already a plain model that any runtime loads. " + _ADAPTER_HINT)
+        inner = [p for p in (path / "adapter", path / "checkpoints" / "last.ckpt")
+                 if (p / ADAPTER_CONFIG_NAME).is_file() or p.suffix == ".ckpt" and p.is_file()]
+        if not inner:
+            listing = sorted(p.name for p in path.iterdir())[:6]
+            return None, None, f"adapter={str(value)!r} is a directory holding {listing}, not a VeRA adapter. " + \
+                _ADAPTER_HINT
+        note = f"adapter={str(value)!r} is a training run: exporting its {inner[0].relative_to(path)} ({inner[0]})"
+        path = inner[0]
+    elif path.is_file() and path.suffix != ".ckpt":
+        return None, None, f"adapter={str(value)!r} is a file but not a .ckpt. {_ADAPTER_HINT}"
+    return resolve_adapter(path), note, None
+
+
+def _adapter_options(source: AdapterSource) -> tuple[Optional[int], dict, Any, Optional[str]]:
+    """``(r, {modules_to_save, bias}, loaded checkpoint, problem)`` of a VeRA adapter directory or ``.ckpt``."""
+    shown = str(source.path)
+    if source.kind == "checkpoint":
+        try:
+            checkpoint = torch.load(source.path, map_location="cpu", weights_only=True)
+        except Exception as err:  # unpickling errors come in many types
+            return None, {}, None, f"adapter={shown!r}: could not read the checkpoint ({type(err).__name__})"
+        config = checkpoint_config(checkpoint)
+        if config is None:
+            return None, {}, None, (f"adapter={shown!r} is not a checkpoint written with VeraCallback (no VeRA config "
+                                    "marker); give a VeRA run's <run dir>/checkpoints/last.ckpt or its adapter/")
+        return config.r, {"modules_to_save": config.modules_to_save, "bias": config.bias}, checkpoint, None
+    try:
+        saved = json.loads((source.path / ADAPTER_CONFIG_NAME).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        return None, {}, None, f"adapter={shown!r}: {ADAPTER_CONFIG_NAME} cannot be read ({err})"
+    kind = saved.get("peft_type") if isinstance(saved, dict) else None
+    if kind != "VERA":
+        return None, {}, None, (f"adapter={shown!r} is a {kind or 'non-PEFT'} adapter, not VeRA (peft_type={kind!r} in "
+                                f"{ADAPTER_CONFIG_NAME}); export converts VeRA adapters (a training run's adapter/ or "
+                                "save_adapter's directory). A LoRA adapter serves as it is in vLLM/TGI; llama.cpp's "
+                                "convert_lora_to_gguf.py converts it to GGUF")
+    options = {"modules_to_save": saved.get("modules_to_save"), "bias": saved.get("bias") or "none"}
+    return int(saved.get("r") or 0), options, None, None
+
+
+def _option_problems(fmt: Any, rank: Any, overwrite: Any, dtype: Any, r: Optional[int]) -> list[str]:
+    problems = []
+    if fmt not in FORMATS:
+        problems.append(f"format={fmt!r} is not an export format; use one of {list(FORMATS)}")
+    if not isinstance(overwrite, bool):
+        problems.append(f"overwrite={overwrite!r}: must be true or false (a boolean: 'no', 'off' or a quoted 'false' "
+                        "are not read as false); write overwrite=false or overwrite=true")
+    if dtype not in DTYPES:
+        problems.append(f"dtype={dtype!r}: use fp32 (the default: the merged weights as merged) or bf16 (half the "
+                        "size; the rounding it costs is printed)")
+    elif dtype != "fp32" and fmt != "merged":
+        problems.append(f"dtype={dtype}: applies to format=merged only (lora and gguf-lora write float32 factors); "
+                        "drop dtype=")
+    if rank is not None:
+        if fmt == "merged":
+            problems.append(f"rank={rank!r}: format=merged folds the exact update into the weights; rank applies to "
+                            "format=lora|gguf-lora only (drop rank=)")
+        elif isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+            problems.append(f"rank={rank!r} must be a positive integer or null (null: the exact export at rank r)")
+        elif r and rank > r:
+            problems.append(f"rank={rank} is above the adapter's r={r}: the exact export already has rank {r}; "
+                            f"use rank=null, or 1 <= rank <= {r}")
+    return problems
+
+
+def _inputs(source: AdapterSource, run_dir: Optional[Path], base: Optional[ExportBase]) -> Inputs:
+    what = "the adapter" if source.kind == "adapter" else "the checkpoint being exported"
+    holders = [(source.path, what)]
+    containers = [(Path.cwd(), "the current directory")]
+    if source.kind == "checkpoint":
+        containers.append((source.path.parent, "the checkpoint's folder"))
+    if run_dir is not None:
+        records = [n for n in (*RUN_RECORDS, "adapter") if os.path.lexists(run_dir / n)]
+        holders += [(run_dir / n, f"the training run's {n}") for n in records]
+        containers.append((run_dir, "the training run's directory (its adapter, checkpoints and record)"))
+    if base is not None:
+        holders += base_inputs(base.model)
+    return Inputs(tuple(holders), tuple(containers))
+
+
+def plan_export(adapter: Any, fmt: Any, output: Optional[Any] = None, rank: Any = None, overwrite: Any = False,
+                base: Optional[Mapping[str, Any]] = None, *, dtype: Any = "fp32", seed: Optional[int] = None,
+                check_keys: bool = False) -> ExportPlan:
+    """Resolve and check one export (module docstring); nothing is loaded but the adapter's config (or ``.ckpt``).
+
+    Args:
+        adapter: A VeRA adapter directory, a ``.ckpt``, or a training run directory (its ``adapter/``).
+        fmt: ``merged``, ``lora`` or ``gguf-lora``.
+        output: The output path; ``None`` or empty: beside the adapter (:data:`DEFAULT_OUTPUTS`).
+        rank: ``None`` or a positive int (``lora``, ``gguf-lora``).
+        overwrite: ``True`` or ``False`` (anything else is refused).
+        base: ``{"model", "data", "seed"}`` of the base (``model=``, or ``train.py``'s); ``None``: found.
+        dtype: ``fp32`` or ``bf16`` (``merged``).
+        seed: ``seed=`` as given (``None``: the training run's).
+        check_keys: Refuse ``model`` keys the model schema does not know (``+model.<key>`` on the command line).
+
+    Raises:
+        ValueError: Listing every problem, each naming the option, its value and the fix.
+    """
+    source, note, problem = _resolve(adapter)
+    problems = [problem] if problem else []
+    r, options, checkpoint, run_dir = None, {}, None, None
+    found: Optional[ExportBase] = None
+    notes = [note] if note else []
+    if source is not None:
+        r, options, checkpoint, problem = _adapter_options(source)
+        problems += [problem] if problem else []
+        home = _home(source.path, source.kind)
+        run_dir = home if previous_run(home) or (home / ".hydra").is_dir() else None
+    problems += _option_problems(fmt, rank, overwrite, dtype, r)
+    if base and base.get("model") and check_keys:
+        try:
+            check_model_keys(base["model"])
+        except ValueError as err:
+            problems.append(str(err))
+    if source is not None:
+        found, base_problems, base_notes = find_base(source.kind, source.path, source.base, run_dir, base, seed)
+        problems += base_problems
+        notes += base_notes
+    if found is not None and fmt == "gguf-lora":
+        problems += export_problems(fmt, found.model, option="format", **options)
+    target = None
+    if source is not None and fmt in FORMATS:
+        target = Path(str(output)).expanduser() if output not in (None, "") else \
+            _home(source.path, source.kind) / DEFAULT_OUTPUTS[str(fmt)]
+        problems += output_problems(str(fmt), target, overwrite is True, _inputs(source, run_dir, found))
+    if problems:
+        raise ValueError(problems[0] if len(problems) == 1 else "Cannot export:\n  - " + "\n  - ".join(problems))
+    assert source is not None and found is not None and target is not None and r is not None
+    return ExportPlan(adapter=source, r=r, format=str(fmt), output=target, overwrite=overwrite, rank=rank,
+                      dtype=str(dtype), base=found, run_dir=run_dir, notes=tuple(notes), checkpoint=checkpoint)

@@ -1,0 +1,102 @@
+"""The ``data`` group's schema: every key a ``conf/data/*.yaml`` may hold, typed, checked when Hydra composes.
+
+:class:`DataSchema` is stored as the ``data/schema`` node of Hydra's ``ConfigStore`` (:func:`register_schema`, called
+by the app's ``register_configs``); the data configs that start a family (``demo_sentiment``, ``demo_text``,
+``table``, ``sst2``, ``sft``) list ``schema`` first in their defaults, and the others inherit it through them. So a
+misspelt key in a user's data file or ``data.max_length=abc`` fails at compose time with Hydra's message, and a key
+added with ``+data.<key>=...`` (which Hydra lets past a schema) is refused by :func:`check_data_keys` before any work.
+
+``monitor`` / ``monitor_mode`` default to ``???`` (not set): the objective then falls back to the model's
+(``conf/objective/default.yaml`` selects ``data.monitor`` only where a data config sets it).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Any, Optional
+
+__all__ = ["DataSchema", "UNSET_FALLBACKS", "register_schema", "check_data_keys", "check_data_values",
+           "data_settings"]
+
+#: Keys whose ``???`` means "not set: use the fallback" rather than "required".
+UNSET_FALLBACKS = ("monitor", "monitor_mode")
+
+
+@dataclass
+class DataSchema:
+    """The keys of a ``data/`` config (the files in ``conf/data/`` say what each means)."""
+
+    name: str = "???"
+    #: ``classification`` or ``causal_lm``
+    task: str = "???"
+    #: ``table`` (.tsv/.csv), ``text`` (.txt), ``sft`` (prompt/response or chat rows), ``hf`` (``datasets``)
+    format: str = "???"
+    #: ``???`` here so that a data config's ``data_dir: ???`` stays required (a ``???`` never overrides a value in a
+    #: merge); every data config that starts a family sets it (null: the built-in demo data)
+    data_dir: Optional[str] = "???"
+    train_file: Optional[str] = None
+    val_file: Optional[str] = None
+    text_field: Optional[str] = None
+    text_pair_field: Optional[str] = None
+    label_field: Optional[str] = None
+    num_labels: Optional[int] = None
+    problem_type: Optional[str] = None
+    #: ``{name: {_target_: torchmetrics class, ...}}``; null: the task's defaults
+    metrics: Any = None
+    max_length: int = 128
+    batch_size: int = 8
+    eval_batch_size: int = 16
+    max_train_samples: Optional[int] = None
+    max_val_samples: Optional[int] = None
+    num_workers: int = 0
+    seed: int = 42
+    monitor: str = "???"
+    monitor_mode: str = "???"
+    # Hugging Face datasets (format: hf)
+    hf_name: Optional[str] = None
+    hf_subset: Optional[str] = None
+    hf_train_split: Optional[str] = None
+    hf_val_split: Optional[str] = None
+    # prompt/response data (format: sft)
+    prompt_field: Optional[str] = None
+    response_field: Optional[str] = None
+    messages_field: Optional[str] = None
+    prompt_template: Optional[str] = None
+    chat_template: bool = False
+    system_prompt: Optional[str] = None
+    train_on_prompt: bool = False
+    truncation: str = "left"
+    group_by_length: bool = False
+    packing: bool = False
+
+
+def register_schema(store: Any) -> None:
+    """Store :class:`DataSchema` as the ``data/schema`` node of Hydra's ``ConfigStore``. Idempotent."""
+    store.store(group="data", name="schema", node=DataSchema)
+
+
+def check_data_keys(keys: Any) -> list[str]:
+    """Problems with the keys of a composed ``data`` node: each key :class:`DataSchema` does not know."""
+    known = {f.name for f in fields(DataSchema)}
+    unknown = sorted(str(key) for key in keys if key not in known)
+    if not unknown:
+        return []
+    return [f"{', '.join('data.' + k for k in unknown)}: no data setting has this name, so it would be ignored "
+            f"(a typo?). Remove it; the data settings are {', '.join(sorted(known))} (conf/data/*.yaml)"]
+
+
+def check_data_values(data: dict[str, Any]) -> list[str]:
+    """Problems with settings that are required only in some formats (``hf_name`` with ``format: hf``)."""
+    if data.get("format") == "hf" and not data.get("hf_name"):
+        return ["data.hf_name is required with data.format=hf (a Hugging Face dataset name or a saved dataset's "
+                "folder): add data.hf_name=... to the command line, e.g. data=hf data.hf_name=glue data.hf_subset=sst2"]
+    return []
+
+
+def data_settings(values: dict[str, Any]) -> dict[str, Any]:
+    """The data settings as the data layer reads them: every schema key present, ``???`` fallbacks as ``None``."""
+    out = {f.name: values.get(f.name, None) for f in fields(DataSchema)}
+    for key in UNSET_FALLBACKS:
+        if out.get(key) == "???":
+            out[key] = None
+    return out
