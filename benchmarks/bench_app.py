@@ -69,7 +69,7 @@ def train_lora(cfg, r: int) -> dict:
 
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     data_cfg = OmegaConf.to_container(cfg.data, resolve=True)
-    vera_config = vera_config_from(cfg)
+    vera_config = vera_config_from(cfg.vera)
     tokenizer = build_tokenizer(cfg.model)
     model = build_model(cfg.model, tokenizer, num_labels=data_cfg.get("num_labels"),
                         problem_type=data_cfg.get("problem_type"))

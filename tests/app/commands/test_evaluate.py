@@ -13,8 +13,8 @@ from helpers.app import SMOKE, compose_app
 from safetensors import safe_open
 
 from vera_lightning.app.commands.build import build_components
-from vera_lightning.app.commands.planning import make_plan
 from vera_lightning.app.commands.evaluate import evaluate
+from vera_lightning.app.commands.planning import make_plan
 from vera_lightning.app.commands.train import train
 from vera_lightning.app.data.datamodules import DEMO_DIR, TextDataModule
 
@@ -74,7 +74,7 @@ def test_eval_of_a_peft_saved_adapter(smoke_run, tmp_path):
     from peft import PeftModel
 
     train_metrics, run_dir = smoke_run
-    base = build_components(make_plan(compose_app("eval", tmp_path / "base", *SMOKE), "eval")).model  # the same seeded base
+    base = build_components(make_plan(compose_app("eval", tmp_path / "base", *SMOKE), "eval")).model  # seeded base
     peft_model = PeftModel.from_pretrained(base, str(run_dir / "adapter"))
     peft_dir = tmp_path / "peft_adapter"
     peft_model.save_pretrained(str(peft_dir))  # PEFT writes its own files (no checksums of ours)

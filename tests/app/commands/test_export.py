@@ -1,6 +1,10 @@
 """scripts/export.py's export_run: merged and LoRA exports equal our outputs (OPT, GPT-2 Conv1D, LLaMA GQA with tied
 embeddings, BERT with a head and biases), PEFT loads the LoRA, the GGUF LoRA is written for LLaMA, a training
-run's adapter and .ckpt export alike, and every bad input is refused with one message before anything is written."""
+run's adapter and .ckpt export alike, and every bad input is refused with one message before anything is written.
+
+Also the shared helpers of the other export tests (test_export_plan.py, test_export_output.py, test_export_script.py,
+test_export_precision.py): :func:`fake_run` and :func:`snapshot` (every file's name, mode and bytes under a tree).
+"""
 
 from __future__ import annotations
 
@@ -18,7 +22,6 @@ from helpers.models import random_lambdas_
 from omegaconf import OmegaConf
 
 from vera_lightning import VeraConfig, apply_vera, load_adapter, save_adapter
-from vera_lightning.app.commands.build import build_components
 from vera_lightning.app.commands.export import check_format, export_run
 from vera_lightning.app.commands.train import train
 from vera_lightning.app.models.load import build_model, build_tokenizer
@@ -49,6 +52,25 @@ def tokenizer_dir(tmp_path_factory):
     return directory
 
 
+def snapshot(root: Path) -> dict[str, tuple]:
+    """Every entry under ``root``: its relative name, mode and bytes (folders: mode only; links: their target)."""
+    found = {}
+    for path in sorted(Path(root).rglob("*")):
+        info = path.lstat()
+        if path.is_symlink():
+            found[str(path.relative_to(root))] = ("link", str(path.readlink()))
+        elif path.is_dir():
+            found[str(path.relative_to(root))] = ("dir", info.st_mode)
+        else:
+            found[str(path.relative_to(root))] = ("file", info.st_mode, path.read_bytes())
+    return found
+
+
+def changed(before: dict, after: dict) -> set[str]:
+    """Names whose entry differs between two snapshots (added, removed or modified)."""
+    return {k for k in set(before) | set(after) if before.get(k) != after.get(k)}
+
+
 def _base(model_cfg, data_cfg, seed):
     """The base exactly as the export (and training) builds it."""
     pl.seed_everything(seed, verbose=False)
@@ -56,11 +78,14 @@ def _base(model_cfg, data_cfg, seed):
     return build_model(model_cfg, tokenizer, num_labels=data_cfg.get("num_labels")).eval(), tokenizer
 
 
-def fake_run(root: Path, kind: str, tokenizer_dir: Path, seed: int = 7):
-    """A run directory as training leaves it (adapter/ and .hydra/config.yaml); returns it and the adapted model."""
+def fake_run(root: Path, kind: str, tokenizer_dir: Path, seed: int = 7, compute_dtype: str = "fp32"):
+    """A run directory as training leaves it (adapter/ and .hydra/config.yaml); returns it and the adapted model.
+
+    ``compute_dtype="bf16"``: the base was bf16 when the adapter was trained and saved (the record says so).
+    """
     fields, targets, task, options = KINDS[kind]
     model_cfg = {"name": kind, "task": task, "name_or_path": None, "tokenizer": str(tokenizer_dir),
-                 "from_config": fields, "target_modules": targets, "quantize": None, "compute_dtype": "fp32"}
+                 "from_config": fields, "target_modules": targets, "quantize": None, "compute_dtype": compute_dtype}
     data_cfg = {"num_labels": 2} if task == "classification" else {}
     model, _ = _base(model_cfg, data_cfg, seed)
     model = apply_vera(model, VeraConfig(r=8, target_modules=targets, **options))
@@ -160,9 +185,10 @@ def smoke_run(tmp_path_factory):
 
 def test_training_runs_adapter_and_ckpt_export_alike(smoke_run, tmp_path):
     run, cfg = smoke_run
-    parts = build_components(compose_app("train", tmp_path / "ref", *SMOKE))
-    load_adapter(parts.model, run / "adapter")
-    ours = _logits(parts.model.eval())
+    model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
+    reference, _ = _base(model_cfg, {}, cfg.seed)
+    load_adapter(reference, run / "adapter")
+    ours = _logits(reference.eval())
     for name, source in (("from-dir", run / "adapter"), ("from-ckpt", run / "checkpoints" / "last.ckpt")):
         export_run(source, "merged", tmp_path / name)
         from transformers import AutoModelForCausalLM
@@ -173,58 +199,71 @@ def test_training_runs_adapter_and_ckpt_export_alike(smoke_run, tmp_path):
     assert result.rank == cfg.vera.r
 
 
-def _refused(tmp_path, match, *args, **kwargs):
-    before = sorted(p.name for p in tmp_path.rglob("*"))
-    with pytest.raises((ValueError, FileNotFoundError)) as caught:
+def refused(tmp_path, match, *args, **kwargs):
+    """``export_run(*args, **kwargs)`` is refused with a message matching ``match`` and ``tmp_path`` is byte for byte
+    as it was (names, modes, bytes)."""
+    before = snapshot(tmp_path)
+    with pytest.raises((ValueError, FileExistsError)) as caught:
         export_run(*args, **kwargs)
     assert caught.match(match)
-    assert sorted(p.name for p in tmp_path.rglob("*")) == before  # nothing written
+    assert snapshot(tmp_path) == before  # nothing written
     return str(caught.value)
 
 
 def test_bad_inputs_are_refused_before_anything_is_written(tmp_path, tokenizer_dir):
     run, _ = fake_run(tmp_path, "opt", tokenizer_dir)
     adapter = run / "adapter"
-    _refused(tmp_path, r"format='onnx' is not an export format; use one of \['merged', 'lora', 'gguf-lora'\]",
+    refused(tmp_path, r"format='onnx' is not an export format; use one of \['merged', 'lora', 'gguf-lora'\]",
              adapter, "onnx", tmp_path / "x")
-    _refused(tmp_path, r"rank=9 is above the adapter's r=8.*rank=null, or 1 <= rank <= 8",
+    refused(tmp_path, r"rank=9 is above the adapter's r=8.*rank=null, or 1 <= rank <= 8",
              adapter, "lora", tmp_path / "x", rank=9)
-    _refused(tmp_path, "rank=2: format=merged folds", adapter, "merged", tmp_path / "x", rank=2)
-    _refused(tmp_path, r"format=gguf-lora cannot export .*'opt' model \(OPTForCausalLM\).*Use format=lora",
+    refused(tmp_path, "rank=2: format=merged folds", adapter, "merged", tmp_path / "x", rank=2)
+    refused(tmp_path, r"format=gguf-lora: the base is a 'opt' model.*Use format=lora",
              adapter, "gguf-lora", tmp_path / "x.gguf")
-    _refused(tmp_path, r"give a path ending in \.gguf", adapter, "gguf-lora", tmp_path / "x.bin")
-    _refused(tmp_path, r"adapter='.*nope': no such file", tmp_path / "nope", "lora", tmp_path / "x")
-    message = _refused(tmp_path, "Cannot export", adapter, "onnx", tmp_path / "x", rank=0)
+    refused(tmp_path, r"give a path ending in \.gguf", adapter, "gguf-lora", tmp_path / "x.bin")
+    refused(tmp_path, r"adapter='.*nope': no such file", tmp_path / "nope", "lora", tmp_path / "x")
+    message = refused(tmp_path, "Cannot export", adapter, "onnx", tmp_path / "x", rank=0)
     assert "format='onnx'" in message and "rank=0 must be a positive integer" in message
     (tmp_path / "taken").mkdir()
-    _refused(tmp_path, r"output='.*taken' already exists .* overwrite=true", adapter, "lora", tmp_path / "taken")
+    (tmp_path / "taken" / "notes.txt").write_text("mine")
+    message = refused(tmp_path, r"output='.*taken' holds \['notes.txt'\], which format=lora does not write",
+                       adapter, "lora", tmp_path / "taken", overwrite=True)
+    assert "not even with overwrite=true" in message
 
 
-def test_overwrite_replaces_an_existing_output(tmp_path, tokenizer_dir):
+def test_overwrite_replaces_only_an_earlier_export_of_the_same_format(tmp_path, tokenizer_dir):
     run, _ = fake_run(tmp_path, "opt", tokenizer_dir)
-    (tmp_path / "out").mkdir()
-    (tmp_path / "out" / "stale.txt").write_text("old")
+    first = export_run(run / "adapter", "lora", tmp_path / "out", rank=2)
+    message = refused(tmp_path, r"already holds an earlier lora export .*pass overwrite=true to replace that export",
+                       run / "adapter", "lora", tmp_path / "out")
+    assert "adapter_config.json" in message  # says what it would replace
+    before = snapshot(tmp_path)
     export_run(run / "adapter", "lora", tmp_path / "out", overwrite=True)
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    assert changed(before, snapshot(tmp_path)) == {"out/adapter_config.json", "out/adapter_model.safetensors"}
+    assert json.loads((first.output / "adapter_config.json").read_text())["r"] == 8
     assert not [f for f in tmp_path.iterdir() if f.name.startswith(".")]
+    refused(tmp_path, r"holds a lora export .*not a merged one", run / "adapter", "merged", tmp_path / "out",
+             overwrite=True)
 
 
 def test_not_vera_merged_dirs_and_baseless_ckpt_are_refused(tmp_path, tokenizer_dir):
     run, _ = fake_run(tmp_path, "opt", tokenizer_dir)
     export_run(run / "adapter", "lora", tmp_path / "lora")
-    _refused(tmp_path, r"is a LORA adapter, not VeRA \(peft_type='LORA'", tmp_path / "lora", "merged", tmp_path / "m")
+    refused(tmp_path, r"is a LORA adapter, not VeRA \(peft_type='LORA'", tmp_path / "lora", "merged", tmp_path / "m")
     export_run(run / "adapter", "merged", tmp_path / "merged")
-    _refused(tmp_path, "is a model directory .*not a VeRA adapter", tmp_path / "merged", "lora", tmp_path / "l")
+    message = refused(tmp_path, "is a model directory .*not a VeRA adapter", tmp_path / "merged", "lora",
+                       tmp_path / "l")
+    assert "merged model directory" not in message
     lone = tmp_path / "lone"
     lone.mkdir()
     shutil.copy(FIXTURES / "slim_v0.1.0_epoch0_step4.ckpt", lone / "last.ckpt")
-    _refused(tmp_path, r"cannot tell its base model: a checkpoint holds no base model.*Pass the model options",
+    refused(tmp_path, r"cannot tell its base model: a checkpoint holds no base model.*Pass the model options",
              lone / "last.ckpt", "merged", tmp_path / "m")
     bare = tmp_path / "bare"  # an adapter directory moved away from its run, recording an unknown base
     shutil.copytree(run / "adapter", bare)
     config = json.loads((bare / "adapter_config.json").read_text())
     (bare / "adapter_config.json").write_text(json.dumps({**config, "base_model_name_or_path": None}))
-    _refused(tmp_path, "records no usable base_model_name_or_path", bare, "lora", tmp_path / "l")
+    refused(tmp_path, "records no usable base_model_name_or_path", bare, "lora", tmp_path / "l")
     assert check_format("lora") == "lora"
 
 

@@ -186,7 +186,8 @@ def test_one_row_per_input_line_whatever_unicode_calls_a_line_break_and_no_bom(t
     lines = ["first prompt", "second\u2028half", "third\x0cform"]
     path = tmp_path / "lsep.txt"
     path.write_bytes("\ufeff".encode() + ("\n".join(lines) + "\n").encode())
-    out = predict(_cfg(tmp_path, f"input={path}", "generate.max_new_tokens=1"))
+    out = tmp_path / "preds.jsonl"
+    predict(_cfg(tmp_path, f"input={path}", f"output={out}", "generate.max_new_tokens=1"))
     data = out.read_bytes()
     assert not data.startswith("\ufeff".encode()) and "\ufeff".encode() not in data
     rows = [json.loads(line) for line in data.decode("utf-8").split("\n") if line]

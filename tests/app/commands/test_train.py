@@ -56,7 +56,7 @@ def _composition_error(make_cfg, *overrides: str) -> str:
 def test_smoke_run_trains_two_steps_and_r512_reaches_the_layers(make_cfg, tmp_path, capsys):
     cfg = make_cfg("experiment=smoke", "vera.r=512")
     assert (cfg.model.name, cfg.data.name, cfg.trainer.max_steps) == ("tiny_opt", "demo_text", 2)
-    assert cfg.vera.r == 512 and vera_config_from(cfg).r == 512
+    assert cfg.vera.r == 512 and vera_config_from(cfg.vera).r == 512
 
     metrics = train(cfg)
 
@@ -135,13 +135,13 @@ def test_wrong_type_fails_at_compose_time(make_cfg):
 def test_invalid_enum_value_fails_at_compose_time(make_cfg):
     message = _composition_error(make_cfg, "vera.bias=some")
     assert "Invalid value 'some', expected one of [none, all, vera_only]" in message
-    assert vera_config_from(make_cfg("vera.bias=vera_only")).bias is BiasMode.vera_only
+    assert vera_config_from(make_cfg("vera.bias=vera_only").vera).bias is BiasMode.vera_only
 
 
 def test_typo_keys_fail_at_compose_time(make_cfg, tmp_path):
     assert "Could not override 'vera.rr'" in _composition_error(make_cfg, "vera.rr=8")
     with pytest.raises(ValueError, match=r"Unknown vera option\(s\) \['rr'\]"):  # `+` gets past the schema
-        vera_config_from(make_cfg("+vera.rr=8"))
+        vera_config_from(make_cfg("+vera.rr=8").vera)
     extra = tmp_path / "extra_conf"
     (extra / "vera").mkdir(parents=True)
     (extra / "vera" / "typo.yaml").write_text("defaults:\n  - schema\n  - _self_\n\nrr: 8\n")
@@ -182,11 +182,11 @@ def test_model_configs_pick_their_task_data_unless_told_otherwise(make_cfg):
     for model in ("opt125m", "gpt2", "tiny_opt"):
         assert make_cfg(f"model={model}").data.task == "causal_lm"
     assert make_cfg("model=opt125m", "data=sst2").data.name == "sst2"  # the command line wins
-    gpt2 = vera_config_from(make_cfg("model=gpt2"))
+    gpt2 = vera_config_from(make_cfg("model=gpt2").vera)
     assert gpt2.fan_in_fan_out is True and gpt2.target_modules == frozenset({"c_attn"})
-    roberta = vera_config_from(make_cfg("model=roberta_base"))
+    roberta = vera_config_from(make_cfg("model=roberta_base").vera)
     assert roberta.modules_to_save == ["classifier"] and roberta.target_modules == frozenset({"query", "value"})
-    assert vera_config_from(make_cfg("vera=all_linear")).target_modules == "all-linear"
+    assert vera_config_from(make_cfg("vera=all_linear").vera).target_modules == "all-linear"
 
 
 @pytest.mark.parametrize("entry", ["train", "eval", "predict"])
@@ -218,7 +218,10 @@ def test_ddp_and_slurm_configs_compose(make_cfg):
             .hydra.launcher._target_.endswith("JoblibLauncher"))
     trainer = instantiate(make_cfg("trainer=ddp", "trainer.accelerator=cpu").trainer, logger=False)
     assert isinstance(trainer.strategy, DDPStrategy) and trainer.num_devices == 2
-    assert make_cfg("trainer=gpu").trainer.precision == "bf16-mixed"
+    # one precision scheme per run: the GPU config leaves it to model.compute_dtype (the plan decides), and the
+    # default trainer asks Lightning for the GPU where one exists
+    assert make_cfg("trainer=gpu").trainer.precision == "32-true"
+    assert make_cfg().trainer.accelerator == "auto" and make_cfg("trainer=cpu").trainer.accelerator == "cpu"
     assert make_cfg("trainer=fsdp").trainer.strategy._target_.endswith("FSDPStrategy")
 
 

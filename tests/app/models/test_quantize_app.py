@@ -9,6 +9,7 @@ import lightning.pytorch as pl
 import pytest
 import torch
 from helpers.app import compose_app
+from omegaconf import OmegaConf
 
 from vera_lightning import VeraCallback, is_quantized, load_adapter
 from vera_lightning.app.commands.train import train, vera_config_from
@@ -50,11 +51,13 @@ def test_nf4_run_trains_reports_bytes_and_its_checkpoint_resumes(make_cfg, tmp_p
     assert not is_quantized(float_model) and len(list(vera_layers(float_model))) == 4
 
     # a (slim) checkpoint of a quantized run resumes into a freshly quantized model, which stays quantized
+    data = OmegaConf.to_container(cfg.data, resolve=True)
+
     def fit(max_steps: int, ckpt_path=None):
         model = build_model(cfg.model, tokenizer)
         trainer = pl.Trainer(max_steps=max_steps, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                             enable_model_summary=False, callbacks=[VeraCallback(vera_config_from(cfg))])
-        trainer.fit(build_module("causal_lm", model, cfg.optim), datamodule=build_datamodule(dict(cfg.data), tokenizer),
+                             enable_model_summary=False, callbacks=[VeraCallback(vera_config_from(cfg.vera))])
+        trainer.fit(build_module("causal_lm", model, cfg.optim), datamodule=build_datamodule(data, tokenizer),
                     ckpt_path=ckpt_path)
         return trainer, model
 

@@ -48,7 +48,7 @@ def test_eval_writes_its_own_record_in_its_own_directory(tmp_path):
     records = sorted(p.name for p in (tmp_path / "ev").iterdir() if p.name.startswith(".hydra"))
     assert len(records) == 1 and records[0].startswith(".hydra-eval-")  # never a .hydra/ a training run could own
     assert sorted(p.name for p in (tmp_path / "ev" / records[0]).iterdir()) == ["config.yaml", "hydra.yaml",
-                                                                                 "overrides.yaml"]
+                                                                                 "overrides.yaml", "plan.json"]
     assert (tmp_path / "ev" / "metrics.json").is_file()
 
 

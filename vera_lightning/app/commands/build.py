@@ -14,6 +14,7 @@ from typing import Any, Mapping, Optional
 import hydra
 import lightning.pytorch as pl
 from hydra.core.config_store import ConfigStore
+from omegaconf import OmegaConf
 from torch import nn
 
 from vera_lightning import VeraConfig
@@ -49,7 +50,7 @@ def register_configs() -> None:
 
 
 def vera_config_from(vera: Mapping[str, Any]) -> VeraConfig:
-    """The :class:`VeraConfig` of a plan's ``vera`` settings (validated by ``__post_init__``).
+    """The :class:`VeraConfig` of ``vera`` settings (a plan's, or a composed config's ``vera`` node).
 
     Keys added with ``+vera.<key>=...`` get past Hydra's schema check, so unknown keys are
     rejected here too.
@@ -58,7 +59,8 @@ def vera_config_from(vera: Mapping[str, Any]) -> VeraConfig:
         ValueError: Naming unknown keys, or with :class:`VeraConfig`'s message listing every
             invalid option.
     """
-    return VeraConfig.from_dict(dict(vera or {}), source="vera", warn=True)
+    values = OmegaConf.to_container(vera, resolve=True) if OmegaConf.is_config(vera) else dict(vera or {})
+    return VeraConfig.from_dict(values, source="vera", warn=True)
 
 
 def check_task(model: Mapping[str, Any], data: Mapping[str, Any]) -> str:

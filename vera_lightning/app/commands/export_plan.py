@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
 
@@ -31,7 +31,12 @@ import torch
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
-from vera_lightning import ADAPTER_CONFIG_NAME, GGUF_ARCHITECTURES, checkpoint_config
+from vera_lightning import ADAPTER_CONFIG_NAME, checkpoint_config
+
+try:
+    from vera_lightning import GGUF_ARCHITECTURES
+except ImportError:  # TODO(lead): re-export GGUF_ARCHITECTURES in vera_lightning/__init__.py, then drop this
+    from vera_lightning.io.gguf_lora import GGUF_ARCHITECTURES
 from vera_lightning.app.commands.adapters import AdapterSource, resolve_adapter
 from vera_lightning.app.commands.export_base import ExportBase, base_architecture, base_inputs, find_base
 from vera_lightning.app.commands.export_output import Inputs, output_problems
@@ -39,7 +44,7 @@ from vera_lightning.app.models.schema import check_model_keys
 from vera_lightning.app.runs.run_dirs import RUN_RECORDS, previous_run
 
 __all__ = ["FORMATS", "DEFAULT_OUTPUTS", "DTYPES", "ExportOptions", "ExportPlan", "register_export_schema",
-           "check_format", "export_problems", "plan_export"]
+           "check_format", "export_problems", "unknown_keys", "plan_export"]
 
 #: ``format=`` values.
 FORMATS = ("merged", "lora", "gguf-lora")
@@ -250,9 +255,18 @@ def _inputs(source: AdapterSource, run_dir: Optional[Path], base: Optional[Expor
     return Inputs(tuple(holders), tuple(containers))
 
 
+def unknown_keys(keys: Sequence[str]) -> list[str]:
+    """A problem for each top-level key :class:`ExportOptions` does not know (``+key=value`` gets past Hydra's
+    schema check; nothing would read it)."""
+    known = [f.name for f in fields(ExportOptions)]
+    unknown = sorted(str(k) for k in keys if k not in known)
+    return [f"unknown option(s) {', '.join(unknown)}: export.py takes {', '.join(known)} (conf/export.yaml); "
+            "nothing reads the others, so a misspelt option would be ignored. Remove them"] if unknown else []
+
+
 def plan_export(adapter: Any, fmt: Any, output: Optional[Any] = None, rank: Any = None, overwrite: Any = False,
                 base: Optional[Mapping[str, Any]] = None, *, dtype: Any = "fp32", seed: Optional[int] = None,
-                check_keys: bool = False) -> ExportPlan:
+                check_keys: bool = False, problems: Sequence[str] = ()) -> ExportPlan:
     """Resolve and check one export (module docstring); nothing is loaded but the adapter's config (or ``.ckpt``).
 
     Args:
@@ -265,12 +279,13 @@ def plan_export(adapter: Any, fmt: Any, output: Optional[Any] = None, rank: Any 
         dtype: ``fp32`` or ``bf16`` (``merged``).
         seed: ``seed=`` as given (``None``: the training run's).
         check_keys: Refuse ``model`` keys the model schema does not know (``+model.<key>`` on the command line).
+        problems: Problems the caller found already (:func:`unknown_keys`), reported with the others.
 
     Raises:
         ValueError: Listing every problem, each naming the option, its value and the fix.
     """
     source, note, problem = _resolve(adapter)
-    problems = [problem] if problem else []
+    problems = [*problems, *([problem] if problem else [])]
     r, options, checkpoint, run_dir = None, {}, None, None
     found: Optional[ExportBase] = None
     notes = [note] if note else []

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 import torch
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from vera_lightning import ADAPTER_CONFIG_NAME
@@ -32,7 +33,7 @@ from vera_lightning.app.commands.adapters import resolve_adapter
 from vera_lightning.app.commands.checks import check_run_config
 from vera_lightning.app.commands.options import check_keys, command_options
 from vera_lightning.app.data.schema import check_data_values, data_settings
-from vera_lightning.app.models.load import resolve_path
+from vera_lightning.app.models.load import build_tokenizer, resolve_path
 from vera_lightning.app.models.precision_choice import decide_precision, replay_precision
 from vera_lightning.app.runs.plan import BaseSource, DevicePlan, Replay, RunPlan, read_recorded_plan, run_dir_of
 
@@ -102,6 +103,13 @@ def _replayed(adapter: Optional[dict[str, Any]], run_dir: Path, options: dict[st
     return read_recorded_plan(run_dir_of(adapter["kind"], Path(adapter["path"])))
 
 
+def _set_on_command_line(key: str) -> bool:
+    """Whether the command line set ``key`` (a model file's own default is not an override of a recorded run)."""
+    if not HydraConfig.initialized():
+        return False
+    return any(o.lstrip("+~").split("=", 1)[0] == key for o in HydraConfig.get().overrides.task)
+
+
 def _precision(command: str, model: dict[str, Any], data: dict[str, Any], device: DevicePlan,
                trainer: dict[str, Any], recorded: Optional[dict[str, Any]], vocab: Optional[int],
                method: str) -> tuple[dict[str, Any], Replay]:
@@ -109,13 +117,17 @@ def _precision(command: str, model: dict[str, Any], data: dict[str, Any], device
     requested = str(model.get("compute_dtype") or "fp32")
     if recorded is not None and isinstance(recorded.get("precision"), dict):
         try:
-            decision, note = replay_precision(recorded["precision"], device.accelerator, override=requested,
-                                              cuda_capability=device.capability)
+            decision, note = replay_precision(recorded["precision"], device.accelerator,
+                                              override=requested if _set_on_command_line("model.compute_dtype")
+                                              else None, cuda_capability=device.capability)
         except ValueError as err:  # a plan.json this version cannot read: decided afresh, and said so
             log.warning("%s: %s; deciding the precision afresh", recorded["_file"], err)
         else:
             return decision.to_dict(), Replay(recorded["_file"], recorded["precision"], note or "")
     meta = _meta_model(model, data, vocab) if requested == "auto" and device.accelerator == "cpu" else None
+    if meta is None and requested == "auto" and device.accelerator == "cpu":
+        build_tokenizer(model)  # a model that cannot be loaded: its own message (offline hub id, missing package)
+        requested = "fp32"  # nothing to measure (no linear shape known): float32, and plan.json says so
     decision = decide_precision(requested, device.accelerator, model=meta, cuda_capability=device.capability,
                                 trainer_precision=trainer.get("precision") or "32-true", finetune=method)
     return decision.to_dict(), Replay()

@@ -104,7 +104,7 @@ def prediction_output(plan: RunPlan, input_path: Path) -> Path:
                          f"row; name the file .tsv, e.g. output={str(output.with_suffix('.tsv'))!r}")
     problems = check_outputs([output], [Path(p) for p in plan.inputs if Path(p) != input_path], "output")
     for parent in (output.parent, *output.parent.parents):
-        if previous_run(parent):
+        if _is_training_run(parent):
             records = ", ".join(previous_run(parent))
             problems.append(f"output={str(output)!r} lies inside the training run {parent} ({records}); predict never "
                             "writes into a training run. Choose a path outside it")
@@ -117,11 +117,9 @@ def prediction_output(plan: RunPlan, input_path: Path) -> Path:
             "overwrite=true to replace that predictions file (the old file is replaced only once every prediction is "
             "written)"
         )
-    if not output.parent.is_dir():
-        raise FileNotFoundError(f"output={str(output)!r}: its folder {str(output.parent)!r} does not exist; create it "
-                                "first or choose another path")
-    if not os.access(output.parent, os.W_OK):
-        raise PermissionError(errno.EACCES, f"output={str(output)!r}: its folder {str(output.parent)!r} cannot be "
+    existing = next(p for p in (output.parent, *output.parent.parents) if p.exists())  # made if missing
+    if not os.access(existing, os.W_OK):
+        raise PermissionError(errno.EACCES, f"output={str(output)!r}: the folder {str(existing)!r} cannot be "
                               "written (read-only or not yours); choose another output path")
     return output
 
@@ -144,11 +142,16 @@ def _predict_inputs(plan: RunPlan) -> tuple[Any, int]:
     return inputs, count
 
 
+def _is_training_run(directory: Path) -> bool:
+    """Whether ``directory`` is a training run's directory: its record (``.hydra/config.yaml``) or its results."""
+    return any((directory / name).is_file() for name in (".hydra/config.yaml", "plan.json", "summary.json"))
+
+
 def _check_eval_dir(plan: RunPlan) -> None:
     """``eval``/``predict``'s run directory: not a training run, not inside one, not an input or inside one."""
     check_command_dir(plan.run_dir, plan.command)
     for parent in plan.run_dir.parents:
-        if previous_run(parent):
+        if _is_training_run(parent):
             raise FileExistsError(
                 f"hydra.run.dir={str(plan.run_dir)!r} lies inside the training run {parent} "
                 f"({', '.join(previous_run(parent))}); {plan.command}.py never writes into a training run, so nothing "

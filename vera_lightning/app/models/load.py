@@ -33,7 +33,8 @@ from vera_lightning.app.models.precision import (
     compile_wanted,
     precision_settings,
 )
-from vera_lightning.app.models.precision_choice import COMPUTE_DTYPES, decide_precision
+from vera_lightning.app.models.precision_choice import decide_precision
+from vera_lightning.app.models.precision_decision import COMPUTE_DTYPES
 
 __all__ = ["TASKS", "PROBLEM_TYPES", "ModelUnavailableError", "resolve_path", "build_tokenizer", "build_model"]
 

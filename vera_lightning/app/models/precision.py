@@ -14,21 +14,18 @@ Which tensor lives in which dtype, and why: ``docs/llm.md`` (*Precision*).
 
 from __future__ import annotations
 
-import logging
 from typing import Any, Iterable, Mapping, Optional, Union
 
 import torch
 from torch import nn
 
 from vera_lightning import QUANTIZE_SCHEMES, quantize_base, set_projection_dtype, vera_layers
-from vera_lightning.app.models.precision_choice import COMPUTE_DTYPE_CHOICES, COMPUTE_DTYPES
+from vera_lightning.app.models.precision_decision import COMPUTE_DTYPE_CHOICES, COMPUTE_DTYPES
 from vera_lightning.app.models.trained_float32 import HALF_DTYPES, keep_float32
 
 __all__ = ["COMPILE_CHOICES", "precision_settings", "check_load_dtype", "apply_precision", "use_base_precision",
            "compile_wanted", "compile_body"]
 
-
-log = logging.getLogger(__name__)
 
 #: ``model.compile`` values.
 COMPILE_CHOICES = (True, False, "auto")
@@ -157,6 +154,9 @@ def apply_precision(model: nn.Module, dtype: Union[str, torch.dtype], quantize: 
 
 def use_base_precision(model: nn.Module) -> bool:
     """The bf16 training form on an adapted model with a bf16 base: projection products in bf16, λ's float32.
+
+    The other trained tensors' float32 masters are made earlier, before the optimizer exists: by
+    :func:`apply_precision` (``modules_to_save``) and ``finetune.TrainedInFloat32`` (trained biases).
 
     Returns whether it applied (a model with VeRA layers over a half-precision base); idempotent.
     """

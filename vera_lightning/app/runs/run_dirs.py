@@ -34,6 +34,8 @@ from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.plugins.environments import SLURMEnvironment
 from omegaconf import DictConfig, OmegaConf
 
+from vera_lightning.app.data.schema import data_settings
+
 try:
     from typing import override
 except ImportError:  # Python < 3.12
@@ -190,6 +192,7 @@ def check_resume_data(output_dir: Path, data: Any, ckpt_value: Any) -> None:
     new = OmegaConf.to_container(data, resolve=True) if isinstance(data, DictConfig) else dict(data)
     if not isinstance(old, dict):
         return
+    old, new = data_settings(old), data_settings(new)  # the same keys on both sides; an unset fallback is None
     changed = [f"data.{k}={old.get(k)!r} (recorded) vs {new.get(k)!r} (given)"
                for k in sorted(set(old) | set(new)) if k not in RESUME_FREE_DATA
                and not _same_value(k, old.get(k), new.get(k))]
