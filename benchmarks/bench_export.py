@@ -72,14 +72,14 @@ def step_export(adapter: Path, out: Path) -> dict:
 def _prompts(cfg) -> tuple[list[dict], Any]:
     from omegaconf import OmegaConf
 
-    from vera_lightning.app.data import sft
+    from vera_lightning.app.data import sft, sft_rows
     from vera_lightning.app.models.load import build_tokenizer
 
     data_cfg = OmegaConf.to_container(cfg.data, resolve=True)
     data_cfg["data_dir"] = str((ROOT / data_cfg["data_dir"]).resolve()) if not os.path.isabs(
         data_cfg["data_dir"]) else data_cfg["data_dir"]
     tokenizer = build_tokenizer(OmegaConf.to_container(cfg.model, resolve=True))
-    rows = sft.read_rows(Path(data_cfg["data_dir"]) / data_cfg["val_file"], data_cfg)
+    rows = sft_rows.read_rows(Path(data_cfg["data_dir"]) / data_cfg["val_file"], data_cfg)
     items = sft.prompt_references(rows, data_cfg, tokenizer)
     for item in items:
         item["ids"] = sft.prompt_token_ids(data_cfg, tokenizer, item["prompt"])

@@ -10,9 +10,9 @@ and the thread count (:func:`machine_key`); the signature key the sibling group
 (:meth:`Signature.key`: tokens bucketed by :func:`bucket_tokens`). A file that is not valid
 JSON or not in this format (a corrupt one, a newer version, someone else's file at that path) is
 ignored with one warning and never written over; writes replace the file atomically (a temporary
-file in the same directory, ``os.replace``; the umask's mode, 0644 under 022), after merging what other processes wrote meanwhile. The
-read-merge-write holds an exclusive lock (``fcntl.flock`` on the sidecar ``.<name>.lock`` beside the file,
-kept there), so concurrent writers never lose each other's entries.
+file in the same directory, ``os.replace``; the umask's mode, 0644 under 022), after merging what other processes
+wrote meanwhile. The read-merge-write holds an exclusive lock (``fcntl.flock`` on the sidecar ``.<name>.lock``
+beside the file, kept there), so concurrent writers never lose each other's entries.
 """
 
 from __future__ import annotations

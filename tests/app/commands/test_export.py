@@ -45,11 +45,15 @@ KINDS = {  # from_config fields, targets, task, VeRA options
 }
 
 
-@pytest.fixture(scope="module")
-def tokenizer_dir(tmp_path_factory):
-    directory = tmp_path_factory.mktemp("tokenizer")
+def save_tokenizer(directory: Path) -> Path:
+    """A small byte-level BPE tokenizer with a chat template, saved in ``directory`` (the tiny models' tokenizer)."""
     byte_bpe_tokenizer(chat=True).save_pretrained(directory)
     return directory
+
+
+@pytest.fixture(scope="module")
+def tokenizer_dir(tmp_path_factory):
+    return save_tokenizer(tmp_path_factory.mktemp("tokenizer"))
 
 
 def snapshot(root: Path) -> dict[str, tuple]:

@@ -14,7 +14,7 @@ import threading
 from pathlib import Path
 
 import pytest
-from test_export import changed, fake_run, refused, snapshot, tokenizer_dir  # noqa: F401 - tokenizer_dir: a fixture
+from test_export import changed, fake_run, refused, save_tokenizer, snapshot
 from test_export_plan import forbid_loading
 
 from vera_lightning.app.commands import export as export_module
@@ -23,6 +23,11 @@ from vera_lightning.app.commands.export_output import clean_export_leftovers, ou
 from vera_lightning.io import locks
 
 FIXTURES = Path(__file__).resolve().parents[2] / "fixtures"
+
+
+@pytest.fixture(scope="module")
+def tokenizer_dir(tmp_path_factory):
+    return save_tokenizer(tmp_path_factory.mktemp("tokenizer"))
 
 
 @pytest.fixture
@@ -59,8 +64,9 @@ def test_an_output_that_is_holds_or_lies_inside_an_input_is_refused(tmp_path, ru
 
 def test_a_checkpoints_own_folder_is_refused(tmp_path, run, monkeypatch):
     forbid_loading(monkeypatch)
-    refused(tmp_path, r"is the checkpoint's folder|is the training run's checkpoints", run / "checkpoints" / "last.ckpt",
-            "merged", run / "checkpoints", overwrite=True)
+    ckpt = run / "checkpoints" / "last.ckpt"
+    refused(tmp_path, r"is the checkpoint's folder|is the training run's checkpoints", ckpt, "merged",
+            run / "checkpoints", overwrite=True)
     refused(tmp_path, "is the checkpoint being exported", run / "checkpoints" / "last.ckpt", "gguf-lora",
             run / "checkpoints" / "last.ckpt", overwrite=True)
 
@@ -79,8 +85,9 @@ def test_the_default_output_goes_beside_the_adapter_and_changes_nothing_else(tmp
     before = snapshot(tmp_path)
     result = export_run(run / "adapter", "lora")
     assert result.output == run / "lora"
-    assert changed(before, snapshot(tmp_path)) == {"project/run-llama/lora", "project/run-llama/lora/adapter_config.json",
-                                                   "project/run-llama/lora/adapter_model.safetensors"}
+    lora = "project/run-llama/lora"
+    assert changed(before, snapshot(tmp_path)) == {lora, f"{lora}/adapter_config.json",
+                                                   f"{lora}/adapter_model.safetensors"}
 
 
 @pytest.mark.parametrize("fmt", ["merged", "lora", "gguf-lora"])

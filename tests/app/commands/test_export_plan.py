@@ -1,6 +1,7 @@
-"""The export plan (vera_lightning/app/commands/export_plan.py) and its base (vera_lightning/app/commands/export_base.py):
-typed options, every problem in one message before anything is loaded, the base and seed checked against the
-training run's record, a run directory resolved to its adapter, and export_problems for train.py's preflight.
+"""The export plan (vera_lightning/app/commands/export_plan.py), its base (vera_lightning/app/commands/export_base.py)
+and its adapter (vera_lightning/app/commands/export_adapter.py): typed options, every problem in one message before
+anything is loaded, the base and seed checked against the training run's record, a run directory resolved to its
+adapter, and export_problems for train.py's preflight.
 
 Every refusal is checked as an invariant: the temporary tree is byte for byte the same afterwards (names, modes,
 bytes), and the model is never built (export._load is replaced by a failure).
@@ -15,12 +16,17 @@ import pytest
 from helpers.app import compose_app
 from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
-from test_export import KINDS, fake_run, refused, snapshot, tokenizer_dir  # noqa: F401 - tokenizer_dir: a fixture
+from test_export import KINDS, fake_run, refused, save_tokenizer, snapshot
 
 from vera_lightning.app.commands import export as export_module
 from vera_lightning.app.commands.export import export_run
 from vera_lightning.app.commands.export_base import base_architecture
 from vera_lightning.app.commands.export_plan import ExportPlan, export_problems, plan_export, register_export_schema
+
+
+@pytest.fixture(scope="module")
+def tokenizer_dir(tmp_path_factory):
+    return save_tokenizer(tmp_path_factory.mktemp("tokenizer"))
 
 
 def forbid_loading(monkeypatch) -> None:
@@ -107,7 +113,8 @@ def test_model_without_seed_takes_the_runs_seed_and_exports_the_same_model(tmp_p
     run, _ = fake_run(tmp_path, "opt", tokenizer_dir, seed=7)
     export_run(run / "adapter", "merged", tmp_path / "own")
     result = export_run(run / "adapter", "merged", tmp_path / "given", base={"model": _model_cfg(run)})
-    assert "seed 7" in plan_export(run / "adapter", "merged", tmp_path / "x", base={"model": _model_cfg(run)}).base.source
+    plan = plan_export(run / "adapter", "merged", tmp_path / "x", base={"model": _model_cfg(run)})
+    assert "seed 7" in plan.base.source
     assert (result.output / "model.safetensors").read_bytes() == (tmp_path / "own" / "model.safetensors").read_bytes()
 
 

@@ -10,11 +10,16 @@ import warnings
 import pytest
 import torch
 from safetensors import safe_open
-from test_export import _base, _logits, fake_run, tokenizer_dir  # noqa: F401 - tokenizer_dir: a fixture
+from test_export import _base, _logits, fake_run, save_tokenizer
 
 from vera_lightning.app.commands.export import export_run
 
 pytestmark = pytest.mark.numerics
+
+
+@pytest.fixture(scope="module")
+def tokenizer_dir(tmp_path_factory):
+    return save_tokenizer(tmp_path_factory.mktemp("tokenizer"))
 
 
 def _tensors(folder):

@@ -13,9 +13,14 @@ from pathlib import Path
 import pytest
 from helpers.app import run_script
 from omegaconf import OmegaConf
-from test_export import changed, fake_run, snapshot, tokenizer_dir  # noqa: F401 - tokenizer_dir: a fixture
+from test_export import changed, fake_run, save_tokenizer, snapshot
 
 from vera_lightning.app.commands.export_hydra import ExportRunDir
+
+
+@pytest.fixture(scope="module")
+def tokenizer_dir(tmp_path_factory):
+    return save_tokenizer(tmp_path_factory.mktemp("tokenizer"))
 
 
 def test_the_callback_removes_only_the_empty_folders_it_saw_missing(tmp_path):

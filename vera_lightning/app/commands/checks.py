@@ -91,6 +91,10 @@ def check_run_config(cfg: DictConfig) -> None:
         value = _get(cfg, key)
         if value is not None and (not _is_int(value) or value <= 0):
             problems.append(f"{key}={value!r}: must be a positive integer (e.g. {key}=128)")
+    for key in ("data.max_train_samples", "data.max_val_samples"):
+        value = _get(cfg, key)
+        if value is not None and (not _is_int(value) or value <= 0):
+            problems.append(f"{key}={value!r}: must be a positive integer or null (null: every row)")
     steps, epochs = _get(cfg, "trainer.max_steps"), _get(cfg, "trainer.max_epochs")
     if steps is not None and (not _is_int(steps) or steps == 0 or steps < -1):
         problems.append(

@@ -21,7 +21,6 @@ a GGUF LoRA cannot carry.
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -31,17 +30,17 @@ import torch
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
-from vera_lightning import ADAPTER_CONFIG_NAME, checkpoint_config
+from vera_lightning.app.commands.adapters import AdapterSource
+from vera_lightning.app.commands.export_adapter import adapter_options, resolve_export_adapter
+from vera_lightning.app.commands.export_base import ExportBase, base_architecture, base_inputs, find_base
+from vera_lightning.app.commands.export_output import Inputs, output_problems
+from vera_lightning.app.models.schema import check_model_keys
+from vera_lightning.app.runs.run_dirs import RUN_RECORDS, previous_run
 
 try:
     from vera_lightning import GGUF_ARCHITECTURES
 except ImportError:  # TODO(lead): re-export GGUF_ARCHITECTURES in vera_lightning/__init__.py, then drop this
     from vera_lightning.io.gguf_lora import GGUF_ARCHITECTURES
-from vera_lightning.app.commands.adapters import AdapterSource, resolve_adapter
-from vera_lightning.app.commands.export_base import ExportBase, base_architecture, base_inputs, find_base
-from vera_lightning.app.commands.export_output import Inputs, output_problems
-from vera_lightning.app.models.schema import check_model_keys
-from vera_lightning.app.runs.run_dirs import RUN_RECORDS, previous_run
 
 __all__ = ["FORMATS", "DEFAULT_OUTPUTS", "DTYPES", "ExportOptions", "ExportPlan", "register_export_schema",
            "check_format", "export_problems", "unknown_keys", "plan_export"]
@@ -53,9 +52,6 @@ DEFAULT_OUTPUTS = {"merged": "merged", "lora": "lora", "gguf-lora": "adapter-lor
 #: ``dtype=`` values (``format=merged``): what the merged weights are written in (the merge is float32).
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 FIX_FORMAT = "format=lora (vLLM, TGI, PEFT) or format=merged (any Hugging Face runtime)"
-_ADAPTER_HINT = ("export takes a VeRA adapter directory (adapter_config.json + adapter_model.safetensors: a training "
-                 "run's adapter/, or the run directory itself) or a .ckpt written by a training run "
-                 "(<run dir>/checkpoints/last.ckpt)")
 
 
 @dataclass
@@ -151,11 +147,12 @@ def export_problems(fmt: Any, model_cfg: Mapping[str, Any], method: str = "vera"
                             f"TinyLlama). Use {FIX_FORMAT.replace('format=', option + '=')}")
         trained = list(modules_to_save or []) + list(model_cfg.get("modules_to_save") or [])
         if trained:
-            problems.append(f"{option}=gguf-lora: the adapter also trains modules_to_save={sorted(set(trained))}, which "
-                            f"a GGUF LoRA cannot carry. Use {FIX_FORMAT.replace('format=', option + '=')}")
-        if str(getattr(bias, "value", bias) or "none") != "none":
-            problems.append(f"{option}=gguf-lora: the adapter also trains biases (bias={getattr(bias, 'value', bias)!r}), "
+            problems.append(f"{option}=gguf-lora: the adapter also trains modules_to_save={sorted(set(trained))}, "
                             f"which a GGUF LoRA cannot carry. Use {FIX_FORMAT.replace('format=', option + '=')}")
+        bias_value = str(getattr(bias, "value", bias) or "none")
+        if bias_value != "none":
+            problems.append(f"{option}=gguf-lora: the adapter also trains biases (bias={bias_value!r}), which a GGUF "
+                            f"LoRA cannot carry. Use {FIX_FORMAT.replace('format=', option + '=')}")
     return problems
 
 
@@ -163,56 +160,6 @@ def _home(path: Path, kind: str) -> Path:
     """The folder an adapter's default output goes to: its run directory (``checkpoints/``'s parent for a ``.ckpt``)."""
     parent = path.parent
     return parent.parent if kind == "checkpoint" and parent.name == "checkpoints" else parent
-
-
-def _resolve(value: Any) -> tuple[Optional[AdapterSource], Optional[str], Optional[str]]:
-    """``(source, note, problem)`` for ``adapter=value``; a run directory resolves to its ``adapter/``."""
-    path = Path(str(value)).expanduser()
-    if not path.exists():
-        return None, None, f"adapter={str(value)!r}: no such file or directory. {_ADAPTER_HINT}"
-    note = None
-    if path.is_dir() and not (path / ADAPTER_CONFIG_NAME).is_file():
-        if (path / "config.json").is_file():
-            return None, None, (f"adapter={str(value)!r} is a model directory (config.json), not a VeRA adapter: it is "
-                                "already a plain model that any runtime loads. " + _ADAPTER_HINT)
-        inner = [p for p in (path / "adapter", path / "checkpoints" / "last.ckpt")
-                 if (p / ADAPTER_CONFIG_NAME).is_file() or p.suffix == ".ckpt" and p.is_file()]
-        if not inner:
-            listing = sorted(p.name for p in path.iterdir())[:6]
-            return None, None, f"adapter={str(value)!r} is a directory holding {listing}, not a VeRA adapter. " + \
-                _ADAPTER_HINT
-        note = f"adapter={str(value)!r} is a training run: exporting its {inner[0].relative_to(path)} ({inner[0]})"
-        path = inner[0]
-    elif path.is_file() and path.suffix != ".ckpt":
-        return None, None, f"adapter={str(value)!r} is a file but not a .ckpt. {_ADAPTER_HINT}"
-    return resolve_adapter(path), note, None
-
-
-def _adapter_options(source: AdapterSource) -> tuple[Optional[int], dict, Any, Optional[str]]:
-    """``(r, {modules_to_save, bias}, loaded checkpoint, problem)`` of a VeRA adapter directory or ``.ckpt``."""
-    shown = str(source.path)
-    if source.kind == "checkpoint":
-        try:
-            checkpoint = torch.load(source.path, map_location="cpu", weights_only=True)
-        except Exception as err:  # unpickling errors come in many types
-            return None, {}, None, f"adapter={shown!r}: could not read the checkpoint ({type(err).__name__})"
-        config = checkpoint_config(checkpoint)
-        if config is None:
-            return None, {}, None, (f"adapter={shown!r} is not a checkpoint written with VeraCallback (no VeRA config "
-                                    "marker); give a VeRA run's <run dir>/checkpoints/last.ckpt or its adapter/")
-        return config.r, {"modules_to_save": config.modules_to_save, "bias": config.bias}, checkpoint, None
-    try:
-        saved = json.loads((source.path / ADAPTER_CONFIG_NAME).read_text(encoding="utf-8"))
-    except (OSError, ValueError) as err:
-        return None, {}, None, f"adapter={shown!r}: {ADAPTER_CONFIG_NAME} cannot be read ({err})"
-    kind = saved.get("peft_type") if isinstance(saved, dict) else None
-    if kind != "VERA":
-        return None, {}, None, (f"adapter={shown!r} is a {kind or 'non-PEFT'} adapter, not VeRA (peft_type={kind!r} in "
-                                f"{ADAPTER_CONFIG_NAME}); export converts VeRA adapters (a training run's adapter/ or "
-                                "save_adapter's directory). A LoRA adapter serves as it is in vLLM/TGI; llama.cpp's "
-                                "convert_lora_to_gguf.py converts it to GGUF")
-    options = {"modules_to_save": saved.get("modules_to_save"), "bias": saved.get("bias") or "none"}
-    return int(saved.get("r") or 0), options, None, None
 
 
 def _option_problems(fmt: Any, rank: Any, overwrite: Any, dtype: Any, r: Optional[int]) -> list[str]:
@@ -284,13 +231,13 @@ def plan_export(adapter: Any, fmt: Any, output: Optional[Any] = None, rank: Any 
     Raises:
         ValueError: Listing every problem, each naming the option, its value and the fix.
     """
-    source, note, problem = _resolve(adapter)
+    source, note, problem = resolve_export_adapter(adapter)
     problems = [*problems, *([problem] if problem else [])]
     r, options, checkpoint, run_dir = None, {}, None, None
     found: Optional[ExportBase] = None
     notes = [note] if note else []
     if source is not None:
-        r, options, checkpoint, problem = _adapter_options(source)
+        r, options, checkpoint, problem = adapter_options(source)
         problems += [problem] if problem else []
         home = _home(source.path, source.kind)
         run_dir = home if previous_run(home) or (home / ".hydra").is_dir() else None

@@ -36,7 +36,7 @@ from vera_lightning.app.commands.adapters import AdapterSource, model_config_for
 from vera_lightning.app.commands.build import check_task, vera_config_from
 from vera_lightning.app.commands.checks import check_train_strategy
 from vera_lightning.app.commands.planning import check_outputs
-from vera_lightning.app.data import sft
+from vera_lightning.app.data import sft_rows
 from vera_lightning.app.data.datamodules import TextDataModule, build_datamodule
 from vera_lightning.app.data.inputs import PromptInput, read_inputs, read_prompt_input
 from vera_lightning.app.generation.generate import GenerateSettings
@@ -207,6 +207,6 @@ def preflight(plan: RunPlan) -> Checked:
         datamodule.setup(COMMANDS[command])  # every row of the splits read, validated and tokenised (cached)
     inputs = found.get("inputs")
     if isinstance(inputs, PromptInput) and inputs.rows is not None:
-        sft.check_special_text(inputs.rows, data_cfg, tokenizer, f"input={str(plan.option('input'))!r}")
+        sft_rows.check_special_text(inputs.rows, data_cfg, tokenizer, f"input={str(plan.option('input'))!r}")
     return Checked(command=command, task=task, model_cfg=model_cfg, tokenizer=tokenizer, datamodule=datamodule,
                    **found)

@@ -27,7 +27,7 @@ import lightning.pytorch as pl
 import torch
 from torch.utils.data import DataLoader, RandomSampler
 
-from vera_lightning.app.data import packing, sft, sft_tokens
+from vera_lightning.app.data import packing, sft, sft_rows, sft_tokens
 from vera_lightning.app.data.tables import (
     COLUMN_OPTIONS,
     check_columns,
@@ -36,7 +36,7 @@ from vera_lightning.app.data.tables import (
     parse_label,
     read_table,
 )
-from vera_lightning.app.data.text_files import undecodable_line
+from vera_lightning.app.data.text_files import read_lines
 
 __all__ = ["DEMO_DIR", "FORMATS", "read_split", "subsample", "TextDataModule", "build_datamodule"]
 
@@ -95,22 +95,22 @@ def read_split(cfg: Mapping[str, Any], split: str) -> list[dict[str, Any]]:
     if not path.is_file():
         raise FileNotFoundError(f"data.{split}_file={cfg[f'{split}_file']!r}: {path} does not exist")
     if fmt == "sft":
-        return sft.read_rows(path, cfg)
+        return sft_rows.read_rows(path, cfg)
     if fmt == "text":
-        try:
-            lines = path.read_text(encoding="utf-8-sig").splitlines()  # without a UTF-8 BOM
-        except UnicodeDecodeError as err:
-            raise undecodable_line(path, err) from None
-        return [{"text": line} for line in lines if line.strip()]
+        return [{"text": line} for line in read_lines(path) if line.strip()]  # split on \n only, BOM stripped
     return read_table(path, columns_of(cfg), regression=is_regression(cfg))
 
 
-def subsample(records: list, limit: Optional[int], seed: int) -> list:
-    """Keep ``limit`` records drawn with ``seed`` (file order kept); all of them when ``limit`` is None."""
+def subsample(records: list, limit: Optional[int], seed: int, option: str = "max_samples") -> list:
+    """Keep ``limit`` records drawn with ``seed`` (file order kept); all of them when ``limit`` is None.
+
+    Raises:
+        ValueError: For a ``limit`` <= 0, naming ``option`` (e.g. ``data.max_train_samples``).
+    """
     if limit is None or limit >= len(records):
         return records
     if limit <= 0:
-        raise ValueError(f"max_train_samples/max_val_samples={limit}: must be a positive number or null")
+        raise ValueError(f"{option}={limit}: must be a positive integer or null (null: every row)")
     keep = sorted(random.Random(seed).sample(range(len(records)), limit))
     return [records[i] for i in keep]
 
@@ -146,7 +146,7 @@ class TextDataModule(pl.LightningDataModule):
             if self.task != "causal_lm":
                 raise ValueError(f"data.format='sft' is causal-LM data but data.task={self.task!r}; set "
                                  "data.task=causal_lm (with a causal-LM model)")
-            sft.check_config(self.cfg, tokenizer)
+            sft_rows.check_config(self.cfg, tokenizer)
         self.splits: dict[str, list[dict[str, Any]]] = {}
         self._rows: dict[str, list[dict[str, Any]]] = {}
         self._train_generator: Optional[torch.Generator] = None
@@ -194,7 +194,8 @@ class TextDataModule(pl.LightningDataModule):
         for split in STAGE_SPLITS.get(stage, ("train", "val")):
             if split in self.splits:
                 continue
-            records = subsample(self.rows(split), self.cfg.get(f"max_{split}_samples"), self.seed)
+            records = subsample(self.rows(split), self.cfg.get(f"max_{split}_samples"), self.seed,
+                                f"data.max_{split}_samples")
             if not records:
                 raise ValueError(f"the {split} split of data={self.cfg.get('name')!r} is empty")
             if self.task == "classification":
@@ -217,7 +218,8 @@ class TextDataModule(pl.LightningDataModule):
         if split not in self._rows:
             rows = read_split(self.cfg, split)
             if self.sft:  # special-token text in a prompt or response would be read as that token
-                sft.check_special_text(rows, self.cfg, self.tokenizer, f"data.{split}_file={self.split_path(split)}")
+                where = f"data.{split}_file={self.split_path(split)}"
+                sft_rows.check_special_text(rows, self.cfg, self.tokenizer, where)
             self._rows[split] = rows
         return self._rows[split]
 

@@ -20,13 +20,8 @@ from __future__ import annotations
 import re
 from typing import Any, Mapping, Optional
 
-# Re-exported while datamodules.py, commands/preflight.py and benchmarks/bench_export.py still call them as sft.*;
-# their home is sft_rows.
-from vera_lightning.app.data.sft_rows import check_config, check_special_text, read_rows
-
 __all__ = ["with_system", "prompt_turns", "conversation", "format_prompt", "template_text", "encode_text",
-           "prompt_token_ids", "reference_of", "prompt_references", "position_limit", "check_max_length",
-           "check_config", "read_rows", "check_special_text"]
+           "prompt_token_ids", "reference_of", "prompt_references", "position_limit", "check_max_length"]
 
 _ESCAPES = {"n": "\n", "t": "\t", "\\": "\\"}
 

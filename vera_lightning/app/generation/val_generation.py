@@ -70,7 +70,7 @@ class ValidationGeneration(nn.Module):
             return
         examples = datamodule.generation_examples("val")
         if examples and self.settings.val_prompts is not None:
-            examples = subsample(examples, self.settings.val_prompts, self.settings.seed)
+            examples = subsample(examples, self.settings.val_prompts, self.settings.seed, "generate.val_prompts")
         self.tokenizer = datamodule.tokenizer
         self.encode = partial(sft.prompt_token_ids, datamodule.cfg, datamodule.tokenizer)
         encode_prompts([e["prompt"] for e in examples], self.tokenizer, model, self.settings, self.encode)
