@@ -2,7 +2,7 @@
 its directory byte for byte as it was, issue 23 items 1, 2, 18); resuming an interrupted run: ckpt_path=last
 after a SIGKILL, epoch-boundary exactness, SLURM requeue.
 
-Modules: vera_lightning/app/runs/records.py.
+Modules: vera_lightning/app/runs/records.py, vera_lightning/app/runs/resume_data.py.
 """
 
 from __future__ import annotations
@@ -332,7 +332,7 @@ def test_resume_data_check_compares_the_record_and_lets_batch_sizes_for_eval_cha
         "seed: 3\ndata:\n  data_dir: ./d\n  max_length: 32\n  eval_batch_size: 8\n  seed: ${seed}\n", encoding="utf-8")
     from omegaconf import OmegaConf
 
-    from vera_lightning.app.runs.run_dirs import check_resume_data
+    from vera_lightning.app.runs.resume_data import check_resume_data
 
     same = {"data_dir": str((Path.cwd() / "d")), "max_length": 32, "eval_batch_size": 2, "seed": 3}
     check_resume_data(tmp_path, OmegaConf.create(same), "last")  # the same folder written another way; eval batch

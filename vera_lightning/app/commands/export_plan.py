@@ -1,13 +1,15 @@
 """The export's typed options and its plan: every setting resolved once and checked before anything is loaded.
 
 ``conf/export.yaml`` is validated against :class:`ExportOptions` (``export_schema`` in Hydra's ``ConfigStore``,
-:func:`register_export_schema`): an unknown key (``+foo=1``) or a wrong type (``seed=abc``) fails when Hydra
-composes. ``rank`` and ``overwrite`` are typed ``Any`` there on purpose and checked here, so that every problem comes
-in one message and ``overwrite=no``/``off``/``'false'`` are refused (OmegaConf would read them as booleans, and
-``bool()`` of a string is true), as ``train.py`` and ``predict.py`` refuse them.
+:func:`register_export_schema`): an unknown key (``foo=1``) or a wrong type (``seed=abc``) fails when Hydra
+composes; a key added with ``+`` gets past Hydra and is refused by :func:`unknown_keys` with the other problems.
+``rank`` and ``overwrite`` are typed ``Any`` there on purpose and checked here, so that every problem comes in one
+message and ``overwrite=no``/``off``/``'false'`` are refused, as ``train.py`` and ``predict.py`` refuse them (a
+boolean field would turn them into ``false`` without a word; the old code's ``bool()`` of a string made them true).
 
 :func:`plan_export` turns the options into one immutable :class:`ExportPlan`: the adapter (a run directory resolves
-to its ``adapter/``, said in one line), its rank and VeRA options, the base model with its seed and where it came
+to its ``adapter/``, said in one line: :mod:`~vera_lightning.app.commands.export_adapter`), its rank and VeRA
+options, the base model with its seed and where it came
 from (:mod:`~vera_lightning.app.commands.export_base`), the format, the rank and dtype to write and the **one
 output** it will write, with ``overwrite`` as a bool. Every problem is collected (the options, the adapter, the
 base and its seed against the training run's, the architecture for ``gguf-lora``, the output against every input:

@@ -7,7 +7,7 @@ byte, and works from what it returns (:class:`Checked`). In order:
 1. **Settings**: the model and data tasks, the ``generate`` settings
    (:class:`~vera_lightning.app.generation.generate.GenerateSettings`, sampling vs beams); for ``train`` the
    strategy, the ``vera`` config, ``finetune`` and ``ckpt_path`` (a resume: the ``data`` settings its run recorded,
-   :func:`~vera_lightning.app.runs.run_dirs.check_resume_data`).
+   :func:`~vera_lightning.app.runs.resume_data.check_resume_data`).
 2. **Where it writes**: ``train`` may use its run directory (:func:`~vera_lightning.app.runs.run_dirs.check_run_dir`);
    ``eval`` and ``predict`` never write into a training run's directory
    (:func:`~vera_lightning.app.runs.run_dirs.check_command_dir`); ``predict``'s output file: not a directory, not
@@ -42,9 +42,9 @@ from vera_lightning.app.data.inputs import PromptInput, read_inputs, read_prompt
 from vera_lightning.app.generation.generate import GenerateSettings
 from vera_lightning.app.models.load import build_tokenizer
 from vera_lightning.app.runs.plan import RunPlan
+from vera_lightning.app.runs.resume_data import check_resume_data
 from vera_lightning.app.runs.run_dirs import (
     check_command_dir,
-    check_resume_data,
     check_run_dir,
     previous_run,
     resolve_ckpt_path,

@@ -6,8 +6,7 @@
   run writes, and when, is :mod:`vera_lightning.app.runs.records`.
 * :func:`check_command_dir` refuses ``eval``/``predict`` into a directory holding a training run: they write
   into a directory of their own, never into a training run's record.
-* :func:`check_resume_data` refuses a resume whose ``data`` settings differ from those its run recorded in
-  ``.hydra/config.yaml`` (another ``data.data_dir``, file, length, template...), naming both values.
+* a resume whose ``data`` settings differ from those its run recorded: :mod:`~vera_lightning.app.runs.resume_data`.
 * :func:`resolve_ckpt_path` turns ``ckpt_path=last`` into ``<run dir>/checkpoints/last.ckpt``
   (the ``last_checkpoint`` callback of ``callbacks=default`` rewrites it every epoch) and checks a
   given path exists, before any work is done.
@@ -32,17 +31,14 @@ from hydra.experimental.callback import Callback as HydraCallback
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.plugins.environments import SLURMEnvironment
-from omegaconf import DictConfig, OmegaConf
-
-from vera_lightning.app.data.schema import data_settings
+from omegaconf import DictConfig
 
 try:
     from typing import override
 except ImportError:  # Python < 3.12
     from typing_extensions import override
 
-__all__ = ["RUN_RECORDS", "previous_run", "check_run_dir", "check_command_dir", "check_resume_data",
-           "resolve_ckpt_path",
+__all__ = ["RUN_RECORDS", "previous_run", "check_run_dir", "check_command_dir", "resolve_ckpt_path",
            "slurm_checkpoint", "RngState", "keep_csv_history", "RunDirCheck"]
 
 #: Entries of a run directory that are records of a run (directories count when not empty).
@@ -145,63 +141,6 @@ def check_command_dir(output_dir: Path, command: str) -> None:
             f"writes into a training run's directory, so nothing was written. Leave hydra.run.dir unset (a new "
             f"outputs/{command}/<date>/<time>/) or give a directory of its own, e.g. "
             f"hydra.run.dir={str(output_dir / command)!r}"
-        )
-
-
-#: ``data`` settings a resumed run may change: they do not change what is trained or how it is scored.
-RESUME_FREE_DATA = ("eval_batch_size", "num_workers")
-
-
-def _recorded_data(record: Path) -> dict[str, Any]:
-    recorded = OmegaConf.load(record)
-    try:
-        return OmegaConf.to_container(recorded.data, resolve=True)  # type: ignore[return-value]
-    except Exception:  # an interpolation this process cannot resolve: compare as written
-        return OmegaConf.to_container(recorded.data, resolve=False)  # type: ignore[return-value]
-
-
-def _same_value(key: str, old: Any, new: Any) -> bool:
-    if old == new:
-        return True
-    if key.endswith("_dir") and isinstance(old, str) and isinstance(new, str):
-        return Path(old).expanduser().resolve() == Path(new).expanduser().resolve()
-    return False
-
-
-def check_resume_data(output_dir: Path, data: Any, ckpt_value: Any) -> None:
-    """Refuse a resume into ``output_dir`` whose ``data`` settings differ from those the run recorded.
-
-    The run's ``.hydra/config.yaml`` (written when it was accepted) is the record; a directory without one (a
-    checkpoint resumed into a new directory) is not checked. Keys in :data:`RESUME_FREE_DATA` may change.
-
-    Args:
-        output_dir: The run directory.
-        data: This command's ``data`` config (resolved values are compared).
-        ckpt_value: ``ckpt_path`` as given (for the message).
-
-    Raises:
-        ValueError: Naming every differing ``data.<key>``, the recorded and the given value, and the fixes.
-    """
-    record = output_dir / ".hydra" / "config.yaml"
-    if not record.is_file():
-        return
-    try:
-        old = _recorded_data(record)
-    except Exception:  # not a config this app wrote (no data group, not YAML): nothing to compare with
-        return
-    new = OmegaConf.to_container(data, resolve=True) if isinstance(data, DictConfig) else dict(data)
-    if not isinstance(old, dict):
-        return
-    old, new = data_settings(old), data_settings(new)  # the same keys on both sides; an unset fallback is None
-    changed = [f"data.{k}={old.get(k)!r} (recorded) vs {new.get(k)!r} (given)"
-               for k in sorted(set(old) | set(new)) if k not in RESUME_FREE_DATA
-               and not _same_value(k, old.get(k), new.get(k))]
-    if changed:
-        raise ValueError(
-            f"ckpt_path={ckpt_value}: the run in {output_dir} was trained with other data settings than this command "
-            f"gives ({record}): {'; '.join(changed)}. A resumed run continues on the data it started with: give the "
-            "recorded values (or leave those overrides out), or start a new run from that checkpoint in another "
-            "directory (hydra.run.dir=<new dir> ckpt_path=<the .ckpt file>). Nothing was changed"
         )
 
 
