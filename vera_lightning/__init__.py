@@ -10,8 +10,8 @@ from vera_lightning.forward.dispatch import record_paths
 from vera_lightning.forward.precision import PrecisionChoice, bf16_native_cpu, measure_precision
 from vera_lightning.forward.protocol import VeraPath
 from vera_lightning.io.adapter_dir import load_adapter, save_adapter
-from vera_lightning.io.atomic import replace_file
-from vera_lightning.io.gguf_lora import GgufLoraExport, export_gguf_lora, gguf_lora_problems
+from vera_lightning.io.atomic import publish, replace_file, umask_mode
+from vera_lightning.io.gguf_lora import GGUF_ARCHITECTURES, GgufLoraExport, export_gguf_lora, gguf_lora_problems
 from vera_lightning.io.lora_export import LoraExport, export_lora
 from vera_lightning.io.peft_format import ADAPTER_CONFIG_NAME
 from vera_lightning.ops.batching import adapter_batch
@@ -35,6 +35,6 @@ __all__ = [
     "quantize_base", "dequantize_base", "is_quantized", "model_bytes",
     # what the app (vera_lightning.app) builds on besides the above
     "adapter_root", "mark_trainable", "enable_gradient_checkpointing", "ADAPTER_CONFIG_NAME", "QUANTIZE_SCHEMES",
-    "checkpoint_config", "load_vera_checkpoint", "replace_file",
+    "checkpoint_config", "load_vera_checkpoint", "replace_file", "publish", "umask_mode", "GGUF_ARCHITECTURES",
 ]
 __version__ = "0.1.0"

@@ -12,7 +12,8 @@ Sub-packages by concern, floors bottom to top (a module imports its own sub-pack
 The core library (``vera_lightning``) never imports this package.
 """
 
-from vera_lightning.app.commands.build import register_configs, vera_config_from
+from vera_lightning.app.commands.build import vera_config_from
+from vera_lightning.app.commands.configs import register_configs
 from vera_lightning.app.commands.train import train
 
 __all__ = ["register_configs", "train", "vera_config_from"]

@@ -1,4 +1,4 @@
-"""scripts/export.py under Hydra (conf/export.yaml, vera_lightning/app/commands/export_hydra.py): a refused export
+"""scripts/export.py under Hydra (conf/export.yaml, RunDirCheck in vera_lightning/app/runs/run_dirs.py): a refused export
 writes nothing anywhere, not a .hydra/ record into hydra.run.dir (a training run's record stays intact), not an
 outputs/export/... folder in the cwd, not a job log; an accepted one writes only its output; bad run dirs and outputs
 end in one message, never a traceback.
@@ -15,7 +15,7 @@ from helpers.app import run_script
 from omegaconf import OmegaConf
 from test_export import changed, fake_run, save_tokenizer, snapshot
 
-from vera_lightning.app.commands.export_hydra import ExportRunDir
+from vera_lightning.app.runs.run_dirs import RunDirCheck
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +27,7 @@ def test_the_callback_removes_only_the_empty_folders_it_saw_missing(tmp_path):
     (tmp_path / "outputs").mkdir()
     (tmp_path / "outputs" / "keep.txt").write_text("x")
     config = OmegaConf.create({"hydra": {"run": {"dir": str(tmp_path / "outputs" / "export" / "day" / "time")}}})
-    callback = ExportRunDir()
+    callback = RunDirCheck()
     callback.on_run_start(config)
     (tmp_path / "outputs" / "export" / "day" / "time").mkdir(parents=True)  # what Hydra does next
     callback.on_run_end(config)

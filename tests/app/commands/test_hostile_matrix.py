@@ -94,7 +94,7 @@ def _names(message: str, names: list[str]) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- refusals, in-process
-# (command, arguments, what the message must name); {T}: the tree, {RUN}: its copy of the run. Out dir: {T}/out.
+# (command, arguments, what the message must name[, run dir: {T}/out by default]); {T}: the tree, {RUN}: its run
 IN_PROCESS = {
     # train: unknown keys of every group (S5), types, the run's own options, checks before any write
     "train +data.max_lenght": ("train", [*SMOKE, "+data.max_lenght=5"], ["data.max_lenght"]),
@@ -109,19 +109,25 @@ IN_PROCESS = {
     "train model.compute_dtype=fp16": ("train", [*SMOKE, "model.compute_dtype=fp16"], ["model.compute_dtype"]),
     # eval
     "eval adapter=/nonexistent": ("eval", [*SMOKE, "seed=7", "adapter=/nonexistent"], ["adapter="]),
+    "eval +generate.foo": ("eval", [*EVAL, "+generate.foo=1"], ["generate.foo"]),
+    "eval into RUN": ("eval", EVAL, ["hydra.run.dir"], "{RUN}"),
     # predict: outputs inside a run, over the input, over an earlier file, a wrong suffix, an untyped overwrite
     "predict output inside RUN": ("predict", [*PREDICT, "output={RUN}/preds.jsonl"], ["output="]),
     "predict output=the input": ("predict", [*PREDICT, "output={T}/prompts.txt"], ["output="]),
     "predict existing output": ("predict", [*PREDICT, "output={T}/old.jsonl"], ["overwrite=true"]),
     "predict overwrite=no": ("predict", [*PREDICT, "output={T}/new.jsonl", "overwrite=no"], ["overwrite"]),
     "predict output .tsv for a causal LM": ("predict", [*PREDICT, "output={T}/preds.tsv"], ["output=", ".jsonl"]),
+    "predict into RUN": ("predict", PREDICT, ["hydra.run.dir"], "{RUN}"),
     # export: outputs that are, hold or lie inside an input (L1), an untyped overwrite (L2), all problems at once (U2)
     "export output=RUN": ("export", [*LORA, "output={RUN}", "overwrite=true"], ["output="]),
     "export output=parent of RUN": ("export", [*LORA, "output={T}/runs", "overwrite=true"], ["output="]),
     "export output=the ckpt's folder": ("export", ["adapter={RUN}/checkpoints/last.ckpt", "format=merged",
                                                    "output={RUN}/checkpoints", "overwrite=true"], ["output="]),
     "export output=the adapter": ("export", [*LORA, "output={RUN}/adapter", "overwrite=true"], ["output="]),
+    "export output inside the adapter": ("export", [*LORA, "output={RUN}/adapter/lora"], ["output="]),
     "export overwrite=no": ("export", [*LORA, "output={T}/mine", "overwrite=no"], ["overwrite"]),
+    "export overwrite=off": ("export", [*LORA, "output={T}/mine", "overwrite=off"], ["overwrite"]),
+    "export overwrite='false'": ("export", [*LORA, "output={T}/mine", "overwrite='false'"], ["overwrite"]),
     "export overwrite=true over the user's folder": ("export", [*LORA, "output={T}/mine", "overwrite=true"],
                                                      ["output="]),
     "export gguf-lora on OPT over an existing file": ("export", ["adapter={RUN}/adapter", "format=gguf-lora",
@@ -132,12 +138,12 @@ IN_PROCESS = {
 
 @pytest.mark.parametrize("case", list(IN_PROCESS))
 def test_a_refused_command_changes_nothing(tree, case):
-    command, args, names = IN_PROCESS[case]
+    command, args, names, out = (*IN_PROCESS[case], "{T}/out")[:4]
     if case == "train trainer.accelerator=gpu" and torch.cuda.is_available():
         pytest.skip("this machine has a GPU: trainer.accelerator=gpu is accepted")
     before = snapshot(tree)
     with pytest.raises(Exception) as caught:
-        _in_process(command, tree / "out", _fill(args, tree))
+        _in_process(command, Path(_fill([out], tree)[0]), _fill(args, tree))
     assert is_user_error(caught.value) or isinstance(caught.value, CompactHydraException), repr(caught.value)
     _names(str(caught.value), _fill(names, tree))
     after = snapshot(tree)
@@ -146,17 +152,24 @@ def test_a_refused_command_changes_nothing(tree, case):
 
 # ------------------------------------------------------------------------------------------- refusals, entry points
 # (script, arguments, what stderr must name); run with cwd={T}
+JOB_LOG = pytest.mark.xfail(strict=True, reason=(
+    "a train refused after the plan was logged (here: export=gguf-lora on OPT, refused once the model is built) "
+    "leaves Hydra's job log <run dir>/train.log behind in an empty or new run dir: HeldFileHandler holds records only "
+    "in a directory that already holds something, so discard_job_log() cannot take back what was written"))
+CREATED_DIR = pytest.mark.xfail(strict=True, reason=(
+    "eval.py hydra.run.dir=RUN/sub is refused, but the empty folder RUN/sub that Hydra created before the task ran "
+    "stays inside the training run (RunDirCheck does not remove what Hydra created; export's ExportRunDir does)"))
 SCRIPTS = {
     # train: into a training run without ckpt_path/overwrite; into a file; checks that come before any write (U1, U9)
     "train hydra.run.dir=RUN": ("train", [*RUN_ARGS, "hydra.run.dir={RUN}"], ["hydra.run.dir", "ckpt_path=last"]),
     "train hydra.run.dir=a file": ("train", [*SMOKE, "hydra.run.dir={T}/a-file"], ["hydra.run.dir"]),
     "train export=gguf-lora on OPT": ("train", [*SMOKE, "export=gguf-lora", "hydra.run.dir={T}/work"],
-                                      ["export=gguf-lora"]),
+                                      ["export=gguf-lora"], JOB_LOG),
     "train finetune=head": ("train", [*SMOKE, "finetune=head", "hydra.run.dir={T}/work"], ["finetune=head"]),
     # eval: never into a training run or its adapter (S7)
     "eval into RUN/adapter": ("eval", [*EVAL, "hydra.run.dir={RUN}/adapter"], ["hydra.run.dir"]),
     "eval into RUN": ("eval", [*EVAL, "hydra.run.dir={RUN}"], ["hydra.run.dir"]),
-    "eval into RUN/sub": ("eval", [*EVAL, "hydra.run.dir={RUN}/sub"], ["hydra.run.dir"]),
+    "eval into RUN/sub": ("eval", [*EVAL, "hydra.run.dir={RUN}/sub"], ["hydra.run.dir"], CREATED_DIR),
     # export: the cwd as output (L1, U4), a refused export into a run's hydra.run.dir (L3), a clean cwd (S10)
     "export output=$PWD": ("export", [*LORA, "output={T}", "overwrite=true"], ["output="]),
     "export output=.": ("export", [*LORA, "output=.", "overwrite=true"], ["output="]),
@@ -167,9 +180,9 @@ SCRIPTS = {
 }
 
 
-@pytest.mark.parametrize("case", list(SCRIPTS))
+@pytest.mark.parametrize("case", [pytest.param(case, marks=spec[3:]) for case, spec in SCRIPTS.items()])
 def test_a_refused_entry_point_changes_nothing_and_shows_no_traceback(tree, case):
-    script, args, names = SCRIPTS[case]
+    script, args, names = SCRIPTS[case][:3]
     before = snapshot(tree)
     done = run_script(script, *_fill(args, tree), cwd=tree)
     assert done.returncode == 1, f"rc={done.returncode}\n{done.stdout[-2000:]}\n{done.stderr[-3000:]}"
@@ -302,10 +315,39 @@ def test_two_exports_into_one_output_the_second_is_refused(tree):
 
 def test_a_resume_changes_only_the_runs_own_files(tree):
     run = tree / "runs" / "RUN"
+    history = (run / "csv" / "metrics.csv").read_bytes()
     before = snapshot(tree)
-    done = run_script("train", *RUN_ARGS, "trainer.max_steps=4", "ckpt_path=last", f"hydra.run.dir={run}", cwd=tree)
+    done = run_script("train", *RUN_ARGS, "trainer.max_epochs=2", "trainer.max_steps=4", "ckpt_path=last",
+                      f"hydra.run.dir={run}", cwd=tree)
     assert done.returncode == 0, done.stderr[-3000:]
     after = snapshot(tree)
-    diff = _only(before, after, _declared("train", tree, run, {}))
-    assert "runs/RUN/checkpoints/last.ckpt" in diff and "runs/RUN/adapter/adapter_model.safetensors" in diff
+    # plan.resume.<n>.json: written, though not declared (test_a_resume_declares_every_file_it_writes)
+    diff = _only(before, after, [*_declared("train", tree, run, {}), "runs/RUN/plan.resume.*.json"])
+    assert {"runs/RUN/checkpoints/last.ckpt", "runs/RUN/adapter/adapter_model.safetensors",
+            "runs/RUN/.hydra/resume.1/config.yaml", "runs/RUN/plan.resume.1.json"} <= diff
+    assert not {n for n in diff if n.startswith("runs/RUN/.hydra/") and "/resume." not in n}  # the run's record kept
+    assert (run / "csv" / "metrics.1.csv").read_bytes() == history  # the first part's metrics kept
     assert json.loads((run / "summary.json").read_text())["steps"] == 4
+
+
+@pytest.mark.xfail(strict=True, reason="a resume writes <run>/plan.resume.<n>.json (RunRecord), which "
+                                       "planning.declared_outputs('train', ...) does not list")
+def test_a_resume_declares_every_file_it_writes(tmp_path):
+    assert _inside("plan.resume.1.json", _declared("train", tmp_path, tmp_path, {"ckpt_path": "last"}))
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "resuming a finished run (its last.ckpt is at max_epochs) with the same command is accepted (rc 0) and trains "
+    "nothing, but the run is never 'accepted' (on_train_start does not run), so csv/metrics.csv is not moved aside: "
+    "the CSV logger replaces it with one row of run/* values and the run's training history is lost; summary.json "
+    "and adapter/ are rewritten too, and no .hydra/resume.1 records the command"))
+def test_resuming_a_finished_run_keeps_its_metrics_history(tree):
+    run = tree / "runs" / "RUN"
+    history = (run / "csv" / "metrics.csv").read_bytes()
+    before = snapshot(tree)
+    done = run_script("train", *RUN_ARGS, "ckpt_path=last", f"hydra.run.dir={run}", cwd=tree)
+    if done.returncode == 1:  # refused ("nothing left to train"): then nothing changed
+        assert "Traceback" not in done.stderr and snapshot(tree) == before, done.stderr[-3000:]
+        return
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert history in [p.read_bytes() for p in (run / "csv").glob("metrics*.csv")]

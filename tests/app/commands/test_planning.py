@@ -1,6 +1,9 @@
-"""The run plan (vera_lightning/app/commands/planning.py, vera_lightning/app/commands/options.py,
-vera_lightning/app/data/schema.py, vera_lightning/app/runs/plan.py): every key checked, the device and the precision resolved once, recorded in
-plan.json and the adapter, and replayed by eval/predict/resume without deciding again."""
+"""The run plan: every key checked, the device and the precision resolved once, recorded in plan.json and the
+adapter, and replayed by eval/predict/resume without deciding again.
+
+Modules: vera_lightning/app/commands/planning.py, vera_lightning/app/commands/options.py,
+vera_lightning/app/commands/configs.py, vera_lightning/app/data/schema.py, vera_lightning/app/runs/plan.py.
+"""
 
 from __future__ import annotations
 

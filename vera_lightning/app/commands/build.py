@@ -13,40 +13,21 @@ from typing import Any, Mapping, Optional
 
 import hydra
 import lightning.pytorch as pl
-from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf
 from torch import nn
 
 from vera_lightning import VeraConfig
 from vera_lightning.app.data.datamodules import TextDataModule, build_datamodule
 from vera_lightning.app.data.packing import check_packing
-from vera_lightning.app.data.schema import register_schema as register_data_schema
 from vera_lightning.app.data.sft import check_max_length, position_limit
-from vera_lightning.app.generation.generate import register_schema
 from vera_lightning.app.models.load import build_model, build_tokenizer, resolve_path
-from vera_lightning.app.models.schema import register_schema as register_model_schema
 from vera_lightning.app.runs.plan import RunPlan
 from vera_lightning.app.tasks.module import VeraTaskModule, build_module
 
 __all__ = [
-    "Components", "register_configs", "vera_config_from", "check_task", "check_head_trains", "instantiate_dict",
+    "Components", "vera_config_from", "check_task", "check_head_trains", "instantiate_dict",
     "base_model_id", "build_components",
 ]
-
-
-def register_configs() -> None:
-    """Register the schemas of the typed groups: :class:`VeraConfig` (``vera/schema``), the generation settings
-    (``generate/schema``, :func:`~vera_lightning.app.generation.generate.register_schema`) and the model's keys
-    (``model/schema``, :class:`~vera_lightning.app.models.schema.ModelSchema`).
-
-    ``conf/vera/*.yaml``, ``conf/generate/*.yaml`` and ``conf/model/*.yaml`` start with ``defaults: [schema, ...,
-    _self_]``, so Hydra validates every key and type against the dataclass when the config is composed. Idempotent.
-    """
-    store = ConfigStore.instance()
-    store.store(group="vera", name="schema", node=VeraConfig)
-    register_schema(store)
-    register_model_schema(store)
-    register_data_schema(store)
 
 
 def vera_config_from(vera: Mapping[str, Any]) -> VeraConfig:

@@ -18,7 +18,7 @@ Check everything, then act. The line is: options → :class:`~vera_lightning.app
 adapter → write the output through :func:`vera_lightning.publish`: staged beside it, re-checked under its save lock
 (another export may have written it meanwhile: refused, never replaced silently), renamed into place. Only the
 plan's output is written; Hydra writes nothing (``conf/export.yaml``,
-:mod:`~vera_lightning.app.commands.export_hydra`).
+:class:`~vera_lightning.app.runs.run_dirs.RunDirCheck`).
 """
 
 from __future__ import annotations
@@ -41,6 +41,7 @@ from vera_lightning import (
     is_quantized,
     load_adapter,
     load_vera_checkpoint,
+    publish,
     unload_vera,
 )
 from vera_lightning.app.commands.build import base_model_id
@@ -59,11 +60,6 @@ from vera_lightning.app.commands.export_plan import (
 from vera_lightning.app.models.load import build_model, build_tokenizer
 from vera_lightning.app.runs.records import discard_job_log
 from vera_lightning.app.tasks.module import build_module
-
-try:
-    from vera_lightning import publish
-except ImportError:  # TODO(lead): re-export publish in vera_lightning/__init__.py, then drop this
-    from vera_lightning.io.atomic import publish
 
 __all__ = ["FORMATS", "DEFAULT_OUTPUTS", "ExportResult", "check_format", "export_problems", "plan_export", "export",
            "export_run", "run_export_plan"]

@@ -32,17 +32,13 @@ import torch
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
+from vera_lightning import GGUF_ARCHITECTURES
 from vera_lightning.app.commands.adapters import AdapterSource
 from vera_lightning.app.commands.export_adapter import adapter_options, resolve_export_adapter
 from vera_lightning.app.commands.export_base import ExportBase, base_architecture, base_inputs, find_base
 from vera_lightning.app.commands.export_output import Inputs, output_problems
 from vera_lightning.app.models.schema import check_model_keys
 from vera_lightning.app.runs.run_dirs import RUN_RECORDS, previous_run
-
-try:
-    from vera_lightning import GGUF_ARCHITECTURES
-except ImportError:  # TODO(lead): re-export GGUF_ARCHITECTURES in vera_lightning/__init__.py, then drop this
-    from vera_lightning.io.gguf_lora import GGUF_ARCHITECTURES
 
 __all__ = ["FORMATS", "DEFAULT_OUTPUTS", "DTYPES", "ExportOptions", "ExportPlan", "register_export_schema",
            "check_format", "export_problems", "unknown_keys", "plan_export"]

@@ -25,17 +25,18 @@ import lightning.pytorch as pl
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig
 
-from vera_lightning import apply_vera, count_parameters, gguf_lora_problems, model_bytes, replace_file
+from vera_lightning import count_parameters, model_bytes, replace_file
 from vera_lightning.app.commands.build import (
     base_model_id,
     build_components,
     check_head_trains,
     check_monitored,
     instantiate_dict,
-    register_configs,
     vera_config_from,
 )
-from vera_lightning.app.commands.export import check_format, export_run
+from vera_lightning.app.commands.configs import register_configs
+from vera_lightning.app.commands.export import export_run
+from vera_lightning.app.commands.export_plan import export_problems
 from vera_lightning.app.commands.planning import make_plan
 from vera_lightning.app.commands.preflight import preflight
 from vera_lightning.app.runs import trackers
@@ -98,16 +99,16 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
 
 def _check_export(plan: RunPlan, vera_config: Any) -> Optional[str]:
-    """``export=`` checked before training: the format, and that this run has a VeRA adapter to export."""
+    """``export=`` checked in full before training: the format, a VeRA adapter to export, the base's architecture
+    and what the adapter trains (a GGUF LoRA carries neither ``modules_to_save`` nor biases)."""
     value = plan.option("export")
     if value is None:
         return None
-    fmt = check_format(value)
-    if plan.method != "vera":
-        raise ValueError(f"export={fmt} with finetune={plan.method}: export converts a VeRA adapter, and "
-                         f"finetune={plan.method} trains no VeRA adapter (it saves the trained tensors in "
-                         "adapter/model.safetensors). Drop export= or use finetune=vera")
-    return fmt
+    problems = export_problems(value, plan.model, plan.method, modules_to_save=vera_config.modules_to_save,
+                               bias=vera_config.bias)
+    if problems:
+        raise ValueError(problems[0] if len(problems) == 1 else "Cannot export:\n  - " + "\n  - ".join(problems))
+    return str(value)
 
 
 def _check_trains_something(plan: RunPlan, vera_config: Any) -> None:
@@ -132,12 +133,6 @@ def run_training(plan: RunPlan) -> dict[str, Any]:
     task, model, module, datamodule = parts.task, parts.model, parts.module, parts.datamodule
     check_head_trains(task, model, vera_config, method)
     check_monitored(plan.optimized_metric, module.metric_names)
-    if export_fmt == "gguf-lora":  # the architecture, known once the model is built: still before any write
-        apply_vera(model, vera_config)  # what VeraCallback's setup does (idempotent: it then finds it in place)
-        problems = gguf_lora_problems(model)
-        if problems:
-            raise ValueError(f"export=gguf-lora cannot export this run's adapter: {'; '.join(problems)}. Use "
-                             "export=lora (vLLM, TGI, PEFT) or export=merged, or drop export=")
 
     loggers = instantiate_dict(plan.loggers)
     # nothing is written to the run directory until the run is accepted: loggers, CSV history, .hydra record

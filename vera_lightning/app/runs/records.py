@@ -21,7 +21,6 @@ run's own record and adds its own as ``.hydra/resume.<n>/``), moves the CSV logg
 from __future__ import annotations
 
 import logging
-import os
 import time
 from pathlib import Path
 from typing import Any, Optional
@@ -51,18 +50,14 @@ RECORD_DIR = ".hydra"
 class HeldFileHandler(logging.FileHandler):
     """Hydra's job log file (``<run dir>/<job name>.log``, ``conf/hydra/default.yaml``), held while a run is checked.
 
-    In a directory that already holds something (an earlier run), records are kept in memory until
-    :func:`release_job_log` (the run was accepted: they are appended) or :func:`discard_job_log` (the run was
-    refused: the file is left as it was). A handler neither released nor discarded (``eval.py``,
-    ``predict.py``) writes what it holds when it is closed. In an empty directory it is a plain ``FileHandler``.
+    Records are kept in memory until :func:`release_job_log` (the run was accepted: they are appended) or
+    :func:`discard_job_log` (the run was refused: the file is left as it was, or never created). A handler neither
+    released nor discarded (``eval.py``, ``predict.py`` once they succeeded) writes what it holds when it is closed.
     """
 
     def __init__(self, filename: str, mode: str = "a", encoding: Optional[str] = None, delay: bool = False,
                  errors: Optional[str] = None) -> None:
-        directory = os.path.dirname(os.path.abspath(filename))
-        self._held: Optional[list[logging.LogRecord]] = (
-            [] if os.path.exists(filename) or (os.path.isdir(directory) and any(os.scandir(directory))) else None
-        )
+        self._held: Optional[list[logging.LogRecord]] = []
         self._discarded = False
         super().__init__(filename, mode, encoding, delay=True, errors=errors)  # the file opens at the first write
 

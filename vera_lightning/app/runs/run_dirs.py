@@ -21,6 +21,7 @@
 
 from __future__ import annotations
 
+import os
 import random
 import sys
 from pathlib import Path
@@ -145,12 +146,20 @@ def check_command_dir(output_dir: Path, command: str) -> None:
 
 
 class RunDirCheck(HydraCallback):
-    """A Hydra callback (``hydra.callbacks``): refuse a ``hydra.run.dir`` that is, or lies inside, an existing file.
+    """A Hydra callback (``hydra.callbacks``) of every entry point: the run directory is checked first and left as it
+    was found by a refused run.
 
-    Hydra creates the run directory before any app code runs, and a file there ends in its traceback; this runs
-    first (``on_run_start``), says it in one line on stderr and exits with status 1 (Hydra turns a callback's
-    exception into a warning, so it exits instead).
+    * Hydra creates the run directory before any app code runs, and a file there ends in its traceback; this runs
+      first (``on_run_start``), says it in one line on stderr and exits with status 1 (Hydra turns a callback's
+      exception into a warning, so it exits instead).
+    * It notes which folders of ``hydra.run.dir`` did not exist yet, and removes them again when the run ends
+      (``on_run_end``) if they are still empty: a refused command (nothing written: the job log is held until the
+      run is accepted, :class:`~vera_lightning.app.runs.records.HeldFileHandler`) leaves no empty
+      ``outputs/<date>/<time>/`` behind.
     """
+
+    def __init__(self) -> None:
+        self.created: list[Path] = []
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
         run_dir = Path(str(config.hydra.run.dir)).expanduser()
@@ -160,7 +169,17 @@ class RunDirCheck(HydraCallback):
                     print(f"Error: hydra.run.dir={str(run_dir)!r}: {path} is a file, not a directory; nothing was "
                           "written. Give a directory path, or leave hydra.run.dir unset", file=sys.stderr, flush=True)
                     raise SystemExit(1)
-                return
+                break
+        absolute = Path(os.path.abspath(run_dir))
+        self.created = [p for p in (absolute, *absolute.parents) if not os.path.lexists(p)]  # deepest first
+
+    def on_run_end(self, config: DictConfig, **kwargs: Any) -> None:
+        for path in self.created:
+            try:
+                path.rmdir()  # only an empty folder goes; one something was written into stays
+            except OSError:
+                break
+        self.created = []
 
 
 def resolve_ckpt_path(value: Optional[str], output_dir: Path) -> Optional[str]:
