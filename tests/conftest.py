@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import copy
 import os
+import shutil
+import tempfile
 
 import pytest
 import torch
@@ -18,6 +20,16 @@ def pytest_configure(config: pytest.Config) -> None:
     # timing or write ~/.cache: tuning off (tests/forward/test_autotune.py turns it on with configure_autotune)
     os.environ.setdefault("VERA_LIGHTNING_AUTOTUNE", "0")
     os.environ.setdefault("VERA_LIGHTNING_AUTOTUNE_CACHE", "off")
+    # the tokenised-data cache (data.cache_dir null -> $VERA_DATA_CACHE) in a folder of this session, never ~/.cache
+    if "VERA_DATA_CACHE" not in os.environ:
+        os.environ["VERA_DATA_CACHE"] = config._vera_data_cache = tempfile.mkdtemp(prefix="vera-test-data-cache-")
+        os.environ.setdefault("HF_DATASETS_CACHE", os.path.join(config._vera_data_cache, "hf-datasets"))
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    folder = getattr(config, "_vera_data_cache", None)
+    if folder:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 @pytest.fixture

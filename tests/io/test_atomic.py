@@ -1,7 +1,8 @@
-"""vera_lightning/atomic.py and the save path: saves that never lose data (atomic, locked, cleaned up)
+"""vera_lightning/io/atomic.py and the save path: saves that never lose data (atomic, locked, cleaned up)
 and reads that never mix versions or open what is not a regular file (issue 10, items 3, 4, 12).
 
-Modules: vera_lightning/io/locks.py, vera_lightning/io/reads.py.
+Modules: vera_lightning/io/locks.py, vera_lightning/io/reads.py, vera_lightning/io/adapter_files.py (what an
+adapter directory may hold: refused targets, the model card, named sub-adapters' folders kept).
 """
 
 from __future__ import annotations

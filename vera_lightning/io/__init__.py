@@ -1,1 +1,2 @@
-"""Files: PEFT's adapter layout, adapter directories (save/load), atomic locked writes, LoRA export."""
+"""Files: PEFT's adapter layout, adapter directories (save/load, what they may hold), atomic locked writes, LoRA
+export."""

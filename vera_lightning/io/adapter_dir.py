@@ -37,7 +37,7 @@ from vera_lightning.core.lookup import Adapted, adapter_root, find_adapted
 from vera_lightning.core.messages import shorten
 from vera_lightning.core.refusals import check_not_merged, check_not_meta
 from vera_lightning.forward.protocol import HALF_DTYPES
-from vera_lightning.io import atomic
+from vera_lightning.io import adapter_files
 from vera_lightning.io import peft_format as fmt
 from vera_lightning.io.adapter_read import read_adapter
 from vera_lightning.io.peft_format import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME
@@ -61,7 +61,7 @@ def save_adapter(
             ``transformers`` model, not a LightningModule wrapping it, for PEFT interop).
         directory: Target directory; created, or replaced if it holds only adapter files. In PEFT's layout
             for several adapters (the primary one in ``root``, each other in ``root/<name>``), re-saving to
-            ``root`` keeps the ``<name>/`` folders byte for byte (see :mod:`vera_lightning.io.atomic`).
+            ``root`` keeps the ``<name>/`` folders byte for byte (see :mod:`vera_lightning.io.adapter_files`).
         base_model_name_or_path: Recorded in ``adapter_config.json`` (PEFT uses it to find the base).
         adapter_name: Which named adapter to write (default: the active one). The file has the same
             keys for every name (PEFT's layout); see :mod:`vera_lightning.ops.named`.
@@ -120,7 +120,7 @@ def save_adapted(
     header.update({"format": "pt", META_FORMAT: "1", fmt.META_PROJECTION: projection_sha,
                    fmt.META_CONTENT: fmt.content_sha256(tensors)})
     payload = {**config.to_dict(), **fmt.peft_extra_fields(base_model_name_or_path)}
-    atomic.write_adapter_files(directory, payload, tensors, header)
+    adapter_files.write_adapter_files(directory, payload, tensors, header)
     return directory
 
 

@@ -1,33 +1,22 @@
-"""Crash-safe, serialised replacement of a directory, and what an adapter directory may hold.
+"""Crash-safe, serialised replacement of a directory or a file: staging, exchange/rename, fsync, umask modes.
 
-The promise (used by :func:`vera_lightning.save_adapter`): at every instant a reader or a crash
-can observe, ``<parent>/<name>`` holds a complete directory, the previous version or the new one.
+The promise (used by :func:`vera_lightning.save_adapter`): at every instant a reader or a crash can observe,
+``<parent>/<name>`` holds a complete directory, the previous version or the new one.
 
 Writing, :func:`replace_directory` under :func:`locked`:
 
-1. **Lock** (:mod:`vera_lightning.io.locks`): ``fcntl.flock`` on the parent directory. Concurrent
-   writers, threads or processes, wait for each other; after ``timeout`` seconds the waiting one
-   raises ``TimeoutError`` and writes nothing.
+1. **Lock** (:mod:`vera_lightning.io.locks`): ``fcntl.flock`` on the parent directory. Concurrent writers (threads,
+   processes) wait for each other; after ``timeout`` seconds the waiting one raises ``TimeoutError``, writing nothing.
 2. **Clean leftovers** of saves that were killed (:func:`clean_leftovers`): the staging area
-   ``<parent>/.<name>.vera-tmp/`` is deleted; if a kill left ``<name>`` missing and the previous
-   version parked there, that version is renamed back first. The lock guarantees no live writer
-   is using the staging area.
+   ``<parent>/.<name>.vera-tmp/`` is deleted; if a kill left ``<name>`` missing and the previous version parked
+   there, that version is renamed back first. The lock guarantees no live writer is using the staging area.
 3. **Stage** the complete new version in ``.<name>.vera-tmp/new/`` and ``fsync`` its files.
-4. **Publish** with one atomic step: ``rename(new, <name>)`` if nothing is there yet, else
-   ``renameat2(new, <name>, RENAME_EXCHANGE)``, which swaps the two directory entries at once
-   (Linux >= 3.15: ext4, xfs, btrfs, tmpfs, ...). The previous version, now at the staging name,
-   is deleted. Where the exchange is unavailable (other systems, some network file systems) the
-   fallback is two renames: the previous version is parked at ``.<name>.vera-tmp/old`` and the new
-   one renamed in. Between the two the path is absent for an instant; a reader then reads the
-   parked version (:mod:`vera_lightning.io.reads`) and the next save puts it back if a crash
-   happened there.
-
-An adapter directory (:func:`check_target_dir`) holds ``adapter_config.json`` and
-``adapter_model.safetensors``, PEFT's model card ``README.md`` (carried over, never deleted) and, in
-PEFT's layout for several adapters, named adapters' folders ``<name>/`` (:func:`sub_adapters`). Saving
-into such a root (:func:`write_adapter_files`) replaces its files and keeps those folders byte for byte
-(hard links to the same files) while holding the lock their own saves take; anything else in the
-directory is refused before anything is written.
+4. **Publish** with one atomic step: ``rename(new, <name>)`` if nothing is there yet, else ``renameat2(new, <name>,
+   RENAME_EXCHANGE)``, which swaps the two directory entries at once (Linux >= 3.15: ext4, xfs, btrfs, tmpfs, ...).
+   The previous version, now at the staging name, is deleted. Where the exchange is unavailable (other systems, some
+   network file systems) the fallback is two renames: the previous version is parked at ``.<name>.vera-tmp/old``
+   and the new one renamed in. Between the two the path is absent for an instant; a reader then reads the parked
+   version (:mod:`vera_lightning.io.reads`) and the next save puts it back if a crash happened there.
 
 A single file (:func:`replace_file`, e.g. an app's ``predictions.jsonl``) is written to a temporary file beside it
 (``.<name>.<random>.vera-tmp``), flushed to disk and renamed into place when the writing block ends without an
@@ -39,6 +28,8 @@ the save lock of the output it cleans what killed writes of it left, runs the ca
 output as no other writer can change it until the rename: the place to refuse an output that appeared meanwhile)
 and then :func:`replace_directory`. Published files follow the umask (:func:`umask_mode`: 0644 under umask 022),
 also those a library wrote with a narrower mode (``safetensors`` writes 0600).
+
+What an adapter directory may hold, and how its files are written on top of this: :mod:`.adapter_files`.
 """
 
 from __future__ import annotations
@@ -46,33 +37,29 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
-import json
+import functools
 import os
 import shutil
-import stat
 import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, Optional
 
-from vera_lightning.core.adapter import check_adapter_name
-from vera_lightning.io.locks import LOCK_FILE, locked, locked_subfolders
-from vera_lightning.io.peft_format import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME
+from vera_lightning.io.locks import locked
 
 __all__ = ["replace_file", "replace_directory", "publish", "umask_mode", "clean_leftovers", "staging_root",
-           "check_target_dir", "sub_adapters", "write_adapter_files", "ADAPTER_FILES", "MODEL_CARD"]
+           "STAGING_SUFFIX"]
 
-_STAGING = ".vera-tmp"
-_RENAME_EXCHANGE = 2
-_AT_FDCWD = -100
+#: The suffix of a staging area (``.<name>.vera-tmp``) or a temporary file beside its target.
+STAGING_SUFFIX = ".vera-tmp"
+_AT_FDCWD, _RENAME_EXCHANGE = -100, 2  # renameat2's "current directory" and "swap the two entries"
 
 
 def staging_root(directory: str) -> str:
     """``<parent>/.<name>.vera-tmp``: where a save of ``directory`` stages its new version."""
     parent, name = os.path.split(os.path.abspath(directory))
-    return os.path.join(parent, f".{name}{_STAGING}")
+    return os.path.join(parent, f".{name}{STAGING_SUFFIX}")
 
 
-# ---------------------------------------------------------------------- writing
 def umask_mode(directory: bool = False) -> int:
     """The mode ``open()`` (``mkdir()`` with ``directory``) gives a new file here: ``0o666`` (``0o777``) less the
     process's umask, e.g. ``0o644`` under umask 022. Read from ``/proc/self/status`` where it is there (reading the
@@ -91,11 +78,8 @@ def _follow_umask(path: str) -> None:
     """Give ``path`` (a file, or a folder and everything in it) the modes a plain ``open``/``mkdir`` would."""
     if os.path.islink(path):
         return
-    if not os.path.isdir(path):
-        os.chmod(path, umask_mode())
-        return
-    os.chmod(path, umask_mode(directory=True))
-    for name in os.listdir(path):
+    os.chmod(path, umask_mode(directory=os.path.isdir(path)))
+    for name in os.listdir(path) if os.path.isdir(path) else ():
         _follow_umask(os.path.join(path, name))
 
 
@@ -112,16 +96,12 @@ def _exchange(a: str, b: str) -> bool:
     raise OSError(code, f"{os.strerror(code)} (exchanging {a!r} and {b!r})")
 
 
-_LIBC: list = []
-
-
-def _libc():
-    if not _LIBC:
-        try:
-            _LIBC.append(ctypes.CDLL(None, use_errno=True))
-        except OSError:  # pragma: no cover
-            _LIBC.append(None)
-    return _LIBC[0]
+@functools.cache
+def _libc() -> Optional[ctypes.CDLL]:
+    try:
+        return ctypes.CDLL(None, use_errno=True)
+    except OSError:  # pragma: no cover
+        return None
 
 
 def _fsync_dir(path: str) -> None:
@@ -158,8 +138,8 @@ def _link_folder(source: str, target: str) -> None:
 def clean_leftovers(directory: str, own_files: Iterable[str]) -> None:
     """Remove what killed saves of ``directory`` left behind (call under :func:`locked`).
 
-    A version parked by a fallback swap is renamed back if ``directory`` is missing. Leftovers
-    of vera_lightning 0.1.0 (``.<name>.tmp-*``) holding only ``own_files`` are removed too.
+    A version parked by a fallback swap is renamed back if ``directory`` is missing. Leftovers of 0.1.0
+    (``.<name>.tmp-*``) holding only ``own_files`` are removed too.
     """
     root = staging_root(directory)
     parked = os.path.join(root, "old")
@@ -184,16 +164,16 @@ def replace_directory(
 ) -> None:
     """Replace ``directory`` by a new version written by ``fill(staging_dir)``, atomically.
 
-    Call under :func:`locked`. If anything fails before the new version is published, the
-    staging area is removed and ``directory`` is untouched. What ``fill`` wrote gets the modes of the umask
-    (:func:`umask_mode`).
+    Call under :func:`locked`. If anything fails before the new version is published, the staging area is removed
+    and ``directory`` is untouched. What ``fill`` wrote gets the modes of the umask (:func:`umask_mode`).
 
     Args:
         directory: The path to (re)place; its parent must exist.
         fill: Writes the new version's files into the directory it is given.
         carry: Names copied from the previous version when ``fill`` did not write them (a README).
         keep_folders: Subfolders of the previous version (holding files only) that the new version holds unchanged
-            (named sub-adapters); hold :func:`locked_subfolders` so that no save into them runs meanwhile.
+            (named sub-adapters); hold :func:`vera_lightning.io.locks.locked_subfolders` so that no save into them
+            runs meanwhile.
         file: ``directory`` is one file: ``fill`` writes the file at the path it is given (which does not exist yet),
             and it is renamed over the previous file.
     """
@@ -286,11 +266,10 @@ def replace_file(path: str | os.PathLike, *, overwrite: bool = False, encoding: 
     tmp: Optional[str] = None
     try:
         os.makedirs(parent, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=_STAGING, dir=parent)
+        fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=STAGING_SUFFIX, dir=parent)
         os.fchmod(fd, umask_mode())  # mkstemp's 0600 would be the published file's mode
-        mode = "wb" if encoding is None else "w"
-        with (os.fdopen(fd, mode) if encoding is None else os.fdopen(fd, mode, encoding=encoding, newline=newline)
-              ) as handle:
+        text = {} if encoding is None else {"encoding": encoding, "newline": newline}
+        with os.fdopen(fd, "w" if text else "wb", **text) as handle:
             yield handle
             handle.flush()
             os.fsync(handle.fileno())
@@ -299,10 +278,8 @@ def replace_file(path: str | os.PathLike, *, overwrite: bool = False, encoding: 
         else:
             try:
                 os.link(tmp, target)  # fails if the target appeared meanwhile: never replaced silently
-            except FileExistsError:
-                raise FileExistsError(errno.EEXIST, f"{target!r} already exists; nothing was written") from None
-            except OSError:  # a file system without hard links: check, then rename
-                if os.path.lexists(target):
+            except OSError as err:  # that, or a file system without hard links: check, then rename
+                if isinstance(err, FileExistsError) or os.path.lexists(target):
                     raise FileExistsError(errno.EEXIST, f"{target!r} already exists; nothing was written") from None
                 os.replace(tmp, target)
             else:
@@ -320,104 +297,3 @@ def replace_file(path: str | os.PathLike, *, overwrite: bool = False, encoding: 
         if tmp is not None:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
-
-
-# ---------------------------------------------------------------------- adapter directories
-#: The files of an adapter directory (VeRA's or an exported LoRA's).
-ADAPTER_FILES = frozenset({ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME})
-MODEL_CARD = "README.md"  # PEFT's save_pretrained writes one; kept (never deleted) when we replace the adapter
-
-
-def _is_adapter_folder(path: str) -> bool:
-    """A real folder holding ``adapter_config.json``, and else only adapter files and a model card, all regular."""
-    if os.path.islink(path) or not os.path.isdir(path):
-        return False
-    entries = os.listdir(path)
-    return (ADAPTER_CONFIG_NAME in entries and set(entries) <= ADAPTER_FILES | {MODEL_CARD}
-            and all(stat.S_ISREG(os.lstat(os.path.join(path, e)).st_mode) for e in entries))
-
-
-def _own_staging(entry: str) -> Optional[str]:
-    """The sub-adapter name whose save stages in ``entry`` (``.<name>.vera-tmp``), or ``None``."""
-    name = entry[1:-len(_STAGING)] if entry.startswith(".") and entry.endswith(_STAGING) else ""
-    return name if _is_adapter_name(name) else None
-
-
-def _is_adapter_name(name: str) -> bool:
-    try:
-        check_adapter_name(name, "")
-    except ValueError:
-        return False
-    return True
-
-
-def sub_adapters(directory: str) -> list[str]:
-    """Names of the named-adapter folders ``directory`` holds: PEFT's ``save_pretrained`` layout with several
-    adapters, ``<root>/<name>/`` (``name`` a valid adapter name, the folder holding only adapter files)."""
-    if not os.path.isdir(directory) or os.path.islink(directory):
-        return []
-    return sorted(e for e in os.listdir(directory)
-                  if _is_adapter_name(e) and _is_adapter_folder(os.path.join(directory, e)))
-
-
-def check_target_dir(directory: str) -> None:
-    """Refuse to replace ``directory`` unless it is absent or an adapter directory: adapter files, PEFT's model card
-    (with them), named sub-adapter folders (:func:`sub_adapters`) and what saves into those leave (their staging
-    area and lock file)."""
-    if os.path.lexists(directory):
-        if not os.path.isdir(directory):
-            raise ValueError(f"save_adapter: {directory!r} exists and is not a directory; choose another path")
-        entries = set(os.listdir(directory))
-        subs = set(sub_adapters(directory))
-        foreign = {e for e in entries - ADAPTER_FILES - subs - {LOCK_FILE} if _own_staging(e) is None}
-        if entries & ADAPTER_FILES or subs:
-            foreign.discard(MODEL_CARD)  # the model card of a PEFT-written adapter: carried over, not deleted
-        if foreign:
-            raise ValueError(
-                f"save_adapter refuses to replace {directory!r}: it holds {sorted(foreign)[:5]}, which are not adapter "
-                f"files ({sorted(ADAPTER_FILES)}) nor named adapters' folders (<name>/ holding only adapter files); "
-                "nothing was changed. Choose an empty or new directory"
-            )
-
-
-def write_adapter_files(directory: str, config: dict[str, Any], tensors: dict, metadata: dict[str, str]) -> None:
-    """Write ``adapter_config.json`` and ``adapter_model.safetensors`` to ``directory``: check the target, then
-    replace it atomically under the save lock (:func:`check_target_dir`, :func:`locked`, :func:`replace_directory`).
-
-    The named adapters' folders it holds (:func:`sub_adapters`) stay, byte for byte, in the new version; saves
-    into them wait meanwhile (:func:`locked_subfolders`), so none is lost.
-
-    Raises:
-        ValueError: From :func:`check_target_dir`.
-        OSError: Of the same type, saying nothing was changed, if the files cannot be written.
-        TimeoutError: If another save holds the lock too long.
-    """
-
-    def fill(staging: str) -> None:
-        from safetensors.torch import save_file
-
-        save_file(tensors, os.path.join(staging, ADAPTER_WEIGHTS_NAME), metadata=metadata)
-        with open(os.path.join(staging, ADAPTER_CONFIG_NAME), "w", encoding="utf-8") as fh:
-            json.dump(config, fh, indent=2, sort_keys=True)
-            fh.write("\n")
-
-    existed = os.path.isdir(directory)
-    try:
-        os.makedirs(os.path.dirname(os.path.abspath(directory)), exist_ok=True)
-        with locked(directory):
-            clean_leftovers(directory, ADAPTER_FILES)
-            with locked_subfolders(directory):
-                check_target_dir(directory)
-                for entry in sorted(os.listdir(directory)) if os.path.isdir(directory) else ():
-                    if _own_staging(entry) is not None:  # a killed save of a sub-adapter (its lock is held here)
-                        clean_leftovers(os.path.join(directory, _own_staging(entry)), ADAPTER_FILES)
-                replace_directory(directory, fill, carry=(MODEL_CARD,), keep_folders=sub_adapters(directory))
-    except TimeoutError:
-        raise
-    except OSError as err:
-        kept = "still holds the previous adapter" if existed else "was not created"
-        message = (f"save_adapter could not write {directory!r}: {err.strerror or err}. Nothing was changed: "
-                   f"{directory!r} {kept}. Check that the location is writable and has free space")
-        raise (type(err)(err.errno, message) if err.errno else type(err)(message)) from None
-
-

@@ -37,7 +37,7 @@ from torch import nn
 
 from vera_lightning.config import BiasMode
 from vera_lightning.core.lookup import find_adapted
-from vera_lightning.io import atomic
+from vera_lightning.io import adapter_files
 from vera_lightning.io import peft_format as fmt
 from vera_lightning.io.adapter_dir import PathLike
 
@@ -129,7 +129,7 @@ def export_lora(
         raise ValueError(f"export_lora: rank={rank!r} must be an integer with 1 <= rank <= r={config.r} (or None for "
                          "the exact export at rank r)")
     directory = os.fspath(directory)
-    atomic.check_target_dir(directory)
+    adapter_files.check_target_dir(directory)
     attrs = adapter.lambda_names(name)
     tensors: dict[str, torch.Tensor] = {}
     errors: dict[str, float] = {}
@@ -161,7 +161,7 @@ def export_lora(
         "modules_to_save": config.modules_to_save, "init_lora_weights": True, "use_dora": False,
         "layers_to_transform": None, "layers_pattern": None, "rank_pattern": {}, "alpha_pattern": {},
     }
-    atomic.write_adapter_files(directory, payload, tensors,
-                               {"format": "pt", fmt.META_CONTENT: fmt.content_sha256(tensors)})
+    adapter_files.write_adapter_files(directory, payload, tensors,
+                                      {"format": "pt", fmt.META_CONTENT: fmt.content_sha256(tensors)})
     relative = (tail_sum / total_sum) ** 0.5 if total_sum > 0 else 0.0
     return LoraExport(directory=directory, rank=written, relative_error=relative, layer_errors=errors)

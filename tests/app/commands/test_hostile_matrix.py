@@ -70,6 +70,7 @@ def tree(tmp_path, smoke_run, monkeypatch) -> Path:
     (tmp_path / "mine" / "notes.txt").write_text("a folder of the user's\n")
     (tmp_path / "old.jsonl").write_text('{"prompt": "an earlier prediction"}\n')
     (tmp_path / "old.gguf").write_bytes(b"GGUF an earlier export")
+    (tmp_path / "latin1.txt").write_bytes("a prompt\nun café\n".encode("latin-1"))
     (tmp_path / "prompts.txt").write_text("\ufeff" + "\n".join(PROMPT_LINES) + "\n", encoding="utf-8")
     monkeypatch.chdir(tmp_path)
     return tmp_path
@@ -118,6 +119,8 @@ IN_PROCESS = {
     "predict overwrite=no": ("predict", [*PREDICT, "output={T}/new.jsonl", "overwrite=no"], ["overwrite"]),
     "predict output .tsv for a causal LM": ("predict", [*PREDICT, "output={T}/preds.tsv"], ["output=", ".jsonl"]),
     "predict into RUN": ("predict", PREDICT, ["hydra.run.dir"], "{RUN}"),
+    "predict a non-UTF-8 input": ("predict", [*PREDICT, "input={T}/latin1.txt", "output={T}/p.jsonl"],
+                                  ["latin1.txt:2:"]),  # U8: the file and the line
     # export: outputs that are, hold or lie inside an input (L1), an untyped overwrite (L2), all problems at once (U2)
     "export output=RUN": ("export", [*LORA, "output={RUN}", "overwrite=true"], ["output="]),
     "export output=parent of RUN": ("export", [*LORA, "output={T}/runs", "overwrite=true"], ["output="]),
@@ -125,6 +128,7 @@ IN_PROCESS = {
                                                    "output={RUN}/checkpoints", "overwrite=true"], ["output="]),
     "export output=the adapter": ("export", [*LORA, "output={RUN}/adapter", "overwrite=true"], ["output="]),
     "export output inside the adapter": ("export", [*LORA, "output={RUN}/adapter/lora"], ["output="]),
+    "export seed= other than the run's": ("export", [*LORA, "output={T}/l", "seed=8"], ["seed="]),
     "export overwrite=no": ("export", [*LORA, "output={T}/mine", "overwrite=no"], ["overwrite"]),
     "export overwrite=off": ("export", [*LORA, "output={T}/mine", "overwrite=off"], ["overwrite"]),
     "export overwrite='false'": ("export", [*LORA, "output={T}/mine", "overwrite='false'"], ["overwrite"]),
@@ -152,24 +156,17 @@ def test_a_refused_command_changes_nothing(tree, case):
 
 # ------------------------------------------------------------------------------------------- refusals, entry points
 # (script, arguments, what stderr must name); run with cwd={T}
-JOB_LOG = pytest.mark.xfail(strict=True, reason=(
-    "a train refused after the plan was logged (here: export=gguf-lora on OPT, refused once the model is built) "
-    "leaves Hydra's job log <run dir>/train.log behind in an empty or new run dir: HeldFileHandler holds records only "
-    "in a directory that already holds something, so discard_job_log() cannot take back what was written"))
-CREATED_DIR = pytest.mark.xfail(strict=True, reason=(
-    "eval.py hydra.run.dir=RUN/sub is refused, but the empty folder RUN/sub that Hydra created before the task ran "
-    "stays inside the training run (RunDirCheck does not remove what Hydra created; export's ExportRunDir does)"))
 SCRIPTS = {
     # train: into a training run without ckpt_path/overwrite; into a file; checks that come before any write (U1, U9)
     "train hydra.run.dir=RUN": ("train", [*RUN_ARGS, "hydra.run.dir={RUN}"], ["hydra.run.dir", "ckpt_path=last"]),
     "train hydra.run.dir=a file": ("train", [*SMOKE, "hydra.run.dir={T}/a-file"], ["hydra.run.dir"]),
     "train export=gguf-lora on OPT": ("train", [*SMOKE, "export=gguf-lora", "hydra.run.dir={T}/work"],
-                                      ["export=gguf-lora"], JOB_LOG),
+                                      ["export=gguf-lora"]),  # refused once the model is built: no train.log
     "train finetune=head": ("train", [*SMOKE, "finetune=head", "hydra.run.dir={T}/work"], ["finetune=head"]),
     # eval: never into a training run or its adapter (S7)
     "eval into RUN/adapter": ("eval", [*EVAL, "hydra.run.dir={RUN}/adapter"], ["hydra.run.dir"]),
     "eval into RUN": ("eval", [*EVAL, "hydra.run.dir={RUN}"], ["hydra.run.dir"]),
-    "eval into RUN/sub": ("eval", [*EVAL, "hydra.run.dir={RUN}/sub"], ["hydra.run.dir"], CREATED_DIR),
+    "eval into RUN/sub": ("eval", [*EVAL, "hydra.run.dir={RUN}/sub"], ["hydra.run.dir"]),  # no empty RUN/sub left
     # export: the cwd as output (L1, U4), a refused export into a run's hydra.run.dir (L3), a clean cwd (S10)
     "export output=$PWD": ("export", [*LORA, "output={T}", "overwrite=true"], ["output="]),
     "export output=.": ("export", [*LORA, "output=.", "overwrite=true"], ["output="]),
@@ -180,9 +177,10 @@ SCRIPTS = {
 }
 
 
-@pytest.mark.parametrize("case", [pytest.param(case, marks=spec[3:]) for case, spec in SCRIPTS.items()])
+@pytest.mark.slow  # subprocesses (about 7 s of imports each)
+@pytest.mark.parametrize("case", list(SCRIPTS))
 def test_a_refused_entry_point_changes_nothing_and_shows_no_traceback(tree, case):
-    script, args, names = SCRIPTS[case][:3]
+    script, args, names = SCRIPTS[case]
     before = snapshot(tree)
     done = run_script(script, *_fill(args, tree), cwd=tree)
     assert done.returncode == 1, f"rc={done.returncode}\n{done.stdout[-2000:]}\n{done.stderr[-3000:]}"
@@ -193,15 +191,15 @@ def test_a_refused_entry_point_changes_nothing_and_shows_no_traceback(tree, case
     assert not (tree / "outputs").exists()
 
 
-@pytest.mark.xfail(strict=True, reason="a refused train/eval/predict leaves the empty run directory Hydra created "
-                                       "before the task ran (outputs/<date>/<time>/); export removes its own "
-                                       "(export_hydra.ExportRunDir), the other commands do not")
+@pytest.mark.slow  # subprocesses (about 7 s of imports each)
 @pytest.mark.parametrize("script, args", [
     ("train", [*SMOKE, "+data.max_lenght=5"]),
     ("eval", [*SMOKE, "adapter=/nonexistent"]),
     ("predict", [*SMOKE, "adapter=/nonexistent", "input=prompts.txt"]),
 ], ids=["train", "eval", "predict"])
 def test_a_refused_command_from_a_clean_cwd_leaves_no_run_directory(tmp_path, script, args):
+    """Hydra creates outputs/<date>/<time>/ before the task runs; a refused command removes it again."""
+    (tmp_path / "latin1.txt").write_bytes("a prompt\nun café\n".encode("latin-1"))
     (tmp_path / "prompts.txt").write_text("a prompt\n")
     before = snapshot(tmp_path)
     done = run_script(script, *args, cwd=tmp_path)
@@ -234,6 +232,7 @@ def _declared(command: str, root: Path, run_dir: Path, options: dict[str, Any]) 
     return [str(Path(p).relative_to(root)) for p in declared_outputs(command, run_dir, options)]
 
 
+@pytest.mark.slow  # subprocesses (about 7 s of imports each)
 def test_an_accepted_export_writes_only_its_output_and_overwrite_replaces_only_it(tree):
     before = snapshot(tree)
     done = run_script("export", *_fill([*LORA, "output={T}/lora"], tree), cwd=tree)
@@ -261,6 +260,7 @@ def _file(snap: dict, root: Path, name: str) -> bytes:
     return (root / name).read_bytes()
 
 
+@pytest.mark.slow  # subprocesses (about 7 s of imports each)
 def test_an_accepted_eval_writes_only_its_run_dir_and_records_its_precision(tree):
     run = tree / "runs" / "RUN"
     before = snapshot(tree)
@@ -283,6 +283,7 @@ def test_an_accepted_eval_writes_only_its_run_dir_and_records_its_precision(tree
     assert metrics["ev"]["val/loss"] == summary["val/loss"]  # eval reproduces the run's final metric
 
 
+@pytest.mark.slow  # subprocesses (about 7 s of imports each)
 def test_an_accepted_predict_writes_only_its_output_and_record_and_rows_follow_newlines(tree):
     before = snapshot(tree)
     done = run_script("predict", *_fill([*PREDICT, "output={T}/preds.jsonl"], tree), f"hydra.run.dir={tree / 'pr'}",
@@ -313,6 +314,36 @@ def test_two_exports_into_one_output_the_second_is_refused(tree):
     assert snapshot(tree) == written
 
 
+@pytest.mark.slow  # subprocesses (about 7 s of imports each)
+def test_export_of_a_run_dir_uses_its_adapter_and_model_without_seed_uses_the_runs_seed(tree):
+    """U6: adapter=<run dir> means <run dir>/adapter. W2: model=tiny_opt without seed= merges onto the run's own base
+    (seed 7), not a base drawn with the default seed: the same bytes as the export that reads the run's record."""
+    before = snapshot(tree)
+    _in_process("export", tree / "out", _fill(["adapter={RUN}", "format=merged", "output={T}/m1"], tree))
+    try:
+        _in_process("export", tree / "out", _fill(["adapter={RUN}/adapter", "format=merged", "model=tiny_opt",
+                                                   "output={T}/m2"], tree))
+    except Exception as err:  # refused (asks for seed=): then it wrote nothing
+        assert is_user_error(err) and "seed=" in str(err), repr(err)
+        assert not (tree / "m2").exists()
+    else:
+        assert (tree / "m2" / "model.safetensors").read_bytes() == (tree / "m1" / "model.safetensors").read_bytes()
+    _only(before, snapshot(tree), ["m1", "m2"])
+
+
+def test_export_of_a_run_without_its_record_asks_for_model_and_seed(tree):
+    """U5: no .hydra beside the adapter: the message asks for model= and seed=, not a hub error."""
+    shutil.rmtree(tree / "runs" / "RUN" / ".hydra")
+    (tree / "runs" / "RUN" / "plan.json").unlink()
+    before = snapshot(tree)
+    with pytest.raises(Exception) as caught:
+        _in_process("export", tree / "out", _fill([*LORA, "output={T}/l"], tree))
+    assert is_user_error(caught.value), repr(caught.value)
+    _names(str(caught.value), ["model=", "seed="])
+    assert snapshot(tree) == before
+
+
+@pytest.mark.slow  # subprocesses (about 7 s of imports each)
 def test_a_resume_changes_only_the_runs_own_files(tree):
     run = tree / "runs" / "RUN"
     history = (run / "csv" / "metrics.csv").read_bytes()
@@ -336,6 +367,7 @@ def test_a_resume_declares_every_file_it_writes(tmp_path):
     assert _inside("plan.resume.1.json", _declared("train", tmp_path, tmp_path, {"ckpt_path": "last"}))
 
 
+@pytest.mark.slow  # a subprocess
 @pytest.mark.xfail(strict=True, reason=(
     "resuming a finished run (its last.ckpt is at max_epochs) with the same command is accepted (rc 0) and trains "
     "nothing, but the run is never 'accepted' (on_train_start does not run), so csv/metrics.csv is not moved aside: "

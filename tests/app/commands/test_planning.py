@@ -32,8 +32,9 @@ def test_unknown_keys_in_every_group_are_refused_in_one_message_before_any_work(
     with pytest.raises(ValueError) as caught:
         make_plan(cfg, "train")
     message = str(caught.value)
-    for key in ("data.max_lenght", "optim.momentum", "generate.foo", "trainer.max_step", "overwrit"):
-        assert f"  - {key}: " in message  # each named, with what the group holds
+    for key in ("data.max_lenght (did you mean max_length?)", "optim.momentum", "generate.foo",
+                "trainer.max_step (did you mean max_steps?)", "overwrit (did you mean overwrite?)"):
+        assert f"  - {key}: " in message  # each named, with a close name and what the group holds
     assert "optim settings are head_lr, lr, warmup_ratio, weight_decay" in message
     assert not (tmp_path / "run").exists()
 

@@ -74,20 +74,21 @@ def test_a_utf8_bom_is_not_part_of_the_first_column_or_line(tmp_path):
     check_columns(table_cfg(tmp_path, val_file=None), tmp_path)  # the header check reads it the same way
 
 
-def test_hf_format_without_datasets_says_how_to_install(monkeypatch):
-    import builtins
-
-    real_import = builtins.__import__
-
-    def no_datasets(name, *args, **kwargs):
-        if name == "datasets":
-            raise ImportError("No module named 'datasets'")
-        return real_import(name, *args, **kwargs)
-
-    monkeypatch.setattr(builtins, "__import__", no_datasets)
-    cfg = {"task": "classification", "format": "hf", "hf_name": "glue", "hf_train_split": "train"}
-    with pytest.raises(ImportError, match=r"needs the `datasets` package: `pip install datasets`"):
-        read_split(cfg, "train")
+def test_hf_format_reads_a_local_dataset_folder_offline(tmp_path, tokenizer):
+    """``datasets`` is a dependency: format hf loads a folder of CSV files offline, labels checked, tokenised."""
+    folder = tmp_path / "ds"
+    folder.mkdir()
+    (folder / "train.csv").write_text("sentence,label\ngood film,1\nbad film,0\nfine,1\n", encoding="utf-8")
+    (folder / "validation.csv").write_text("sentence,label\nawful,0\n", encoding="utf-8")
+    cfg = {"task": "classification", "format": "hf", "hf_name": str(folder), "hf_train_split": "train",
+           "hf_val_split": "validation", "num_labels": 2, "batch_size": 2, "text_field": "sentence",
+           "label_field": "label"}
+    assert read_split(cfg, "train") == [{"text": "good film", "label": 1}, {"text": "bad film", "label": 0},
+                                        {"text": "fine", "label": 1}]
+    dm = TextDataModule(cfg, tokenizer)
+    dm.setup("fit")
+    assert (len(dm.splits["train"]), len(dm.splits["val"])) == (3, 1)
+    assert dm.collate(dm.splits["train"][:2])["labels"].tolist() == [1, 0]
 
 
 def test_subsample_is_deterministic_and_keeps_file_order():

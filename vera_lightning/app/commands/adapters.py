@@ -28,11 +28,15 @@ from typing import Any, Mapping, Optional
 import torch
 from torch import nn
 
-from vera_lightning import ADAPTER_CONFIG_NAME, checkpoint_config, load_adapter, load_vera_checkpoint
+from vera_lightning import ADAPTER_CONFIG_NAME, VeraConfig, checkpoint_config, load_adapter, load_vera_checkpoint
 from vera_lightning.app.commands.build import Components, base_model_id
 from vera_lightning.app.models.gguf_cache import same_conversion
 
-__all__ = ["AdapterSource", "resolve_adapter", "model_config_for", "attach_adapter"]
+__all__ = ["AdapterSource", "resolve_adapter", "model_config_for", "attach_adapter", "start_adapter_check"]
+
+#: What an adapter training starts from must share with the run's ``vera`` settings (the shared projections and
+#: the adapted layers).
+STRUCTURE = ("r", "projection_prng_key", "target_modules", "layers_to_transform", "layers_pattern")
 
 _KINDS_HINT = (
     "adapter= takes an adapter directory (adapter_config.json + adapter_model.safetensors, e.g. "
@@ -159,3 +163,25 @@ def attach_adapter(parts: Components, source: Optional[AdapterSource], model_cfg
             stacklevel=2,
         )
     return f"{'adapter' if source.kind == 'adapter' else 'checkpoint'} {source.path}"
+
+
+def start_adapter_check(path: Any, vera_config: VeraConfig) -> None:
+    """``train.py adapter=PATH``: the adapter's ``r``, projection seed and adapted layers equal the run's ``vera``.
+
+    Raises:
+        ValueError: Naming each differing ``vera.<option>``, both values and the fix.
+    """
+    config_file = Path(str(path)) / ADAPTER_CONFIG_NAME
+    try:
+        saved = json.loads(config_file.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise ValueError(f"adapter={str(path)!r}: cannot read {config_file} ({err}); re-save the adapter") from None
+    known = {k: v for k, v in saved.items() if k in STRUCTURE}
+    differences = VeraConfig(**{**vera_config.to_dict(), **known}).diff(vera_config)
+    differences = {k: v for k, v in differences.items() if k in STRUCTURE}
+    if differences:
+        listed = ", ".join(f"vera.{k}={mine!r} (the adapter has {theirs!r})" for k, (theirs, mine) in
+                           differences.items())
+        fix = " ".join(f"vera.{k}={theirs!r}".replace("'", "") for k, (theirs, _) in differences.items())
+        raise ValueError(f"adapter={str(path)!r}: training starts from this adapter, but {listed}; set {fix} (the "
+                         "settings it was trained with)")

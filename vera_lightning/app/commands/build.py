@@ -19,14 +19,16 @@ from torch import nn
 from vera_lightning import VeraConfig
 from vera_lightning.app.data.datamodules import TextDataModule, build_datamodule
 from vera_lightning.app.data.packing import check_packing
+from vera_lightning.app.data.preference_module import PreferenceDataModule
 from vera_lightning.app.data.sft import check_max_length, position_limit
 from vera_lightning.app.models.load import build_model, build_tokenizer, resolve_path
 from vera_lightning.app.runs.plan import RunPlan
+from vera_lightning.app.tasks.dpo import DpoModule
 from vera_lightning.app.tasks.module import VeraTaskModule, build_module
 
 __all__ = [
     "Components", "vera_config_from", "check_task", "check_head_trains", "instantiate_dict",
-    "base_model_id", "build_components",
+    "base_model_id", "build_components", "make_datamodule",
 ]
 
 
@@ -108,6 +110,13 @@ def base_model_id(model_cfg: Mapping[str, Any]) -> str:
     return resolve_path(name) if name else str(model_cfg.get("name"))
 
 
+def make_datamodule(data_cfg: Mapping[str, Any], tokenizer: Any) -> Any:
+    """The DataModule of ``data_cfg``: preference pairs (``format: preference``) or any other format's."""
+    if data_cfg.get("format") == "preference":
+        return PreferenceDataModule(data_cfg, tokenizer)
+    return build_datamodule(data_cfg, tokenizer)
+
+
 @dataclass
 class Components:
     """What :func:`build_components` returns."""
@@ -144,13 +153,20 @@ def build_components(plan: RunPlan, model_cfg: Optional[Mapping[str, Any]] = Non
     pl.seed_everything(plan.seed, workers=True, verbose=False)
     tokenizer = tokenizer if tokenizer is not None else build_tokenizer(model_cfg)
     if datamodule is None:
-        datamodule = build_datamodule(data_cfg, tokenizer)  # checks the folder and the columns first
+        datamodule = make_datamodule(data_cfg, tokenizer)  # checks the folder and the columns first
     model = build_model(model_cfg, tokenizer, num_labels=num_labels, problem_type=problem_type,
                         compute_dtype=plan.base_dtype)
     check_max_length(data_cfg, position_limit(model, tokenizer))  # before any training or generation
     if data_cfg.get("packing"):
         check_packing(model)
-    module = build_module(task, model, plan.optim or {}, num_labels=num_labels,
-                          metrics=data_cfg.get("metrics"), problem_type=problem_type,
-                          generate=plan.generate if data_cfg.get("format") == "sft" else None)
+    if plan.dpo is not None:  # objective=dpo: preference pairs, the reference resolved by the plan
+        optim = {k: float(v) for k, v in (plan.optim or {}).items() if k in ("lr", "head_lr", "weight_decay",
+                                                                             "warmup_ratio")}
+        settings = {k: v for k, v in plan.dpo.items() if k != "reference_adapter"}
+        module: VeraTaskModule = DpoModule(model, settings, reference_adapter=plan.dpo.get("reference_adapter"),
+                                           **optim)
+    else:
+        module = build_module(task, model, plan.optim or {}, num_labels=num_labels,
+                              metrics=data_cfg.get("metrics"), problem_type=problem_type,
+                              generate=plan.generate if data_cfg.get("format") == "sft" else None)
     return Components(task=task, tokenizer=tokenizer, model=model, datamodule=datamodule, module=module)

@@ -12,6 +12,7 @@ word. :func:`check_keys` names each one, where it is, and what the group holds.
 
 from __future__ import annotations
 
+import difflib
 import inspect
 from dataclasses import fields
 from typing import Any
@@ -19,7 +20,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from vera_lightning import VeraConfig
-from vera_lightning.app.data.schema import check_data_keys
+from vera_lightning.app.data.schema import DataSchema
 from vera_lightning.app.generation.generate import GenerateSettings
 from vera_lightning.app.models.schema import ModelSchema
 
@@ -27,11 +28,11 @@ __all__ = ["RUN_OPTIONS", "OPTIM_KEYS", "RECIPE_TABLES", "check_keys", "command_
 
 #: Nodes every command composes (groups and the objective's keys).
 _COMMON = ("data", "model", "vera", "trainer", "callbacks", "logger", "paths", "generate", "optimized_metric",
-           "monitor_mode", "seed", "optim")
+           "monitor_mode", "seed", "optim", "dpo")
 #: Each command's own options: ``{key: (type, default)}``; a key not listed here or in :data:`_COMMON` is refused.
 RUN_OPTIONS: dict[str, dict[str, tuple[type, Any]]] = {
     "train": {"finetune": (str, "vera"), "eval_before": (bool, True), "ckpt_path": (str, None),
-              "overwrite": (bool, False), "export": (str, None)},
+              "overwrite": (bool, False), "export": (str, None), "adapter": (str, None)},
     "eval": {"adapter": (str, None)},
     "predict": {"adapter": (str, None), "input": (str, None), "output": (str, None), "overwrite": (bool, False),
                 "batch_size": (int, 32), "progress": (bool, True)},
@@ -48,13 +49,18 @@ def _trainer_keys() -> set[str]:
     return set(inspect.signature(Trainer.__init__).parameters) - {"self"} | {"_target_"}
 
 
-def _unknown(group: str, keys: Any, known: Any, where: str) -> list[str]:
+def _unknown(group: str, keys: Any, known: Any, where: str, reference: str = "") -> list[str]:
+    """One problem naming every unknown key of ``group``, a close known name for each, and the known names."""
+    known = sorted(str(k) for k in known)
     unknown = sorted(str(k) for k in keys if k not in known)
     if not unknown:
         return []
-    names = ", ".join(f"{group}.{k}" if group else k for k in unknown)
-    return [f"{names}: not a {where}, so it would be ignored (a typo?). Remove it; {where}s are "
-            f"{', '.join(sorted(str(k) for k in known))}"]
+    names = []
+    for key in unknown:
+        close = difflib.get_close_matches(key, known, n=1)
+        names.append((f"{group}.{key}" if group else key) + (f" (did you mean {close[0]}?)" if close else ""))
+    listed = reference or ", ".join(known)
+    return [f"{', '.join(names)}: not a {where}, so it would be ignored (a typo?). Remove it; {where}s are {listed}"]
 
 
 def _keys(cfg: DictConfig, key: str) -> list[str]:
@@ -68,12 +74,14 @@ def check_keys(cfg: DictConfig, command: str) -> list[str]:
     top = set(_COMMON) | set(RUN_OPTIONS[command]) | set(RECIPE_TABLES)
     problems += _unknown("", cfg.keys(), top, f"{command}.py option")
     problems += _unknown("model", _keys(cfg, "model"), [f.name for f in fields(ModelSchema)], "model setting")
-    problems += check_data_keys(_keys(cfg, "data"))
+    problems += _unknown("data", _keys(cfg, "data"), [f.name for f in fields(DataSchema)], "data setting",
+                         "the keys of conf/data/*.yaml (DataSchema)")
     problems += _unknown("generate", _keys(cfg, "generate"), [f.name for f in fields(GenerateSettings)],
                          "generate setting")
     problems += _unknown("optim", _keys(cfg, "optim"), OPTIM_KEYS, "optim setting")
     problems += _unknown("vera", _keys(cfg, "vera"), [f.name for f in fields(VeraConfig)], "vera setting")
-    problems += _unknown("trainer", _keys(cfg, "trainer"), _trainer_keys(), "Lightning Trainer argument")
+    problems += _unknown("trainer", _keys(cfg, "trainer"), _trainer_keys(), "Lightning Trainer argument",
+                         "those of lightning.pytorch.Trainer (max_steps, max_epochs, devices, precision, ...)")
     return problems
 
 

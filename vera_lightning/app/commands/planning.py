@@ -36,6 +36,7 @@ from vera_lightning.app.data.schema import check_data_values, data_settings
 from vera_lightning.app.models.load import build_tokenizer, resolve_path
 from vera_lightning.app.models.precision_choice import decide_precision, replay_precision
 from vera_lightning.app.runs.plan import BaseSource, DevicePlan, Replay, RunPlan, read_recorded_plan, run_dir_of
+from vera_lightning.app.tasks.dpo_loss import DpoSettings
 
 __all__ = ["make_plan", "resolve_device", "check_outputs", "declared_outputs"]
 
@@ -166,7 +167,7 @@ def declared_outputs(command: str, run_dir: Path, options: dict[str, Any]) -> li
 
 
 def _adapter(cfg: DictConfig, command: str) -> Optional[dict[str, Any]]:
-    if command == "train" or not cfg.get("adapter"):
+    if not cfg.get("adapter"):
         return None
     given = Path(str(cfg.adapter)).expanduser()
     inner = given / "adapter"
@@ -174,7 +175,42 @@ def _adapter(cfg: DictConfig, command: str) -> Optional[dict[str, Any]]:
         print(f"[vera] adapter={str(cfg.adapter)!r} is a training run; using its adapter {inner}", flush=True)
         given = inner
     source = resolve_adapter(given)
+    if command == "train" and source.kind != "adapter":
+        raise ValueError(f"adapter={str(cfg.adapter)!r} is a {source.kind}; train.py adapter= names the adapter "
+                         "directory training starts from (e.g. <an SFT run>/adapter). Resume a run with ckpt_path=, "
+                         "train over a merged model with model.name_or_path=")
     return {"kind": source.kind, "path": str(source.path), "base": source.base}
+
+
+def _dpo(cfg: DictConfig, command: str, adapter: Optional[dict[str, Any]], recorded: Optional[dict[str, Any]],
+         data: dict[str, Any], method: str) -> tuple[Optional[dict[str, Any]], list[str]]:
+    """``objective=dpo``'s settings with the reference resolved (see :mod:`~vera_lightning.app.tasks.dpo`)."""
+    node = _container(cfg.get("dpo")) if command != "predict" else None
+    preference = data.get("format") == "preference"
+    if node is None:
+        return None, ([f"data={data.get('name')} holds preference pairs (data.format=preference), which only "
+                       "objective=dpo trains and evaluates: add objective=dpo"] if preference and command != "predict"
+                      else [])
+    problems = []
+    if not preference:
+        problems.append(f"objective=dpo trains on preference pairs but data={data.get('name')} is "
+                        f"data.format={data.get('format')!r}: use data=preference (or an hh_* experiment)")
+    if method != "vera":
+        problems.append(f"finetune={method!r}: objective=dpo trains a VeRA adapter (its reference is the base or a "
+                        "frozen adapter over the same projections); use finetune=vera")
+    try:
+        settings = DpoSettings.from_dict(node)
+    except ValueError as err:
+        return None, problems + [str(err).replace("Invalid dpo settings:\n  - ", "")]
+    reference = None
+    if command == "train" and adapter is not None and settings.reference != "base":
+        reference = adapter["path"]  # the adapter training starts from
+    elif command == "eval" and recorded is not None and settings.reference != "base":
+        reference = (recorded.get("dpo") or {}).get("reference_adapter")  # the reference its training run used
+    if settings.reference == "adapter" and reference is None:
+        problems.append("dpo.reference=adapter needs the adapter training starts from: adapter=<an SFT run>/adapter "
+                        "(eval.py: an adapter whose training run recorded one); or dpo.reference=auto|base")
+    return {**settings.as_dict(), "reference_adapter": reference}, problems
 
 
 def _base(model: dict[str, Any], seed: int) -> BaseSource:
@@ -202,7 +238,15 @@ def make_plan(cfg: DictConfig, command: str, *, tokenizer_vocab: Optional[int] =
     method = str(options.get("finetune") or "vera")
     device = resolve_device(trainer)
     adapter = _adapter(cfg, command)
-    recorded = _replayed(adapter, run_dir, options)
+    recorded = _replayed(adapter if command != "train" else None, run_dir, options)
+    dpo, problems = _dpo(cfg, command, adapter, recorded, data, method)
+    if command == "train" and adapter is not None and method != "vera":
+        problems.append(f"adapter={adapter['path']!r} with finetune={method!r}: training starts from a VeRA adapter "
+                        "only with finetune=vera; drop adapter= or use finetune=vera")
+    if command == "train" and adapter is not None:  # training starts from it: never among the run's outputs
+        problems += check_outputs(declared_outputs(command, run_dir, options), [Path(adapter["path"])], "adapter")
+    if problems:
+        raise ValueError("Invalid configuration:\n  - " + "\n  - ".join(problems))
     precision, replay = _precision(command, model, data, device, trainer, recorded, tokenizer_vocab, method)
     trainer = {**trainer, "accelerator": "gpu" if device.accelerator == "cuda" else "cpu",
                "precision": precision.get("trainer_precision", trainer.get("precision", "32-true"))}
@@ -224,7 +268,7 @@ def make_plan(cfg: DictConfig, command: str, *, tokenizer_vocab: Optional[int] =
         callbacks=tuple(v for v in (_container(cfg.get("callbacks")) or {}).values() if v is not None),
         loggers=tuple(v for v in (_container(cfg.get("logger")) or {}).values() if v is not None),
         device=device, precision=precision, base=_base(model, int(cfg.seed)), adapter=adapter, replay=replay,
-        inputs=tuple(inputs), outputs=tuple(outputs), options=options,
+        inputs=tuple(inputs), outputs=tuple(outputs), options=options, dpo=dpo,
         optimized_metric=str(cfg.optimized_metric), monitor_mode=str(cfg.monitor_mode),
         record=OmegaConf.to_yaml(cfg),
     )

@@ -32,12 +32,17 @@ from typing import Any, Optional
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
 from vera_lightning import VeraConfig
-from vera_lightning.app.commands.adapters import AdapterSource, model_config_for, resolve_adapter
-from vera_lightning.app.commands.build import check_task, vera_config_from
+from vera_lightning.app.commands.adapters import (
+    AdapterSource,
+    model_config_for,
+    resolve_adapter,
+    start_adapter_check,
+)
+from vera_lightning.app.commands.build import check_task, make_datamodule, vera_config_from
 from vera_lightning.app.commands.checks import check_train_strategy
 from vera_lightning.app.commands.planning import check_outputs
 from vera_lightning.app.data import sft_rows
-from vera_lightning.app.data.datamodules import TextDataModule, build_datamodule
+from vera_lightning.app.data.datamodules import TextDataModule
 from vera_lightning.app.data.inputs import PromptInput, read_inputs, read_prompt_input
 from vera_lightning.app.generation.generate import GenerateSettings
 from vera_lightning.app.models.load import build_tokenizer
@@ -183,6 +188,8 @@ def preflight(plan: RunPlan) -> Checked:
     if command == "train":
         check_train_strategy(plan.trainer)
         found["vera_config"] = vera_config_from(plan.vera)
+        if plan.adapter is not None:  # adapter=: training starts from it, so it must fit the run's vera settings
+            start_adapter_check(plan.adapter["path"], found["vera_config"])
         found["method"] = method = check_method(plan.method)
         found["ckpt_path"] = ckpt_path = resolve_ckpt_path(plan.option("ckpt_path"), output_dir)
         found["resuming"] = resuming = ckpt_path is not None or slurm_checkpoint(output_dir) is not None
@@ -202,7 +209,7 @@ def preflight(plan: RunPlan) -> Checked:
 
     model_cfg = model_config_for(found.get("adapter"), plan.model) or plan.model
     tokenizer = build_tokenizer(model_cfg)
-    datamodule = build_datamodule(data_cfg, tokenizer)  # checks the folder, the columns, the rows of sft files
+    datamodule = make_datamodule(data_cfg, tokenizer)  # checks the folder, the columns, the rows of sft files
     if COMMANDS[command] is not None:
         datamodule.setup(COMMANDS[command])  # every row of the splits read, validated and tokenised (cached)
     inputs = found.get("inputs")

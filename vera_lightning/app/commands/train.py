@@ -138,7 +138,9 @@ def run_training(plan: RunPlan) -> dict[str, Any]:
     # nothing is written to the run directory until the run is accepted: loggers, CSV history, .hydra record
     record = RunRecord(plan, loggers, resuming=resuming, keep_history=resuming or overwrite)
     memo = ValidationMemo()  # the last validation inside fit, reused when it saw the final weights
-    callbacks = [*prepare(method, model, vera_config), RngState(), record, memo, *instantiate_dict(plan.callbacks)]
+    start_from = plan.adapter["path"] if plan.adapter else None  # adapter=: the λ's training starts from
+    callbacks = [*prepare(method, model, vera_config, start_from=start_from), RngState(), record, memo,
+                 *instantiate_dict(plan.callbacks)]
     trainer: pl.Trainer = hydra.utils.instantiate(plan.trainer, callbacks=callbacks, logger=False)
 
     metric_name = plan.optimized_metric

@@ -1,8 +1,10 @@
 """DataModules for the training app: classification tables, plain text, Hugging Face datasets.
 
-Every source is read into a list of records (``{"text": ..., "label": ...}``), subsampled
-deterministically (``max_train_samples``/``max_val_samples`` with ``seed``) and tokenised
-with the model's tokenizer; batches are padded dynamically to their longest sequence.
+Every source is streamed through its row checks into memory-mapped Arrow tables and tokenised once per fingerprint
+(:mod:`~vera_lightning.app.data.arrow_splits`, cached in ``data.cache_dir``, see :mod:`~vera_lightning.app.data.cache`),
+subsampled deterministically (``max_train_samples``/``max_val_samples`` with ``seed``) as an index over the table,
+and read per batch (:mod:`~vera_lightning.app.data.arrow_items`); batches are padded dynamically to their longest
+sequence.
 Sentence pairs (``text_pair_field``) are tokenised as a pair (``[CLS] a [SEP] b [SEP]`` with
 ``token_type_ids``) and truncated ``longest_first``, so both sides survive; with
 ``problem_type: regression`` the label column holds floats (one output, MSE loss).
@@ -14,7 +16,7 @@ Sentence pairs (``text_pair_field``) are tokenised as a pair (``[CLS] a [SEP] b 
 * ``format: sft``    prompt/response or chat rows (``.csv``/``.tsv``/``.jsonl``) for causal LM, the loss on
   the responses (see :mod:`vera_lightning.app.data.sft`); ``group_by_length`` and ``packing`` batch them
   (see :mod:`vera_lightning.app.data.packing`).
-* ``format: hf``     ``datasets.load_dataset(hf_name, hf_subset)`` (needs network and ``datasets``).
+* ``format: hf``     ``datasets.load_dataset(hf_name, hf_subset)`` (a hub name needs network).
 """
 
 from __future__ import annotations
@@ -24,21 +26,20 @@ from pathlib import Path
 from typing import Any, Mapping, Optional
 
 import lightning.pytorch as pl
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, RandomSampler
 
 from vera_lightning.app.data import packing, sft, sft_rows, sft_tokens
-from vera_lightning.app.data.tables import (
-    COLUMN_OPTIONS,
-    check_columns,
-    columns_of,
-    is_regression,
-    parse_label,
-    read_table,
-)
+from vera_lightning.app.data.arrow_items import PackedItems, RowsView, TokenItems
+from vera_lightning.app.data.arrow_splits import SplitData, hf_records, load_split
+from vera_lightning.app.data.cache import DataCache, cache_dir_of
+from vera_lightning.app.data.fingerprint import tokenizer_fingerprint
+from vera_lightning.app.data.tables import check_columns, columns_of, is_regression, read_table
 from vera_lightning.app.data.text_files import read_lines
 
-__all__ = ["DEMO_DIR", "FORMATS", "read_split", "subsample", "TextDataModule", "build_datamodule"]
+__all__ = ["DEMO_DIR", "FORMATS", "split_file", "read_split", "subsample", "TextDataModule",
+           "build_datamodule"]
 
 #: The built-in demo data (the project's own sentences, see ``tools/make_demo_data.py``).
 DEMO_DIR = Path(__file__).resolve().parent / "demo_data"
@@ -58,42 +59,36 @@ def _data_dir(cfg: Mapping[str, Any]) -> Path:
     return directory
 
 
-def _read_hf(cfg: Mapping[str, Any], split: str) -> list[dict[str, Any]]:
-    try:
-        import datasets
-    except ImportError:
-        raise ImportError(
-            f"data.format='hf' (data.hf_name={cfg.get('hf_name')!r}) needs the `datasets` package: "
-            "`pip install datasets`, or use local files with data.format=table / data.format=text"
-        ) from None
-    dataset = datasets.load_dataset(cfg["hf_name"], cfg.get("hf_subset"), split=split)
-    columns = columns_of(cfg)
-    regression = is_regression(cfg)
-    return [
-        {
-            COLUMN_OPTIONS[option]: parse_label(row[column], regression, f"{cfg['hf_name']}[{i}]", column)
-            if option == "label_field" else row[column]
-            for option, column in columns.items()
-        }
-        for i, row in enumerate(dataset)
-    ]
-
-
-def read_split(cfg: Mapping[str, Any], split: str) -> list[dict[str, Any]]:
-    """Read the ``"train"`` or ``"val"`` split a ``data/`` config names, as records.
+def split_file(cfg: Mapping[str, Any], split: str) -> Optional[Path]:
+    """The file a split is read from (None for ``format: hf``), checked to exist.
 
     Raises:
-        ValueError: For an unknown ``format``, a missing column or a bad label.
+        ValueError: For an unknown ``format``.
         FileNotFoundError: If the directory or file does not exist.
     """
     fmt = cfg.get("format")
     if fmt not in FORMATS:
         raise ValueError(f"data.format={fmt!r}: must be one of {list(FORMATS)}")
     if fmt == "hf":
-        return _read_hf(cfg, cfg[f"hf_{split}_split"])
+        return None
     path = _data_dir(cfg) / cfg[f"{split}_file"]
     if not path.is_file():
         raise FileNotFoundError(f"data.{split}_file={cfg[f'{split}_file']!r}: {path} does not exist")
+    return path
+
+
+def read_split(cfg: Mapping[str, Any], split: str) -> list[dict[str, Any]]:
+    """Read the ``"train"`` or ``"val"`` split a ``data/`` config names, as records (a list: small data, tests; the
+    DataModule streams them into Arrow instead).
+
+    Raises:
+        ValueError: For an unknown ``format``, a missing column or a bad label.
+        FileNotFoundError: If the directory or file does not exist.
+    """
+    path = split_file(cfg, split)
+    fmt = cfg.get("format")
+    if fmt == "hf":
+        return list(hf_records(cfg, split))
     if fmt == "sft":
         return sft_rows.read_rows(path, cfg)
     if fmt == "text":
@@ -147,29 +142,14 @@ class TextDataModule(pl.LightningDataModule):
                 raise ValueError(f"data.format='sft' is causal-LM data but data.task={self.task!r}; set "
                                  "data.task=causal_lm (with a causal-LM model)")
             sft_rows.check_config(self.cfg, tokenizer)
-        self.splits: dict[str, list[dict[str, Any]]] = {}
-        self._rows: dict[str, list[dict[str, Any]]] = {}
+        self.cache = DataCache(cache_dir_of(self.cfg), str(self.cfg.get("cache") or "on"))
+        self.splits: dict[str, Any] = {}
+        self._data: dict[str, SplitData] = {}
+        self._tokenizer_fp: Optional[str] = None
         self._train_generator: Optional[torch.Generator] = None
         self._resume_generator: Optional[torch.Tensor] = None
 
-    def _encode(self, records: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        # a pair is truncated longest-first: tokens come off the longer side, so both sides survive
-        pairs = [r["text_pair"] for r in records] if records and "text_pair" in records[0] else None
-        encoded = self.tokenizer(
-            [r["text"] for r in records],
-            pairs,
-            truncation="longest_first",
-            max_length=int(self.cfg.get("max_length", 128)),
-        )
-        items = []
-        for i, record in enumerate(records):
-            item = {key: encoded[key][i] for key in encoded.keys()}
-            if self.task == "classification":
-                item["labels"] = record["label"]
-            items.append(item)
-        return items
-
-    def _check_labels(self, split: str, records: list[dict[str, Any]]) -> None:
+    def _check_labels(self, split: str, labels: np.ndarray) -> None:
         if is_regression(self.cfg):
             if self.cfg.get("num_labels") not in (None, 1):
                 raise ValueError(
@@ -178,7 +158,7 @@ class TextDataModule(pl.LightningDataModule):
                 )
             return  # float labels, checked finite when read
         num_labels = int(self.cfg.get("num_labels") or 0)
-        bad = sorted({r["label"] for r in records if not 0 <= r["label"] < num_labels})
+        bad = sorted(int(label) for label in np.unique(labels) if not 0 <= label < num_labels)
         if bad:
             raise ValueError(
                 f"data.num_labels={num_labels} but the {split} split has labels {bad[:5]}; set data.num_labels to "
@@ -186,7 +166,7 @@ class TextDataModule(pl.LightningDataModule):
             )
 
     def setup(self, stage: Optional[str] = None) -> None:
-        """Read, subsample and tokenise the splits ``stage`` needs, each once.
+        """Read, check and tokenise (or reuse from the cache) the splits ``stage`` needs, each once; subsample them.
 
         ``"fit"`` (and ``None``) needs train and val; ``"validate"`` only val, so evaluating
         needs no training file.
@@ -194,34 +174,51 @@ class TextDataModule(pl.LightningDataModule):
         for split in STAGE_SPLITS.get(stage, ("train", "val")):
             if split in self.splits:
                 continue
-            records = subsample(self.rows(split), self.cfg.get(f"max_{split}_samples"), self.seed,
-                                f"data.max_{split}_samples")
-            if not records:
+            data = self._load(split)
+            index = np.asarray(subsample(range(len(data.tokens)), self.cfg.get(f"max_{split}_samples"), self.seed,
+                                         f"data.max_{split}_samples"), dtype=np.int64)
+            if not len(index):
                 raise ValueError(f"the {split} split of data={self.cfg.get('name')!r} is empty")
-            if self.task == "classification":
-                self._check_labels(split, records)
             if self.sft:
-                where = f"data.{split}_file={self.split_path(split)}"
-                items = sft_tokens.encode_rows(records, self.cfg, self.tokenizer, where=where)
+                index = self._fitted(split, data, index)
+                items = TokenItems(data.tokens, ["input_ids", "labels"], index)
                 if split == "train" and self.cfg.get("packing"):
-                    items = packing.pack(items, int(self.cfg.get("max_length") or 512))
+                    plan = packing.pack_plan(items.lengths(), int(self.cfg.get("max_length") or 512))
+                    items = PackedItems(items, plan)
                 self.splits[split] = items
-            else:
-                self.splits[split] = self._encode(records)
+                continue
+            if self.task == "classification":
+                labelled = "labels" in data.tokens.column_names
+                self._check_labels(split, data.column("labels")[index] if labelled else np.zeros(0))
+            self.splits[split] = TokenItems(data.tokens, ["input_ids", "attention_mask", "token_type_ids", "labels"],
+                                            index)
+
+    def _fitted(self, split: str, data: SplitData, index: np.ndarray) -> np.ndarray:
+        """``index`` without the rows ``data.truncation`` dropped, saying how many were dropped and cut."""
+        lengths = data.column("length")[index]
+        dropped = lengths == 0
+        needs = data.column("need")[index][dropped]
+        sft_tokens.report_fit(f"data.{split}_file={self.split_path(split)}", len(index), int(dropped.sum()),
+                              int(data.column("cut")[index].sum()), int(needs.min()) if len(needs) else None,
+                              self.cfg)
+        return index[~dropped]
 
     def split_path(self, split: str) -> Path:
         """The file a split is read from (``data_dir``/``<split>_file``)."""
         return _data_dir(self.cfg) / str(self.cfg.get(f"{split}_file"))
 
-    def rows(self, split: str) -> list[dict[str, Any]]:
-        """Every record of a split as read (before subsampling and tokenising), read once."""
-        if split not in self._rows:
-            rows = read_split(self.cfg, split)
-            if self.sft:  # special-token text in a prompt or response would be read as that token
-                where = f"data.{split}_file={self.split_path(split)}"
-                sft_rows.check_special_text(rows, self.cfg, self.tokenizer, where)
-            self._rows[split] = rows
-        return self._rows[split]
+    def _load(self, split: str) -> SplitData:
+        """The split's rows and tokens (memory-mapped Arrow), read, checked and tokenised once (cached)."""
+        if split not in self._data:
+            path = split_file(self.cfg, split)
+            if self._tokenizer_fp is None:
+                self._tokenizer_fp = tokenizer_fingerprint(self.tokenizer)
+            self._data[split] = load_split(self.cfg, split, self.tokenizer, self._tokenizer_fp, self.cache, path)
+        return self._data[split]
+
+    def rows(self, split: str) -> RowsView:
+        """Every record of a split as read and checked (before subsampling and tokenising), read per access."""
+        return RowsView(self._load(split).rows)
 
     def generation_examples(self, split: str) -> list[dict[str, Any]]:
         """``[{"prompt", "references"}]`` of a whole split (not subsampled) for generation metrics.

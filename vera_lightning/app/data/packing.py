@@ -22,11 +22,13 @@ import bisect
 import inspect
 from typing import Any, Iterator, Optional, Sequence
 
+import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import BatchSampler, Sampler
 
-__all__ = ["collate", "LengthGroupedBatchSampler", "pack", "check_packing", "padding_fraction"]
+__all__ = ["collate", "LengthGroupedBatchSampler", "pack_plan", "pack_items", "pack", "check_packing",
+           "padding_fraction"]
 
 IGNORE = -100
 
@@ -80,7 +82,7 @@ class LengthGroupedBatchSampler(BatchSampler):
         super().__init__(sampler, batch_size, drop_last)
         if mega_batch_mult < 1:
             raise ValueError(f"mega_batch_mult={mega_batch_mult}: must be >= 1")
-        self.lengths = list(lengths)
+        self.lengths = lengths if isinstance(lengths, np.ndarray) else list(lengths)  # a column stays an array
         self.generator = generator
         self.mega_batch_mult = mega_batch_mult
 
@@ -103,20 +105,18 @@ class LengthGroupedBatchSampler(BatchSampler):
         return sum(min(mega, n - s) // size for s in range(0, n, mega))
 
 
-def pack(items: Sequence[dict[str, list[int]]], max_length: int) -> list[dict[str, list[int]]]:
-    """Pack examples into rows of at most ``max_length`` tokens (best fit decreasing; deterministic).
-
-    Each row concatenates its examples (in dataset order) with ``position_ids`` restarting at 0 and the
-    first label of every example set to -100.
+def pack_plan(lengths: Sequence[int], max_length: int) -> list[list[int]]:
+    """Which examples share a packed row (best fit decreasing; deterministic): rows of example indices, each sorted,
+    the rows in the order of their first example. Reads only the lengths (a column), never the tokens.
 
     Raises:
         ValueError: If an example is longer than ``max_length`` (truncate first).
     """
-    order = sorted(range(len(items)), key=lambda i: -len(items[i]["input_ids"]))
+    order = sorted(range(len(lengths)), key=lambda i: -int(lengths[i]))
     rows: list[list[int]] = []
     free: list[tuple[int, int]] = []  # (space left, row), sorted: the tightest row that fits is found by bisect
     for i in order:
-        n = len(items[i]["input_ids"])
+        n = int(lengths[i])
         if n > max_length:
             raise ValueError(f"example {i} has {n} tokens, more than data.max_length={max_length}")
         at = bisect.bisect_left(free, (n, -1))
@@ -128,15 +128,27 @@ def pack(items: Sequence[dict[str, list[int]]], max_length: int) -> list[dict[st
             rows[row].append(i)
             space -= n
         bisect.insort(free, (space, row))
-    packed = []
-    for members in sorted(sorted(row) for row in rows):
-        ids, labels, positions = [], [], []
-        for i in members:
-            ids += items[i]["input_ids"]
-            labels += [IGNORE] + list(items[i]["labels"][1:])
-            positions += range(len(items[i]["input_ids"]))
-        packed.append({"input_ids": ids, "labels": labels, "position_ids": positions})
-    return packed
+    return sorted(sorted(row) for row in rows)
+
+
+def pack_items(items: Sequence[dict[str, list[int]]]) -> dict[str, list[int]]:
+    """One packed row of ``items``: their tokens in order, ``position_ids`` restarting at 0, each first label -100."""
+    ids, labels, positions = [], [], []
+    for item in items:
+        ids += item["input_ids"]
+        labels += [IGNORE] + list(item["labels"][1:])
+        positions += range(len(item["input_ids"]))
+    return {"input_ids": ids, "labels": labels, "position_ids": positions}
+
+
+def pack(items: Sequence[dict[str, list[int]]], max_length: int) -> list[dict[str, list[int]]]:
+    """Pack examples into rows of at most ``max_length`` tokens (:func:`pack_plan`, :func:`pack_items`).
+
+    Raises:
+        ValueError: If an example is longer than ``max_length`` (truncate first).
+    """
+    plan = pack_plan([len(item["input_ids"]) for item in items], max_length)
+    return [pack_items([items[i] for i in members]) for members in plan]
 
 
 def check_packing(model: nn.Module) -> None:

@@ -4,7 +4,8 @@
 by the app's ``register_configs``); the data configs that start a family (``demo_sentiment``, ``demo_text``,
 ``table``, ``sst2``, ``sft``) list ``schema`` first in their defaults, and the others inherit it through them. So a
 misspelt key in a user's data file or ``data.max_length=abc`` fails at compose time with Hydra's message, and a key
-added with ``+data.<key>=...`` (which Hydra lets past a schema) is refused by :func:`check_data_keys` before any work.
+added with ``+data.<key>=...`` (which Hydra lets past a schema) is refused by the plan before any work
+(``app/commands/options.py``).
 
 ``monitor`` / ``monitor_mode`` default to ``???`` (not set): the objective then falls back to the model's
 (``conf/objective/default.yaml`` selects ``data.monitor`` only where a data config sets it).
@@ -15,7 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 from typing import Any, Optional
 
-__all__ = ["DataSchema", "UNSET_FALLBACKS", "register_schema", "check_data_keys", "check_data_values",
+__all__ = ["DataSchema", "UNSET_FALLBACKS", "register_schema", "check_data_values",
            "data_settings"]
 
 #: Keys whose ``???`` means "not set: use the fallback" rather than "required".
@@ -68,21 +69,19 @@ class DataSchema:
     truncation: str = "left"
     group_by_length: bool = False
     packing: bool = False
+    # preference pairs (format: preference, :mod:`vera_lightning.app.data.preference`)
+    #: ``pairs`` (prompt_field + chosen_field + rejected_field, strings or chat turns) or ``hh``
+    #: (chosen/rejected as whole ``\n\nHuman: ... \n\nAssistant: ...`` transcripts with an implicit prompt)
+    preference_format: Optional[str] = None
+    chosen_field: Optional[str] = None
+    rejected_field: Optional[str] = None
+    #: false: a bad row stops the run naming file, row and fix; true: bad rows are dropped, counted in one warning
+    skip_invalid_rows: bool = False
 
 
 def register_schema(store: Any) -> None:
     """Store :class:`DataSchema` as the ``data/schema`` node of Hydra's ``ConfigStore``. Idempotent."""
     store.store(group="data", name="schema", node=DataSchema)
-
-
-def check_data_keys(keys: Any) -> list[str]:
-    """Problems with the keys of a composed ``data`` node: each key :class:`DataSchema` does not know."""
-    known = {f.name for f in fields(DataSchema)}
-    unknown = sorted(str(key) for key in keys if key not in known)
-    if not unknown:
-        return []
-    return [f"{', '.join('data.' + k for k in unknown)}: no data setting has this name, so it would be ignored "
-            f"(a typo?). Remove it; the data settings are {', '.join(sorted(known))} (conf/data/*.yaml)"]
 
 
 def check_data_values(data: dict[str, Any]) -> list[str]:

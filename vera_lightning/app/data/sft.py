@@ -21,7 +21,8 @@ import re
 from typing import Any, Mapping, Optional
 
 __all__ = ["with_system", "prompt_turns", "conversation", "format_prompt", "template_text", "encode_text",
-           "prompt_token_ids", "reference_of", "prompt_references", "position_limit", "check_max_length"]
+           "leading_specials", "prompt_token_ids", "reference_of", "prompt_references", "position_limit",
+           "check_max_length"]
 
 _ESCAPES = {"n": "\n", "t": "\t", "\\": "\\"}
 
@@ -86,7 +87,7 @@ def encode_text(tokenizer: Any, text: str) -> list[int]:
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
-def _leading_specials(tokenizer: Any) -> list[int]:
+def leading_specials(tokenizer: Any) -> list[int]:
     """The special tokens the tokenizer puts before a text (a BOS, ``[CLS]``; none for GPT-2/SmolLM2)."""
     plain, full = encode_text(tokenizer, "a"), list(tokenizer("a")["input_ids"])
     for start in range(len(full) - len(plain) + 1):
@@ -103,7 +104,7 @@ def prompt_token_ids(data_cfg: Mapping[str, Any], tokenizer: Any, prompt: str) -
     """
     if data_cfg.get("chat_template"):
         return encode_text(tokenizer, prompt)
-    return _leading_specials(tokenizer) + encode_text(tokenizer, prompt)
+    return leading_specials(tokenizer) + encode_text(tokenizer, prompt)
 
 
 def reference_of(data_cfg: Mapping[str, Any], row: Mapping[str, Any]) -> str:

@@ -24,11 +24,11 @@ import json
 import re
 import string
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterable, Iterator, Mapping
 
-from vera_lightning.app.data.tables import SUFFIXES, check_row_complete, read_records
+from vera_lightning.app.data.tables import SUFFIXES, check_row_complete, iter_records, records_header
 
-__all__ = ["ROLES", "TRUNCATIONS", "SUFFIXES", "check_config", "read_rows", "check_special_text"]
+__all__ = ["ROLES", "TRUNCATIONS", "SUFFIXES", "check_config", "read_rows", "iter_rows", "check_special_text"]
 
 ROLES = ("system", "user", "assistant")
 TRUNCATIONS = ("left", "drop")
@@ -155,19 +155,27 @@ def read_rows(path: Path | str, data_cfg: Mapping[str, Any], *, responses: bool 
             header and the option), a CSV/TSV row with too few fields, an empty response, an unknown role, bad
             JSON, or the line and offset of bytes that are not UTF-8.
     """
+    return list(iter_rows(path, data_cfg, responses=responses))
+
+
+def iter_rows(path: Path | str, data_cfg: Mapping[str, Any], *, responses: bool = True) -> Iterator[dict[str, Any]]:
+    """The rows of :func:`read_rows`, streamed: checked one at a time, never the whole file in memory.
+
+    Raises:
+        ValueError: As :func:`read_rows`; a bad header before any row, a bad row when it is reached.
+    """
     path = Path(path)
     if path.suffix.lower() not in SUFFIXES:
         raise ValueError(f"{path}: data.format=sft reads {', '.join(SUFFIXES)} files (chosen by extension)")
     columns = _columns(data_cfg, responses)
-    header, numbered = read_records(path)
+    header = records_header(path)
     if header is not None:
         missing = [c for c in columns if c not in header]
         if missing:
             raise ValueError(f"{path}: column(s) {missing} not in the header {header}; set "
                              + ", ".join(f"{columns[c]} (now naming {c!r})" for c in missing))
     messages, response = data_cfg.get("messages_field"), data_cfg.get("response_field")
-    rows = []
-    for number, row in numbered:
+    for number, row in iter_records(path):
         where = f"{path}, row {number}"
         if header is not None:  # a CSV/TSV row lacks a field only when it is too short
             check_row_complete(path, where, row, header, columns)
@@ -188,25 +196,25 @@ def read_rows(path: Path | str, data_cfg: Mapping[str, Any], *, responses: bool 
                 and not responses:
             raise ValueError(f"{where}: empty prompt in column {data_cfg['prompt_field']!r} (data.prompt_field); "
                              "fill or drop the row")
-        rows.append(row)
-    return rows
+        yield row
 
 
-def check_special_text(rows: list[Mapping[str, Any]], data_cfg: Mapping[str, Any], tokenizer: Any, where: str) -> None:
+def check_special_text(rows: Iterable[Mapping[str, Any]], data_cfg: Mapping[str, Any], tokenizer: Any, where: str,
+                       start: int = 1) -> None:
     """Refuse a row whose prompt or response text holds one of the tokenizer's special tokens as text.
 
     The tokenizer reads ``</s>`` or ``<|im_end|>`` in a text as that token, so a response would end there (the rest
     trained after an EOS) and a prompt would close its turn early.
 
     Raises:
-        ValueError: Naming ``where``, the row, the column and the token.
+        ValueError: Naming ``where``, the row (``rows``' first is row ``start``), the column and the token.
     """
     specials = sorted({t for t in getattr(tokenizer, "all_special_tokens", []) if isinstance(t, str) and t.strip()},
                       key=len, reverse=True)
     if not specials:
         return
     messages = data_cfg.get("messages_field")
-    for number, row in enumerate(rows, start=1):
+    for number, row in enumerate(rows, start=start):
         if messages:
             texts = [(f"turn {i} of {messages!r}", turn["content"]) for i, turn in enumerate(row[messages], start=1)]
         else:

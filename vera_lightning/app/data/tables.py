@@ -13,16 +13,16 @@ the prompt/response reader and predict's inputs; a JSONL row is one ``\\n``-sepa
 from __future__ import annotations
 
 import csv
-import io
 import json
 import math
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Optional
+from typing import Any, Iterable, Iterator, Mapping, Optional
 
-from vera_lightning.app.data.text_files import read_lines, read_text, undecodable_line
+from vera_lightning.app.data.text_files import iter_lines, undecodable_line
 
 __all__ = ["COLUMN_OPTIONS", "SUFFIXES", "is_regression", "columns_of", "parse_label", "check_header_names",
-           "check_row_width", "check_row_complete", "check_columns", "read_table", "read_records"]
+           "check_row_width", "check_row_complete", "check_columns", "read_table", "iter_table", "read_records",
+           "records_header", "iter_records"]
 
 #: The table files :func:`read_records` reads, by extension: their field separator (None: JSON lines).
 SUFFIXES = {".csv": ",", ".tsv": "\t", ".tab": "\t", ".jsonl": None}
@@ -142,20 +142,12 @@ def check_columns(cfg: Mapping[str, Any], directory: Path) -> None:
 
 
 def read_table(path: Path, columns: Mapping[str, str], regression: bool = False) -> list[dict[str, Any]]:
-    """Read a ``.tsv``/``.csv`` file with a header into records (see :func:`_read_table`).
-
-    Raises:
-        ValueError: Naming the file, each missing column with its option, and the header; or the
-            file, line and byte of text that is not UTF-8.
-    """
-    try:
-        return _read_table(path, columns, regression)
-    except UnicodeDecodeError as err:
-        raise undecodable_line(path, err) from None
+    """Read a ``.tsv``/``.csv`` file with a header into records (every row of :func:`iter_table`)."""
+    return list(iter_table(path, columns, regression))
 
 
-def _read_table(path: Path, columns: Mapping[str, str], regression: bool = False) -> list[dict[str, Any]]:
-    """Read a ``.tsv``/``.csv`` file with a header into records.
+def iter_table(path: Path, columns: Mapping[str, str], regression: bool = False) -> Iterator[dict[str, Any]]:
+    """The records of a ``.tsv``/``.csv`` file with a header, streamed (one row in memory at a time).
 
     Args:
         path: The file.
@@ -163,24 +155,25 @@ def _read_table(path: Path, columns: Mapping[str, str], regression: bool = False
         regression: Parse labels as floats instead of integer class ids.
 
     Raises:
-        ValueError: Naming the file, each missing column with its option, and the header; or the
-            line of a row with too few columns.
+        ValueError: Naming the file, each missing column with its option, and the header; the line of a row
+            with too few or too many columns; or the file, line and byte of text that is not UTF-8.
     """
-    with path.open(encoding="utf-8-sig", newline="") as handle:
-        reader = _reader(path, handle)
-        header = reader.fieldnames or []
-        _check_header(path, header, columns)
-        records = []
-        for line, row in enumerate(reader, start=2):
-            check_row_width(path, f"{path}:{line}", row, header)
-            check_row_complete(path, f"{path}:{line}", row, header, columns.values())
-            record: dict[str, Any] = {}
-            for option, column in columns.items():
-                key = COLUMN_OPTIONS[option]
-                value = row[column]
-                record[key] = parse_label(value, regression, f"{path}:{line}", column) if key == "label" else value
-            records.append(record)
-    return records
+    try:
+        with path.open(encoding="utf-8-sig", newline="") as handle:
+            reader = _reader(path, handle)
+            header = reader.fieldnames or []
+            _check_header(path, header, columns)
+            for line, row in enumerate(reader, start=2):
+                check_row_width(path, f"{path}:{line}", row, header)
+                check_row_complete(path, f"{path}:{line}", row, header, columns.values())
+                record: dict[str, Any] = {}
+                for option, column in columns.items():
+                    key = COLUMN_OPTIONS[option]
+                    value = row[column]
+                    record[key] = parse_label(value, regression, f"{path}:{line}", column) if key == "label" else value
+                yield record
+    except UnicodeDecodeError as err:
+        raise undecodable_line(path, err) from None
 
 
 def read_records(path: Path) -> tuple[Optional[list[str]], list[tuple[int, dict[str, Any]]]]:
@@ -197,12 +190,38 @@ def read_records(path: Path) -> tuple[Optional[list[str]], list[tuple[int, dict[
         ValueError: Naming the file (and row) for an unknown extension, a repeated header name, a row with more
             fields than the header, a JSONL line that is not a JSON object, or bytes that are not UTF-8.
     """
+    return records_header(path), list(iter_records(path))
+
+
+def records_header(path: Path) -> Optional[list[str]]:
+    """The header of a ``.csv``/``.tsv``/``.tab`` file (checked: no name twice); None for ``.jsonl``.
+
+    Raises:
+        ValueError: As :func:`read_records`.
+    """
     suffix = path.suffix.lower()
     if suffix not in SUFFIXES:
         raise ValueError(f"{path}: reads {', '.join(SUFFIXES)} files (chosen by extension)")
     if SUFFIXES[suffix] is None:
-        rows = []
-        for number, line in enumerate(read_lines(path), start=1):
+        return None
+    try:
+        with path.open(encoding="utf-8-sig", newline="") as handle:
+            header = list(_reader(path, handle).fieldnames or [])
+    except UnicodeDecodeError as err:
+        raise undecodable_line(path, err) from None
+    check_header_names(path, header)
+    return header
+
+
+def iter_records(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
+    """The ``(number, row)`` pairs of :func:`read_records`, streamed (one row in memory at a time).
+
+    Raises:
+        ValueError: As :func:`read_records`, when the row at fault is reached.
+    """
+    header = records_header(path)
+    if header is None:
+        for number, line in enumerate(iter_lines(path), start=1):
             if not line.strip():
                 continue
             try:
@@ -211,12 +230,12 @@ def read_records(path: Path) -> tuple[Optional[list[str]], list[tuple[int, dict[
                 raise ValueError(f"{path}, row {number}: not a JSON object ({err})") from None
             if not isinstance(row, dict):
                 raise ValueError(f"{path}, row {number}: a JSONL row must be an object, got {type(row).__name__}")
-            rows.append((number, row))
-        return None, rows
-    reader = _reader(path, io.StringIO(read_text(path), newline=""))
-    header = list(reader.fieldnames or [])
-    check_header_names(path, header)
-    numbered = list(enumerate(reader, start=1))
-    for number, row in numbered:
-        check_row_width(path, f"{path}, row {number}", row, header)
-    return header, numbered
+            yield number, row
+        return
+    try:
+        with path.open(encoding="utf-8-sig", newline="") as handle:
+            for number, row in enumerate(_reader(path, handle), start=1):
+                check_row_width(path, f"{path}, row {number}", row, header)
+                yield number, row
+    except UnicodeDecodeError as err:
+        raise undecodable_line(path, err) from None

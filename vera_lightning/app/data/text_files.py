@@ -11,8 +11,9 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Iterator
 
-__all__ = ["read_text", "read_lines", "undecodable_line"]
+__all__ = ["read_text", "read_lines", "iter_lines", "undecodable_line"]
 
 
 def undecodable_line(path: Path, error: UnicodeDecodeError) -> ValueError:
@@ -58,3 +59,21 @@ def read_lines(path: Path) -> list[str]:
         lines.pop()
     return [line[:-1] if line.endswith("\r") else line for line in lines]
 
+
+
+def iter_lines(path: Path) -> Iterator[str]:
+    """:func:`read_lines`, streamed: one line at a time, never the whole file in memory.
+
+    Raises:
+        ValueError: Naming the file, line and byte that is not UTF-8 (when that line is reached).
+    """
+    with path.open("rb") as handle:
+        for number, raw in enumerate(handle):  # binary lines end at b"\n" only
+            if number == 0 and raw.startswith(b"\xef\xbb\xbf"):
+                raw = raw[3:]
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise undecodable_line(path, err) from None
+            line = line[:-1] if line.endswith("\n") else line
+            yield line[:-1] if line.endswith("\r") else line

@@ -118,6 +118,8 @@ class RunPlan:
         inputs: Every path the command reads (data files, the adapter, the checkpoint, the input file).
         outputs: Every path the command writes (files and directories).
         options: The command's own options (``overwrite``, ``ckpt_path``, ``export``, ``input``, ``output``, ...).
+        dpo: ``objective=dpo``'s settings (``DpoSettings``' fields) and ``reference_adapter``, the adapter directory
+            whose λ's are the reference (``None``: the base model); ``None`` for any other objective.
         record: The composed config as YAML (the ``.hydra/config.yaml`` the run writes once accepted).
     """
 
@@ -142,6 +144,7 @@ class RunPlan:
     inputs: tuple[str, ...] = ()
     outputs: tuple[str, ...] = ()
     options: dict[str, Any] = field(default_factory=dict)
+    dpo: Optional[dict[str, Any]] = None
     optimized_metric: str = "val/loss"
     monitor_mode: str = "min"
     record: str = ""

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["PLAIN_HEAD_TYPES", "IGNORE_INDEX", "response_loss", "takes_plain_head"]
+__all__ = ["PLAIN_HEAD_TYPES", "IGNORE_INDEX", "response_loss", "sequence_logps", "takes_plain_head"]
 
 #: ``config.model_type`` values whose causal-LM logits are ``lm_head(last_hidden_state)`` with no scaling,
 #: soft-capping or bias beyond the head's own.
@@ -50,3 +50,27 @@ def response_loss(model: nn.Module, batch: dict[str, Any]) -> torch.Tensor:
     if logits.shape[0] == 0:  # nothing scored: a zero that still reaches every trainable tensor
         return hidden.sum() * 0.0
     return F.cross_entropy(logits, targets[scored])
+
+
+def sequence_logps(model: nn.Module, batch: dict[str, Any], average: bool = False) -> torch.Tensor:
+    """Per row, the sum of ``log p(token)`` over the scored next-token labels (``labels`` shifted by one, -100
+    skipped), in float32; ``average``: divided by the number of scored tokens (IPO's per-token form).
+
+    Only the scored positions are projected onto the vocabulary (as :func:`response_loss`), where the model's head is
+    plain (:func:`takes_plain_head`); any other model's full logits are used.
+    """
+    labels = batch["labels"]
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    targets = labels[:, 1:]
+    scored = targets != IGNORE_INDEX
+    if takes_plain_head(model):
+        hidden = getattr(model, model.base_model_prefix)(**inputs, use_cache=False)[0]
+        logits = model.get_output_embeddings()(hidden[:, :-1][scored]).float()
+    else:
+        logits = model(**inputs, use_cache=False).logits[:, :-1][scored].float()
+    token_logps = torch.log_softmax(logits, dim=-1).gather(-1, targets[scored].unsqueeze(-1)).squeeze(-1)
+    rows = torch.arange(labels.shape[0], device=labels.device).unsqueeze(1).expand_as(targets)[scored]
+    sums = torch.zeros(labels.shape[0], dtype=torch.float32, device=labels.device).index_add(0, rows, token_logps)
+    if average:
+        return sums / scored.sum(dim=1).clamp(min=1)
+    return sums
