@@ -27,6 +27,7 @@ from typing import Any, Optional
 import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
 from vera_lightning import ADAPTER_CONFIG_NAME
 from vera_lightning.app.commands.adapters import resolve_adapter
@@ -72,18 +73,14 @@ def resolve_device(trainer: dict[str, Any]) -> DevicePlan:
     return DevicePlan("cpu", **common)
 
 
-def _meta_model(model: dict[str, Any], data: dict[str, Any], vocab: Optional[int]) -> Optional[torch.nn.Module]:
+def _meta_model(model: dict[str, Any], data: dict[str, Any]) -> Optional[torch.nn.Module]:
     """The model's module tree on the meta device (shapes only, no weights read), for the precision measurement."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
-
     auto = AutoModelForSequenceClassification if model.get("task") == "classification" else AutoModelForCausalLM
     extra = {"num_labels": int(data.get("num_labels") or 2)} if model.get("task") == "classification" else {}
     try:
         if model.get("from_config"):
             fields = dict(model["from_config"])
             model_type = fields.pop("model_type")
-            if vocab:
-                fields.setdefault("vocab_size", vocab)
             config = AutoConfig.for_model(model_type, **fields, **extra)
         else:
             config = AutoConfig.from_pretrained(resolve_path(str(model["name_or_path"])), **extra)
@@ -111,9 +108,8 @@ def _set_on_command_line(key: str) -> bool:
     return any(o.lstrip("+~").split("=", 1)[0] == key for o in HydraConfig.get().overrides.task)
 
 
-def _precision(command: str, model: dict[str, Any], data: dict[str, Any], device: DevicePlan,
-               trainer: dict[str, Any], recorded: Optional[dict[str, Any]], vocab: Optional[int],
-               method: str) -> tuple[dict[str, Any], Replay]:
+def _precision(model: dict[str, Any], data: dict[str, Any], device: DevicePlan, trainer: dict[str, Any],
+               recorded: Optional[dict[str, Any]], method: str) -> tuple[dict[str, Any], Replay]:
     """The precision decided once for this command, or replayed from the run it continues or whose adapter it uses."""
     requested = str(model.get("compute_dtype") or "fp32")
     if recorded is not None and isinstance(recorded.get("precision"), dict):
@@ -125,7 +121,7 @@ def _precision(command: str, model: dict[str, Any], data: dict[str, Any], device
             log.warning("%s: %s; deciding the precision afresh", recorded["_file"], err)
         else:
             return decision.to_dict(), Replay(recorded["_file"], recorded["precision"], note or "")
-    meta = _meta_model(model, data, vocab) if requested == "auto" and device.accelerator == "cpu" else None
+    meta = _meta_model(model, data) if requested == "auto" and device.accelerator == "cpu" else None
     if meta is None and requested == "auto" and device.accelerator == "cpu":
         build_tokenizer(model)  # a model that cannot be loaded: its own message (offline hub id, missing package)
         requested = "fp32"  # nothing to measure (no linear shape known): float32, and plan.json says so
@@ -218,7 +214,7 @@ def _base(model: dict[str, Any], seed: int) -> BaseSource:
     return BaseSource(str(model.get("name")), str(name) if name else "from_config", seed)
 
 
-def make_plan(cfg: DictConfig, command: str, *, tokenizer_vocab: Optional[int] = None) -> RunPlan:
+def make_plan(cfg: DictConfig, command: str) -> RunPlan:
     """The immutable plan of ``command`` for the composed ``cfg`` (see the module docstring).
 
     Raises:
@@ -247,7 +243,7 @@ def make_plan(cfg: DictConfig, command: str, *, tokenizer_vocab: Optional[int] =
         problems += check_outputs(declared_outputs(command, run_dir, options), [Path(adapter["path"])], "adapter")
     if problems:
         raise ValueError("Invalid configuration:\n  - " + "\n  - ".join(problems))
-    precision, replay = _precision(command, model, data, device, trainer, recorded, tokenizer_vocab, method)
+    precision, replay = _precision(model, data, device, trainer, recorded, method)
     trainer = {**trainer, "accelerator": "gpu" if device.accelerator == "cuda" else "cpu",
                "precision": precision.get("trainer_precision", trainer.get("precision", "32-true"))}
     inputs = [str(Path(adapter["path"]))] if adapter else []

@@ -69,6 +69,11 @@ class DataSchema:
     truncation: str = "left"
     group_by_length: bool = False
     packing: bool = False
+    # the tokenised-data cache (:mod:`vera_lightning.app.data.cache`)
+    #: ``on`` (reuse, else build), ``refresh`` (build this run's entries again), ``off`` (a temporary folder)
+    cache: str = "on"
+    #: null: ``$VERA_DATA_CACHE``, else ``~/.cache/vera_lightning/data``
+    cache_dir: Optional[str] = None
     # preference pairs (format: preference, :mod:`vera_lightning.app.data.preference`)
     #: ``pairs`` (prompt_field + chosen_field + rejected_field, strings or chat turns) or ``hh``
     #: (chosen/rejected as whole ``\n\nHuman: ... \n\nAssistant: ...`` transcripts with an implicit prompt)
@@ -86,6 +91,9 @@ def register_schema(store: Any) -> None:
 
 def check_data_values(data: dict[str, Any]) -> list[str]:
     """Problems with settings that are required only in some formats (``hf_name`` with ``format: hf``)."""
+    if data.get("cache", "on") not in (None, "on", "off", "refresh"):
+        return [f"data.cache={data.get('cache')!r}: must be on (reuse the tokenised data), refresh (tokenise again) "
+                "or off (keep nothing)"]
     if data.get("format") == "hf" and not data.get("hf_name"):
         return ["data.hf_name is required with data.format=hf (a Hugging Face dataset name or a saved dataset's "
                 "folder): add data.hf_name=... to the command line, e.g. data=hf data.hf_name=glue data.hf_subset=sst2"]

@@ -17,7 +17,7 @@ from vera_lightning.app.data.schema import data_settings
 __all__ = ["RESUME_FREE_DATA", "check_resume_data"]
 
 #: ``data`` settings a resumed run may change: they do not change what is trained or how it is scored.
-RESUME_FREE_DATA = ("eval_batch_size", "num_workers")
+RESUME_FREE_DATA = ("eval_batch_size", "num_workers", "cache", "cache_dir")
 
 
 def _recorded_data(record: Path) -> dict[str, Any]:

@@ -7,8 +7,8 @@ one training, ``"default"``); the **reference** is one of two things, both over 
 * ``reference_adapter`` given (``train.py adapter=<an SFT run's adapter>``): a frozen copy of that adapter's λ's,
   loaded as the named adapter ``"reference"`` in :meth:`DpoModule.setup` (before a checkpoint's restore, which
   expects it), scored with :func:`vera_lightning.adapter_batch` (every row served by ``"reference"``, under
-  ``no_grad``). The policy starts from the same adapter
-  (:class:`~vera_lightning.app.tasks.finetune.StartFromAdapter`), so at step 0 policy = reference.
+  ``no_grad``). The policy starts from the same adapter (:func:`~vera_lightning.app.tasks.finetune.prepare`), so at
+  step 0 policy = reference.
 * otherwise the base model: the adapter disabled (:func:`vera_lightning.disable_adapter`). A model without VeRA at
   all (``eval.py adapter=null``) is its own reference.
 
@@ -80,10 +80,11 @@ class DpoModule(VeraTaskModule):
 
     @override
     def setup(self, stage: str) -> None:
-        # the adapter may hang on this module (VeraCallback injects into the LightningModule) or on the model
+        # with a reference adapter the model itself holds the adapter (train.py adapter= applies VeRA to it first;
+        # eval.py loads the adapter into it), so the file's tensor names are the model's
         adapter = find_adapter(self)
         if self.reference_adapter and adapter is not None and REFERENCE_NAME not in adapter.names:
-            load_adapter(self, self.reference_adapter, adapter_name=REFERENCE_NAME)  # added frozen, inactive
+            load_adapter(self.model, self.reference_adapter, adapter_name=REFERENCE_NAME)  # added frozen, inactive
 
     def reference_logps(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         """The reference's per-row log-probabilities of ``inputs`` (no gradient, eval mode)."""

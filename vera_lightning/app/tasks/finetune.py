@@ -29,7 +29,15 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from vera_lightning import VeraCallback, VeraConfig, adapter_root, load_adapter, mark_trainable, save_adapter
+from vera_lightning import (
+    VeraCallback,
+    VeraConfig,
+    adapter_root,
+    apply_vera,
+    load_adapter,
+    mark_trainable,
+    save_adapter,
+)
 from vera_lightning.app.models.trained_float32 import drop_float32_masters, keep_trained_float32
 
 try:
@@ -37,8 +45,7 @@ try:
 except ImportError:  # Python < 3.12
     from typing_extensions import override
 
-__all__ = ["METHODS", "PRECISION_META", "TrainedInFloat32", "StartFromAdapter", "check_method", "prepare",
-           "save_trained"]
+__all__ = ["METHODS", "PRECISION_META", "TrainedInFloat32", "check_method", "prepare", "save_trained"]
 
 #: The safetensors header entry of a saved adapter that records the precision it was trained in (JSON).
 PRECISION_META = "vera_lightning.precision"
@@ -71,34 +78,23 @@ class TrainedInFloat32(pl.Callback):
         keep_trained_float32(pl_module)
 
 
-class StartFromAdapter(pl.Callback):
-    """In ``setup``, after :class:`VeraCallback`'s: the active adapter's λ's loaded from ``directory`` (``train.py
-    adapter=``), once. A resumed run's checkpoint, restored after ``setup``, then replaces them."""
-
-    def __init__(self, directory: str) -> None:
-        self.directory = str(directory)
-        self.loaded = False
-
-    @override
-    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if not self.loaded:
-            load_adapter(pl_module, self.directory)
-            self.loaded = True
-
-
 def prepare(method: str, model: nn.Module, vera_config: VeraConfig,
             start_from: Optional[str] = None) -> list[pl.Callback]:
     """Set which parameters of ``model`` train for ``method``, in float32; returns the callbacks it needs.
 
     ``head`` freezes the model except ``vera_config.modules_to_save`` (matched as injection matches
     them), float32 masters over a bf16 base; ``full`` leaves every parameter trainable, in float32;
-    ``vera`` returns the :class:`VeraCallback`, :class:`StartFromAdapter` (with ``start_from``, an adapter
-    directory) and :class:`TrainedInFloat32`, in that order.
+    ``vera`` returns the :class:`VeraCallback` and :class:`TrainedInFloat32`, in that order. With ``start_from``
+    (``train.py adapter=``, an adapter directory) VeRA is applied to ``model`` now and the adapter's λ's loaded into
+    it, so training starts from them (the callback then adopts the adapted model; a resumed run's checkpoint
+    replaces the λ's after), and named adapters (a DPO reference) can be added to ``model`` itself.
     """
     check_method(method)
     if method == "vera":
-        start = [StartFromAdapter(start_from)] if start_from else []
-        return [VeraCallback(vera_config), *start, TrainedInFloat32()]
+        if start_from:
+            apply_vera(model, vera_config)
+            load_adapter(model, start_from)
+        return [VeraCallback(vera_config), TrainedInFloat32()]
     if method == "head":
         mark_trainable(model, vera_config)  # no VeRA layers: freezes all but modules_to_save (and biases asked for)
         keep_trained_float32(model)
