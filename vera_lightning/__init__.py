@@ -11,7 +11,13 @@ from vera_lightning.forward.precision import PrecisionChoice, bf16_native_cpu, m
 from vera_lightning.forward.protocol import VeraPath
 from vera_lightning.io.adapter_dir import load_adapter, save_adapter
 from vera_lightning.io.atomic import publish, replace_file, umask_mode
-from vera_lightning.io.gguf_lora import GGUF_ARCHITECTURES, GgufLoraExport, export_gguf_lora, gguf_lora_problems
+from vera_lightning.io.gguf_lora import (
+    GGUF_ARCHITECTURES,
+    GgufLoraExport,
+    export_gguf_lora,
+    gguf_lora_problems,
+    is_gguf_lora_file,
+)
 from vera_lightning.io.locks import locked
 from vera_lightning.io.lora_export import LoraExport, export_lora
 from vera_lightning.io.peft_format import ADAPTER_CONFIG_NAME
@@ -37,6 +43,7 @@ __all__ = [
     # what the app (vera_lightning.app) builds on besides the above
     "adapter_root", "mark_trainable", "enable_gradient_checkpointing", "ADAPTER_CONFIG_NAME", "QUANTIZE_SCHEMES",
     "checkpoint_config", "load_vera_checkpoint", "replace_file", "publish", "umask_mode", "GGUF_ARCHITECTURES",
+    "is_gguf_lora_file",
     "locked",
 ]
 __version__ = "0.1.0"

@@ -43,7 +43,8 @@ from vera_lightning.io.adapter_dir import PathLike
 from vera_lightning.io.atomic import umask_mode
 from vera_lightning.io.lora_export import lora_factors
 
-__all__ = ["GgufLoraExport", "GGUF_ARCHITECTURES", "export_gguf_lora", "gguf_lora_problems", "llama_rope_permute"]
+__all__ = ["GgufLoraExport", "GGUF_ARCHITECTURES", "export_gguf_lora", "gguf_lora_problems", "llama_rope_permute",
+           "is_gguf_lora_file"]
 
 #: Hugging Face ``config.model_type`` → the ``gguf`` architecture name llama.cpp knows it by.
 GGUF_ARCHITECTURES = {"llama": "llama"}
@@ -130,6 +131,17 @@ def _gguf() -> Any:
         raise ImportError("writing a GGUF LoRA needs the Python package 'gguf': pip install gguf "
                           "(or pip install 'vera-lightning[llm]')") from None
     return gguf
+
+
+def is_gguf_lora_file(path: str) -> bool:
+    """Whether ``path`` is a GGUF file whose header says it is a LoRA adapter (``general.type = adapter``,
+    ``adapter.type = lora``: what :func:`export_gguf_lora` writes). ``False`` for anything that does not parse."""
+    try:
+        reader = _gguf().GGUFReader(str(path), "r")
+        kind, adapter = reader.get_field("general.type"), reader.get_field("adapter.type")
+        return kind is not None and adapter is not None and (kind.contents(), adapter.contents()) == ("adapter", "lora")
+    except Exception:  # a truncated or foreign file (the reader raises many types), or no gguf package
+        return False
 
 
 def _tensor_names(model: nn.Module, layer_names: list[str]) -> dict[str, Optional[str]]:

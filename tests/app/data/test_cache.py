@@ -1,5 +1,6 @@
-"""The tokenised-data cache and the Arrow data layer: vera_lightning/app/data/cache.py, fingerprint.py,
-arrow_splits.py and arrow_items.py.
+"""The tokenised-data cache and the Arrow data layer: vera_lightning/app/data/cache.py,
+vera_lightning/app/data/fingerprint.py, vera_lightning/app/data/arrow_splits.py and
+vera_lightning/app/data/arrow_items.py.
 
 Tokenised once per fingerprint (a second DataModule reuses the entry, and gives the same items), a changed file
 (even with its size and modification time kept), tokenizer or token setting never reuses a stale entry, settings that
@@ -77,8 +78,8 @@ def test_a_changed_file_with_the_same_size_and_mtime_is_tokenised_again(tmp_path
     assert len(entries(cfg)) == 3
 
 
-@pytest.mark.parametrize("change", [{"max_length": 8}, {"prompt_template": "Describe: {mr}"}, {"train_on_prompt": True},
-                                    {"truncation": "drop", "max_length": 12}])
+@pytest.mark.parametrize("change", [{"max_length": 15}, {"prompt_template": "Describe: {mr}"},
+                                    {"train_on_prompt": True}, {"truncation": "drop", "max_length": 18}])
 def test_a_setting_that_changes_tokens_is_another_entry(tmp_path, bos_tok, change):
     cfg = data(tmp_path)
     items(cfg, bos_tok)
@@ -93,7 +94,8 @@ def test_a_setting_that_changes_tokens_is_another_entry(tmp_path, bos_tok, chang
 def test_another_tokenizer_or_chat_template_is_another_entry(tmp_path, bos_tok):
     chat = byte_bpe_tokenizer(chat=True)
     other = byte_bpe_tokenizer(chat=True)
-    other.chat_template = chat.chat_template.replace("'\\n'", "'\\n\\n'")
+    other.chat_template = chat.chat_template.replace("<|im_end|>' + '\n'", "<|im_end|>' + '\n\n'")
+    assert other.chat_template != chat.chat_template
     assert len({tokenizer_fingerprint(t) for t in (bos_tok, chat, other)}) == 3
     assert tokenizer_fingerprint(chat) == tokenizer_fingerprint(byte_bpe_tokenizer(chat=True))
     cfg = data(tmp_path, chat_template=True)

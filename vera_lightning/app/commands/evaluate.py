@@ -103,6 +103,8 @@ def run_evaluation(plan: RunPlan) -> dict[str, Any]:
         "device": plan.device.accelerator,
         "wall_time_s": round(time.perf_counter() - start, 2),
     }
+    if plan.dpo is not None:  # objective=dpo: the settings and the reference the rewards are measured against
+        record["dpo"] = plan.dpo
     scored = getattr(parts.module, "val_generation", None)
     if scored is not None and scored.examples:
         record.update(prompts=len(scored.examples), generate=scored.settings.as_dict())

@@ -11,7 +11,7 @@ any model is loaded:
   (:func:`output_kind`): ``merged``, a folder holding only a Hugging Face model's files (``config.json``,
   ``*.safetensors``, ``generation_config.json``, tokenizer files, the chat template); ``lora``, a folder holding
   ``adapter_config.json`` with ``peft_type`` ``LORA`` and ``adapter_model.safetensors`` (and PEFT's ``README.md``);
-  ``gguf-lora``, a file starting with the GGUF magic ``b"GGUF"``. ``overwrite=true`` replaces only such an earlier
+  ``gguf-lora``, a GGUF file whose header says it is a LoRA adapter. ``overwrite=true`` replaces only such an earlier
   export; anything else is refused, naming the files that are not the format's;
 * a folder it cannot write in (read-only, no permission), naming ``output=`` and the fix.
 
@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from vera_lightning import ADAPTER_CONFIG_NAME
+from vera_lightning import ADAPTER_CONFIG_NAME, is_gguf_lora_file
 
 __all__ = ["GGUF_MAGIC", "MERGED_FILES", "Inputs", "output_kind", "output_problems", "existing_output_problem",
            "check_before_publish", "clean_export_leftovers"]
@@ -97,7 +97,11 @@ def output_kind(path: Path) -> tuple[Optional[str], str]:
                 magic = handle.read(4)
         except OSError:
             magic = b""
-        return ("gguf-lora", "a GGUF file") if magic == GGUF_MAGIC else (None, "a file that is not a GGUF file")
+        if magic != GGUF_MAGIC:
+            return None, "a file that is not a GGUF file"
+        if not is_gguf_lora_file(str(path)):
+            return None, "a GGUF file that is not a LoRA adapter (general.type=adapter, adapter.type=lora)"
+        return "gguf-lora", "a GGUF LoRA adapter"
     if not path.is_dir():
         return None, "not a file nor a folder"
     names = _listing(path)

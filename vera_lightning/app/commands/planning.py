@@ -154,7 +154,7 @@ def declared_outputs(command: str, run_dir: Path, options: dict[str, Any]) -> li
     """Every path ``command`` may write (its outputs; the job log ``<command>.log`` included)."""
     if command == "train":
         names = ["adapter", "checkpoints", "csv", "tensorboard", "wandb", "mlruns", ".hydra", "summary.json",
-                 "plan.json", "train.log", "merged", "lora", "adapter-lora.gguf"]
+                 "plan.json", "plan.resume.*.json", "train.log", "merged", "lora", "adapter-lora.gguf"]
         return [run_dir / n for n in names]
     base = [run_dir / f"{command}.log", run_dir / f".hydra-{command}-*"]
     if command == "eval":
@@ -182,10 +182,11 @@ def _dpo(cfg: DictConfig, command: str, adapter: Optional[dict[str, Any]], recor
          data: dict[str, Any], method: str) -> tuple[Optional[dict[str, Any]], list[str]]:
     """``objective=dpo``'s settings with the reference resolved (see :mod:`~vera_lightning.app.tasks.dpo`)."""
     node = _container(cfg.get("dpo")) if command != "predict" else None
-    preference = data.get("format") == "preference"
+    preference = data.get("format") == "preference" and data.get("preference_target") != "chosen"
     if node is None:
         return None, ([f"data={data.get('name')} holds preference pairs (data.format=preference), which only "
-                       "objective=dpo trains and evaluates: add objective=dpo"] if preference and command != "predict"
+                       "objective=dpo trains and evaluates: add objective=dpo (or data.preference_target=chosen: SFT "
+                       "on the chosen responses)"] if preference and command != "predict"
                       else [])
     problems = []
     if not preference:

@@ -154,6 +154,14 @@ def run_training(plan: RunPlan) -> dict[str, Any]:
     fit_start = time.perf_counter()
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     fit_s = time.perf_counter() - fit_start
+    if resuming and not record.accepted:  # Lightning restored the checkpoint and found nothing left to train
+        raise ValueError(
+            f"ckpt_path={plan.option('ckpt_path')}: the run in {output_dir} already reached its end (epoch "
+            f"{trainer.current_epoch}, step {trainer.global_step}; trainer.max_epochs="
+            f"{plan.trainer.get('max_epochs')}, trainer.max_steps={plan.trainer.get('max_steps')}), so nothing was "
+            "trained and nothing was changed. To "
+            "train it further, raise trainer.max_epochs (or trainer.max_steps) with the same ckpt_path"
+        )
     after, _ = final_metrics(trainer, module, datamodule, memo)
     metrics.update(after)
     _say(trainer, f"[vera] after training:  {metric_name} = {after.get(metric_name, float('nan')):.4f}")

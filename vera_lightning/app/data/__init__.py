@@ -7,6 +7,10 @@
 * :mod:`.sft`         prompt formatting, prompt token ids, references, length limits
 * :mod:`.sft_tokens`  tokenising those rows: label masks, truncation rules
 * :mod:`.packing`     padding, length-grouped batches, packing several examples per row
+* :mod:`.fingerprint` what keys the tokenised-data cache: a file's content, the tokenizer, the settings
+* :mod:`.cache`       the tokenised-data cache: entries built once, renamed into place, under a lock
+* :mod:`.arrow_splits` a split's checked rows and tokens as memory-mapped Arrow tables (``datasets``)
+* :mod:`.arrow_items` lazy views of those tables for the DataLoader (per batch, packed rows, rows)
 * :mod:`.inputs`      what ``predict.py`` reads from ``input=FILE``, checked before any model is built
 * :mod:`.datamodules` the LightningDataModules built from a ``data/`` config
 

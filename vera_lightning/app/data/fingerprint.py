@@ -3,7 +3,8 @@
 A cache entry is reused only when every input of the tokenisation is the same:
 
 * the **file's content** (:func:`file_digest`: SHA-256 of its bytes, never its size or modification time alone;
-  memoised per process by path, size, modification time and inode, so a file is read once per run), or a Hugging
+  memoised per process by path, size, modification and status-change times and inode, so a file is read once
+  per run), or a Hugging
   Face dataset's own fingerprint (``format: hf``);
 * the **tokenizer** (:func:`tokenizer_fingerprint`: its class, its whole serialised vocabulary, merges, normaliser and
   post-processor where it is a fast tokenizer, else its vocabulary, plus its special tokens and chat template);
@@ -33,13 +34,14 @@ UNTOKENISED = frozenset({
     "packing", "cache", "cache_dir",
 })
 
-_DIGESTS: dict[tuple[str, int, int, int], str] = {}
+_DIGESTS: dict[tuple[str, int, int, int, int], str] = {}
 
 
 def file_digest(path: Path) -> str:
-    """SHA-256 of a file's bytes (read in 4 MiB blocks), memoised per process while the file is unchanged."""
+    """SHA-256 of a file's bytes (read in 4 MiB blocks), memoised per process while the file is unchanged (its
+    status change time too, which a write always moves and ``touch``/``os.utime`` cannot set back)."""
     stat = os.stat(path)
-    memo = (str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns, stat.st_ino)
+    memo = (str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns, stat.st_ino)
     if memo not in _DIGESTS:
         digest = hashlib.sha256()
         with open(path, "rb") as handle:

@@ -78,6 +78,9 @@ def check_preference_config(cfg: Mapping[str, Any], tokenizer: Any) -> None:
     if cfg.get("truncation", "left") != "left":
         problems.append(f"data.truncation={cfg.get('truncation')!r}: preference data keeps the responses and cuts the "
                         "prompt from the left; set data.truncation=left")
+    if cfg.get("preference_target") not in (None, "pairs", "chosen"):
+        problems.append(f"data.preference_target={cfg.get('preference_target')!r}: must be pairs (DPO) or chosen (SFT "
+                        "on the chosen responses)")
     if cfg.get("packing"):
         problems.append("data.packing=true: preference pairs are scored per sequence; set data.packing=false")
     if problems:

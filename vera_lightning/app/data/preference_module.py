@@ -4,6 +4,9 @@ Rows are read, checked and tokenised by :mod:`vera_lightning.app.data.preference
 tensor of ``2B`` rows, the ``B`` chosen sequences then the ``B`` rejected ones, right-padded to the longest
 (``input_ids``, ``attention_mask``, ``labels`` with -100 on prompt and padding), so the policy scores both sides in
 one forward; ``index`` (``B``) numbers each pair within its split (the key of precomputed reference log-probs).
+
+``data.preference_target=chosen`` serves the chosen sides only, as SFT rows (``input_ids``, ``labels``): supervised
+fine-tuning on the chosen responses, the usual step before DPO from an SFT adapter.
 """
 
 from __future__ import annotations
@@ -53,6 +56,8 @@ class PreferenceDataModule(pl.LightningDataModule):
             raise ValueError(f"data.format='preference' is causal-LM data but data.task={self.cfg.get('task')!r}; "
                              "set data.task=causal_lm (with a causal-LM model)")
         check_preference_config(self.cfg, tokenizer)
+        #: ``data.preference_target=chosen``: prompt + chosen response rows for SFT (no pairs)
+        self.chosen_only = self.cfg.get("preference_target") == "chosen"
         self.seed = int(self.cfg.get("seed") or 0)
         self.splits: dict[str, list[dict[str, Any]]] = {}
         self._rows: dict[str, list[dict[str, Any]]] = {}
@@ -89,13 +94,18 @@ class PreferenceDataModule(pl.LightningDataModule):
                 keep = sorted(random.Random(self.seed).sample(range(len(pairs)), int(limit)))
                 pairs = [pairs[i] for i in keep]
             where = f"data.{split}_file={self.split_path(split)}"
-            self.splits[split] = encode_pairs(pairs, self.cfg, self.tokenizer, where=where)
+            items = encode_pairs(pairs, self.cfg, self.tokenizer, where=where)
+            if self.chosen_only:  # SFT on the chosen responses: prompt + chosen, labels on the response
+                items = [{"input_ids": item["chosen_ids"], "labels": item["chosen_labels"]} for item in items]
+            self.splits[split] = items
 
     def generation_examples(self, split: str) -> list[dict[str, Any]]:
         """No generation metrics for preference data (``[]``)."""
         return []
 
     def collate(self, items: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        if self.chosen_only:
+            return pad_items(items, self.tokenizer.pad_token_id)
         return collate_pairs(items, self.tokenizer.pad_token_id)
 
     def _loader(self, split: str, batch_size: int, shuffle: bool) -> DataLoader:

@@ -80,6 +80,8 @@ class DataSchema:
     preference_format: Optional[str] = None
     chosen_field: Optional[str] = None
     rejected_field: Optional[str] = None
+    #: ``pairs`` (DPO) or ``chosen``: SFT on the chosen responses only (the step before DPO from an SFT adapter)
+    preference_target: Optional[str] = None
     #: false: a bad row stops the run naming file, row and fix; true: bad rows are dropped, counted in one warning
     skip_invalid_rows: bool = False
 

@@ -1,0 +1,156 @@
+"""Data at scale: wall time and peak RSS of a 2-step E2E run on N rows, first run (cold data cache) and second (warm).
+
+For each N, ``train.csv`` repeats the rows of the E2E training file (``../shared/data/e2e/train.csv``, or ``--source``)
+to N rows in a scratch folder (never in the source's), beside a copy of ``val.csv``; then, as a user would::
+
+    python scripts/train.py experiment=e2e_smollm2 data.data_dir=<dir> data.max_train_samples=null \\
+        trainer.max_steps=2 eval_before=false trainer.limit_val_batches=0 data.cache_dir=<scratch>/cache-<N> \\
+        hydra.run.dir=<scratch>/run-...
+
+(``trainer.limit_val_batches=0``: the run ends after step 2, without the validation loss and the 60 prompts'
+generation, which cost the same at every N and would only dilute the ratios.)
+
+runs under ``/usr/bin/time -v`` (its "Maximum resident set size" is the peak RSS), once with an empty cache folder
+(``cold``) and once more (``warm``). One JSON record per finished case is appended to ``--out`` (with the load average
+and the CPU's flags), and cases already there are skipped, so an interrupted benchmark resumes where it stopped.
+
+    python benchmarks/bench_data_scale.py --rows 4000 200000 --out benchmarks/results/data_scale.jsonl
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Optional
+
+ROOT = Path(__file__).resolve().parents[1]
+SOURCE = ROOT.parent / "shared" / "data" / "e2e"
+RUNS = ("cold", "warm")
+FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
+
+
+def make_data(source: Path, rows: int, folder: Path) -> Path:
+    """``folder`` with ``train.csv`` (``source``'s training rows repeated to ``rows`` rows) and ``val.csv``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    train = folder / "train.csv"
+    if not (folder / "done").is_file():
+        with (source / "train.csv").open(encoding="utf-8", newline="") as handle:
+            reader = csv.reader(handle)
+            header, body = next(reader), list(reader)
+        with train.open("w", encoding="utf-8", newline="") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(header)
+            for i in range(rows):
+                writer.writerow(body[i % len(body)])
+        shutil.copyfile(source / "val.csv", folder / "val.csv")
+        (folder / "done").write_text(str(rows))
+    return folder
+
+
+def command(data_dir: Path, cache_dir: Path, run_dir: Path) -> list[str]:
+    return [sys.executable, str(ROOT / "scripts" / "train.py"), "experiment=e2e_smollm2", f"data.data_dir={data_dir}",
+            "data.max_train_samples=null", "trainer.max_steps=2", "eval_before=false", "trainer.limit_val_batches=0",
+            f"data.cache_dir={cache_dir}", f"hydra.run.dir={run_dir}"]
+
+
+def timed(argv: list[str], log: Path) -> dict:
+    """Run ``argv`` under ``/usr/bin/time -v``: ``{"wall_s", "peak_rss_gib", "rc"}``."""
+    start = time.perf_counter()
+    with log.open("w") as out:
+        rc = subprocess.run(["/usr/bin/time", "-v", *argv], stdout=out, stderr=subprocess.STDOUT, cwd=ROOT).returncode
+    wall = time.perf_counter() - start
+    found = re.search(r"Maximum resident set size \(kbytes\): (\d+)", log.read_text(errors="replace"))
+    return {"wall_s": round(wall, 2), "peak_rss_gib": round(int(found.group(1)) / 2**20, 3) if found else None,
+            "rc": rc}
+
+
+def cpu_flags() -> list[str]:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return []
+    flags = set(re.search(r"^flags\s*:(.*)$", text, re.M).group(1).split()) if "flags" in text else set()
+    return [flag for flag in FLAGS if flag in flags]
+
+
+def done_cases(out: Path) -> set[tuple[int, str]]:
+    if not out.is_file():
+        return set()
+    records = [json.loads(line) for line in out.read_text().splitlines() if line.strip()]
+    return {(r["rows"], r["run"]) for r in records if r.get("rc") == 0}
+
+
+def run_cases(rows: list[int], out: Path, scratch: Path, source: Path = SOURCE,
+              runner: Callable[[list[str], Path], dict] = timed) -> list[dict]:
+    """Run every (rows, cold|warm) case not yet in ``out``; append a record per finished case; the new records."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    new = []
+    for n in rows:
+        data_dir = make_data(source, n, scratch / f"data-{n}")
+        cache = scratch / f"cache-{n}"
+        for run in RUNS:
+            if (n, run) in done_cases(out):
+                continue
+            if run == "cold":
+                shutil.rmtree(cache, ignore_errors=True)
+            elif not cache.is_dir():  # a resumed warm case whose cold run's cache is gone: fill it, unrecorded
+                runner(command(data_dir, cache, scratch / f"run-{n}-fill"), scratch / f"run-{n}-fill.log")
+            argv = command(data_dir, cache, scratch / f"run-{n}-{run}")
+            load = os.getloadavg()
+            record = {"rows": n, "run": run, **runner(argv, scratch / f"run-{n}-{run}.log"),
+                      "load_before": [round(x, 2) for x in load], "load_after": [round(x, 2) for x in os.getloadavg()],
+                      "cpu_flags": cpu_flags(), "cpus": os.cpu_count(), "command": " ".join(argv[1:]),
+                      "time": time.strftime("%Y-%m-%d %H:%M:%S")}
+            with out.open("a") as handle:
+                handle.write(json.dumps(record) + "\n")
+            new.append(record)
+            print(json.dumps(record), flush=True)
+    return new
+
+
+def report(out: Path) -> str:
+    """A Markdown table of ``out``'s records, with the issue's ratios against the smallest N."""
+    records = {(r["rows"], r["run"]): r for r in map(json.loads, out.read_text().splitlines()) if r.get("rc") == 0}
+    sizes = sorted({n for n, _ in records})
+    lines = ["| rows | first run (cold cache) | second run (warm) | peak RSS cold / warm | load (1 min) |",
+             "|---|---|---|---|---|"]
+    for n in sizes:
+        cold, warm = records.get((n, "cold")), records.get((n, "warm"))
+
+        def cell(r: Optional[dict], key: str, unit: str) -> str:
+            return f"{r[key]} {unit}" if r and r.get(key) is not None else "–"
+
+        lines.append(f"| {n:,} | {cell(cold, 'wall_s', 's')} | {cell(warm, 'wall_s', 's')} | "
+                     f"{cell(cold, 'peak_rss_gib', 'GiB')} / {cell(warm, 'peak_rss_gib', 'GiB')} | "
+                     f"{(cold or warm or {}).get('load_before', ['?'])[0]} |")
+    if len(sizes) > 1 and all((n, "warm") in records for n in (sizes[0], sizes[-1])):
+        small, large = records[(sizes[0], "warm")], records[(sizes[-1], "warm")]
+        peak = max(records[(sizes[-1], r)]["peak_rss_gib"] for r in RUNS if (sizes[-1], r) in records)
+        lines.append(f"\nsecond run {sizes[-1]:,} / {sizes[0]:,}: {large['wall_s'] / small['wall_s']:.2f}x (target "
+                     f"<= 1.25x); peak RSS {sizes[-1]:,} / {sizes[0]:,} (warm): "
+                     f"{large['peak_rss_gib'] / small['peak_rss_gib']:.2f}x, worst of both runs "
+                     f"{peak / small['peak_rss_gib']:.2f}x (target <= 1.15x)")
+    return "\n".join(lines)
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--rows", type=int, nargs="+", default=[4000, 200000])
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "data_scale.jsonl")
+    parser.add_argument("--scratch", type=Path, default=Path("/tmp/vera-data-scale"))
+    parser.add_argument("--source", type=Path, default=SOURCE)
+    args = parser.parse_args(argv)
+    run_cases(args.rows, args.out, args.scratch, args.source)
+    print(report(args.out))
+
+
+if __name__ == "__main__":
+    main()
