@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import shutil
 
+import gguf
 import pytest
 from helpers.app import compose_app
 from hydra.errors import ConfigCompositionException
@@ -22,6 +23,18 @@ from vera_lightning.app.commands import export as export_module
 from vera_lightning.app.commands.export import export_run
 from vera_lightning.app.commands.export_base import base_architecture
 from vera_lightning.app.commands.export_plan import ExportPlan, export_problems, plan_export, register_export_schema
+
+
+def earlier_gguf_lora(path):
+    """A GGUF file whose header says LoRA adapter, as export_gguf_lora writes (no tensors)."""
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_type(gguf.GGUFType.ADAPTER)
+    writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +73,7 @@ def test_overwrite_must_be_a_boolean(tmp_path, tokenizer_dir, monkeypatch, value
 
 def test_every_problem_comes_in_one_message(tmp_path, tokenizer_dir, no_load):
     run, _ = fake_run(tmp_path, "opt", tokenizer_dir)
-    (tmp_path / "earlier.gguf").write_bytes(b"GGUF" + bytes(60))  # an earlier gguf-lora export
+    earlier_gguf_lora(tmp_path / "earlier.gguf")  # an earlier gguf-lora export (its header says so)
     message = refused(tmp_path, "Cannot export", run / "adapter", "gguf-lora", tmp_path / "earlier.gguf",
                       rank=2.5, overwrite="no", dtype="fp16")
     for part in ("overwrite='no'", "dtype='fp16'", "rank=2.5 must be a positive integer",

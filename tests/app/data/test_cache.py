@@ -164,3 +164,30 @@ def test_lazy_views_equal_the_list_api(tmp_path, bos_tok):
     assert plain.splits["train"].lengths().tolist() == [len(item["input_ids"]) for item in encoded]
     batches = list(plain.train_dataloader())
     assert sum(len(b["input_ids"]) for b in batches) == 5
+
+
+def _build_in_process(root, marker):
+    def build(folder):
+        with open(marker, "a") as handle:
+            handle.write(f"{os.getpid()}\n")
+        time.sleep(0.3)
+        (folder / "x").write_text("1")
+        return {}
+
+    folder, _ = DataCache(root).entry("k", build)
+    assert (folder / "x").read_text() == "1"
+
+
+def test_two_processes_share_one_build(tmp_path):
+    """As DDP ranks on one machine do: the first builds under the lock, the other waits and maps the same entry."""
+    import multiprocessing
+
+    context = multiprocessing.get_context("fork")
+    marker = tmp_path / "builds.txt"
+    workers = [context.Process(target=_build_in_process, args=(tmp_path / "c", marker)) for _ in range(2)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(60)
+    assert [worker.exitcode for worker in workers] == [0, 0]
+    assert len(marker.read_text().splitlines()) == 1

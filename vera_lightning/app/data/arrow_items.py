@@ -86,6 +86,12 @@ class PackedItems(_Lazy):
     def __len__(self) -> int:
         return len(self.offsets) - 1
 
+    def lengths(self) -> np.ndarray:
+        """The token count of every packed row (its examples' stored lengths, summed)."""
+        if not len(self):
+            return np.zeros(0, dtype=np.int64)
+        return np.add.reduceat(self.items.lengths()[self.members], self.offsets[:-1])
+
     def __getitems__(self, positions: Sequence[int]) -> list[dict[str, Any]]:
         spans = [(int(self.offsets[p]), int(self.offsets[p + 1])) for p in positions]
         flat = self.items.__getitems__([int(m) for a, b in spans for m in self.members[a:b]])

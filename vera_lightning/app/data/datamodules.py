@@ -257,7 +257,7 @@ class TextDataModule(pl.LightningDataModule):
             if self.sft and self.cfg.get("group_by_length"):
                 sampler = packing.LengthGroupedBatchSampler(
                     RandomSampler(self.splits[split], generator=generator), batch_size, drop_last=False,
-                    lengths=[len(item["input_ids"]) for item in self.splits[split]], generator=generator,
+                    lengths=self.splits[split].lengths(), generator=generator,  # a column, not the tokens
                 )
                 return DataLoader(self.splits[split], batch_sampler=sampler, collate_fn=self.collate,
                                   num_workers=int(self.cfg.get("num_workers", 0)))
