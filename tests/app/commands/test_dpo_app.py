@@ -95,3 +95,14 @@ def test_an_adapter_with_other_vera_settings_is_refused_before_anything_is_writt
     cfg = compose_app("train", tmp_path / "sft", *dpo_args(pairs_dir, f"adapter={tmp_path / 'sft'}", "overwrite=true"))
     with pytest.raises(ValueError, match="an input of this command"):
         make_plan(cfg, "train")
+
+
+def test_sft_on_the_chosen_replies_then_its_adapter_starts_dpo(tmp_path, pairs_dir):
+    sft_args = [*SMOKE, "data=preference", f"data.data_dir={pairs_dir}", "data.chat_template=false",
+                "data.max_length=32", "data.preference_target=chosen"]
+    sft = train(compose_app("train", tmp_path / "sft", *sft_args))
+    assert sft["metric_name"] == "val/loss" and sft["steps"] == 2
+    plan = make_plan(compose_app("train", tmp_path / "dpo", *dpo_args(pairs_dir, f"adapter={tmp_path / 'sft'}")),
+                     "train")
+    assert plan.dpo["reference_adapter"] == str(tmp_path / "sft" / "adapter")
+    assert plan.adapter["kind"] == "adapter"

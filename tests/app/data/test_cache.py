@@ -158,6 +158,7 @@ def test_lazy_views_equal_the_list_api(tmp_path, bos_tok):
     encoded = sft_tokens.encode_rows(sft_rows.read_rows(tmp_path / "train.csv", cfg), cfg, bos_tok)
     assert list(dm.splits["train"]) == packing.pack(encoded, 24)
     assert dm.splits["train"][1:] == packing.pack(encoded, 24)[1:]
+    assert dm.splits["train"].lengths().tolist() == [len(row["input_ids"]) for row in packing.pack(encoded, 24)]
     assert dm.rows("train")[2] == {"mr": ROWS[2][0], "ref": ROWS[2][1]} and len(dm.rows("train")) == 5
     plain = TextDataModule({**cfg, "packing": False, "group_by_length": True}, bos_tok)
     plain.setup("fit")

@@ -1,4 +1,5 @@
-"""DataModules of the training app: reading, deterministic subsampling, dynamic padding, errors."""
+"""DataModules of the training app (and vera_lightning/app/data/splits.py): reading, deterministic subsampling,
+dynamic padding, errors."""
 
 from __future__ import annotations
 

@@ -33,7 +33,7 @@ from vera_lightning.app.data.fingerprint import cache_key, file_digest
 from vera_lightning.app.data.tables import COLUMN_OPTIONS, columns_of, is_regression, iter_table, parse_label
 from vera_lightning.app.data.text_files import iter_lines
 
-__all__ = ["BLOCK", "SplitData", "hf_records", "load_split"]
+__all__ = ["BLOCK", "SplitData", "split_records", "hf_records", "token_features", "tokenise_fn", "load_split"]
 
 #: Rows per Arrow record batch and per ``Dataset.map`` batch.
 BLOCK = 1000
@@ -53,7 +53,7 @@ class SplitData:
         return self.tokens.data.column(name).to_numpy()
 
 
-def _records(cfg: Mapping[str, Any], split: str, path: Path, tokenizer: Any) -> Iterator[dict[str, Any]]:
+def split_records(cfg: Mapping[str, Any], split: str, path: Path, tokenizer: Any) -> Iterator[dict[str, Any]]:
     """The split's checked records, streamed (``path`` is None for ``format: hf``)."""
     fmt = cfg.get("format")
     if fmt == "sft":
@@ -113,7 +113,8 @@ def _write_rows(records: Iterable[dict[str, Any]], schema: pa.Schema, path: Path
             count += len(block)
 
 
-def _token_features(cfg: Mapping[str, Any], tokenizer: Any) -> datasets.Features:
+def token_features(cfg: Mapping[str, Any], tokenizer: Any) -> datasets.Features:
+    """The token columns a split's rows are mapped to (see the module docstring)."""
     ids = _LIST(datasets.Value("int32"))
     if cfg.get("format") == "sft":
         return datasets.Features({"input_ids": ids, "labels": ids, "length": datasets.Value("int32"),
@@ -127,7 +128,7 @@ def _token_features(cfg: Mapping[str, Any], tokenizer: Any) -> datasets.Features
     return datasets.Features(features)
 
 
-def _tokenise(cfg: Mapping[str, Any], tokenizer: Any, features: datasets.Features):
+def tokenise_fn(cfg: Mapping[str, Any], tokenizer: Any, features: datasets.Features):
     """The ``Dataset.map`` function: a batch of rows -> its token columns."""
     if cfg.get("format") == "sft":
         return lambda batch: sft_tokens.encode_columns([json.loads(r) for r in batch["row"]], cfg, tokenizer)
@@ -159,15 +160,15 @@ def load_split(cfg: Mapping[str, Any], split: str, tokenizer: Any, tokenizer_fp:
         ValueError: As the format's reader does, naming the file, the row and the fix.
     """
     key = cache_key(_source(cfg, split, path), tokenizer_fp, cfg)
-    features = _token_features(cfg, tokenizer)
+    features = token_features(cfg, tokenizer)
 
     def build(folder: Path) -> dict[str, Any]:
-        count = _write_rows(_records(cfg, split, path, tokenizer), _row_schema(cfg), folder / "rows.arrow")
+        count = _write_rows(split_records(cfg, split, path, tokenizer), _row_schema(cfg), folder / "rows.arrow")
         rows = datasets.Dataset.from_file(str(folder / "rows.arrow"))
         if not count:  # map writes nothing for no rows: an empty table with the token columns
             _write_rows([], features.arrow_schema, folder / "tokens.arrow")
             return {"rows": 0, "source": str(path or cfg.get("hf_name")), "format": cfg.get("format")}
-        rows.map(_tokenise(cfg, tokenizer, features), batched=True, batch_size=BLOCK, writer_batch_size=BLOCK,
+        rows.map(tokenise_fn(cfg, tokenizer, features), batched=True, batch_size=BLOCK, writer_batch_size=BLOCK,
                  remove_columns=rows.column_names, features=features, new_fingerprint=key,
                  cache_file_name=str(folder / "tokens.arrow"), desc=f"tokenising {path or cfg.get('hf_name')}")
         return {"rows": count, "source": str(path or cfg.get("hf_name")), "format": cfg.get("format")}

@@ -21,7 +21,6 @@ Sentence pairs (``text_pair_field``) are tokenised as a pair (``[CLS] a [SEP] b 
 
 from __future__ import annotations
 
-import random
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
@@ -32,82 +31,18 @@ from torch.utils.data import DataLoader, RandomSampler
 
 from vera_lightning.app.data import packing, sft, sft_rows, sft_tokens
 from vera_lightning.app.data.arrow_items import PackedItems, RowsView, TokenItems
-from vera_lightning.app.data.arrow_splits import SplitData, hf_records, load_split
+from vera_lightning.app.data.arrow_splits import SplitData, load_split, split_records
 from vera_lightning.app.data.cache import DataCache, cache_dir_of
 from vera_lightning.app.data.fingerprint import tokenizer_fingerprint
-from vera_lightning.app.data.tables import check_columns, columns_of, is_regression, read_table
-from vera_lightning.app.data.text_files import read_lines
+from vera_lightning.app.data.splits import DEMO_DIR, FORMATS, data_dir_of, read_split, split_file, subsample
+from vera_lightning.app.data.streaming import POSITION, StreamedItems, streaming_problems
+from vera_lightning.app.data.tables import check_columns, check_labels, is_regression
 
 __all__ = ["DEMO_DIR", "FORMATS", "split_file", "read_split", "subsample", "TextDataModule",
            "build_datamodule"]
 
-#: The built-in demo data (the project's own sentences, see ``tools/make_demo_data.py``).
-DEMO_DIR = Path(__file__).resolve().parent / "demo_data"
-FORMATS = ("table", "text", "hf", "sft")
 #: The splits each Lightning stage reads (evaluation never needs the training file).
 STAGE_SPLITS = {"fit": ("train", "val"), "validate": ("val",)}
-
-
-def _data_dir(cfg: Mapping[str, Any]) -> Path:
-    directory = Path(cfg.get("data_dir") or DEMO_DIR).expanduser()
-    if not directory.is_dir():
-        raise FileNotFoundError(
-            f"data.data_dir={str(cfg.get('data_dir'))!r} is not a directory. Point it at the folder holding "
-            f"{cfg.get('train_file')!r} and {cfg.get('val_file')!r} (e.g. data=sst2 data.data_dir=/path/to/sst2), "
-            "or leave it null for the built-in demo data."
-        )
-    return directory
-
-
-def split_file(cfg: Mapping[str, Any], split: str) -> Optional[Path]:
-    """The file a split is read from (None for ``format: hf``), checked to exist.
-
-    Raises:
-        ValueError: For an unknown ``format``.
-        FileNotFoundError: If the directory or file does not exist.
-    """
-    fmt = cfg.get("format")
-    if fmt not in FORMATS:
-        raise ValueError(f"data.format={fmt!r}: must be one of {list(FORMATS)}")
-    if fmt == "hf":
-        return None
-    path = _data_dir(cfg) / cfg[f"{split}_file"]
-    if not path.is_file():
-        raise FileNotFoundError(f"data.{split}_file={cfg[f'{split}_file']!r}: {path} does not exist")
-    return path
-
-
-def read_split(cfg: Mapping[str, Any], split: str) -> list[dict[str, Any]]:
-    """Read the ``"train"`` or ``"val"`` split a ``data/`` config names, as records (a list: small data, tests; the
-    DataModule streams them into Arrow instead).
-
-    Raises:
-        ValueError: For an unknown ``format``, a missing column or a bad label.
-        FileNotFoundError: If the directory or file does not exist.
-    """
-    path = split_file(cfg, split)
-    fmt = cfg.get("format")
-    if fmt == "hf":
-        return list(hf_records(cfg, split))
-    if fmt == "sft":
-        return sft_rows.read_rows(path, cfg)
-    if fmt == "text":
-        return [{"text": line} for line in read_lines(path) if line.strip()]  # split on \n only, BOM stripped
-    return read_table(path, columns_of(cfg), regression=is_regression(cfg))
-
-
-def subsample(records: list, limit: Optional[int], seed: int, option: str = "max_samples") -> list:
-    """Keep ``limit`` records drawn with ``seed`` (file order kept); all of them when ``limit`` is None.
-
-    Raises:
-        ValueError: For a ``limit`` <= 0, naming ``option`` (e.g. ``data.max_train_samples``).
-    """
-    if limit is None or limit >= len(records):
-        return records
-    if limit <= 0:
-        raise ValueError(f"{option}={limit}: must be a positive integer or null (null: every row)")
-    keep = sorted(random.Random(seed).sample(range(len(records)), limit))
-    return [records[i] for i in keep]
 
 
 class TextDataModule(pl.LightningDataModule):
@@ -142,28 +77,16 @@ class TextDataModule(pl.LightningDataModule):
                 raise ValueError(f"data.format='sft' is causal-LM data but data.task={self.task!r}; set "
                                  "data.task=causal_lm (with a causal-LM model)")
             sft_rows.check_config(self.cfg, tokenizer)
+        self.streaming = bool(self.cfg.get("streaming"))
+        if self.streaming and streaming_problems(self.cfg):
+            raise ValueError("Invalid data config (streaming):\n  - " + "\n  - ".join(streaming_problems(self.cfg)))
         self.cache = DataCache(cache_dir_of(self.cfg), str(self.cfg.get("cache") or "on"))
         self.splits: dict[str, Any] = {}
         self._data: dict[str, SplitData] = {}
         self._tokenizer_fp: Optional[str] = None
         self._train_generator: Optional[torch.Generator] = None
         self._resume_generator: Optional[torch.Tensor] = None
-
-    def _check_labels(self, split: str, labels: np.ndarray) -> None:
-        if is_regression(self.cfg):
-            if self.cfg.get("num_labels") not in (None, 1):
-                raise ValueError(
-                    f"data.problem_type='regression' predicts one value but data.num_labels="
-                    f"{self.cfg.get('num_labels')!r}; set data.num_labels=1"
-                )
-            return  # float labels, checked finite when read
-        num_labels = int(self.cfg.get("num_labels") or 0)
-        bad = sorted(int(label) for label in np.unique(labels) if not 0 <= label < num_labels)
-        if bad:
-            raise ValueError(
-                f"data.num_labels={num_labels} but the {split} split has labels {bad[:5]}; set data.num_labels to "
-                "the number of classes (labels must be 0..num_labels-1)"
-            )
+        self._resume_stream: Optional[dict[str, int]] = None
 
     def setup(self, stage: Optional[str] = None) -> None:
         """Read, check and tokenise (or reuse from the cache) the splits ``stage`` needs, each once; subsample them.
@@ -173,6 +96,12 @@ class TextDataModule(pl.LightningDataModule):
         """
         for split in STAGE_SPLITS.get(stage, ("train", "val")):
             if split in self.splits:
+                continue
+            if split == "train" and self.streaming:  # every row checked now, tokenised as training reads it
+                path = split_file(self.cfg, split)
+                for _ in split_records(self.cfg, split, path, self.tokenizer):
+                    pass
+                self.splits[split] = StreamedItems(self.cfg, path, self.tokenizer, self.seed)
                 continue
             data = self._load(split)
             index = np.asarray(subsample(range(len(data.tokens)), self.cfg.get(f"max_{split}_samples"), self.seed,
@@ -189,7 +118,7 @@ class TextDataModule(pl.LightningDataModule):
                 continue
             if self.task == "classification":
                 labelled = "labels" in data.tokens.column_names
-                self._check_labels(split, data.column("labels")[index] if labelled else np.zeros(0))
+                check_labels(self.cfg, split, data.column("labels")[index] if labelled else np.zeros(0))
             self.splits[split] = TokenItems(data.tokens, ["input_ids", "attention_mask", "token_type_ids", "labels"],
                                             index)
 
@@ -205,7 +134,7 @@ class TextDataModule(pl.LightningDataModule):
 
     def split_path(self, split: str) -> Path:
         """The file a split is read from (``data_dir``/``<split>_file``)."""
-        return _data_dir(self.cfg) / str(self.cfg.get(f"{split}_file"))
+        return data_dir_of(self.cfg) / str(self.cfg.get(f"{split}_file"))
 
     def _load(self, split: str) -> SplitData:
         """The split's rows and tokens (memory-mapped Arrow), read, checked and tokenised once (cached)."""
@@ -233,6 +162,20 @@ class TextDataModule(pl.LightningDataModule):
 
     def collate(self, items: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         """Pad a list of encoded examples to the longest one; LM labels are the ids with padding at -100."""
+        position = max((item.pop(POSITION) for item in items if POSITION in item), default=None)
+        batch = self._collate(items)
+        if position is not None:  # streamed: taken by on_before_batch_transfer when the step uses the batch
+            batch[POSITION] = position
+        return batch
+
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """Record a streamed batch's position (see :mod:`~vera_lightning.app.data.streaming`); the model never sees
+        it."""
+        if isinstance(batch, dict) and POSITION in batch:
+            self.splits["train"].took(int(batch.pop(POSITION)))
+        return batch
+
+    def _collate(self, items: list[dict[str, Any]]) -> dict[str, Any]:
         if self.sft:
             return packing.collate(items, self.tokenizer.pad_token_id)
         labels = [item["labels"] for item in items] if self.task == "classification" else None
@@ -249,6 +192,15 @@ class TextDataModule(pl.LightningDataModule):
 
     def _loader(self, split: str, batch_size: int, shuffle: bool) -> DataLoader:
         generator = torch.Generator().manual_seed(self.seed)
+        if shuffle and self.streaming:
+            trainer = self.trainer
+            if trainer is not None and (trainer.max_steps is None or trainer.max_steps < 0):
+                raise ValueError("data.streaming=true: the number of rows is not known before training, so set "
+                                 "trainer.max_steps (e.g. trainer.max_steps=1000)")
+            if self._resume_stream is not None:
+                self.splits[split].load_state_dict(self._resume_stream)
+                self._resume_stream = None
+            return DataLoader(self.splits[split], batch_size=batch_size, collate_fn=self.collate)
         if shuffle:
             if self._resume_generator is not None:  # restored from a checkpoint: continue the same order
                 generator.set_state(self._resume_generator)
@@ -283,6 +235,8 @@ class TextDataModule(pl.LightningDataModule):
         Restored by :meth:`load_state_dict`, it makes a run resumed from an epoch-boundary
         checkpoint see the same batch order as an uninterrupted one.
         """
+        if self.streaming and "train" in self.splits:
+            return {"stream": self.splits["train"].state_dict()}
         if self._train_generator is None:
             return {}
         return {"train_generator": self._train_generator.get_state()}
@@ -290,6 +244,7 @@ class TextDataModule(pl.LightningDataModule):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Continue the shuffle order of a checkpointed run (see :meth:`state_dict`)."""
         self._resume_generator = state_dict.get("train_generator")
+        self._resume_stream = state_dict.get("stream")
 
 
 def build_datamodule(data_cfg: Mapping[str, Any], tokenizer) -> TextDataModule:
@@ -300,7 +255,7 @@ def build_datamodule(data_cfg: Mapping[str, Any], tokenizer) -> TextDataModule:
     before the model is loaded.
     """
     if data_cfg.get("format") == "table":
-        check_columns(data_cfg, _data_dir(data_cfg))
+        check_columns(data_cfg, data_dir_of(data_cfg))
     datamodule = TextDataModule(data_cfg, tokenizer)
     if data_cfg.get("format") == "sft":
         for split in ("train", "val"):

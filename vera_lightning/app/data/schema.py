@@ -74,6 +74,8 @@ class DataSchema:
     cache: str = "on"
     #: null: ``$VERA_DATA_CACHE``, else ``~/.cache/vera_lightning/data``
     cache_dir: Optional[str] = None
+    #: true: the training file is tokenised as training reads it (:mod:`vera_lightning.app.data.streaming`)
+    streaming: bool = False
     # preference pairs (format: preference, :mod:`vera_lightning.app.data.preference`)
     #: ``pairs`` (prompt_field + chosen_field + rejected_field, strings or chat turns) or ``hh``
     #: (chosen/rejected as whole ``\n\nHuman: ... \n\nAssistant: ...`` transcripts with an implicit prompt)

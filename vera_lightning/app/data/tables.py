@@ -20,9 +20,9 @@ from typing import Any, Iterable, Iterator, Mapping, Optional
 
 from vera_lightning.app.data.text_files import iter_lines, undecodable_line
 
-__all__ = ["COLUMN_OPTIONS", "SUFFIXES", "is_regression", "columns_of", "parse_label", "check_header_names",
-           "check_row_width", "check_row_complete", "check_columns", "read_table", "iter_table", "read_records",
-           "records_header", "iter_records"]
+__all__ = ["COLUMN_OPTIONS", "SUFFIXES", "is_regression", "columns_of", "parse_label", "check_labels",
+           "check_header_names", "check_row_width", "check_row_complete", "check_columns", "read_table", "iter_table",
+           "read_records", "records_header", "iter_records"]
 
 #: The table files :func:`read_records` reads, by extension: their field separator (None: JSON lines).
 SUFFIXES = {".csv": ",", ".tsv": "\t", ".tab": "\t", ".jsonl": None}
@@ -54,6 +54,28 @@ def parse_label(value: Optional[str], regression: bool, where: str, column: str)
     if regression and not math.isfinite(label):
         raise ValueError(f"{where}: label {value!r} in column {column!r} is not finite; fix or drop that row")
     return label
+
+
+def check_labels(cfg: Mapping[str, Any], split: str, labels: Any) -> None:
+    """Refuse class ids outside ``0..num_labels-1`` (and ``num_labels`` other than 1 for regression).
+
+    Raises:
+        ValueError: Naming the setting, the bad labels and the fix.
+    """
+    if is_regression(cfg):
+        if cfg.get("num_labels") not in (None, 1):
+            raise ValueError(
+                f"data.problem_type='regression' predicts one value but data.num_labels="
+                f"{cfg.get('num_labels')!r}; set data.num_labels=1"
+            )
+        return  # float labels, checked finite when read
+    num_labels = int(cfg.get("num_labels") or 0)
+    bad = sorted({int(label) for label in labels if not 0 <= label < num_labels})
+    if bad:
+        raise ValueError(
+            f"data.num_labels={num_labels} but the {split} split has labels {bad[:5]}; set data.num_labels to "
+            "the number of classes (labels must be 0..num_labels-1)"
+        )
 
 
 def _reader_delimiter(path: Path) -> str:

@@ -54,7 +54,7 @@ class DpoSettings:
     label_smoothing: float = 0.0
     loss_type: str = "sigmoid"
     reference: str = "auto"
-    precompute_reference: bool = False
+    precompute_reference: bool = True
 
     def __post_init__(self) -> None:
         problems = []
