@@ -102,7 +102,9 @@ def run_cases(rows: list[int], out: Path, scratch: Path, source: Path = SOURCE,
             if run == "cold":
                 shutil.rmtree(cache, ignore_errors=True)
             elif not cache.is_dir():  # a resumed warm case whose cold run's cache is gone: fill it, unrecorded
+                shutil.rmtree(scratch / f"run-{n}-fill", ignore_errors=True)
                 runner(command(data_dir, cache, scratch / f"run-{n}-fill"), scratch / f"run-{n}-fill.log")
+            shutil.rmtree(scratch / f"run-{n}-{run}", ignore_errors=True)  # a scratch run of an earlier invocation
             argv = command(data_dir, cache, scratch / f"run-{n}-{run}")
             load = os.getloadavg()
             record = {"rows": n, "run": run, **runner(argv, scratch / f"run-{n}-{run}.log"),
@@ -114,6 +116,36 @@ def run_cases(rows: list[int], out: Path, scratch: Path, source: Path = SOURCE,
             new.append(record)
             print(json.dumps(record), flush=True)
     return new
+
+
+def data_path(n: int, scratch: Path) -> dict:
+    """The data path alone, in this process, on case ``n``'s warm cache: seconds to build the DataModule, set it up,
+    make the first training batch and the validation prompts, and the process's peak RSS (no model)."""
+    import resource
+
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from vera_lightning.app.commands.configs import register_configs
+    from vera_lightning.app.data.datamodules import build_datamodule
+    from vera_lightning.app.models.load import build_tokenizer
+
+    register_configs()
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base=None):
+        cfg = compose("train", overrides=["experiment=e2e_smollm2", f"data.data_dir={scratch / f'data-{n}'}",
+                                          "data.max_train_samples=null", f"data.cache_dir={scratch / f'cache-{n}'}"])
+    tokenizer, times = build_tokenizer(cfg.model), {}
+    start = time.perf_counter()
+    datamodule = build_datamodule(OmegaConf.to_container(cfg.data, resolve=True), tokenizer)
+    times["build_s"] = time.perf_counter() - start
+    datamodule.setup("fit")
+    times["setup_s"] = time.perf_counter() - start
+    next(iter(datamodule.train_dataloader()))
+    times["first_batch_s"] = time.perf_counter() - start
+    datamodule.generation_examples("val")
+    times["val_prompts_s"] = time.perf_counter() - start
+    return {"rows": n, **{k: round(v, 3) for k, v in times.items()}, "load": os.getloadavg()[0],
+            "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024}
 
 
 def report(out: Path) -> str:
@@ -147,7 +179,11 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "data_scale.jsonl")
     parser.add_argument("--scratch", type=Path, default=Path("/tmp/vera-data-scale"))
     parser.add_argument("--source", type=Path, default=SOURCE)
+    parser.add_argument("--data-path", type=int, help="only time the data path of this N's warm cache (no model)")
     args = parser.parse_args(argv)
+    if args.data_path:
+        print(json.dumps(data_path(args.data_path, args.scratch)))
+        return
     run_cases(args.rows, args.out, args.scratch, args.source)
     print(report(args.out))
 

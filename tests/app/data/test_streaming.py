@@ -59,6 +59,9 @@ def test_every_row_is_checked_at_setup_and_refusals_name_the_fix(tmp_path, tok):
     dm = module(data(tmp_path), tok, max_steps=-1)
     with pytest.raises(ValueError, match=r"data.streaming=true: .* set trainer.max_steps"):
         dm.train_dataloader()
+    dm.trainer = SimpleNamespace(max_steps=5, world_size=2)
+    with pytest.raises(ValueError, match=r"with several processes \(DDP\) set data.streaming=false"):
+        dm.train_dataloader()
 
 
 def test_resume_continues_after_the_last_batch_a_step_took(tmp_path, tok):
@@ -79,3 +82,12 @@ def test_resume_continues_after_the_last_batch_a_step_took(tmp_path, tok):
     resumed.load_state_dict(state)
     rest = [resumed.on_before_batch_transfer(batch, 0) for batch in resumed.train_dataloader()]
     assert [b["input_ids"].tolist() for b in rest] == [b["input_ids"].tolist() for b in batches[2:]]
+
+
+def test_the_plan_refuses_streaming_without_max_steps_and_an_unknown_cache_mode():
+    from vera_lightning.app.data.schema import check_data_values
+
+    assert "set trainer.max_steps" in check_data_values({"streaming": True}, {"max_steps": -1})[0]
+    assert check_data_values({"streaming": True}, {"max_steps": 10}) == []
+    assert check_data_values({"streaming": True}) == []  # eval/predict: no training loop
+    assert "data.cache='sometimes': must be on" in check_data_values({"cache": "sometimes"})[0]

@@ -224,7 +224,8 @@ def make_plan(cfg: DictConfig, command: str) -> RunPlan:
     """
     check_run_config(cfg)
     problems = check_keys(cfg, command)
-    problems += check_data_values(_container(cfg.data) or {})
+    problems += check_data_values(_container(cfg.data) or {},
+                                  (_container(cfg.trainer) or {}) if command == "train" else None)
     if problems:
         raise ValueError("Invalid configuration:\n  - " + "\n  - ".join(problems))
     run_dir = Path(str(cfg.paths.output_dir))

@@ -197,6 +197,9 @@ class TextDataModule(pl.LightningDataModule):
             if trainer is not None and (trainer.max_steps is None or trainer.max_steps < 0):
                 raise ValueError("data.streaming=true: the number of rows is not known before training, so set "
                                  "trainer.max_steps (e.g. trainer.max_steps=1000)")
+            if trainer is not None and getattr(trainer, "world_size", 1) > 1:
+                raise ValueError("data.streaming=true reads the whole file in every process; with several processes "
+                                 "(DDP) set data.streaming=false (the cache is built once and shared)")
             if self._resume_stream is not None:
                 self.splits[split].load_state_dict(self._resume_stream)
                 self._resume_stream = None

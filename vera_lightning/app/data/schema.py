@@ -93,8 +93,12 @@ def register_schema(store: Any) -> None:
     store.store(group="data", name="schema", node=DataSchema)
 
 
-def check_data_values(data: dict[str, Any]) -> list[str]:
-    """Problems with settings that are required only in some formats (``hf_name`` with ``format: hf``)."""
+def check_data_values(data: dict[str, Any], trainer: Optional[dict[str, Any]] = None) -> list[str]:
+    """Problems with settings that are required only in some formats (``hf_name`` with ``format: hf``), with
+    ``data.cache``, and, given the ``trainer`` settings of a training run, ``data.streaming`` without ``max_steps``."""
+    if trainer is not None and data.get("streaming") and (trainer.get("max_steps") in (None, -1)):
+        return ["data.streaming=true: the number of rows is not known before training, so set trainer.max_steps "
+                "(e.g. trainer.max_steps=1000)"]
     if data.get("cache", "on") not in (None, "on", "off", "refresh"):
         return [f"data.cache={data.get('cache')!r}: must be on (reuse the tokenised data), refresh (tokenise again) "
                 "or off (keep nothing)"]
