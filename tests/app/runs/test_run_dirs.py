@@ -263,11 +263,18 @@ def test_what_counts_as_a_run(tmp_path):
         check_run_dir(tmp_path / "file", resuming=False, overwrite=True)
 
 
-def test_the_job_log_of_a_run_into_a_used_directory_is_held_until_the_run_is_accepted(tmp_path):
+def test_the_job_log_is_held_until_the_run_is_accepted(tmp_path):
     record = logging.LogRecord("x", logging.WARNING, __file__, 1, "checked", None, None)
     (tmp_path / "new").mkdir()
     fresh = HeldFileHandler(str(tmp_path / "new" / "train.log"))
-    fresh.emit(record)  # an empty directory: written at once
+    fresh.emit(record)  # an empty directory too: a refused run leaves no log behind
+    assert not (tmp_path / "new" / "train.log").exists()
+    fresh.discard()
+    fresh.close()
+    assert list((tmp_path / "new").iterdir()) == []
+    fresh = HeldFileHandler(str(tmp_path / "new" / "train.log"))
+    fresh.emit(record)
+    fresh.admit()  # accepted: written
     assert (tmp_path / "new" / "train.log").read_text() == "checked\n"
     fresh.close()
 
