@@ -92,7 +92,7 @@ def test_nan_loss_stops_training_at_the_epoch_end_and_writes_nothing(tmp_path):
     saver = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_epochs=1, save_top_k=-1)
     callback = VeraCallback(r=16, target_modules=TARGETS, adapter_dir=str(tmp_path / "adapters"))
     with pytest.raises(NonFiniteError, match=r"non-finite values at the end of training epoch 0: the training loss was "
-                                             r"NaN/inf .*trainable tensors hold NaN/inf.*nothing was written"):
+                                             r"NaN/inf .*trainable tensors hold NaN/inf.*the adapter was not saved"):
         fit(tmp_path, NanAt(2), [callback, saver], max_epochs=2, enable_checkpointing=True)
     assert not (tmp_path / "ckpt").exists() and not (tmp_path / "adapters").exists()
 

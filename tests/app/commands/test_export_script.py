@@ -1,5 +1,5 @@
-"""scripts/export.py under Hydra (conf/export.yaml, RunDirCheck in vera_lightning/app/runs/run_dirs.py): a refused export
-writes nothing anywhere, not a .hydra/ record into hydra.run.dir (a training run's record stays intact), not an
+"""scripts/export.py under Hydra (conf/export.yaml, RunDirCheck in vera_lightning/app/runs/run_dirs.py): a refused
+export writes nothing anywhere, not a .hydra/ record into hydra.run.dir (a training run's record stays intact), not an
 outputs/export/... folder in the cwd, not a job log; an accepted one writes only its output; bad run dirs and outputs
 end in one message, never a traceback.
 

@@ -8,6 +8,7 @@ vera_lightning/app/commands/configs.py, vera_lightning/app/data/schema.py, vera_
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -158,3 +159,55 @@ def test_read_recorded_plan_ignores_what_a_training_run_did_not_write(tmp_path):
     assert read_recorded_plan(tmp_path) is None
     (tmp_path / PLAN_FILE).write_text(json.dumps({"command": "eval"}), encoding="utf-8")
     assert read_recorded_plan(tmp_path) is None
+
+
+# ---------------------------------------------------------------- findings of the hostile pass (issue 36)
+def test_overwrite_replaces_only_a_training_run_and_never_leaves_its_old_exports_behind(tmp_path, recorded_run):
+    user = tmp_path / "user"
+    (user / "csv").mkdir(parents=True)
+    (user / "summary.json").write_text('{"mine": 1}', encoding="utf-8")  # a user's folder, not a run
+    with pytest.raises(ValueError, match=r"overwrite=true: .* no training run's record .* Nothing was changed"):
+        train(compose_app("train", user, *SMOKE, "overwrite=true"))
+    assert (user / "summary.json").read_text(encoding="utf-8") == '{"mine": 1}'
+    run = tmp_path / "run"
+    shutil.copytree(recorded_run, run)
+    (run / "merged").mkdir()  # an export of the adapter the new run would replace
+    with pytest.raises(ValueError, match=r"holds the exports \['merged'\] of the run it would replace"):
+        train(compose_app("train", run, *SMOKE, "overwrite=true"))
+    assert (run / "merged").is_dir() and (run / "plan.json").read_bytes() == (recorded_run / "plan.json").read_bytes()
+
+
+def test_callbacks_and_paths_entries_nothing_reads_are_refused(tmp_path):
+    with pytest.raises(ValueError) as caught:
+        make_plan(compose_app("train", tmp_path, *SMOKE, "+callbacks.foo=1", "+paths.foo=1"), "train")
+    assert "callbacks.foo=1: each callbacks entry is a class to instantiate" in str(caught.value)
+    assert "paths.foo: not a paths setting" in str(caught.value)
+
+
+def test_a_ckpt_path_that_is_not_a_checkpoint_is_one_message(tmp_path):
+    text = tmp_path / "notes.txt"
+    text.write_text("not a checkpoint", encoding="utf-8")
+    with pytest.raises(ValueError, match=r"ckpt_path='.*notes.txt' is not a Lightning checkpoint"):
+        train(compose_app("train", tmp_path / "run", *SMOKE, f"ckpt_path={text}"))
+    assert not (tmp_path / "run").exists()
+
+
+def test_an_unreadable_plan_falls_back_to_the_adapters_record(recorded_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(recorded_run, run)
+    (run / PLAN_FILE).write_text("{not json", encoding="utf-8")
+    plan = make_plan(compose_app("eval", tmp_path / "ev", *SMOKE, f"adapter={run / 'adapter'}"), "eval")
+    assert plan.replay.plan_file.endswith("adapter_model.safetensors")
+    assert plan.precision["scheme"] == json.loads((recorded_run / PLAN_FILE).read_text())["precision"]["scheme"]
+
+
+def test_an_fp16_autocast_run_replays_in_fp32_on_a_cpu_and_says_so(recorded_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(recorded_run, run)
+    record = json.loads((run / PLAN_FILE).read_text(encoding="utf-8"))
+    record["precision"] = {**record["precision"], "device": "cuda", "dtype": "fp32", "scheme": "fp16-mixed",
+                           "trainer_precision": "16-mixed", "reason": "CUDA compute capability 7.5"}
+    (run / PLAN_FILE).write_text(json.dumps(record), encoding="utf-8")
+    plan = make_plan(compose_app("eval", tmp_path / "ev", *SMOKE, f"adapter={run / 'adapter'}"), "eval")
+    assert (plan.precision["scheme"], plan.trainer["precision"]) == ("fp32", "32-true")
+    assert "a CPU has no fp16 autocast" in plan.replay.differs

@@ -107,7 +107,8 @@ def test_a_merged_export_directory_is_a_valid_adapter(smoke_adapter, tmp_path):
     out = predict(compose_app("predict", tmp_path / "run", *SMOKE, f"adapter={merged_dir}", f"input={prompts}",
                               "generate.max_new_tokens=8"))
     merged = AutoModelForCausalLM.from_pretrained(str(merged_dir)).eval()
-    tokenizer = build_components(make_plan(compose_app("predict", tmp_path / "tok", *SMOKE, "input=x"), "predict")).tokenizer
+    plan = make_plan(compose_app("predict", tmp_path / "tok", *SMOKE, "input=x"), "predict")
+    tokenizer = build_components(plan).tokenizer
     expected = _generate_reference(merged, tokenizer, PROMPTS, max_new_tokens=8, do_sample=False)
     assert [row["generation"] for row in _jsonl(out)] == expected
 
@@ -226,8 +227,8 @@ def _sft_reference(tmp_path, data_dir, adapter, mrs):
     """One-by-one model.generate on the training-formatted prompt tokens ('Describe: <mr>'), decoded and stripped."""
     from vera_lightning.app.data import sft
 
-    parts = build_components(make_plan(compose_app("predict", tmp_path / "reference", *_sft_overrides(data_dir), "input=x"),
-                                       "predict"))
+    cfg = compose_app("predict", tmp_path / "reference", *_sft_overrides(data_dir), "input=x")
+    parts = build_components(make_plan(cfg, "predict"))
     if adapter is not None:
         load_adapter(parts.model, adapter)
     model, tokenizer, data_cfg = parts.model.eval(), parts.tokenizer, dict(parts.datamodule.cfg)

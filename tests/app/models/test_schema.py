@@ -35,7 +35,8 @@ def test_wrong_types_fail_at_compose_time_naming_the_key(tmp_path):
 
 def test_an_added_key_nothing_reads_is_refused_before_any_work(tmp_path):
     cfg = compose_app("train", tmp_path / "run", *SMOKE, "+model.quantise=nf4")
-    with pytest.raises(ValueError, match=r"model.quantise: not a model setting, so it would be ignored .* model "
+    with pytest.raises(ValueError, match=r"model.quantise \(did you mean quantize\?\): not a model setting, so it "
+                                         r"would be ignored .* model "
                                          r"settings are compile, compute_dtype, "):
         make_plan(cfg, "train")
     assert not (tmp_path / "run").exists()

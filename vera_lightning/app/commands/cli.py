@@ -36,7 +36,7 @@ __all__ = ["UserError", "USER_ERRORS", "ENVIRONMENT_ERRNOS", "is_user_error", "u
 
 #: Exception types that mean "the command or its inputs are wrong", not "the program is wrong".
 USER_ERRORS: tuple[type[BaseException], ...] = (
-    ValueError, TypeError, FileNotFoundError, FileExistsError, NotADirectoryError, ImportError,
+    ValueError, TypeError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError, ImportError,
     ModelUnavailableError, MisconfigurationException, OmegaConfBaseException,
     CacheError,  # the model cache (model=smollm2): a foreign or damaged folder, a cache that cannot be written
     TimeoutError,  # another process holds the save lock of the output directory (the message says which)

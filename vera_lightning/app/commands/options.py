@@ -39,6 +39,8 @@ RUN_OPTIONS: dict[str, dict[str, tuple[type, Any]]] = {
 }
 #: ``optim`` keys (AdamW with linear warm-up and decay, :mod:`vera_lightning.app.tasks.module`).
 OPTIM_KEYS = ("lr", "head_lr", "weight_decay", "warmup_ratio")
+#: ``paths`` keys (``conf/paths/default.yaml``).
+PATH_KEYS = ("output_dir",)
 #: Top-level tables an experiment config defines for its own interpolations (``experiment=glue_minilm``'s ``glue``).
 RECIPE_TABLES = ("glue",)
 
@@ -80,6 +82,16 @@ def check_keys(cfg: DictConfig, command: str) -> list[str]:
                          "generate setting")
     problems += _unknown("optim", _keys(cfg, "optim"), OPTIM_KEYS, "optim setting")
     problems += _unknown("vera", _keys(cfg, "vera"), [f.name for f in fields(VeraConfig)], "vera setting")
+    problems += _unknown("paths", _keys(cfg, "paths"), PATH_KEYS, "paths setting")
+    for group in ("callbacks", "logger"):
+        node = cfg.get(group)
+        for key in _keys(cfg, group):
+            value = node.get(key)
+            if value is not None and not (OmegaConf.is_dict(value) and "_target_" in value):
+                shown = OmegaConf.to_container(value) if OmegaConf.is_config(value) else value
+                problems.append(f"{group}.{key}={shown!r}: each {group} entry is a class to instantiate "
+                                f"({{_target_: ..., ...}}) or null; remove it, or pick a {group} group "
+                                f"(conf/{group}/*.yaml)")
     problems += _unknown("trainer", _keys(cfg, "trainer"), _trainer_keys(), "Lightning Trainer argument",
                          "those of lightning.pytorch.Trainer (max_steps, max_epochs, devices, precision, ...)")
     return problems

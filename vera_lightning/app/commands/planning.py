@@ -36,7 +36,16 @@ from vera_lightning.app.commands.options import check_keys, command_options
 from vera_lightning.app.data.schema import check_data_values, data_settings
 from vera_lightning.app.models.load import build_tokenizer, resolve_path
 from vera_lightning.app.models.precision_choice import decide_precision, replay_precision
-from vera_lightning.app.runs.plan import BaseSource, DevicePlan, Replay, RunPlan, read_recorded_plan, run_dir_of
+from vera_lightning.app.runs.plan import (
+    PLAN_FILE,
+    BaseSource,
+    DevicePlan,
+    Replay,
+    RunPlan,
+    read_recorded_plan,
+    recorded_precision,
+    run_dir_of,
+)
 from vera_lightning.app.tasks.dpo_loss import DpoSettings
 
 __all__ = ["make_plan", "resolve_device", "check_outputs", "declared_outputs"]
@@ -98,7 +107,16 @@ def _replayed(adapter: Optional[dict[str, Any]], run_dir: Path, options: dict[st
         return read_recorded_plan(run_dir if ckpt == "last" else run_dir_of("checkpoint", Path(str(ckpt))))
     if not adapter or adapter["kind"] == "merged":
         return None
-    return read_recorded_plan(run_dir_of(adapter["kind"], Path(adapter["path"])))
+    run = run_dir_of(adapter["kind"], Path(adapter["path"]))
+    recorded = read_recorded_plan(run)
+    if recorded is None and (run / PLAN_FILE).exists():
+        log.warning("%s cannot be read (not this app's plan.json); the precision comes from the adapter's own record, "
+                    "else it is decided afresh", run / PLAN_FILE)
+    if recorded is None and adapter["kind"] == "adapter":  # the adapter's header records its precision too
+        precision = recorded_precision(str(Path(adapter["path"]) / "adapter_model.safetensors"))
+        if precision is not None:
+            return {"precision": precision, "_file": str(Path(adapter["path"]) / "adapter_model.safetensors")}
+    return recorded
 
 
 def _set_on_command_line(key: str) -> bool:
@@ -120,6 +138,10 @@ def _precision(model: dict[str, Any], data: dict[str, Any], device: DevicePlan, 
         except ValueError as err:  # a plan.json this version cannot read: decided afresh, and said so
             log.warning("%s: %s; deciding the precision afresh", recorded["_file"], err)
         else:
+            if device.accelerator == "cpu" and decision.scheme == "fp16-mixed":  # no fp16 autocast on a CPU
+                decision = decide_precision("fp32", "cpu", finetune=method)
+                note = (f"the run trained with fp16 autocast on {recorded['precision'].get('device')}; a CPU has no "
+                        "fp16 autocast, so this command runs in fp32 (results can differ slightly)")
             return decision.to_dict(), Replay(recorded["_file"], recorded["precision"], note or "")
     meta = _meta_model(model, data) if requested == "auto" and device.accelerator == "cpu" else None
     if meta is None and requested == "auto" and device.accelerator == "cpu":

@@ -40,6 +40,7 @@ from vera_lightning.app.commands.adapters import (
 )
 from vera_lightning.app.commands.build import check_task, make_datamodule, vera_config_from
 from vera_lightning.app.commands.checks import check_train_strategy
+from vera_lightning.app.commands.export_plan import DEFAULT_OUTPUTS
 from vera_lightning.app.commands.planning import check_outputs
 from vera_lightning.app.data import sft_rows
 from vera_lightning.app.data.datamodules import TextDataModule
@@ -51,6 +52,7 @@ from vera_lightning.app.runs.resume_data import check_resume_data
 from vera_lightning.app.runs.run_dirs import (
     check_command_dir,
     check_run_dir,
+    is_training_run,
     previous_run,
     resolve_ckpt_path,
     slurm_checkpoint,
@@ -109,7 +111,7 @@ def prediction_output(plan: RunPlan, input_path: Path) -> Path:
                          f"row; name the file .tsv, e.g. output={str(output.with_suffix('.tsv'))!r}")
     problems = check_outputs([output], [Path(p) for p in plan.inputs if Path(p) != input_path], "output")
     for parent in (output.parent, *output.parent.parents):
-        if _is_training_run(parent):
+        if is_training_run(parent):
             records = ", ".join(previous_run(parent))
             problems.append(f"output={str(output)!r} lies inside the training run {parent} ({records}); predict never "
                             "writes into a training run. Choose a path outside it")
@@ -132,6 +134,9 @@ def prediction_output(plan: RunPlan, input_path: Path) -> Path:
 def _predict_inputs(plan: RunPlan) -> tuple[Any, int]:
     given = str(plan.option("input"))
     input_path = Path(given).expanduser()
+    if input_path.is_dir():
+        raise IsADirectoryError(errno.EISDIR, f"input={given!r} is a folder; give a file (one example or prompt per "
+                                "line, or a .csv/.tsv/.jsonl of rows)")
     if not input_path.is_file():
         raise FileNotFoundError(f"input={given!r}: no such file (one example or prompt per line)")
     data_cfg = plan.data
@@ -147,16 +152,11 @@ def _predict_inputs(plan: RunPlan) -> tuple[Any, int]:
     return inputs, count
 
 
-def _is_training_run(directory: Path) -> bool:
-    """Whether ``directory`` is a training run's directory: its record (``.hydra/config.yaml``) or its results."""
-    return any((directory / name).is_file() for name in (".hydra/config.yaml", "plan.json", "summary.json"))
-
-
 def _check_eval_dir(plan: RunPlan) -> None:
     """``eval``/``predict``'s run directory: not a training run, not inside one, not an input or inside one."""
     check_command_dir(plan.run_dir, plan.command)
     for parent in plan.run_dir.parents:
-        if _is_training_run(parent):
+        if is_training_run(parent):
             raise FileExistsError(
                 f"hydra.run.dir={str(plan.run_dir)!r} lies inside the training run {parent} "
                 f"({', '.join(previous_run(parent))}); {plan.command}.py never writes into a training run, so nothing "
@@ -196,8 +196,9 @@ def preflight(plan: RunPlan) -> Checked:
         if resuming:  # the data the run recorded in .hydra/config.yaml: the same, or refused naming both values
             check_resume_data(output_dir, data_cfg, plan.option("ckpt_path") or "slurm-requeue")
         if rank_zero_only.rank == 0:  # trainer=ddp re-runs the script per rank: rank 0 checks, the others join
+            export = plan.option("export")
             check_run_dir(output_dir, resuming=resuming, overwrite=bool(plan.option("overwrite", False)),
-                          method=method)
+                          method=method, export_output=DEFAULT_OUTPUTS.get(str(export)) if export else None)
     else:
         _check_eval_dir(plan)
         found["adapter"] = resolve_adapter(plan.adapter["path"]) if plan.adapter else None

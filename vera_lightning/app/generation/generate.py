@@ -178,12 +178,15 @@ def encode_prompts(prompts: Sequence[str], tokenizer: Any, model: nn.Module, set
         longest = max(range(len(ids)), key=lambda i: len(ids[i]))
         need = len(ids[longest]) + settings.max_new_tokens
         if need > limit:
+            room = limit - len(ids[longest])
+            fix = (f"Lower generate.max_new_tokens to at most {room}, shorten the prompts "
+                   "(data.prompt_template, the input file), or use a model with more positions" if room > 0 else
+                   "The prompt alone does not fit: shorten it (the input file, data.prompt_template) or use a model "
+                   "with more positions")
             raise ValueError(
                 f"prompt {longest} has {len(ids[longest])} tokens and "
                 f"generate.max_new_tokens={settings.max_new_tokens}: "
-                f"{need} positions, but the model has {limit} (config.max_position_embeddings). Lower "
-                f"generate.max_new_tokens to at most {limit - len(ids[longest])}, shorten the prompts "
-                "(data.prompt_template, the input file), or use a model with more positions")
+                f"{need} positions, but the model has {limit} (config.max_position_embeddings). {fix}")
     return ids
 
 

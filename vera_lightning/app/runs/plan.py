@@ -19,8 +19,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-__all__ = ["PLAN_FILE", "DevicePlan", "BaseSource", "Replay", "RunPlan", "plan_json", "read_recorded_plan",
-           "run_dir_of"]
+from safetensors import safe_open
+
+from vera_lightning.app.tasks.finetune import PRECISION_META
+
+__all__ = ["PLAN_FILE", "DevicePlan", "BaseSource", "Replay", "RunPlan", "plan_json",
+           "read_recorded_plan", "recorded_precision", "run_dir_of"]
 
 #: The plan's file name in a run directory (and in an eval/predict record folder).
 PLAN_FILE = "plan.json"
@@ -212,3 +216,14 @@ def read_recorded_plan(run_dir: Path) -> Optional[dict[str, Any]]:
         return None
     record["_file"] = str(path)
     return record
+
+
+def recorded_precision(safetensors_file: str) -> Optional[dict[str, Any]]:
+    """The precision an adapter file records in its header (:data:`PRECISION_META`), or ``None``."""
+    try:
+        with safe_open(safetensors_file, "pt") as handle:
+            value = (handle.metadata() or {}).get(PRECISION_META)
+        record = json.loads(value) if value else None
+    except Exception:  # no file, not safetensors, not JSON: nothing recorded
+        return None
+    return record if isinstance(record, dict) else None

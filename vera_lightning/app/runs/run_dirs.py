@@ -39,8 +39,8 @@ try:
 except ImportError:  # Python < 3.12
     from typing_extensions import override
 
-__all__ = ["RUN_RECORDS", "previous_run", "check_run_dir", "check_command_dir", "resolve_ckpt_path",
-           "slurm_checkpoint", "RngState", "keep_csv_history", "RunDirCheck"]
+__all__ = ["RUN_RECORDS", "RUN_EXPORTS", "is_training_run", "previous_run", "check_run_dir", "check_command_dir",
+           "resolve_ckpt_path", "slurm_checkpoint", "RngState", "keep_csv_history", "RunDirCheck"]
 
 #: Entries of a run directory that are records of a run (directories count when not empty).
 RUN_RECORDS = (".hydra", "summary.json", "checkpoints", "csv", "tensorboard", "mlflow.db", "wandb")
@@ -81,7 +81,17 @@ def _foreign_adapter_files(adapter_dir: Path) -> list[str]:
     return sorted(foreign)
 
 
-def check_run_dir(output_dir: Path, resuming: bool, overwrite: bool, method: str = "vera") -> None:
+#: What a training run's ``export=`` writes beside ``adapter/`` (merged, lora, gguf-lora).
+RUN_EXPORTS = ("merged", "lora", "adapter-lora.gguf")
+
+
+def is_training_run(directory: Path) -> bool:
+    """Whether ``directory`` holds a training run's own record (``.hydra/config.yaml`` or ``plan.json``)."""
+    return (directory / ".hydra" / "config.yaml").is_file() or (directory / "plan.json").is_file()
+
+
+def check_run_dir(output_dir: Path, resuming: bool, overwrite: bool, method: str = "vera",
+                  export_output: Optional[str] = None) -> None:
     """Refuse a run that would replace another run's records or could not save its result, before any work.
 
     Args:
@@ -95,7 +105,10 @@ def check_run_dir(output_dir: Path, resuming: bool, overwrite: bool, method: str
         NotADirectoryError: If ``output_dir`` or ``output_dir/adapter`` is a file.
         FileExistsError: If ``output_dir`` holds a run and this one neither resumes nor overwrites it
             (the message gives the three ways on).
-        ValueError: If ``output_dir/adapter`` holds files that are not an adapter's.
+        ValueError: If ``output_dir/adapter`` holds files that are not an adapter's; with ``overwrite=true``, if
+            ``output_dir`` is not a training run (its files are the user's) or holds exports of the run it would
+            replace that this run does not replace (``export_output``: the one it writes), which would describe
+            the old adapter.
     """
     for path in (output_dir, output_dir / "adapter"):
         if path.exists() and not path.is_dir():
@@ -112,6 +125,20 @@ def check_run_dir(output_dir: Path, resuming: bool, overwrite: bool, method: str
             "hydra.run.dir=..., or none for a new outputs/<date>/<time>/), or pass overwrite=true to replace that "
             "run (its csv/metrics.csv is kept as metrics.<n>.csv)"
         )
+    if records and overwrite and not resuming:
+        if not is_training_run(output_dir):
+            raise ValueError(
+                f"overwrite=true: {output_dir} holds {', '.join(records)} but no training run's record (.hydra/"
+                "config.yaml, plan.json), so these are not a run's files to replace. Nothing was changed; choose "
+                "another hydra.run.dir, or move those files elsewhere"
+            )
+        stale = [name for name in RUN_EXPORTS if os.path.lexists(output_dir / name) and name != export_output]
+        if stale:
+            raise ValueError(
+                f"overwrite=true: {output_dir} holds the exports {stale} of the run it would replace; they would stay "
+                "beside the new adapter and describe the old one. Nothing was changed; move or delete them first, "
+                "or start the new run in another hydra.run.dir"
+            )
     foreign = _foreign_adapter_files(output_dir / "adapter") if method == "vera" else []
     if foreign:
         raise ValueError(
@@ -206,7 +233,22 @@ def resolve_ckpt_path(value: Optional[str], output_dir: Path) -> Optional[str]:
             f"ckpt_path={str(value)!r}: no such checkpoint file. Pass a .ckpt written by a training run "
             "(<run dir>/checkpoints/last.ckpt or best.ckpt), or ckpt_path=last with hydra.run.dir=<that run>."
         )
+    _check_is_checkpoint(path, value)
     return str(path)
+
+
+def _check_is_checkpoint(path: Path, value: Any) -> None:
+    """Refuse a file that is not a Lightning checkpoint (a text file, an adapter's .safetensors, a truncated .ckpt)."""
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # unpickling errors come in many types
+        checkpoint, reason = None, f"it cannot be read as one ({type(err).__name__})"
+    else:
+        reason = "it holds no state_dict"
+    if not (isinstance(checkpoint, dict) and "state_dict" in checkpoint):
+        raise ValueError(f"ckpt_path={str(value)!r} is not a Lightning checkpoint: {reason}. Pass a .ckpt written by a "
+                         "training run (<run dir>/checkpoints/last.ckpt or best.ckpt), or ckpt_path=last with "
+                         "hydra.run.dir=<that run>")
 
 
 def slurm_checkpoint(output_dir: Path) -> Optional[Path]:
