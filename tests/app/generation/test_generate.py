@@ -120,10 +120,15 @@ def test_a_prompt_that_does_not_fit_the_positions_is_refused_before_any_work(tok
     monkeypatch.setattr(model, "generate", lambda **kw: pytest.fail("generated before checking"))
     long = "Hello there, how are you? I am fine. " * 3
     n = len(tok(long)["input_ids"])
+    assert n > 32  # the prompt alone is longer than the positions: no max_new_tokens fixes it
     with pytest.raises(ValueError, match=rf"prompt 1 has {n} tokens and generate.max_new_tokens=16: {n + 16} "
                                          rf"positions, but the model has 32 \(config.max_position_embeddings\). "
-                                         rf"Lower generate.max_new_tokens to at most {32 - n}, shorten the prompts"):
+                                         r"The prompt alone does not fit: shorten it"):
         generate_texts(model, tok, ["a", long], GenerateSettings(max_new_tokens=16, progress=False))
+    short = "Hello there, how are you?"
+    m = len(tok(short)["input_ids"])
+    with pytest.raises(ValueError, match=rf"Lower generate.max_new_tokens to at most {32 - m}, shorten the prompts"):
+        generate_texts(model, tok, ["a", short], GenerateSettings(max_new_tokens=30, progress=False))
     with pytest.raises(ValueError, match=r"prompt\(s\) \[1\] have no tokens"):
         generate_texts(model, tok, ["a", ""], GenerateSettings(progress=False))
 
