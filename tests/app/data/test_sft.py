@@ -19,16 +19,6 @@ from vera_lightning.app.data import sft, sft_rows, sft_tokens
 from vera_lightning.app.data.datamodules import TextDataModule
 
 
-@pytest.fixture(scope="module")
-def chat_tok():
-    return byte_bpe_tokenizer(chat=True)
-
-
-@pytest.fixture(scope="module")
-def bos_tok():
-    return byte_bpe_tokenizer(chat=False)
-
-
 def write_csv(path, rows, header="mr,ref", bom=False):
     text = header + "\n" + "".join(",".join(json.dumps(v) for v in row) + "\n" for row in rows)
     path.write_text(("\ufeff" if bom else "") + text, encoding="utf-8")

@@ -7,26 +7,11 @@ from __future__ import annotations
 import json
 
 import pytest
-from helpers.llm import byte_bpe_tokenizer, sft_cfg
+from helpers.llm import sft_cfg
+from test_sft import write_csv
 
 from vera_lightning.app.data import sft_rows
 from vera_lightning.app.data.datamodules import TextDataModule
-
-
-@pytest.fixture(scope="module")
-def chat_tok():
-    return byte_bpe_tokenizer(chat=True)
-
-
-@pytest.fixture(scope="module")
-def bos_tok():
-    return byte_bpe_tokenizer(chat=False)
-
-
-def write_csv(path, rows, header="mr,ref", bom=False):
-    text = header + "\n" + "".join(",".join(json.dumps(v) for v in row) + "\n" for row in rows)
-    path.write_text(("\ufeff" if bom else "") + text, encoding="utf-8")
-
 
 ROWS = [["name[A], food[French]", "A serves French food."], ["name[B]", "B is a pub."],
         ["name[A], food[French]", "French food at A."]]
