@@ -21,6 +21,7 @@ from typing import Any, Optional
 
 from safetensors import safe_open
 
+from vera_lightning.app.models.precision_decision import PrecisionDecision
 from vera_lightning.app.tasks.finetune import PRECISION_META
 
 __all__ = ["PLAN_FILE", "DevicePlan", "BaseSource", "Replay", "RunPlan", "plan_json",
@@ -156,7 +157,7 @@ class RunPlan:
     @property
     def dtype(self) -> str:
         """The dtype the products run in: ``bf16`` (``bf16-base``, ``bf16-mixed``), ``fp16`` or ``fp32``."""
-        return {"bf16-base": "bf16", "bf16-mixed": "bf16", "fp16-mixed": "fp16"}.get(self.scheme, "fp32")
+        return PrecisionDecision.from_dict(self.precision).compute
 
     @property
     def scheme(self) -> str:
