@@ -21,6 +21,7 @@ from vera_lightning.io.gguf_lora import (
 from vera_lightning.io.locks import locked
 from vera_lightning.io.lora_export import LoraExport, export_lora
 from vera_lightning.io.peft_format import ADAPTER_CONFIG_NAME
+from vera_lightning.io.safetensors_file import write_safetensors
 from vera_lightning.ops.batching import adapter_batch
 from vera_lightning.ops.grad_checkpointing import enable_gradient_checkpointing
 from vera_lightning.ops.inject import apply_vera, count_parameters, mark_trainable, set_vera_path
@@ -44,6 +45,6 @@ __all__ = [
     "adapter_root", "mark_trainable", "enable_gradient_checkpointing", "ADAPTER_CONFIG_NAME", "QUANTIZE_SCHEMES",
     "checkpoint_config", "load_vera_checkpoint", "replace_file", "publish", "umask_mode", "GGUF_ARCHITECTURES",
     "is_gguf_lora_file",
-    "locked",
+    "locked", "write_safetensors",
 ]
 __version__ = "0.1.0"

@@ -265,7 +265,7 @@ def test_save_refuses_foreign_directory(tmp_path):
 
 
 def test_crash_mid_save_keeps_previous_adapter(tmp_path, monkeypatch):
-    import safetensors.torch
+    import vera_lightning.io.adapter_files as adapter_files
 
     model = apply_vera(tiny_opt(), VeraConfig(r=8, target_modules=["q_proj"]))
     save_adapter(model, tmp_path / "a")
@@ -277,7 +277,7 @@ def test_crash_mid_save_keeps_previous_adapter(tmp_path, monkeypatch):
             fh.write(b"partial")
         raise OSError("disk full")
 
-    monkeypatch.setattr(safetensors.torch, "save_file", crash)
+    monkeypatch.setattr(adapter_files, "write_safetensors", crash)
     with pytest.raises(OSError, match="disk full"):
         save_adapter(model, tmp_path / "a")
     assert (tmp_path / "a" / "adapter_model.safetensors").read_bytes() == original

@@ -221,7 +221,7 @@ def test_lock_held_too_long_is_a_clear_timeout(tmp_path):
 # ---------------------------------------------------------------------- I/O errors (item 12)
 @pytest.mark.parametrize("code", [errno.ENOSPC, errno.EROFS, errno.EACCES])
 def test_disk_full_or_read_only_names_the_path_and_says_nothing_changed(tmp_path, monkeypatch, code):
-    import safetensors.torch
+    import vera_lightning.io.adapter_files as adapter_files
 
     save_adapter(filled_adapter(0.5), tmp_path / "a")
     before = (tmp_path / "a" / WEIGHTS).read_bytes()
@@ -229,7 +229,7 @@ def test_disk_full_or_read_only_names_the_path_and_says_nothing_changed(tmp_path
     def fail(tensors, filename, metadata=None):
         raise OSError(code, os.strerror(code), filename)
 
-    monkeypatch.setattr(safetensors.torch, "save_file", fail)
+    monkeypatch.setattr(adapter_files, "write_safetensors", fail)
     with pytest.raises(OSError, match=rf"could not write '{tmp_path}/a': {os.strerror(code)}\. Nothing was changed: "
                                       r"'.*/a' still holds the previous adapter"):
         save_adapter(filled_adapter(0.25), tmp_path / "a")

@@ -22,6 +22,7 @@ from vera_lightning.core.adapter import check_adapter_name
 from vera_lightning.io.atomic import STAGING_SUFFIX, clean_leftovers, replace_directory
 from vera_lightning.io.locks import LOCK_FILE, locked, locked_subfolders
 from vera_lightning.io.peft_format import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME
+from vera_lightning.io.safetensors_file import write_safetensors
 
 __all__ = ["check_target_dir", "sub_adapters", "write_adapter_files", "ADAPTER_FILES", "MODEL_CARD"]
 
@@ -96,9 +97,7 @@ def write_adapter_files(directory: str, config: dict[str, Any], tensors: dict, m
     """
 
     def fill(staging: str) -> None:
-        from safetensors.torch import save_file
-
-        save_file(tensors, os.path.join(staging, ADAPTER_WEIGHTS_NAME), metadata=metadata)
+        write_safetensors(tensors, os.path.join(staging, ADAPTER_WEIGHTS_NAME), metadata=metadata)
         with open(os.path.join(staging, ADAPTER_CONFIG_NAME), "w", encoding="utf-8") as fh:
             json.dump(config, fh, indent=2, sort_keys=True)
             fh.write("\n")

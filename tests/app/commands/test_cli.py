@@ -80,12 +80,12 @@ def test_hydra_full_error_shows_the_traceback(tmp_path):
 @pytest.mark.parametrize("code", [errno.ENOSPC, errno.EROFS, errno.EACCES])
 def test_a_full_or_read_only_disk_is_the_users_message_not_a_traceback(tmp_path, monkeypatch, code):
     """A save that the machine refuses (disk full, read-only, forbidden) prints save_adapter's message alone."""
-    import safetensors.torch
+    import vera_lightning.io.adapter_files as adapter_files
 
     def fail(tensors, filename, metadata=None):
         raise OSError(code, os.strerror(code), filename)
 
-    monkeypatch.setattr(safetensors.torch, "save_file", fail)
+    monkeypatch.setattr(adapter_files, "write_safetensors", fail)
     monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
     model = apply_vera(tiny_opt(hidden=48), VeraConfig(r=16, target_modules=["q_proj", "v_proj"]))
     with pytest.raises(UserError, match=rf"^Error: \[Errno {code}\] save_adapter could not write '{tmp_path}/adapter': "

@@ -26,7 +26,6 @@ from typing import Optional
 
 import lightning.pytorch as pl
 import torch
-from safetensors.torch import save_file
 from torch import nn
 
 from vera_lightning import (
@@ -37,6 +36,7 @@ from vera_lightning import (
     load_adapter,
     mark_trainable,
     save_adapter,
+    write_safetensors,
 )
 from vera_lightning.app.models.trained_float32 import drop_float32_masters, keep_trained_float32
 
@@ -124,6 +124,5 @@ def save_trained(method: str, module: pl.LightningModule, directory: Path, base_
         return
     directory.mkdir(parents=True, exist_ok=True)
     tensors = {name: p.detach().contiguous() for name, p in module.model.named_parameters() if p.requires_grad}
-    save_file(tensors, str(directory / "model.safetensors"), metadata={"finetune": method,
-                                                                       "base_model": base_model_name_or_path,
-                                                                       **extra})
+    write_safetensors(tensors, str(directory / "model.safetensors"),
+                      metadata={"finetune": method, "base_model": base_model_name_or_path, **extra})
