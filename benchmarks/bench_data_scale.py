@@ -11,10 +11,24 @@ to N rows in a scratch folder (never in the source's), beside a copy of ``val.cs
 generation, which cost the same at every N and would only dilute the ratios.)
 
 runs under ``/usr/bin/time -v`` (its "Maximum resident set size" is the peak RSS), once with an empty cache folder
-(``cold``) and once more (``warm``). One JSON record per finished case is appended to ``--out`` (with the load average
-and the CPU's flags), and cases already there are skipped, so an interrupted benchmark resumes where it stopped.
+(``cold``) and once more (``warm``).
 
-    python benchmarks/bench_data_scale.py --rows 4000 200000 --out benchmarks/results/data_scale.jsonl
+Then, for the same N, TRL's ``SFTTrainer`` (``--tools``; default both), as a TRL user would run it on the same file::
+
+    python benchmarks/bench_data_scale_trl.py --data-dir <dir> --cache-dir <scratch>/trl-cache-<N> --output-dir ...
+
+(``datasets.load_dataset("csv")`` on the same ``train.csv`` with its cache in that folder, the same rows as
+prompt/completion conversations in the same prompt template and chat template, PEFT's VeRA with the same r=256 on
+q_proj/v_proj, the same batch size 8 and max length 192, the same base model built by the app's loader, 2 steps), under
+the same ``/usr/bin/time -v``: ``trl-cold`` with its cache folder deleted first, ``trl-warm`` reusing it (TRL's
+tokenised rows, cached by ``Dataset.map``'s fingerprint). The question is issue 37's: does our first run on N rows cost
+a user more than TRL's does (``first run, ours / TRL``, target <= 1.0)?
+
+One JSON record per finished case is appended to ``--out`` (``tool`` ``ours`` or ``trl``, ``run`` ``cold`` or ``warm``,
+with the load average and the CPU's flags; a record without ``tool`` is ours), and cases already there are skipped, so
+an interrupted benchmark resumes where it stopped.
+
+    python benchmarks/bench_data_scale.py --rows 4000 200000 --out benchmarks/results/data_scale.jsonl --tools ours trl
 """
 
 from __future__ import annotations
@@ -29,11 +43,12 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 ROOT = Path(__file__).resolve().parents[1]
 SOURCE = ROOT.parent / "shared" / "data" / "e2e"
 RUNS = ("cold", "warm")
+TOOLS = ("ours", "trl")
 FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
 
 
@@ -61,6 +76,15 @@ def command(data_dir: Path, cache_dir: Path, run_dir: Path) -> list[str]:
             f"data.cache_dir={cache_dir}", f"hydra.run.dir={run_dir}"]
 
 
+def trl_command(data_dir: Path, cache_dir: Path, run_dir: Path) -> list[str]:
+    return [sys.executable, str(ROOT / "benchmarks" / "bench_data_scale_trl.py"), "--data-dir", str(data_dir),
+            "--cache-dir", str(cache_dir), "--output-dir", str(run_dir), "--steps", "2"]
+
+
+COMMANDS = {"ours": command, "trl": trl_command}
+CACHES = {"ours": "cache", "trl": "trl-cache"}  # <scratch>/<this>-<N>
+
+
 def timed(argv: list[str], log: Path) -> dict:
     """Run ``argv`` under ``/usr/bin/time -v``: ``{"wall_s", "peak_rss_gib", "rc"}``."""
     start = time.perf_counter()
@@ -81,40 +105,63 @@ def cpu_flags() -> list[str]:
     return [flag for flag in FLAGS if flag in flags]
 
 
-def done_cases(out: Path) -> set[tuple[int, str]]:
+def read_records(out: Path) -> list[dict]:
+    """``out``'s records, each with its ``tool`` (a record written before TRL was measured is ours)."""
     if not out.is_file():
-        return set()
-    records = [json.loads(line) for line in out.read_text().splitlines() if line.strip()]
-    return {(r["rows"], r["run"]) for r in records if r.get("rc") == 0}
+        return []
+    return [{"tool": "ours", **json.loads(line)} for line in out.read_text().splitlines() if line.strip()]
+
+
+def done_cases(out: Path) -> set[tuple[int, str, str]]:
+    """``(rows, tool, run)`` of the cases ``out`` holds a successful record of."""
+    return {(r["rows"], r["tool"], r["run"]) for r in read_records(out) if r.get("rc") == 0}
+
+
+def trl_result(log: Path) -> dict:
+    """The JSON line ``bench_data_scale_trl.py`` printed last (``first_step_s``, ``steps``), if ``log`` holds one."""
+    found = re.findall(r'^(\{"first_step_s".*\})$', log.read_text(errors="replace"), re.M) if log.is_file() else []
+    return json.loads(found[-1]) if found else {}
 
 
 def run_cases(rows: list[int], out: Path, scratch: Path, source: Path = SOURCE,
-              runner: Callable[[list[str], Path], dict] = timed) -> list[dict]:
-    """Run every (rows, cold|warm) case not yet in ``out``; append a record per finished case; the new records."""
+              runner: Callable[[list[str], Path], dict] = timed, tools: Sequence[str] = TOOLS) -> list[dict]:
+    """Run every (rows, tool, cold|warm) case not yet in ``out``; append a record per finished case; the new records.
+
+    For each N: ours' ``cold`` and ``warm``, then TRL's (``trl-cold``, ``trl-warm``), each tool with a cache folder
+    of its own, emptied before its cold case.
+    """
+    unknown = [t for t in tools if t not in TOOLS]
+    if unknown:
+        raise ValueError(f"tools={list(tools)!r}: {unknown} unknown; use some of {list(TOOLS)}")
     out.parent.mkdir(parents=True, exist_ok=True)
     new = []
     for n in rows:
         data_dir = make_data(source, n, scratch / f"data-{n}")
-        cache = scratch / f"cache-{n}"
-        for run in RUNS:
-            if (n, run) in done_cases(out):
-                continue
-            if run == "cold":
-                shutil.rmtree(cache, ignore_errors=True)
-            elif not cache.is_dir():  # a resumed warm case whose cold run's cache is gone: fill it, unrecorded
-                shutil.rmtree(scratch / f"run-{n}-fill", ignore_errors=True)
-                runner(command(data_dir, cache, scratch / f"run-{n}-fill"), scratch / f"run-{n}-fill.log")
-            shutil.rmtree(scratch / f"run-{n}-{run}", ignore_errors=True)  # a scratch run of an earlier invocation
-            argv = command(data_dir, cache, scratch / f"run-{n}-{run}")
-            load = os.getloadavg()
-            record = {"rows": n, "run": run, **runner(argv, scratch / f"run-{n}-{run}.log"),
-                      "load_before": [round(x, 2) for x in load], "load_after": [round(x, 2) for x in os.getloadavg()],
-                      "cpu_flags": cpu_flags(), "cpus": os.cpu_count(), "command": " ".join(argv[1:]),
-                      "time": time.strftime("%Y-%m-%d %H:%M:%S")}
-            with out.open("a") as handle:
-                handle.write(json.dumps(record) + "\n")
-            new.append(record)
-            print(json.dumps(record), flush=True)
+        for tool in (t for t in TOOLS if t in tools):
+            make, cache, prefix = COMMANDS[tool], scratch / f"{CACHES[tool]}-{n}", "" if tool == "ours" else "trl-"
+            for run in RUNS:
+                if (n, tool, run) in done_cases(out):
+                    continue
+                name = f"run-{n}-{prefix}{run}"
+                if run == "cold":
+                    shutil.rmtree(cache, ignore_errors=True)
+                elif not cache.is_dir():  # a resumed warm case whose cold run's cache is gone: fill it, unrecorded
+                    fill = scratch / f"run-{n}-{prefix}fill"
+                    shutil.rmtree(fill, ignore_errors=True)
+                    runner(make(data_dir, cache, fill), fill.with_name(fill.name + ".log"))
+                shutil.rmtree(scratch / name, ignore_errors=True)  # a scratch run of an earlier invocation
+                argv, log = make(data_dir, cache, scratch / name), scratch / f"{name}.log"
+                load = os.getloadavg()
+                result = runner(argv, log)
+                record = {"rows": n, "tool": tool, "run": run, **result, **(trl_result(log) if tool == "trl" else {}),
+                          "load_before": [round(x, 2) for x in load],
+                          "load_after": [round(x, 2) for x in os.getloadavg()], "cpu_flags": cpu_flags(),
+                          "cpus": os.cpu_count(), "command": " ".join(argv[1:]),
+                          "time": time.strftime("%Y-%m-%d %H:%M:%S")}
+                with out.open("a") as handle:
+                    handle.write(json.dumps(record) + "\n")
+                new.append(record)
+                print(json.dumps(record), flush=True)
     return new
 
 
@@ -149,27 +196,36 @@ def data_path(n: int, scratch: Path) -> dict:
 
 
 def report(out: Path) -> str:
-    """A Markdown table of ``out``'s records, with the issue's ratios against the smallest N."""
-    records = {(r["rows"], r["run"]): r for r in map(json.loads, out.read_text().splitlines()) if r.get("rc") == 0}
-    sizes = sorted({n for n, _ in records})
-    lines = ["| rows | first run (cold cache) | second run (warm) | peak RSS cold / warm | load (1 min) |",
-             "|---|---|---|---|---|"]
+    """A Markdown table of ``out``'s records, ours and TRL's side by side, with the issue's ratios: ours against the
+    smallest N, and our first run against TRL's at each N."""
+    records = {(r["rows"], r["tool"], r["run"]): r for r in read_records(out) if r.get("rc") == 0}
+    sizes = sorted({n for n, _, _ in records})
+
+    def cell(r: Optional[dict], key: str, unit: str) -> str:
+        return f"{r[key]} {unit}" if r and r.get(key) is not None else "–"
+
+    head = " | ".join(f"{who} first run (cold cache) | {who} second run (warm) | {who} peak RSS cold / warm"
+                      for who in ("ours", "TRL"))
+    lines = [f"| rows | {head} | load (1 min) |", "|---" * 8 + "|"]
     for n in sizes:
-        cold, warm = records.get((n, "cold")), records.get((n, "warm"))
-
-        def cell(r: Optional[dict], key: str, unit: str) -> str:
-            return f"{r[key]} {unit}" if r and r.get(key) is not None else "–"
-
-        lines.append(f"| {n:,} | {cell(cold, 'wall_s', 's')} | {cell(warm, 'wall_s', 's')} | "
-                     f"{cell(cold, 'peak_rss_gib', 'GiB')} / {cell(warm, 'peak_rss_gib', 'GiB')} | "
-                     f"{(cold or warm or {}).get('load_before', ['?'])[0]} |")
-    if len(sizes) > 1 and all((n, "warm") in records for n in (sizes[0], sizes[-1])):
-        small, large = records[(sizes[0], "warm")], records[(sizes[-1], "warm")]
-        peak = max(records[(sizes[-1], r)]["peak_rss_gib"] for r in RUNS if (sizes[-1], r) in records)
+        cells = []
+        for tool in TOOLS:
+            cold, warm = records.get((n, tool, "cold")), records.get((n, tool, "warm"))
+            cells += [cell(cold, "wall_s", "s"), cell(warm, "wall_s", "s"),
+                      f"{cell(cold, 'peak_rss_gib', 'GiB')} / {cell(warm, 'peak_rss_gib', 'GiB')}"]
+        first = next((records[k] for k in ((n, t, r) for t in TOOLS for r in RUNS) if k in records), {})
+        lines.append(f"| {n:,} | {' | '.join(cells)} | {first.get('load_before', ['?'])[0]} |")
+    if len(sizes) > 1 and all((n, "ours", "warm") in records for n in (sizes[0], sizes[-1])):
+        small, large = records[(sizes[0], "ours", "warm")], records[(sizes[-1], "ours", "warm")]
+        peak = max(records[(sizes[-1], "ours", r)]["peak_rss_gib"] for r in RUNS if (sizes[-1], "ours", r) in records)
         lines.append(f"\nsecond run {sizes[-1]:,} / {sizes[0]:,}: {large['wall_s'] / small['wall_s']:.2f}x (target "
                      f"<= 1.25x); peak RSS {sizes[-1]:,} / {sizes[0]:,} (warm): "
                      f"{large['peak_rss_gib'] / small['peak_rss_gib']:.2f}x, worst of both runs "
                      f"{peak / small['peak_rss_gib']:.2f}x (target <= 1.15x)")
+    ratios = [f"{n:,}: {records[(n, 'ours', 'cold')]['wall_s'] / records[(n, 'trl', 'cold')]['wall_s']:.2f}x"
+              for n in sizes if (n, "ours", "cold") in records and (n, "trl", "cold") in records]
+    if ratios:
+        lines.append(f"\nfirst run, ours / TRL: {', '.join(ratios)} (target <= 1.0)")
     return "\n".join(lines)
 
 
@@ -179,12 +235,14 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "data_scale.jsonl")
     parser.add_argument("--scratch", type=Path, default=Path("/tmp/vera-data-scale"))
     parser.add_argument("--source", type=Path, default=SOURCE)
+    parser.add_argument("--tools", nargs="+", choices=TOOLS, default=list(TOOLS),
+                        help="whose 2-step runs to time: ours (scripts/train.py), TRL's SFTTrainer, or both")
     parser.add_argument("--data-path", type=int, help="only time the data path of this N's warm cache (no model)")
     args = parser.parse_args(argv)
     if args.data_path:
         print(json.dumps(data_path(args.data_path, args.scratch)))
         return
-    run_cases(args.rows, args.out, args.scratch, args.source)
+    run_cases(args.rows, args.out, args.scratch, args.source, tools=args.tools)
     print(report(args.out))
 
 

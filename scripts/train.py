@@ -27,8 +27,9 @@ register_configs()  # VeraConfig as the schema of the `vera` group, before Hydra
 @hydra.main(config_path="../conf", config_name="train", version_base="1.3")
 @user_errors
 def main(cfg: DictConfig) -> float:
-    """Run one training job and return ``cfg.optimized_metric``."""
-    return float(train(cfg)["metric"])
+    """Run one training job and return ``cfg.optimized_metric`` (NaN to a sweeper when no validation ran)."""
+    metric = train(cfg)["metric"]
+    return float("nan") if metric is None else float(metric)
 
 
 if __name__ == "__main__":

@@ -83,6 +83,15 @@ def test_smoke_run_trains_two_steps_and_r512_reaches_the_layers(make_cfg, tmp_pa
     assert summary["r"] == 512 and summary["metric"] == metrics["metric"]
 
 
+def test_a_run_that_validates_nothing_says_so_and_saves_null_not_nan(make_cfg, tmp_path, capsys):
+    metrics = train(make_cfg("experiment=smoke", "eval_before=false", "trainer.limit_val_batches=0"))
+    out = capsys.readouterr().out
+    assert metrics["metric"] is None and "nan" not in out.lower()
+    assert "after training:  val/loss = not measured (no validation ran)" in out
+    text = (tmp_path / "run" / "summary.json").read_text()
+    assert json.loads(text)["metric"] is None and "NaN" not in text  # strict JSON: a reader gets null
+
+
 @pytest.mark.slow
 def test_default_offline_run_learns_the_demo_task(make_cfg, capsys):
     """`python scripts/train.py` with no arguments, shortened: MiniLM on the demo sentiment set."""

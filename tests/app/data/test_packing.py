@@ -145,3 +145,47 @@ def test_datamodule_packs_the_training_split_only(tmp_path):
     batch = next(iter(dm.train_dataloader()))
     assert set(batch) == {"input_ids", "labels", "position_ids", "use_cache"}
     assert "attention_mask" in next(iter(dm.val_dataloader()))
+
+
+@pytest.mark.parametrize("multiple", [8, 16])
+def test_padding_to_a_multiple_rounds_the_width_and_keeps_the_loss(multiple):
+    torch.manual_seed(0)
+    model = tiny_llama().double()
+    items = examples(6, seed=3)
+    longest = max(len(item["input_ids"]) for item in items)
+    plain, rounded = collate(items, pad_id=0), collate(items, pad_id=0, multiple=multiple)
+    assert plain["input_ids"].shape[1] == longest
+    width = rounded["input_ids"].shape[1]
+    assert width == -(-longest // multiple) * multiple and width % multiple == 0
+    width = longest
+    assert torch.equal(rounded["input_ids"][:, :width], plain["input_ids"])  # the same rows, more padding after them
+    assert torch.equal(rounded["attention_mask"][:, width:], torch.zeros_like(rounded["attention_mask"][:, width:]))
+    assert bool((rounded["labels"][:, width:] == -100).all())
+    assert loss(model, rounded) == pytest.approx(loss(model, plain), rel=1e-12)  # masked padding changes nothing
+    packed = collate(pack(items, max_length=40), pad_id=0, multiple=multiple)
+    assert packed["input_ids"].shape[1] % multiple == 0
+
+
+def test_the_datamodule_pads_batches_to_data_pad_to_multiple_of(tmp_path):
+    rows = [{"q": "Hello " * (1 + i % 5), "a": "there " * (1 + i % 3)} for i in range(10)]
+    for split in ("train", "val"):
+        (tmp_path / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    widths = {}
+    for multiple in (1, 8):
+        cfg = sft_cfg(tmp_path, train_file="train.jsonl", val_file="val.jsonl", prompt_field="q", response_field="a",
+                      max_length=32, batch_size=3, pad_to_multiple_of=multiple)
+        dm = TextDataModule(cfg, byte_bpe_tokenizer(chat=False))
+        dm.setup("fit")
+        widths[multiple] = [b["input_ids"].shape[1] for b in dm.train_dataloader()] + \
+                           [b["input_ids"].shape[1] for b in dm.val_dataloader()]
+    assert all(w % 8 == 0 for w in widths[8]) and not all(w % 8 == 0 for w in widths[1])
+    assert [-(-w // 8) * 8 for w in widths[1]] == widths[8]
+
+
+def test_a_bad_pad_to_multiple_of_is_named_with_its_fix():
+    from vera_lightning.app.data.schema import check_data_values
+
+    for bad in (0, -8, 1000, True):
+        (problem,) = check_data_values({"pad_to_multiple_of": bad})
+        assert problem.startswith(f"data.pad_to_multiple_of={bad!r}: must be a whole number from 1") and "=8" in problem
+    assert check_data_values({"pad_to_multiple_of": 16}) == [] and check_data_values({"pad_to_multiple_of": 1}) == []

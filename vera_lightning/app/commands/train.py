@@ -148,7 +148,7 @@ def run_training(plan: RunPlan) -> dict[str, Any]:
     if plan.option("eval_before", True) and not resuming:
         before = validation_metrics(trainer.validate(module, datamodule=datamodule, verbose=False))
         metrics.update({f"before/{k}": v for k, v in before.items()})
-        _say(trainer, f"[vera] before training: {metric_name} = {before.get(metric_name, float('nan')):.4f}")
+        _say(trainer, f"[vera] before training: {metric_name} = {_shown(before.get(metric_name))}")
     if ckpt_path is not None:
         _say(trainer, f"[vera] resuming from {ckpt_path}")
     fit_start = time.perf_counter()
@@ -164,7 +164,7 @@ def run_training(plan: RunPlan) -> dict[str, Any]:
         )
     after, _ = final_metrics(trainer, module, datamodule, memo)
     metrics.update(after)
-    _say(trainer, f"[vera] after training:  {metric_name} = {after.get(metric_name, float('nan')):.4f}")
+    _say(trainer, f"[vera] after training:  {metric_name} = {_shown(after.get(metric_name))}")
 
     adapter_dir = output_dir / "adapter"
     if trainer.is_global_zero:
@@ -176,7 +176,7 @@ def run_training(plan: RunPlan) -> dict[str, Any]:
     trainable, total = count_parameters(model)
     memory = model_bytes(model)
     metrics.update(
-        metric=after.get(metric_name, float("nan")),
+        metric=after.get(metric_name),  # None (null in summary.json): no validation ran
         metric_name=metric_name,
         finetune=method,
         trainable_params=trainable,
@@ -225,8 +225,8 @@ def _write_summary(plan: RunPlan, metrics: dict[str, Any]) -> None:
         "VeRA run summary",
         f"  model / data      : {plan.model.get('name')} / {plan.data.get('name')}   ({r}{metrics['steps']} steps)",
         f"  {metrics['metric_name']:<18}: "
-        + (f"{before:.4f} -> " if before is not None else "")
-        + f"{metrics['metric']:.4f}",
+        + (f"{_shown(before)} -> " if before is not None else "")
+        + _shown(metrics["metric"]),
         f"  trainable params  : {metrics['trainable_params']:,} of {metrics['total_params']:,} "
         f"({100.0 * metrics['trainable_params'] / max(metrics['total_params'], 1):.3f}%)",
         f"  adapter size      : {metrics['adapter_bytes'] / 1024:.1f} KiB  ({metrics['adapter_dir']})",
@@ -238,3 +238,8 @@ def _write_summary(plan: RunPlan, metrics: dict[str, Any]) -> None:
         "",
     ]
     print("\n".join(lines))
+
+
+def _shown(value) -> str:
+    """A metric as the run prints it; ``None`` (no validation batch ran, e.g. ``trainer.limit_val_batches=0``) says so."""
+    return "not measured (no validation ran)" if value is None else f"{value:.4f}"

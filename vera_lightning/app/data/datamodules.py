@@ -71,6 +71,8 @@ class TextDataModule(pl.LightningDataModule):
         if self.task not in ("classification", "causal_lm"):
             raise ValueError(f"data.task={self.task!r}: must be 'classification' or 'causal_lm'")
         self.seed = int(self.cfg.get("seed") or 0)
+        #: batches are padded to a multiple of this (``data.pad_to_multiple_of``)
+        self.pad_multiple = int(self.cfg.get("pad_to_multiple_of") or 1)
         self.sft = self.cfg.get("format") == "sft"
         if self.sft:
             if self.task != "causal_lm":
@@ -177,10 +179,10 @@ class TextDataModule(pl.LightningDataModule):
 
     def _collate(self, items: list[dict[str, Any]]) -> dict[str, Any]:
         if self.sft:
-            return packing.collate(items, self.tokenizer.pad_token_id)
+            return packing.collate(items, self.tokenizer.pad_token_id, self.pad_multiple)
         labels = [item["labels"] for item in items] if self.task == "classification" else None
         features = [{k: v for k, v in item.items() if k != "labels"} for item in items]
-        batch = dict(self.tokenizer.pad(features, return_tensors="pt"))
+        batch = dict(self.tokenizer.pad(features, return_tensors="pt", pad_to_multiple_of=self.pad_multiple))
         if labels is not None:
             dtype = torch.float32 if is_regression(self.cfg) else torch.long
             batch["labels"] = torch.tensor(labels, dtype=dtype)

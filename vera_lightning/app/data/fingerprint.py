@@ -31,7 +31,7 @@ CACHE_VERSION = 1
 UNTOKENISED = frozenset({
     "name", "data_dir", "train_file", "val_file", "num_labels", "metrics", "batch_size", "eval_batch_size",
     "max_train_samples", "max_val_samples", "num_workers", "seed", "monitor", "monitor_mode", "group_by_length",
-    "packing", "cache", "cache_dir", "streaming",
+    "packing", "cache", "cache_dir", "streaming", "pad_to_multiple_of",
 })
 
 _DIGESTS: dict[tuple[str, int, int, int, int], str] = {}

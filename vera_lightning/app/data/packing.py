@@ -33,13 +33,14 @@ __all__ = ["collate", "LengthGroupedBatchSampler", "pack_plan", "pack_items", "p
 IGNORE = -100
 
 
-def collate(items: Sequence[dict[str, list[int]]], pad_id: int) -> dict[str, Any]:
-    """Right-pad a batch of ``{"input_ids", "labels"[, "position_ids"]}`` items into tensors.
+def collate(items: Sequence[dict[str, list[int]]], pad_id: int, multiple: int = 1) -> dict[str, Any]:
+    """Right-pad a batch of ``{"input_ids", "labels"[, "position_ids"]}`` items into tensors, to the longest item's
+    length rounded up to a multiple of ``multiple``.
 
     Unpacked items get an ``attention_mask``; packed rows (with ``position_ids``) get the padding as one
     more segment (positions from 0, labels -100) and ``use_cache=False`` instead (see the module docstring).
     """
-    width = max(len(item["input_ids"]) for item in items)
+    width = -(-max(len(item["input_ids"]) for item in items) // multiple) * multiple
     ids = torch.full((len(items), width), pad_id, dtype=torch.long)
     labels = torch.full((len(items), width), IGNORE, dtype=torch.long)
     for i, item in enumerate(items):

@@ -69,6 +69,9 @@ class DataSchema:
     truncation: str = "left"
     group_by_length: bool = False
     packing: bool = False
+    #: a batch is padded to a multiple of this many tokens (1: to its longest row). Fewer distinct shapes keep
+    #: oneDNN's per-shape kernels and the allocator's free lists from growing with steps (docs/data.md)
+    pad_to_multiple_of: int = 8
     # the tokenised-data cache (:mod:`vera_lightning.app.data.cache`)
     #: ``on`` (reuse, else build), ``refresh`` (build this run's entries again), ``off`` (a temporary folder)
     cache: str = "on"
@@ -99,6 +102,10 @@ def check_data_values(data: dict[str, Any], trainer: Optional[dict[str, Any]] = 
     if trainer is not None and data.get("streaming") and (trainer.get("max_steps") in (None, -1)):
         return ["data.streaming=true: the number of rows is not known before training, so set trainer.max_steps "
                 "(e.g. trainer.max_steps=1000)"]
+    multiple = data.get("pad_to_multiple_of", 1)
+    if not isinstance(multiple, int) or isinstance(multiple, bool) or not 1 <= multiple <= 512:
+        return [f"data.pad_to_multiple_of={multiple!r}: must be a whole number from 1 (pad each batch to its longest "
+                "row) to 512, e.g. data.pad_to_multiple_of=8"]
     if data.get("cache", "on") not in (None, "on", "off", "refresh"):
         return [f"data.cache={data.get('cache')!r}: must be on (reuse the tokenised data), refresh (tokenise again) "
                 "or off (keep nothing)"]

@@ -102,7 +102,7 @@ def _plot(rows: list[dict[str, Any]], swept: list[str], metric: str, path: Path)
     x_key = swept[0] if swept else "job"
     others = swept[1:]
     series: dict[str, list[tuple[Any, float]]] = {}
-    for row in rows:
+    for row in (r for r in rows if r.get("metric") is not None):  # None: a job that validated nothing
         label = ", ".join(f"{k}={row.get(k)}" for k in others) or metric
         series.setdefault(label, []).append((row.get(x_key), row.get("metric")))
     fig, ax = plt.subplots(figsize=(6, 4))
