@@ -52,8 +52,12 @@ TOOLS = ("ours", "trl")
 FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
 
 
-def make_data(source: Path, rows: int, folder: Path) -> Path:
-    """``folder`` with ``train.csv`` (``source``'s training rows repeated to ``rows`` rows) and ``val.csv``."""
+def make_data(source: Path, rows: int, folder: Path, join: int = 1) -> Path:
+    """``folder`` with ``train.csv`` (``source``'s training rows repeated to ``rows`` rows) and ``val.csv``.
+
+    ``join`` > 1: the synthetic long SFT set: each row's response is ``join`` consecutive references joined by
+    spaces (``join=9``: about 300 tokens a row with the chat template, against about 80 for E2E's own rows).
+    """
     folder.mkdir(parents=True, exist_ok=True)
     train = folder / "train.csv"
     if not (folder / "done").is_file():
@@ -63,22 +67,28 @@ def make_data(source: Path, rows: int, folder: Path) -> Path:
         with train.open("w", encoding="utf-8", newline="") as handle:
             writer = csv.writer(handle)
             writer.writerow(header)
+            ref = header.index("ref")
             for i in range(rows):
-                writer.writerow(body[i % len(body)])
+                row = list(body[i % len(body)])
+                if join > 1:
+                    row[ref] = " ".join(body[(i + k) % len(body)][ref] for k in range(join))
+                writer.writerow(row)
         shutil.copyfile(source / "val.csv", folder / "val.csv")
         (folder / "done").write_text(str(rows))
     return folder
 
 
-def command(data_dir: Path, cache_dir: Path, run_dir: Path) -> list[str]:
+def command(data_dir: Path, cache_dir: Path, run_dir: Path, max_length: int = 192) -> list[str]:
     return [sys.executable, str(ROOT / "scripts" / "train.py"), "experiment=e2e_smollm2", f"data.data_dir={data_dir}",
+            f"data.max_length={max_length}",
             "data.max_train_samples=null", "trainer.max_steps=2", "eval_before=false", "trainer.limit_val_batches=0",
             f"data.cache_dir={cache_dir}", f"hydra.run.dir={run_dir}"]
 
 
-def trl_command(data_dir: Path, cache_dir: Path, run_dir: Path) -> list[str]:
+def trl_command(data_dir: Path, cache_dir: Path, run_dir: Path, max_length: int = 192) -> list[str]:
     return [sys.executable, str(ROOT / "benchmarks" / "bench_data_scale_trl.py"), "--data-dir", str(data_dir),
-            "--cache-dir", str(cache_dir), "--output-dir", str(run_dir), "--steps", "2"]
+            "--cache-dir", str(cache_dir), "--output-dir", str(run_dir), "--steps", "2",
+            "--max-length", str(max_length)]
 
 
 COMMANDS = {"ours": command, "trl": trl_command}
@@ -124,7 +134,8 @@ def trl_result(log: Path) -> dict:
 
 
 def run_cases(rows: list[int], out: Path, scratch: Path, source: Path = SOURCE,
-              runner: Callable[[list[str], Path], dict] = timed, tools: Sequence[str] = TOOLS) -> list[dict]:
+              runner: Callable[[list[str], Path], dict] = timed, tools: Sequence[str] = TOOLS,
+              join: int = 1) -> list[dict]:
     """Run every (rows, tool, cold|warm) case not yet in ``out``; append a record per finished case; the new records.
 
     For each N: ours' ``cold`` and ``warm``, then TRL's (``trl-cold``, ``trl-warm``), each tool with a cache folder
@@ -136,7 +147,8 @@ def run_cases(rows: list[int], out: Path, scratch: Path, source: Path = SOURCE,
     out.parent.mkdir(parents=True, exist_ok=True)
     new = []
     for n in rows:
-        data_dir = make_data(source, n, scratch / f"data-{n}")
+        data_dir = make_data(source, n, scratch / f"data-{n}", join)
+        max_length = 192 if join == 1 else 512  # the long rows (~300 tokens) are kept whole
         for tool in (t for t in TOOLS if t in tools):
             make, cache, prefix = COMMANDS[tool], scratch / f"{CACHES[tool]}-{n}", "" if tool == "ours" else "trl-"
             for run in RUNS:
@@ -148,9 +160,9 @@ def run_cases(rows: list[int], out: Path, scratch: Path, source: Path = SOURCE,
                 elif not cache.is_dir():  # a resumed warm case whose cold run's cache is gone: fill it, unrecorded
                     fill = scratch / f"run-{n}-{prefix}fill"
                     shutil.rmtree(fill, ignore_errors=True)
-                    runner(make(data_dir, cache, fill), fill.with_name(fill.name + ".log"))
+                    runner(make(data_dir, cache, fill, max_length), fill.with_name(fill.name + ".log"))
                 shutil.rmtree(scratch / name, ignore_errors=True)  # a scratch run of an earlier invocation
-                argv, log = make(data_dir, cache, scratch / name), scratch / f"{name}.log"
+                argv, log = make(data_dir, cache, scratch / name, max_length), scratch / f"{name}.log"
                 load = os.getloadavg()
                 result = runner(argv, log)
                 record = {"rows": n, "tool": tool, "run": run, **result, **(trl_result(log) if tool == "trl" else {}),
@@ -237,12 +249,14 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--source", type=Path, default=SOURCE)
     parser.add_argument("--tools", nargs="+", choices=TOOLS, default=list(TOOLS),
                         help="whose 2-step runs to time: ours (scripts/train.py), TRL's SFTTrainer, or both")
+    parser.add_argument("--join", type=int, default=1, help="the synthetic long set: this many references a response "
+                        "(9: ~300 tokens a row); use its own --scratch and --out")
     parser.add_argument("--data-path", type=int, help="only time the data path of this N's warm cache (no model)")
     args = parser.parse_args(argv)
     if args.data_path:
         print(json.dumps(data_path(args.data_path, args.scratch)))
         return
-    run_cases(args.rows, args.out, args.scratch, args.source, tools=args.tools)
+    run_cases(args.rows, args.out, args.scratch, args.source, tools=args.tools, join=args.join)
     print(report(args.out))
 
 

@@ -41,6 +41,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--cache-dir", type=Path, required=True)
     parser.add_argument("--output-dir", type=Path, required=True)
     parser.add_argument("--steps", type=int, default=2)
+    parser.add_argument("--max-length", type=int, default=192)
     args = parser.parse_args(argv)
 
     from datasets import load_dataset
@@ -64,7 +65,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     model_cfg = OmegaConf.load(ROOT / "conf" / "model" / "smollm2.yaml")
     tokenizer = build_tokenizer(model_cfg)
     model = build_model(model_cfg, tokenizer, compute_dtype="fp32")
-    config = SFTConfig(max_steps=args.steps, per_device_train_batch_size=8, max_length=192, learning_rate=2e-2,
+    config = SFTConfig(max_steps=args.steps, per_device_train_batch_size=8, max_length=args.max_length,
+                       learning_rate=2e-2,
                        report_to=[], save_strategy="no", use_cpu=True, output_dir=str(args.output_dir),
                        dataset_num_proc=None, logging_steps=1, gradient_checkpointing=False, bf16=False)
     peft_config = VeraConfig(r=256, target_modules=["q_proj", "v_proj"], d_initial=0.1)

@@ -122,3 +122,14 @@ def test_report_has_both_tools_and_the_first_run_ratio_ours_over_trl(tmp_path):
     assert row7 == "| 7 | 5.0 s | 3.3 s | 2.0 GiB / 2.0 GiB | – | – | – / – | 0.5 |"
     assert "second run 7 / 5: 1.10x" in text
     assert "first run, ours / TRL: 5: 0.50x (target <= 1.0)" in text  # 7 has no successful TRL cold run
+
+
+def test_the_long_set_joins_references_and_both_tools_keep_its_rows_whole(tmp_path):
+    source, calls = _source(tmp_path), []
+    bench.run_cases([3], tmp_path / "r.jsonl", tmp_path / "scratch", source, runner=_runner(calls), join=2)
+    with (tmp_path / "scratch" / "data-3" / "train.csv").open(newline="") as handle:
+        rows = list(csv.reader(handle))
+    assert rows[1:] == [["name[A], area[x]", "A, by x. B is here."], ["name[B]", "B is here. A, by x."],
+                        ["name[A], area[x]", "A, by x. B is here."]]
+    ours, trl = calls[0]["argv"], calls[2]["argv"]
+    assert "data.max_length=512" in ours and trl[trl.index("--max-length") + 1] == "512"
