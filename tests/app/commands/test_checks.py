@@ -55,6 +55,9 @@ def test_demo_configs_still_default_to_the_built_in_data(make_cfg):
     (["vera.d_initial=nan"], r"d_initial=nan: must be a number, finite"),
     (["vera.d_initial=1e308"], r"d_initial=1e\+308: must be a number, finite"),
     (["vera.projection_prng_key=18446744073709551616"], r"projection_prng_key=18446744073709551616: .*\[-2\*\*63"),
+    (["callbacks=early_stopping", "trainer.limit_val_batches=0"],  # else a traceback after the first epoch
+     r"trainer.limit_val_batches=0 validates nothing, but callbacks.early_stopping stops on val/loss: "
+     r"let validation run \(drop trainer.limit_val_batches=0\) or leave callbacks=early_stopping out"),
 ])
 def test_bad_values_name_the_key(make_cfg, tmp_path, overrides, match):
     _refused(make_cfg, tmp_path, ["experiment=smoke", *overrides], match)

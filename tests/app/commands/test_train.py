@@ -136,6 +136,25 @@ def test_multirun_writes_summary_table_and_plot(tmp_path):
     assert (sweep / "summary.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+
+def test_an_optimising_sweep_that_validates_nothing_is_refused_before_any_job(tmp_path):
+    """Optuna optimises the value each job returns; with ``trainer.limit_val_batches=0`` there is none (the job returns
+    NaN and the plugin fails with a traceback after the first job): one message first, nothing written."""
+    pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
+    sweep = tmp_path / "sweep"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "train.py"), "-m", "experiment=smoke", "hydra/sweeper=vera_optuna",
+         "hydra.sweeper.n_trials=2", "trainer.limit_val_batches=0", f"hydra.sweep.dir={sweep}"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert ("Error: trainer.limit_val_batches=0 validates nothing, but hydra/sweeper=vera_optuna optimises the "
+            "val/loss each job returns (optimized_metric): let validation run (drop trainer.limit_val_batches=0) or "
+            "sweep with the basic sweeper (leave hydra/sweeper out)") in proc.stderr
+    assert not sweep.exists() and sorted(p.name for p in tmp_path.iterdir()) == []
+
+
 # ---------------------------------------------------------------- bad configs
 def test_wrong_type_fails_at_compose_time(make_cfg):
     assert "Value 'abc' of type 'str' could not be converted to Integer" in _composition_error(make_cfg, "vera.r=abc")

@@ -189,3 +189,35 @@ def test_a_bad_pad_to_multiple_of_is_named_with_its_fix():
         (problem,) = check_data_values({"pad_to_multiple_of": bad})
         assert problem.startswith(f"data.pad_to_multiple_of={bad!r}: must be a whole number from 1") and "=8" in problem
     assert check_data_values({"pad_to_multiple_of": 16}) == [] and check_data_values({"pad_to_multiple_of": 1}) == []
+
+
+def test_padding_to_a_multiple_stops_at_data_max_length(tmp_path):
+    """Rows cut to ``data.max_length`` are never padded past it: a model with exactly that many positions (GPT-2,
+    whose position ids run over the whole width) would index past its table (12 rows rounded up to 16)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    items = [{"input_ids": [5] * 12, "labels": [5] * 12}, {"input_ids": [5] * 3, "labels": [5] * 3}]
+    assert collate(items, pad_id=0, multiple=8, limit=12)["input_ids"].shape[1] == 12
+    assert collate(items[1:], pad_id=0, multiple=8, limit=12)["input_ids"].shape[1] == 8
+    assert collate(items, pad_id=0, multiple=8)["input_ids"].shape[1] == 16
+    lines = ["Hello there " * (1 + i % 6) for i in range(8)]
+    for split in ("train", "dev"):
+        (tmp_path / f"{split}.txt").write_text("".join(line + "\n" for line in lines))
+    rows = [{"q": "Hello " * (1 + i % 5), "a": "there " * (1 + i % 2)} for i in range(8)]
+    for split in ("train", "val"):
+        (tmp_path / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    text = {"name": "t", "task": "causal_lm", "format": "text", "data_dir": str(tmp_path), "train_file": "train.txt",
+            "val_file": "dev.txt", "text_field": "text", "max_length": 12, "batch_size": 4, "seed": 0}
+    prompts = sft_cfg(tmp_path, train_file="train.jsonl", val_file="val.jsonl", prompt_field="q", response_field="a",
+                      max_length=12, batch_size=4)
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=300, n_embd=32, n_layer=2, n_head=4, n_positions=12)).eval()
+    for cfg in (text, prompts, {**prompts, "packing": True}):
+        dm = TextDataModule({**cfg, "pad_to_multiple_of": 8}, byte_bpe_tokenizer(chat=False))
+        dm.setup("fit")
+        batches = list(dm.train_dataloader()) + list(dm.val_dataloader())
+        assert max(b["input_ids"].shape[1] for b in batches) == 12, cfg["format"]
+        assert all(b["input_ids"].shape[1] in (8, 12) for b in batches)
+        with torch.no_grad():
+            for batch in batches:
+                assert torch.isfinite(model(**batch).loss)

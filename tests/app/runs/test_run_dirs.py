@@ -346,3 +346,17 @@ def test_resume_data_check_compares_the_record_and_lets_batch_sizes_for_eval_cha
     with pytest.raises(ValueError, match=r"data.seed=3 \(recorded\) vs 4 \(given\)"):
         check_resume_data(tmp_path, OmegaConf.create({**same, "seed": 4}), "last")
     check_resume_data(tmp_path / "elsewhere", OmegaConf.create({"max_length": 1}), "x.ckpt")  # no record: no check
+
+
+def test_a_resume_may_change_data_pad_to_multiple_of(tmp_path):
+    """Padding to a multiple adds masked tokens only (the same rows, the same loss): a run trained with
+    ``data.pad_to_multiple_of=1``, or recorded before the setting existed, resumes with the default 8."""
+    from omegaconf import OmegaConf
+
+    from vera_lightning.app.runs.resume_data import check_resume_data
+
+    (tmp_path / ".hydra").mkdir()
+    given = OmegaConf.create({"max_length": 32, "pad_to_multiple_of": 8})
+    for recorded in ("  pad_to_multiple_of: 1\n", ""):
+        (tmp_path / ".hydra" / "config.yaml").write_text("data:\n  max_length: 32\n" + recorded, encoding="utf-8")
+        check_resume_data(tmp_path, given, "last")

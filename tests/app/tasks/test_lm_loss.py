@@ -66,3 +66,24 @@ def test_other_heads_fall_back_to_the_models_own_loss():
     assert not takes_plain_head(model)
     batch = batch_with_prompts()
     assert response_loss(model, batch).item() == model(**batch).loss.item()
+
+
+def test_a_packed_batch_gives_the_padded_loss_through_the_plain_head():
+    """Packed rows carry ``use_cache=False`` (see app/data/packing.py); the split body + head path passes it once."""
+    from vera_lightning.app.data.packing import collate, pack
+    from vera_lightning.app.tasks.lm_loss import sequence_logps
+
+    torch.manual_seed(0)
+    model = tiny_llama().double()
+    assert takes_plain_head(model)
+    g = torch.Generator().manual_seed(2)
+    items = []
+    for _ in range(6):
+        ids = torch.randint(0, 96, (int(torch.randint(4, 12, (1,), generator=g)),), generator=g).tolist()
+        items.append({"input_ids": ids, "labels": [-100] * 2 + ids[2:]})
+    packed, padded = collate(pack(items, max_length=40), pad_id=0), collate(items, pad_id=0)
+    assert packed["use_cache"] is False
+    with torch.no_grad():
+        assert response_loss(model, packed).item() == pytest.approx(response_loss(model, padded).item(), rel=1e-6)
+        assert sequence_logps(model, packed).sum().item() == pytest.approx(
+            sequence_logps(model, padded).sum().item(), rel=1e-6)  # float32 logits (lm_loss casts)

@@ -7,6 +7,7 @@
   type and range, e.g. ``optim.lr=abc`` or ``seed=abc``;
 * ``trainer.max_steps=0`` / ``trainer.max_epochs=0`` and ``data.max_length=0`` are refused: a run that
   trains nothing, or examples truncated to nothing, would still write an adapter and report a metric.
+* ``trainer.limit_val_batches=0`` with ``callbacks=early_stopping``: it would stop on a metric nothing logs.
 * ``overwrite``: true or false. What a run may do with its run directory is checked next, by
   :func:`~vera_lightning.app.runs.run_dirs.check_run_dir`.
 
@@ -60,6 +61,20 @@ def check_train_strategy(trainer: dict[str, Any]) -> None:
         )
 
 
+def _stops_on_nothing(cfg: DictConfig) -> list[str]:
+    """``trainer.limit_val_batches=0`` with an ``EarlyStopping`` callback: it would stop on a metric no validation
+    logs (Lightning's RuntimeError after the first epoch, the epoch's training lost)."""
+    limit = _get(cfg, "trainer.limit_val_batches")
+    callbacks = _get(cfg, "callbacks")
+    if isinstance(limit, bool) or limit not in (0, 0.0) or not isinstance(callbacks, DictConfig):
+        return []
+    return [f"trainer.limit_val_batches={limit} validates nothing, but callbacks.{name} stops on "
+            f"{_get(callback, 'monitor')}: let validation run (drop trainer.limit_val_batches=0) or leave "
+            "callbacks=early_stopping out"
+            for name, callback in callbacks.items()
+            if isinstance(callback, DictConfig) and str(_get(callback, "_target_")).endswith("EarlyStopping")]
+
+
 def check_run_config(cfg: DictConfig) -> None:
     """Refuse a config with missing or invalid values, naming each key, its value and the fix.
 
@@ -103,6 +118,7 @@ def check_run_config(cfg: DictConfig) -> None:
         )
     if epochs is not None and (not _is_int(epochs) or epochs == 0 or epochs < -1):
         problems.append(f"trainer.max_epochs={epochs!r}: must be a positive integer (or -1 with trainer.max_steps)")
+    problems += _stops_on_nothing(cfg)
     overwrite = _get(cfg, "overwrite")
     if overwrite is not None and not isinstance(overwrite, bool):
         problems.append(f"overwrite={overwrite!r}: must be true or false (true: a new run may replace the run in "

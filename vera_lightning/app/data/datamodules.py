@@ -73,6 +73,8 @@ class TextDataModule(pl.LightningDataModule):
         self.seed = int(self.cfg.get("seed") or 0)
         #: batches are padded to a multiple of this (``data.pad_to_multiple_of``)
         self.pad_multiple = int(self.cfg.get("pad_to_multiple_of") or 1)
+        #: ... but never past ``data.max_length`` (:func:`~vera_lightning.app.data.packing.padded_width`)
+        self.pad_limit = int(self.cfg["max_length"]) if self.cfg.get("max_length") else None
         self.sft = self.cfg.get("format") == "sft"
         if self.sft:
             if self.task != "causal_lm":
@@ -179,10 +181,11 @@ class TextDataModule(pl.LightningDataModule):
 
     def _collate(self, items: list[dict[str, Any]]) -> dict[str, Any]:
         if self.sft:
-            return packing.collate(items, self.tokenizer.pad_token_id, self.pad_multiple)
+            return packing.collate(items, self.tokenizer.pad_token_id, self.pad_multiple, self.pad_limit)
         labels = [item["labels"] for item in items] if self.task == "classification" else None
         features = [{k: v for k, v in item.items() if k != "labels"} for item in items]
-        batch = dict(self.tokenizer.pad(features, return_tensors="pt", pad_to_multiple_of=self.pad_multiple))
+        width = packing.padded_width(max(len(f["input_ids"]) for f in features), self.pad_multiple, self.pad_limit)
+        batch = dict(self.tokenizer.pad(features, padding="max_length", max_length=width, return_tensors="pt"))
         if labels is not None:
             dtype = torch.float32 if is_regression(self.cfg) else torch.long
             batch["labels"] = torch.tensor(labels, dtype=dtype)

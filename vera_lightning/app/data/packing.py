@@ -28,19 +28,31 @@ from torch import nn
 from torch.utils.data import BatchSampler, Sampler
 
 __all__ = ["collate", "LengthGroupedBatchSampler", "pack_plan", "pack_items", "pack", "check_packing",
-           "padding_fraction"]
+           "padding_fraction", "padded_width"]
 
 IGNORE = -100
 
 
-def collate(items: Sequence[dict[str, list[int]]], pad_id: int, multiple: int = 1) -> dict[str, Any]:
+def padded_width(longest: int, multiple: int = 1, limit: Optional[int] = None) -> int:
+    """The width of a batch whose longest row has ``longest`` tokens: rounded up to a multiple of ``multiple``, but
+    never past ``limit`` (``data.max_length``, which the model's positions hold) unless the row itself is longer.
+
+    A model with exactly ``data.max_length`` positions whose position ids run over the whole width (GPT-2, BERT)
+    would index past its table otherwise (12 positions, rows cut to 12 tokens, padded to 16).
+    """
+    width = -(-longest // multiple) * multiple
+    return width if limit is None else max(longest, min(width, limit))
+
+
+def collate(items: Sequence[dict[str, list[int]]], pad_id: int, multiple: int = 1,
+            limit: Optional[int] = None) -> dict[str, Any]:
     """Right-pad a batch of ``{"input_ids", "labels"[, "position_ids"]}`` items into tensors, to the longest item's
-    length rounded up to a multiple of ``multiple``.
+    length rounded up to a multiple of ``multiple`` and at most ``limit`` (:func:`padded_width`).
 
     Unpacked items get an ``attention_mask``; packed rows (with ``position_ids``) get the padding as one
     more segment (positions from 0, labels -100) and ``use_cache=False`` instead (see the module docstring).
     """
-    width = -(-max(len(item["input_ids"]) for item in items) // multiple) * multiple
+    width = padded_width(max(len(item["input_ids"]) for item in items), multiple, limit)
     ids = torch.full((len(items), width), pad_id, dtype=torch.long)
     labels = torch.full((len(items), width), IGNORE, dtype=torch.long)
     for i, item in enumerate(items):

@@ -28,12 +28,13 @@ __all__ = ["PreferenceDataModule", "collate_pairs"]
 _STAGE_SPLITS = {"fit": ("train", "val"), "validate": ("val",)}
 
 
-def collate_pairs(items: list[dict[str, Any]], pad_id: int, multiple: int = 1) -> dict[str, torch.Tensor]:
+def collate_pairs(items: list[dict[str, Any]], pad_id: int, multiple: int = 1,
+                  limit: Optional[int] = None) -> dict[str, torch.Tensor]:
     """``B`` encoded pairs as one batch of ``2B`` rows: chosen rows first, then rejected; ``index`` per pair; the
-    width rounded up to a multiple of ``multiple``."""
+    width rounded up to a multiple of ``multiple``, at most ``limit`` (``data.max_length``)."""
     rows = [{"input_ids": item[f"{side}_ids"], "labels": item[f"{side}_labels"]}
             for side in ("chosen", "rejected") for item in items]
-    batch = pad_items(rows, pad_id, multiple)
+    batch = pad_items(rows, pad_id, multiple, limit)
     batch["index"] = torch.tensor([item["index"] for item in items], dtype=torch.long)
     return batch
 
@@ -60,6 +61,7 @@ class PreferenceDataModule(pl.LightningDataModule):
         #: ``data.preference_target=chosen``: prompt + chosen response rows for SFT (no pairs)
         self.chosen_only = self.cfg.get("preference_target") == "chosen"
         self.pad_multiple = int(self.cfg.get("pad_to_multiple_of") or 1)
+        self.pad_limit = int(self.cfg["max_length"]) if self.cfg.get("max_length") else None
         self.seed = int(self.cfg.get("seed") or 0)
         self.splits: dict[str, list[dict[str, Any]]] = {}
         self._rows: dict[str, list[dict[str, Any]]] = {}
@@ -107,8 +109,8 @@ class PreferenceDataModule(pl.LightningDataModule):
 
     def collate(self, items: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         if self.chosen_only:
-            return pad_items(items, self.tokenizer.pad_token_id, self.pad_multiple)
-        return collate_pairs(items, self.tokenizer.pad_token_id, self.pad_multiple)
+            return pad_items(items, self.tokenizer.pad_token_id, self.pad_multiple, self.pad_limit)
+        return collate_pairs(items, self.tokenizer.pad_token_id, self.pad_multiple, self.pad_limit)
 
     def _loader(self, split: str, batch_size: int, shuffle: bool) -> DataLoader:
         generator = torch.Generator().manual_seed(self.seed)

@@ -16,8 +16,9 @@ from vera_lightning.app.data.schema import data_settings
 
 __all__ = ["RESUME_FREE_DATA", "check_resume_data"]
 
-#: ``data`` settings a resumed run may change: they do not change what is trained or how it is scored.
-RESUME_FREE_DATA = ("eval_batch_size", "num_workers", "cache", "cache_dir")
+#: ``data`` settings a resumed run may change: they do not change what is trained or how it is scored
+#: (``pad_to_multiple_of`` adds masked padding only; a run recorded before it existed has none in its record).
+RESUME_FREE_DATA = ("eval_batch_size", "num_workers", "cache", "cache_dir", "pad_to_multiple_of")
 
 
 def _recorded_data(record: Path) -> dict[str, Any]:

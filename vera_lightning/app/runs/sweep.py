@@ -18,13 +18,14 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import sys
 from pathlib import Path
 from typing import Any, Optional
 
 from hydra.experimental.callback import Callback
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
-__all__ = ["SweepSummary", "collect", "write_summary"]
+__all__ = ["SweepSummary", "collect", "objective_problem", "write_summary"]
 
 log = logging.getLogger(__name__)
 
@@ -129,8 +130,29 @@ def _plot(rows: list[dict[str, Any]], swept: list[str], metric: str, path: Path)
     plt.close(fig)
 
 
+def objective_problem(config: DictConfig) -> Optional[str]:
+    """Why the sweep ``config`` cannot run, or ``None``: a sweeper that optimises the value each job returns (any but
+    Hydra's basic one) while ``trainer.limit_val_batches=0`` validates nothing (the jobs would return NaN)."""
+    target = str(OmegaConf.select(config, "hydra.sweeper._target_", default="") or "")
+    limit = OmegaConf.select(config, "trainer.limit_val_batches", default=None)
+    if not target or target.endswith("BasicSweeper") or isinstance(limit, bool) or limit not in (0, 0.0):
+        return None
+    name = OmegaConf.select(config, "hydra.runtime.choices", default={}).get("hydra/sweeper") or target
+    metric = OmegaConf.select(config, "optimized_metric", default="metric", throw_on_resolution_failure=False)
+    return (f"trainer.limit_val_batches={limit} validates nothing, but hydra/sweeper={name} optimises the {metric} "
+            "each job returns (optimized_metric): let validation run (drop trainer.limit_val_batches=0) or sweep "
+            "with the basic sweeper (leave hydra/sweeper out)")
+
+
 class SweepSummary(Callback):
-    """Hydra callback (``hydra.callbacks``) writing the sweep summary at the end of a multirun."""
+    """Hydra callback (``hydra.callbacks``) writing the sweep summary at the end of a multirun; at its start it
+    refuses a sweep whose objective no job can measure (:func:`objective_problem`)."""
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        problem = objective_problem(config)
+        if problem is not None:  # Hydra turns a callback's exception into a warning: say it and exit
+            print(f"Error: {problem}. Nothing was written", file=sys.stderr, flush=True)
+            raise SystemExit(1)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)

@@ -42,7 +42,7 @@ def response_loss(model: nn.Module, batch: dict[str, Any]) -> torch.Tensor:
     if "labels" not in batch or not takes_plain_head(model):
         return model(**batch).loss
     labels = batch["labels"]
-    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    inputs = {k: v for k, v in batch.items() if k not in ("labels", "use_cache")}  # packed rows carry use_cache
     hidden = getattr(model, model.base_model_prefix)(**inputs, use_cache=False)[0]
     targets = labels[:, 1:]
     scored = targets != IGNORE_INDEX
@@ -60,7 +60,7 @@ def sequence_logps(model: nn.Module, batch: dict[str, Any], average: bool = Fals
     plain (:func:`takes_plain_head`); any other model's full logits are used.
     """
     labels = batch["labels"]
-    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    inputs = {k: v for k, v in batch.items() if k not in ("labels", "use_cache")}  # packed rows carry use_cache
     targets = labels[:, 1:]
     scored = targets != IGNORE_INDEX
     if takes_plain_head(model):
