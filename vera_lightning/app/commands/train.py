@@ -241,5 +241,5 @@ def _write_summary(plan: RunPlan, metrics: dict[str, Any]) -> None:
 
 
 def _shown(value) -> str:
-    """A metric as the run prints it; ``None`` (no validation batch ran, e.g. ``trainer.limit_val_batches=0``) says so."""
+    """A metric as the run prints it; ``None`` (no validation ran, e.g. ``trainer.limit_val_batches=0``) says so."""
     return "not measured (no validation ran)" if value is None else f"{value:.4f}"
