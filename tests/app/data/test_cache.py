@@ -61,6 +61,8 @@ def test_a_second_run_reuses_the_entry_and_gives_the_same_items(tmp_path, bos_to
     monkeypatch.setattr(sft_tokens, "encode_columns", lambda *a: pytest.fail("tokenised again"))
     assert items(cfg, bos_tok) == first
     assert items({**cfg, "batch_size": 3, "max_train_samples": 4, "seed": 9}, bos_tok) != []  # same entries
+    for multiple in (1, 16):  # padding changes no token: a new data setting like it must not void every entry
+        assert items({**cfg, "pad_to_multiple_of": multiple}, bos_tok) == first
     assert len(entries(cfg)) == 2
 
 
