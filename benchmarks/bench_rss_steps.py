@@ -16,6 +16,9 @@ Each record: RSS at selected steps, the growth per 100 steps from step 100 (or m
 
     python benchmarks/bench_rss_steps.py --mode kernels --dtype bf16 --variants pad1 pad8 pad16 onednn0
     python benchmarks/bench_rss_steps.py --mode app --dtype fp32 --steps 150 --variants pad1 pad8
+    python benchmarks/bench_rss_steps.py --mode app --dtype fp32 --steps 1000 --batch 4 --variants pad8
+
+(``--batch 4`` for 1,000 steps: the E2E set's 4,157 rows give 1,039 steps an epoch, and ~1.2 s a step instead of ~2.4.)
 """
 
 from __future__ import annotations
@@ -113,12 +116,13 @@ def model(dtype: str, multiple: int, batch: int, steps: int, seed: int = 0) -> d
             "wall_s": round(wall, 1)}
 
 
-def app(dtype: str, multiple: int, steps: int, scratch: Path, name: str) -> dict:
+def app(dtype: str, multiple: int, steps: int, scratch: Path, name: str, batch: int = 8) -> dict:
     trace_file = scratch / f"{name}.trace.jsonl"
     trace_file.unlink(missing_ok=True)
     argv = [sys.executable, str(ROOT / "scripts" / "train.py"), "experiment=e2e_smollm2", f"trainer.max_steps={steps}",
             "data.max_train_samples=null", "eval_before=false", "trainer.limit_val_batches=0",
             f"data.pad_to_multiple_of={multiple}", f"model.compute_dtype={dtype}", "trainer.enable_progress_bar=false",
+            f"data.batch_size={batch}",
             "+callbacks.rss_trace._target_=rss_trace.RssTrace", f"+callbacks.rss_trace.path={trace_file}",
             f"hydra.run.dir={scratch / name}"]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "benchmarks"), os.environ.get("PYTHONPATH", "")])}
@@ -166,7 +170,8 @@ def main(argv: Optional[list[str]] = None) -> None:
             continue
         env_extra, multiple = VARIANTS[variant]
         if args.mode == "app":
-            result = app(args.dtype, multiple, steps, args.scratch, f"app-{variant}-{args.dtype}-{steps}")
+            result = app(args.dtype, multiple, steps, args.scratch, f"app-{variant}-{args.dtype}-{steps}-b{args.batch}",
+                         args.batch)
         else:
             proc = subprocess.run([sys.executable, __file__, "--child", variant, "--mode", args.mode, "--dtype",
                                    args.dtype, "--steps", str(steps), "--batch", str(args.batch)],
