@@ -15,7 +15,8 @@ Example::
     @hydra.main(config_path="../conf", config_name="train", version_base="1.3")
     @user_errors
     def main(cfg: DictConfig) -> float:
-        return float(train(cfg)["metric"])
+        metric = train(cfg)["metric"]  # None: no validation ran
+        return float("nan") if metric is None else float(metric)
 """
 
 from __future__ import annotations

@@ -71,10 +71,8 @@ class TextDataModule(pl.LightningDataModule):
         if self.task not in ("classification", "causal_lm"):
             raise ValueError(f"data.task={self.task!r}: must be 'classification' or 'causal_lm'")
         self.seed = int(self.cfg.get("seed") or 0)
-        #: batches are padded to a multiple of this (``data.pad_to_multiple_of``)
-        self.pad_multiple = int(self.cfg.get("pad_to_multiple_of") or 1)
-        #: ... but never past ``data.max_length`` (:func:`~vera_lightning.app.data.packing.padded_width`)
-        self.pad_limit = int(self.cfg["max_length"]) if self.cfg.get("max_length") else None
+        #: batches are padded to a multiple of ``data.pad_to_multiple_of``, never past ``data.max_length``
+        self.pad_multiple, self.pad_limit = packing.padding_of(self.cfg)
         self.sft = self.cfg.get("format") == "sft"
         if self.sft:
             if self.task != "causal_lm":

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import bisect
 import inspect
-from typing import Any, Iterator, Optional, Sequence
+from typing import Any, Iterator, Mapping, Optional, Sequence
 
 import numpy as np
 import torch
@@ -28,7 +28,7 @@ from torch import nn
 from torch.utils.data import BatchSampler, Sampler
 
 __all__ = ["collate", "LengthGroupedBatchSampler", "pack_plan", "pack_items", "pack", "check_packing",
-           "padding_fraction", "padded_width"]
+           "padding_fraction", "padded_width", "padding_of"]
 
 IGNORE = -100
 
@@ -42,6 +42,12 @@ def padded_width(longest: int, multiple: int = 1, limit: Optional[int] = None) -
     """
     width = -(-longest // multiple) * multiple
     return width if limit is None else max(longest, min(width, limit))
+
+
+def padding_of(cfg: Mapping[str, Any]) -> tuple[int, Optional[int]]:
+    """``(multiple, limit)`` for :func:`padded_width` from a ``data`` config: ``data.pad_to_multiple_of`` (1 when
+    unset) and ``data.max_length`` (None when unset)."""
+    return int(cfg.get("pad_to_multiple_of") or 1), (int(cfg["max_length"]) if cfg.get("max_length") else None)
 
 
 def collate(items: Sequence[dict[str, list[int]]], pad_id: int, multiple: int = 1,

@@ -20,6 +20,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from vera_lightning.app.data.packing import collate as pad_items
+from vera_lightning.app.data.packing import padding_of
 from vera_lightning.app.data.preference import check_preference_config, encode_pairs, read_pairs
 
 __all__ = ["PreferenceDataModule", "collate_pairs"]
@@ -60,8 +61,7 @@ class PreferenceDataModule(pl.LightningDataModule):
         check_preference_config(self.cfg, tokenizer)
         #: ``data.preference_target=chosen``: prompt + chosen response rows for SFT (no pairs)
         self.chosen_only = self.cfg.get("preference_target") == "chosen"
-        self.pad_multiple = int(self.cfg.get("pad_to_multiple_of") or 1)
-        self.pad_limit = int(self.cfg["max_length"]) if self.cfg.get("max_length") else None
+        self.pad_multiple, self.pad_limit = padding_of(self.cfg)
         self.seed = int(self.cfg.get("seed") or 0)
         self.splits: dict[str, list[dict[str, Any]]] = {}
         self._rows: dict[str, list[dict[str, Any]]] = {}
